@@ -1,0 +1,1 @@
+"""Runnable studies assembled from the core, the domains, calibration and archetypes."""

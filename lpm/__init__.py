@@ -1,0 +1,27 @@
+"""LPM: Large Population Models.
+
+Populations as tensor rows, behaviour as vectorized differentiable substeps, parameters
+fitted to real data by gradient descent. The core knows nothing of any domain.
+"""
+
+from lpm.interventions import Intervention, Modulate, group_mean, group_sum
+from lpm.model import Hook, Model, ModelError, Observable, Run
+from lpm.networks import Network
+from lpm.params import Fixed, Interval, Params, ParamSpec, Positive, Real
+from lpm.recording import Checkpoint, ProgressBar, TrajectoryRecorder
+from lpm.results import Results
+from lpm.rng import Streams, derive_seed
+from lpm.state import CodeBook, State, StateError, check_tensor, static_field, tensor_field
+from lpm.substep import FunctionSubstep, Substep, substep
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "State", "tensor_field", "static_field", "CodeBook", "StateError", "check_tensor",
+    "Params", "ParamSpec", "Positive", "Interval", "Real", "Fixed",
+    "Substep", "substep", "FunctionSubstep",
+    "Model", "Observable", "Hook", "Run", "ModelError", "Results",
+    "Network", "Streams", "derive_seed",
+    "Intervention", "Modulate", "group_sum", "group_mean",
+    "Checkpoint", "TrajectoryRecorder", "ProgressBar",
+]

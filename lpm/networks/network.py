@@ -1,0 +1,191 @@
+"""Layered contact networks: ``edge_index [2, E]`` + ``weight [E]`` + ``layer [E]``.
+
+Edges are directed ``source -> target`` (torch-geometric's convention: row 0 sources,
+row 1 targets); an undirected contact is stored as two edges. All layers live in one
+edge list sorted by source with a CSR row pointer, so a substep can visit only the edges
+of *active* sources (the infectious frontier) and scale each layer per step with a
+``[L]`` tensor, without a Python loop over layers, agents or edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lpm.state import State, StateError, check_tensor, static_field, tensor_field
+
+__all__ = ["Network", "EdgeIndex"]
+
+EdgeIndex = Tensor  # [2, E] source, target
+
+
+def _index_dtype(num_nodes: int) -> torch.dtype:
+    return torch.int32 if num_nodes < 2**31 - 1 else torch.int64
+
+
+@dataclass(frozen=True)
+class Network(State):
+    """A multi-layer directed contact network over ``num_nodes`` agents, CSR by source."""
+
+    edge_index: Tensor = tensor_field((2, "E"), (torch.int32, torch.int64), "source, target agent ids; sorted by source")
+    weight: Tensor = tensor_field(("E",), (torch.float32, torch.float64, torch.float16, torch.bfloat16), "contact intensity (contacts per day)")
+    layer: Tensor = tensor_field(("E",), torch.int8, "layer code of each edge, see layer_names")
+    rowptr: Tensor = tensor_field(("N+1",), torch.int64, "CSR row pointer: edges of source j are rowptr[j]:rowptr[j+1]")
+    num_nodes: int = static_field("number of agents N")
+    layer_names: tuple[str, ...] = static_field("name of each layer code")
+
+    @staticmethod
+    def from_layers(
+        layers: Mapping[str, EdgeIndex | tuple[EdgeIndex, Tensor]],
+        num_nodes: int,
+        *,
+        coalesce: bool = True,
+    ) -> "Network":
+        """Build from ``{name: edge_index}`` or ``{name: (edge_index, weight)}``; validates ids."""
+        if not isinstance(num_nodes, int) or num_nodes <= 0:
+            raise StateError(f"num_nodes: expected a positive int, got {num_nodes!r}")
+        if len(layers) > 127:
+            raise StateError(f"layers: at most 127 layers, got {len(layers)}")
+        eis, ws, ls = [], [], []
+        for code, (name, spec) in enumerate(layers.items()):
+            ei, w = (spec if isinstance(spec, tuple) else (spec, None))
+            check_tensor(f"layers[{name!r}].edge_index", ei, (2, "E"), (torch.int32, torch.int64))
+            ei = ei.long()
+            if ei.numel() and (int(ei.min()) < 0 or int(ei.max()) >= num_nodes):
+                raise StateError(
+                    f"layers[{name!r}].edge_index: expected ids in [0, {num_nodes}), "
+                    f"got range [{int(ei.min())}, {int(ei.max())}]"
+                )
+            if w is None:
+                w = torch.ones(ei.shape[1], dtype=torch.float32, device=ei.device)
+            check_tensor(f"layers[{name!r}].weight", w, (ei.shape[1],), (), low=0.0)
+            if coalesce and ei.numel():
+                from torch_geometric.utils import coalesce as pyg_coalesce
+
+                # duplicates within a layer are merged by summing their weights
+                ei, w = pyg_coalesce(ei, w.float(), num_nodes=num_nodes, reduce="sum")
+            eis.append(ei)
+            ws.append(w.float())
+            ls.append(torch.full((ei.shape[1],), code, dtype=torch.int8, device=ei.device))
+        return Network.build(torch.cat(eis, 1), torch.cat(ws), torch.cat(ls), num_nodes, tuple(layers))
+
+    @staticmethod
+    def build(edge_index: Tensor, weight: Tensor, layer: Tensor, num_nodes: int, layer_names: Sequence[str]) -> "Network":
+        """Sort edges by source, compute the CSR pointer and pick compact index dtypes."""
+        src = edge_index[0].long()
+        order = torch.argsort(src, stable=True)
+        edge_index = edge_index[:, order].to(_index_dtype(num_nodes))
+        counts = torch.bincount(src, minlength=num_nodes)
+        rowptr = torch.zeros(num_nodes + 1, dtype=torch.int64, device=edge_index.device)
+        rowptr[1:] = counts.cumsum(0)
+        return Network(edge_index, weight[order].contiguous(), layer[order].contiguous(), rowptr, int(num_nodes), tuple(layer_names))
+
+    def validate(self, dims: dict[str, int] | None = None, prefix: str = "") -> dict[str, int]:
+        """Check shapes and that every edge id lies in ``[0, num_nodes)``."""
+        dims = super().validate({} if dims is None else dims, prefix)
+        if self.rowptr.numel() != self.num_nodes + 1:
+            raise StateError(f"{prefix}rowptr: expected {self.num_nodes + 1} entries, got {self.rowptr.numel()}")
+        if "N" in dims and dims["N"] != self.num_nodes:
+            raise StateError(f"{prefix}num_nodes: expected N = {dims['N']} agents, network has {self.num_nodes}")
+        if self.num_edges and (int(self.edge_index.min()) < 0 or int(self.edge_index.max()) >= self.num_nodes):
+            raise StateError(f"{prefix}edge_index: expected ids in [0, {self.num_nodes}), got range "
+                             f"[{int(self.edge_index.min())}, {int(self.edge_index.max())}]")
+        if self.num_edges and int(self.layer.max()) >= len(self.layer_names):
+            raise StateError(f"{prefix}layer: code {int(self.layer.max())} has no name in {self.layer_names}")
+        return dims
+
+    @property
+    def num_edges(self) -> int:
+        """Number of directed edges E."""
+        return int(self.edge_index.shape[1])
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers L."""
+        return len(self.layer_names)
+
+    def layer_code(self, name: str) -> int:
+        """Code of layer ``name``."""
+        if name not in self.layer_names:
+            raise StateError(f"layer {name!r}: unknown; layers are {self.layer_names}")
+        return self.layer_names.index(name)
+
+    def out_degree(self) -> Tensor:
+        """Number of outgoing edges per agent ``[N]``."""
+        return (self.rowptr[1:] - self.rowptr[:-1])
+
+    def in_degree(self) -> Tensor:
+        """Number of incoming edges per agent ``[N]``."""
+        return torch.bincount(self.edge_index[1].long(), minlength=self.num_nodes)
+
+    def layer_edges(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(edge_index, weight)`` of one layer."""
+        mask = self.layer == self.layer_code(name)
+        return self.edge_index[:, mask].long(), self.weight[mask]
+
+    def push(self, value: Tensor, active: Tensor | None = None, layer_scale: Tensor | None = None) -> Tensor:
+        """Sum ``w_e * layer_scale[l_e] * value[source]`` into each target: ``[N]``.
+
+        ``value`` is ``[N]`` or ``[N, L]`` (a per-layer value of each source, e.g. isolation
+        removing work contacts). ``active [N] bool`` restricts the visit to edges of active
+        sources, which is exact when ``value`` is zero elsewhere and costs O(active edges).
+        """
+        n = self.num_nodes
+        if active is not None and self.num_edges:
+            idx = active.nonzero().squeeze(1)
+            starts = self.rowptr[idx]
+            counts = self.rowptr[idx + 1] - starts
+            total = int(counts.sum()) if idx.numel() else 0
+            if total == 0:
+                return value.new_zeros(n) if value.dim() == 1 else value.new_zeros(n)
+            # position of each visited edge: start of its source block + offset inside it
+            block_shift = starts - (counts.cumsum(0) - counts)
+            pos = torch.arange(total, device=value.device) + torch.repeat_interleave(block_shift, counts, output_size=total)
+            src = torch.repeat_interleave(idx, counts, output_size=total)
+            dst = self.edge_index[1, pos]
+            w = self.weight[pos]
+            lay = self.layer[pos] if (layer_scale is not None or value.dim() == 2) else None
+        else:
+            src = self.edge_index[0]
+            dst = self.edge_index[1]
+            w = self.weight
+            lay = self.layer if (layer_scale is not None or value.dim() == 2) else None
+        if value.dim() == 2:
+            vals = value.reshape(-1)[src.long() * value.shape[1] + lay.long()]
+        else:
+            vals = value[src.long()] if src.dtype != torch.int64 else value[src]
+        vals = vals * w.to(vals.dtype)
+        if layer_scale is not None:
+            vals = vals * layer_scale.to(vals.dtype)[lay.long()]
+        return vals.new_zeros(n).index_add(0, dst.long() if dst.dtype != torch.int64 else dst, vals)
+
+    def to_pyg(self) -> "object":
+        """A ``torch_geometric.data.Data`` with ``edge_weight`` and ``edge_type`` (layer)."""
+        from torch_geometric.data import Data
+
+        return Data(edge_index=self.edge_index.long(), edge_weight=self.weight, edge_type=self.layer.long(), num_nodes=self.num_nodes)
+
+    @staticmethod
+    def from_pyg(data: "object", layer_names: Sequence[str] | None = None) -> "Network":
+        """Build from a ``torch_geometric.data.Data`` (``edge_weight``/``edge_type`` optional)."""
+        ei = data.edge_index
+        n = int(data.num_nodes)
+        w = getattr(data, "edge_weight", None)
+        w = torch.ones(ei.shape[1]) if w is None else w.float()
+        lt = getattr(data, "edge_type", None)
+        lt = torch.zeros(ei.shape[1], dtype=torch.int8) if lt is None else lt.to(torch.int8)
+        names = tuple(layer_names) if layer_names else tuple(f"layer{i}" for i in range(int(lt.max()) + 1 if lt.numel() else 1))
+        net = Network.build(ei, w, lt, n, names)
+        net.validate()
+        return net
+
+    def summary(self) -> dict[str, float]:
+        """Edges and mean out-degree per layer (a quick sanity table)."""
+        out: dict[str, float] = {"num_nodes": self.num_nodes, "num_edges": self.num_edges}
+        counts = torch.bincount(self.layer.long(), minlength=self.num_layers)
+        for code, name in enumerate(self.layer_names):
+            out[f"mean_degree_{name}"] = float(counts[code]) / self.num_nodes
+        return out

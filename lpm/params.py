@@ -1,0 +1,189 @@
+"""Named, constrained model parameters as one ``nn.Module``.
+
+Each parameter is stored unconstrained and read through a differentiable transform, so
+that a plain torch optimizer can step it without leaving its domain::
+
+    params = Params(beta=Positive(0.3), p_symptomatic=Interval(0.6, 0.0, 1.0),
+                    gamma=Fixed(0.1))
+    params.beta           # tensor(0.3000, grad_fn=...)
+    torch.optim.Adam(params.parameters(), lr=0.05)
+
+``Fixed`` values are buffers: they move with ``.to(device)`` but are not fitted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lpm.state import StateError
+
+__all__ = ["Params", "Positive", "Interval", "Real", "Fixed", "ParamSpec"]
+
+
+def _as_tensor(name: str, value: Any) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if not bool(torch.isfinite(t).all()):
+        raise StateError(f"parameter {name}: expected finite values, got {value!r}")
+    return t
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Initial value and domain of one parameter (scalar or tensor)."""
+
+    value: Any
+    low: float = -math.inf
+    high: float = math.inf
+    trainable: bool = True
+
+    def check(self, name: str, t: Tensor) -> None:
+        """Raise if ``t`` lies outside the declared open domain."""
+        lo_ok = bool((t > self.low).all()) if self.low > -math.inf else True
+        hi_ok = bool((t < self.high).all()) if self.high < math.inf else True
+        if not (lo_ok and hi_ok):
+            raise StateError(
+                f"parameter {name}: expected values in ({self.low}, {self.high}), got {t.tolist()}"
+            )
+
+    def to_raw(self, t: Tensor) -> Tensor:
+        """Inverse transform: constrained value to unconstrained storage."""
+        if self.low > -math.inf and self.high < math.inf:
+            z = (t - self.low) / (self.high - self.low)
+            return torch.log(z) - torch.log1p(-z)
+        if self.low > -math.inf:
+            x = t - self.low
+            # inverse softplus, stable for large x
+            return x + torch.log(-torch.expm1(-x))
+        if self.high < math.inf:
+            x = self.high - t
+            return -(x + torch.log(-torch.expm1(-x)))
+        return t
+
+    def from_raw(self, raw: Tensor) -> Tensor:
+        """Forward transform: unconstrained storage to constrained value."""
+        if self.low > -math.inf and self.high < math.inf:
+            return self.low + (self.high - self.low) * torch.sigmoid(raw)
+        if self.low > -math.inf:
+            return self.low + nn.functional.softplus(raw)
+        if self.high < math.inf:
+            return self.high - nn.functional.softplus(-raw)
+        return raw
+
+
+def Positive(value: Any) -> ParamSpec:
+    """A parameter constrained to (0, inf) by a softplus."""
+    return ParamSpec(value, 0.0, math.inf)
+
+
+def Interval(value: Any, low: float, high: float) -> ParamSpec:
+    """A parameter constrained to (low, high) by a scaled sigmoid."""
+    if not low < high:
+        raise StateError(f"Interval: expected low < high, got ({low}, {high})")
+    return ParamSpec(value, low, high)
+
+
+def Real(value: Any) -> ParamSpec:
+    """An unconstrained parameter."""
+    return ParamSpec(value)
+
+
+def Fixed(value: Any) -> ParamSpec:
+    """A constant stored as a buffer: moves with the module, never fitted."""
+    return ParamSpec(value, trainable=False)
+
+
+class Params(nn.Module):
+    """One module of named, constrained parameters, read as attributes."""
+
+    def __init__(self, **specs: ParamSpec | float | Tensor) -> None:
+        super().__init__()
+        self._specs: dict[str, ParamSpec] = {}
+        for name, spec in specs.items():
+            self.add(name, spec)
+
+    def add(self, name: str, spec: ParamSpec | float | Tensor) -> None:
+        """Register parameter ``name``; plain numbers and tensors become ``Fixed``."""
+        if not isinstance(spec, ParamSpec):
+            spec = Fixed(spec)
+        if name in self._specs:
+            raise StateError(f"parameter {name}: already defined")
+        t = _as_tensor(name, spec.value)
+        if spec.trainable:
+            spec.check(name, t)
+            self.register_parameter("raw_" + name, nn.Parameter(spec.to_raw(t)))
+        else:
+            self.register_buffer("fixed_" + name, t)
+        self._specs[name] = spec
+
+    def __getattr__(self, name: str) -> Any:
+        specs = self.__dict__.get("_specs")
+        if specs is not None and name in specs:
+            spec = specs[name]
+            if spec.trainable:
+                return spec.from_raw(self._parameters["raw_" + name])
+            return self._buffers["fixed_" + name]
+        return super().__getattr__(name)
+
+    def names(self) -> tuple[str, ...]:
+        """Names of all parameters, fitted and fixed."""
+        return tuple(self._specs)
+
+    def require(self, *names: str, owner: str = "model") -> None:
+        """Raise if any of ``names`` is not defined, naming the one missing and its user."""
+        for n in names:
+            if n not in self._specs:
+                raise StateError(f"{owner}: needs parameter {n!r}; defined: {sorted(self._specs)}")
+
+    def values(self) -> dict[str, Tensor]:
+        """Constrained values, detached, keyed by name."""
+        return {n: getattr(self, n).detach().clone() for n in self._specs}
+
+    def set(self, **values: Any) -> None:
+        """Set constrained values in place (for tests, grids and finite differences)."""
+        with torch.no_grad():
+            for name, value in values.items():
+                if name not in self._specs:
+                    raise StateError(f"parameter {name}: unknown; defined: {sorted(self._specs)}")
+                spec = self._specs[name]
+                current = getattr(self, name)
+                t = _as_tensor(name, value).to(current.device).expand_as(current).clone()
+                if spec.trainable:
+                    spec.check(name, t)
+                    self._parameters["raw_" + name].copy_(spec.to_raw(t))
+                else:
+                    self._buffers["fixed_" + name].copy_(t)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record: value (list or float), bounds and whether fitted."""
+        out = {}
+        for n, spec in self._specs.items():
+            v = getattr(self, n).detach().cpu()
+            out[n] = {
+                "value": v.tolist(),
+                "low": spec.low if math.isfinite(spec.low) else None,
+                "high": spec.high if math.isfinite(spec.high) else None,
+                "fitted": spec.trainable,
+            }
+        return out
+
+    def fitted(self) -> Iterator[str]:
+        """Names of the trainable parameters."""
+        return (n for n, s in self._specs.items() if s.trainable)
+
+    def extra_repr(self) -> str:
+        parts = []
+        for n, s in self._specs.items():
+            v = getattr(self, n).detach()
+            val = f"{float(v):.4g}" if v.numel() == 1 else f"[{v.numel()} values]"
+            parts.append(f"{n}={val}{'' if s.trainable else ' (fixed)'}")
+        return ", ".join(parts)
+
+    @classmethod
+    def from_mapping(cls, specs: Mapping[str, ParamSpec | float | Tensor]) -> "Params":
+        """Build from a mapping (e.g. a defaults dict merged with overrides)."""
+        return cls(**dict(specs))

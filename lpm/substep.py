@@ -1,0 +1,63 @@
+"""Substeps: pure functions ``(params, state, t, rng) -> state`` that declare reads/writes."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from lpm.params import Params
+from lpm.state import State
+
+__all__ = ["Substep", "substep", "FunctionSubstep"]
+
+
+class Substep:
+    """One vectorized update of the population.
+
+    Subclasses set ``name``, ``reads`` and ``writes`` (state field names) and ``params``
+    (parameter names), and implement ``__call__(params, state, t, rng) -> state`` without
+    side effects: all randomness comes from ``rng`` (this substep's own stream).
+    """
+
+    name: str = "substep"
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+
+    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line: name, reads, writes and parameters."""
+        p = f"  params: {', '.join(self.params)}" if self.params else ""
+        return f"{self.name}: reads {', '.join(self.reads) or '-'} -> writes {', '.join(self.writes) or '-'}{p}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+class FunctionSubstep(Substep):
+    """A substep made from a plain function by :func:`substep`."""
+
+    def __init__(self, fn: Callable[[Params, State, int, torch.Generator], State], name: str,
+                 reads: Sequence[str], writes: Sequence[str], params: Sequence[str]) -> None:
+        self.fn = fn
+        self.name = name
+        self.reads = tuple(reads)
+        self.writes = tuple(writes)
+        self.params = tuple(params)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
+        return self.fn(params, state, t, rng)
+
+
+def substep(*, reads: Sequence[str] = (), writes: Sequence[str] = (), params: Sequence[str] = (),
+            name: str | None = None) -> Callable[[Callable[..., State]], FunctionSubstep]:
+    """Decorator turning ``fn(params, state, t, rng) -> state`` into a declared substep."""
+
+    def wrap(fn: Callable[..., State]) -> FunctionSubstep:
+        return FunctionSubstep(fn, name or fn.__name__, reads, writes, params)
+
+    return wrap

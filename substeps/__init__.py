@@ -1,0 +1,1 @@
+"""Domain library of substeps built on the :mod:`lpm` core."""

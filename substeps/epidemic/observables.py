@@ -1,0 +1,46 @@
+"""Observables of epidemic states: counts per stage, incidence, prevalence."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lpm.model import Observable
+from substeps.epidemic.disease import DiseaseModel, EpiState
+
+__all__ = ["stage_counts", "incidence", "prevalence"]
+
+
+def stage_counts(disease: DiseaseModel) -> dict[str, Observable]:
+    """One observable per stage: the number of agents in it after each step."""
+
+    def make(code: int) -> Observable:
+        return Observable(lambda s: (s.stage == code).sum().float(), reads=("stage",), doc=f"agents in {disease.stages[code]}")
+
+    return {name: make(c) for c, name in enumerate(disease.stages)}
+
+
+def incidence(disease: DiseaseModel, stage: str | None = None, group: str | None = None,
+              labels: tuple[str, ...] | None = None) -> Observable:
+    """Agents entering ``stage`` (default: the entry stage) this step; carries gradients.
+
+    With ``group`` (a field of integer codes) the result is ``[G]`` per group.
+    """
+    code = disease.code(stage or disease.entry)
+    if group is None:
+        return Observable(lambda s: torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier)).sum(),
+                          reads=("entered", "carrier"), doc=f"new entries into {stage or disease.entry}")
+    G = len(labels) if labels else None
+
+    def fn(s: EpiState) -> Tensor:
+        v = torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier))
+        g = getattr(s, group).long()
+        return v.new_zeros(G or int(g.max()) + 1).index_add(0, g, v)
+
+    return Observable(fn, labels=labels, reads=("entered", "carrier", group))
+
+
+def prevalence(disease: DiseaseModel, stages: tuple[str, ...]) -> Observable:
+    """Agents in any of ``stages`` after each step."""
+    codes = torch.tensor([disease.code(s) for s in stages])
+    return Observable(lambda s: torch.isin(s.stage, codes.to(s.stage.device)).sum().float(), reads=("stage",))
