@@ -34,7 +34,7 @@ def build(agents: int = 100_000, mean_degree: float = 10.0, lockdown: tuple[int,
         schedule[lockdown[0]:lockdown[1], 1] = 0.3
     model = Model(
         [Modulate("lockdown", "layer_scale", "layer_scale_base", [Intervention("community_lockdown", schedule)]),
-         Transmission(disease, use_layer_scale=True), Progression(disease)],
+         Progression(disease), Transmission(disease, use_layer_scale=True)],
         {"incidence": incidence(disease), **stage_counts(disease)},
         state_type=EpiState, dt=disease.dt, name="sir-demo",
     )

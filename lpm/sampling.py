@@ -59,7 +59,8 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator
     """Standard Gumbel noise from an explicit generator."""
     u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
     tiny = torch.finfo(dtype).tiny
-    return -torch.log(-torch.log(u.clamp_min(tiny)).clamp_min(tiny))
+    neg_log_u = (-torch.log(u.clamp_min(tiny))).clamp_min(tiny)
+    return -torch.log(neg_log_u)
 
 
 def gumbel_softmax(logits: Tensor, gumbel: Tensor, tau: float = 0.5, hard: bool = True) -> Tensor:

@@ -16,5 +16,5 @@ def epidemic_model(disease: DiseaseModel, *, network: bool = True, name: str = "
     from lpm import Model
 
     obs = {"incidence": incidence(disease), **stage_counts(disease)}
-    return Model([Transmission(disease, network=network, **transmission_kwargs), Progression(disease)],
+    return Model([Progression(disease), Transmission(disease, network=network, **transmission_kwargs)],
                  obs, state_type=EpiState, dt=disease.dt, name=name)

@@ -171,6 +171,7 @@ class EpiState(State):
     contact_factor: Tensor | None = tensor_field(("N", "L"), (torch.float32, torch.float64), "per-agent, per-layer multiplier of onward contacts (isolation)", optional=True)
     group: Tensor | None = tensor_field(("N",), (torch.int8, torch.int16, torch.int32, torch.int64), "mixing group code for well-mixed transmission", optional=True)
     mixing: Tensor | None = tensor_field(("G", "G"), (torch.float32, torch.float64), "contacts per day of a g-member with group h (well-mixed)", optional=True)
+    entered_step: Tensor | None = tensor_field((), (torch.int64,), "step at which `entered` was last reset (None: never)", optional=True)
     stages: tuple[str, ...] = static_field("stage names by code", default=())
 
 

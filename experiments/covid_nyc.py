@@ -1,0 +1,596 @@
+"""COVID-19 in New York City, March 2020 - March 2021, on a synthetic population from census tables.
+
+Run: ``lpm run covid-nyc [--scale 0.02 --days 396 --device cpu --seed 0 --out out/covid_nyc]``
+
+Writes to ``--out``: ``results.h5`` (observables at simulation scale), ``daily.csv`` (tidy ``date,
+area, series, value``; values divided by ``scale``, i.e. city-equivalent counts; area = borough
+code or NYC), ``cases_by_borough.png`` / ``hospitalizations_by_borough.png`` /
+``deaths_by_borough.png`` (simulated vs observed, 7-day means), ``age_profile.png`` (cumulative
+reported cases per 100,000 by NYC age band, simulated vs observed), ``validation.json``
+(synthesized marginals vs census, household sizes, per-layer age-mixing correlation and mean
+degree vs the Mistry matrices) and ``summary.json`` (timings, peak memory, totals).
+The population is cached in ``~/.cache/lpm/covid_nyc`` (or ``--cache-dir`` / ``$LPM_CACHE_DIR``),
+keyed by scale, seed, boroughs and a hash of the input tables.
+
+Python API (used by calibration)::
+
+    from experiments.covid_nyc import build, load_observed
+    setup = build(scale=0.01, seed=0, device="cpu", start="2020-03-01", days=None, boroughs=None)
+    res = setup.model.simulate(setup.params, setup.state, len(setup.dates), seed=0, grad=True)
+    res["cases"]                  # [T, A] reported cases per day and borough (labels = setup.areas)
+    obs = load_observed("2020-03-01", "2021-03-31")   # tidy: date, area, series, value
+
+Observables ``[T, A]`` (agents at simulation scale; divide by ``setup.scale`` for city counts):
+``infections`` (entries into E), ``symptomatic_onsets`` (into Is), ``cases`` (reported: tested at
+onset), ``hospitalizations`` (into H), ``deaths`` (into D); ``cases_by_age``, ``infections_by_age``,
+``deaths_by_age`` ``[T, G]``. All carry gradients to the parameters via the carrier mechanism.
+
+Parameters (``setup.params``; :data:`substeps.epidemic.covid.PARAM_DOCS`): ``beta`` (per
+contact-day), ``ihr_scale``, ``ifr_scale`` (multipliers of the published age tables),
+``ascertainment`` (P(report | symptomatic) at full testing capacity), ``isolation`` (share of
+non-household contacts dropped by symptomatic agents).
+
+Data (``data/``, each folder with its README and licence): ACS 2023 DP05 (age x sex per
+borough), ACS 2019 DP03 (employment, households, household income), ACS 2009-2013 commuting
+flows, Mistry et al. 2021 New York contact matrices, MTA ridership and Descartes Labs m50
+mobility, NYC DOHMH daily cases / hospitalisations / deaths. Covariates are read only up
+to the run's last date.
+
+Contact layers: household (cliques), school (age-structured within schools), work
+(workplaces in the commuting-flow work borough), community (age-structured within the home
+borough). Per-layer contacts per day follow the Mistry matrices ``C_k = w_k F_k`` with
+``w = (4.11, 11.41, 8.07, 2.79)`` (household, school, work, community).
+
+Time-varying contact multipliers (all tensors over the run's dates):
+
+* mobility (``AreaContacts``, per borough and layer): work = MTA subway ridership share of the
+  comparable pre-pandemic day (trailing 7-day mean); community = ``0.3 + 0.7 min(1, m50/100)``
+  with the borough's Descartes Labs m50 index (trailing 7-day mean);
+* ``school_closure`` (school layer): NYC DOE schools closed 2020-03-16 (Mayor's announcement of
+  2020-03-15); blended learning from 2020-09-29 at ~30% in-person attendance; all buildings
+  closed 2020-11-19; elementary reopened 2020-12-07, middle schools 2021-02-25, high schools
+  2021-03-22 (NYC DOE announcements);
+* ``stay_at_home`` (work and community): New York State on PAUSE, Executive Order 202.8,
+  effective 2020-03-22, until Phase 1 reopening 2020-06-08 (multiplier 0.5: distancing and
+  closures beyond what ridership shows; an assumption to calibrate);
+* ``reopening`` (work and community): NYC Phase 1 2020-06-08 (0.6), Phase 2 2020-06-22 (0.7),
+  Phase 3 2020-07-06 (0.75), Phase 4 2020-07-20 (0.8), indoor dining 2020-09-30 (0.85), indoor
+  dining closed 2020-12-14 (0.8), reopened 2021-02-12 (0.85) (NYS Forward announcements);
+* ``vaccination`` (susceptibility by age band): NYS eligibility 75+ from 2021-01-11, 65-74 from
+  2021-01-12, 60-64 from 2021-03-10, 50-59 from 2021-03-23, 30-49 from 2021-03-30; uptake 0.6%
+  of the band per day up to 60%, efficacy against infection 0.8 after 14 days (Polack et al.
+  NEJM 2020 report 95% against symptomatic disease; 0.8 is a conservative assumption);
+* testing capacity (``Testing``): ``0.15 + 0.85 / (1 + exp(-(t - 2020-04-20) / 10 days))``, the
+  scale-up of NYC testing from a few thousand to tens of thousands of tests a day by mid-May
+  2020 (an assumption; ``ascertainment`` is fitted on top).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lpm import Intervention, Model, Network, Params
+from lpm.cli import Experiment
+from lpm.networks import household_cliques
+from lpm.population import (Marginals, Population, PopulationError, check_table, marginal_errors, matrix_correlation,
+                            mixing_matrix, synthesize, unit_sbm)
+from substeps.epidemic import initial_state
+from substeps.epidemic.covid import CovidState, age_tables, covid_disease, covid_model, covid_params
+
+__all__ = ["build", "load_observed", "load_observed_age", "NYCSetup", "BOROUGHS", "DEFAULT_SCALE", "load_marginals",
+           "load_flows", "load_contact_matrices", "validate_setup", "EXPERIMENT"]
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BOROUGHS = ("BX", "BK", "MN", "QN", "SI")
+FIPS = {"BX": 5, "BK": 47, "MN": 61, "QN": 81, "SI": 85}
+NAMES = {"BX": "Bronx", "BK": "Brooklyn", "MN": "Manhattan", "QN": "Queens", "SI": "Staten Island"}
+M50_NAMES = {"BX": "Bronx", "BK": "Kings County", "MN": "New York County", "QN": "Queens County", "SI": "Richmond County"}
+DEFAULT_SCALE = 0.02
+LAYERS = ("household", "school", "work", "community")
+SETTING_WEIGHTS = {"household": 4.11, "school": 11.41, "work": 8.07, "community": 2.79}  # Mistry et al. 2021
+AGE_LOWER = tuple(range(0, 90, 5))
+AGE_LABELS = tuple(f"{a}-{a + 4}" for a in AGE_LOWER[:-1]) + ("85+",)
+AGE_UPPER = tuple(list(AGE_LOWER[1:]) + [95])
+# ACS DP05 coarse bands (DP05_0005E..DP05_0017E) for each 5-year band
+ACS_AGE_COLUMNS = tuple(f"DP05_{k:04d}E" for k in range(5, 18))
+ACS_GROUP = (0, 1, 2, 3, 4, 5, 5, 6, 6, 7, 7, 8, 9, 10, 10, 11, 11, 12)
+CACHE_VERSION = "2"  # bump when synthesis code changes so old caches are not reused
+#: NYC starting values (uncalibrated): beta chosen so that the March 2020 hospital peak is of the observed order
+NYC_DEFAULTS: dict[str, float] = {"beta": 0.25}
+DEFAULT_PREVALENCE = 1e-3
+
+CENSUS_FILE = DATA / "census_acs" / "ACSDP1Y2023.DP05-NYC.csv"
+DP03_FILE = DATA / "acs_nyc" / "acs2019_1y_dp03_nyc_counties.csv"
+FLOWS_FILE = DATA / "commuting" / "nyc_region_county_commuting_flows_acs2009_2013.csv"
+MATRIX_DIR = DATA / "contact_matrices"
+MTA_FILE = DATA / "mobility_nyc" / "mta_daily_ridership_2020_2021.csv"
+M50_FILE = DATA / "mobility_nyc" / "nyc_county_dl_m50_index_daily.csv"
+CASES_FILE = DATA / "covid_cases" / "nyc_data_by_day.csv"
+AGE_RATE_FILE = DATA / "covid_cases" / "nyc_weekly_case_rate_age.csv"
+INCOME_COLUMNS = tuple(f"DP03_{k:04d}E" for k in range(52, 62))
+INCOME_LABELS = ("<10k", "10-15k", "15-25k", "25-35k", "35-50k", "50-75k", "75-100k", "100-150k", "150-200k", "200k+")
+
+
+# ----------------------------------------------------------------------------------------- data
+def _check_boroughs(boroughs: Sequence[str] | None) -> tuple[str, ...]:
+    areas = tuple(boroughs) if boroughs else BOROUGHS
+    bad = [b for b in areas if b not in BOROUGHS]
+    if bad or len(set(areas)) != len(areas):
+        raise PopulationError(f"boroughs: expected distinct codes from {BOROUGHS}, got {list(areas)}")
+    return tuple(b for b in BOROUGHS if b in areas)
+
+
+def _county_rows(df: pd.DataFrame, file: Path, areas: Sequence[str]) -> pd.DataFrame:
+    check_table(df, file.name, ["GEO_ID"])
+    geo = {f"0500000US36{FIPS[b]:03d}": b for b in areas}
+    df = df[df["GEO_ID"].isin(geo)].copy()
+    missing = [b for g, b in geo.items() if g not in set(df["GEO_ID"])]
+    if missing:
+        raise PopulationError(f"{file.name}: column 'GEO_ID' has no row for borough(s) {missing}")
+    df["area"] = df["GEO_ID"].map(geo)
+    return df.set_index("area").loc[list(areas)]
+
+
+def load_contact_matrices(directory: Path = MATRIX_DIR) -> dict[str, torch.Tensor]:
+    """Mistry et al. 2021 New York contacts per day by setting, 18 x 18 five-year bands: ``C_k = w_k F_k``."""
+    out = {}
+    for k, w in SETTING_WEIGHTS.items():
+        f = directory / f"mistry2021_New_York_F_{k}_setting_18.csv"
+        m = np.loadtxt(f, delimiter=",")
+        if m.shape != (18, 18) or (m < 0).any():
+            raise PopulationError(f"{f.name}: expected an 18 x 18 non-negative matrix, got shape {m.shape}")
+        out[k] = torch.tensor(m * w, dtype=torch.float64)
+    return out
+
+
+def load_marginals(boroughs: Sequence[str] | None = None, census: Path = CENSUS_FILE, dp03: Path = DP03_FILE,
+                   matrices: Path = MATRIX_DIR) -> Marginals:
+    """Census marginals per borough (ACS DP05 age x sex, DP03 employment, households, income) with priors."""
+    areas = _check_boroughs(boroughs)
+    census, dp03 = Path(census), Path(dp03)
+    c = pd.read_csv(census, skiprows=[1], encoding="utf-8-sig")
+    cols = ["DP05_0001E", "DP05_0002E", "DP05_0003E", "DP05_0030E", "DP05_0031E", *ACS_AGE_COLUMNS]
+    check_table(c, census.name, ["GEO_ID", *cols], nonnegative=cols)
+    c = _county_rows(c, census, areas)
+    d = pd.read_csv(dp03)
+    dcols = ["DP03_0004E", "DP03_0051E", *INCOME_COLUMNS]
+    check_table(d, dp03.name, ["GEO_ID", *dcols], nonnegative=dcols)
+    d = _county_rows(d, dp03, areas)
+    t = lambda df, cs: torch.tensor(df[list(cs)].apply(pd.to_numeric).to_numpy(dtype=np.float64))  # noqa: E731
+    age_counts = t(c, ACS_AGE_COLUMNS)
+    sex = t(c, ["DP05_0002E", "DP05_0003E"])
+    old = t(c, ["DP05_0030E", "DP05_0031E"])
+    prior = np.loadtxt(matrices / "mistry2021_New_York_age_distribution_18.csv", delimiter=",")[:, 1]
+    F = {k: np.loadtxt(matrices / f"mistry2021_New_York_F_{k}_setting_18.csv", delimiter=",") for k in ("work", "school")}
+    lower = torch.tensor(AGE_LOWER, dtype=torch.float64)
+    return Marginals(
+        areas=areas, age_labels=AGE_LABELS, age_lower=lower, age_upper=torch.tensor(AGE_UPPER, dtype=torch.float64),
+        age_prior=torch.tensor(prior), age_groups=torch.tensor(ACS_GROUP), age_counts=age_counts, sex_counts=sex,
+        employed=t(d, ["DP03_0004E"])[:, 0],
+        # Mistry's share of each age band present in the work setting: the prior of employment by age
+        employment_propensity=torch.tensor(F["work"].sum(1)).clamp(0, 1) * (lower >= 15).double(),
+        households=t(d, ["DP03_0051E"])[:, 0], income_labels=INCOME_LABELS, income_counts=t(d, INCOME_COLUMNS),
+        sex_by_age=((lower >= 65, old),),
+        school_propensity=torch.tensor(F["school"].sum(1)).clamp(0, 1),
+        source={"age_counts": census.name, "sex_counts": census.name, "employed": dp03.name, "households": dp03.name},
+    )
+
+
+def load_flows(boroughs: Sequence[str] | None = None, path: Path = FLOWS_FILE) -> torch.Tensor:
+    """Workers commuting from home borough (rows) to work borough (columns) among ``boroughs``: ``[A, A]``."""
+    areas = _check_boroughs(boroughs)
+    path = Path(path)
+    f = pd.read_csv(path)
+    cols = ["h_state_fips", "h_county_fips", "w_state_fips", "w_county_fips", "flow"]
+    check_table(f, path.name, cols, nonnegative=["flow"], numeric=cols[:4])
+    f = f[(f["h_state_fips"] == 36) & (f["w_state_fips"] == 36)]
+    code = {FIPS[b]: i for i, b in enumerate(areas)}
+    for col in ("h_county_fips", "w_county_fips"):
+        have = set(f[col].astype(int))
+        missing = [b for b in areas if FIPS[b] not in have]
+        if missing:
+            raise PopulationError(f"{path.name}: column {col!r} has no flows for borough(s) {missing}: "
+                                  f"the areas of the marginals do not match the commuting flows")
+    f = f[f["h_county_fips"].isin(code) & f["w_county_fips"].isin(code)]
+    m = torch.zeros(len(areas), len(areas), dtype=torch.float64)
+    m[torch.tensor(f["h_county_fips"].map(code).to_numpy()), torch.tensor(f["w_county_fips"].map(code).to_numpy())] = \
+        torch.tensor(f["flow"].to_numpy(dtype=np.float64))
+    if bool((m.sum(1) == 0).any()):
+        raise PopulationError(f"{path.name}: column 'flow' sums to zero for a home borough in {areas}")
+    return m
+
+
+def load_observed(start: str | pd.Timestamp, end: str | pd.Timestamp, boroughs: Sequence[str] | None = None,
+                  path: Path = CASES_FILE) -> pd.DataFrame:
+    """NYC DOHMH daily series, tidy: ``date, area, series, value``.
+
+    ``series``: ``cases`` (confirmed, by diagnosis date), ``cases_all`` (confirmed + probable),
+    ``hospitalizations`` (by admission date), ``deaths`` (by date of death). ``area``: the
+    borough codes (all five, or ``boroughs``) and ``NYC`` (citywide; only when ``boroughs`` is None).
+    Rows after ``end`` are never read into the result.
+    """
+    areas = _check_boroughs(boroughs)
+    path = Path(path)
+    df = pd.read_csv(path)
+    check_table(df, path.name, ["date_of_interest"])
+    df["date"] = pd.to_datetime(df["date_of_interest"], format="%m/%d/%Y")
+    df = df[(df["date"] >= pd.Timestamp(start)) & (df["date"] <= pd.Timestamp(end))]
+    frames = []
+    prefixes = [(b, f"{b}_") for b in areas] + ([("NYC", "")] if boroughs is None else [])
+    for area, p in prefixes:
+        cols = {"cases": [f"{p}CASE_COUNT"], "cases_all": [f"{p}CASE_COUNT", f"{p}PROBABLE_CASE_COUNT"],
+                "hospitalizations": [f"{p}HOSPITALIZED_COUNT"], "deaths": [f"{p}DEATH_COUNT"]}
+        for series, cs in cols.items():
+            check_table(df, path.name, cs, nonnegative=cs)
+            frames.append(pd.DataFrame({"date": df["date"].to_numpy(), "area": area, "series": series,
+                                        "value": df[cs].sum(axis=1).to_numpy(dtype=np.float64)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_observed_age(start: str | pd.Timestamp, end: str | pd.Timestamp, path: Path = AGE_RATE_FILE) -> pd.DataFrame:
+    """Weekly NYC reported cases per 100,000 by age band, tidy: ``week_ending, age, value`` (blank = suppressed)."""
+    path = Path(path)
+    df = pd.read_csv(path)
+    check_table(df, path.name, ["week_ending"])
+    df["week_ending"] = pd.to_datetime(df["week_ending"], format="%m/%d/%Y")
+    df = df[(df["week_ending"] >= pd.Timestamp(start)) & (df["week_ending"] <= pd.Timestamp(end))]
+    long = df.drop(columns=["age_all_ages"], errors="ignore").melt("week_ending", var_name="age", value_name="value")
+    long["age"] = long["age"].str.replace("age_", "", regex=False)
+    return long
+
+
+# NYC weekly-rate age bands as unions of our 5-year bands (approximate where bounds differ)
+NYC_AGE_BANDS = {"0_4": (0,), "5_12": (1, 2), "13_17": (3,), "18_24": (4,), "25_34": (5, 6), "35_44": (7, 8),
+                 "45_54": (9, 10), "55_64": (11, 12), "65_74": (13, 14), "75up": (15, 16, 17)}
+
+
+# ------------------------------------------------------------------------------ covariates
+def _trailing(x: pd.Series, window: int = 7) -> pd.Series:
+    return x.rolling(window, min_periods=1).mean()
+
+
+def area_schedule(dates: pd.DatetimeIndex, areas: Sequence[str]) -> torch.Tensor:
+    """Per date, borough and layer: mobility multipliers ``[T, A, L]`` (household, school, work, community)."""
+    end = dates[-1]
+    mta = pd.read_csv(MTA_FILE)
+    check_table(mta, MTA_FILE.name, ["Date", "Subways: % of Comparable Pre-Pandemic Day"])
+    mta["date"] = pd.to_datetime(mta["Date"], format="%m/%d/%Y")
+    mta = mta[mta["date"] <= end].set_index("date")
+    subway = _trailing(mta["Subways: % of Comparable Pre-Pandemic Day"].astype(float).clip(0, 1.2))
+    work = subway.reindex(dates).ffill().fillna(1.0).to_numpy()
+    m50 = pd.read_csv(M50_FILE, parse_dates=["date"])
+    check_table(m50, M50_FILE.name, ["admin2", "date", "m50_index"])
+    m50 = m50[m50["date"] <= end].pivot(index="date", columns="admin2", values="m50_index")
+    T, A = len(dates), len(areas)
+    out = torch.ones(T, A, len(LAYERS))
+    for a, b in enumerate(areas):  # five boroughs
+        if M50_NAMES[b] not in m50.columns:
+            raise PopulationError(f"{M50_FILE.name}: column 'admin2' has no rows for {M50_NAMES[b]!r}")
+        idx = _trailing(m50[M50_NAMES[b]].astype(float)).reindex(dates).ffill().fillna(100.0).to_numpy()
+        out[:, a, LAYERS.index("community")] = torch.tensor(0.3 + 0.7 * np.clip(idx / 100.0, 0, 1), dtype=torch.float32)
+        out[:, a, LAYERS.index("work")] = torch.tensor(work, dtype=torch.float32)
+    return out
+
+
+def _steps(dates: pd.DatetimeIndex, changes: Sequence[tuple[str, float]], before: float = 1.0) -> torch.Tensor:
+    """Piecewise-constant series over ``dates``: value changes at each (date, value)."""
+    v = np.full(len(dates), before, dtype=np.float32)
+    for d, x in changes:
+        v[dates >= pd.Timestamp(d)] = x
+    return torch.tensor(v)
+
+
+def policies(dates: pd.DatetimeIndex, disable: Sequence[str] = ()) -> list[Intervention]:
+    """Dated policies as ``[T, L]`` layer multipliers (sources in the module docstring)."""
+    L = len(LAYERS)
+    s, w, c = LAYERS.index("school"), LAYERS.index("work"), LAYERS.index("community")
+    out = []
+    school = torch.ones(len(dates), L)
+    school[:, s] = _steps(dates, [("2020-03-16", 0.0), ("2020-09-29", 0.3), ("2020-11-19", 0.0), ("2020-12-07", 0.12),
+                                  ("2021-02-25", 0.2), ("2021-03-22", 0.3)])
+    out.append(Intervention("school_closure", school))
+    pause = _steps(dates, [("2020-03-22", 0.5), ("2020-06-08", 1.0)])
+    stay = torch.ones(len(dates), L)
+    stay[:, w] = pause
+    stay[:, c] = pause
+    out.append(Intervention("stay_at_home", stay))
+    phases = _steps(dates, [("2020-06-08", 0.6), ("2020-06-22", 0.7), ("2020-07-06", 0.75), ("2020-07-20", 0.8),
+                            ("2020-09-30", 0.85), ("2020-12-14", 0.8), ("2021-02-12", 0.85)])
+    reopen = torch.ones(len(dates), L)
+    reopen[:, w] = phases
+    reopen[:, c] = phases
+    out.append(Intervention("reopening", reopen))
+    return [iv for iv in out if iv.name not in disable]
+
+
+def vaccination(dates: pd.DatetimeIndex, age_group: torch.Tensor, uptake: float = 0.006, cap: float = 0.6,
+                efficacy: float = 0.8, lag_days: int = 14) -> Intervention:
+    """Susceptibility multiplier ``1 - efficacy * coverage(t - lag, age band)`` as a ``[T, G]`` schedule."""
+    lower = np.asarray(AGE_LOWER)
+    eligible = [("2021-01-11", 75), ("2021-01-12", 65), ("2021-03-10", 60), ("2021-03-23", 50), ("2021-03-30", 30)]
+    start = np.full(len(lower), np.datetime64("NaT"), dtype="datetime64[D]")
+    for d, age in eligible:
+        later = np.isnat(start) & (lower >= age)
+        start[later] = np.datetime64(d)
+    t = dates.to_numpy().astype("datetime64[D]")[:, None]
+    days = (t - start[None, :] - np.timedelta64(lag_days, "D")).astype("float64")
+    days = np.where(np.isnan(days), -1.0, days)
+    cov = np.clip(days * uptake, 0.0, cap)
+    return Intervention("vaccination", torch.tensor(1.0 - efficacy * cov, dtype=torch.float32), group=age_group)
+
+
+def test_capacity(dates: pd.DatetimeIndex) -> torch.Tensor:
+    """Relative testing capacity over dates (module docstring)."""
+    x = ((dates - pd.Timestamp("2020-04-20")).days.to_numpy() / 10.0).astype(np.float64)
+    return torch.tensor(0.15 + 0.85 / (1 + np.exp(-x)), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------ population
+def _data_hash() -> str:
+    h = hashlib.sha256()
+    for f in (CENSUS_FILE, DP03_FILE, FLOWS_FILE, *sorted(MATRIX_DIR.glob("*_18.csv"))):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(cache_dir: str | Path | None, scale: float, seed: int, areas: Sequence[str]) -> Path:
+    root = Path(cache_dir or os.environ.get("LPM_CACHE_DIR") or Path.home() / ".cache" / "lpm") / "covid_nyc"
+    key = hashlib.sha256(f"{CACHE_VERSION}|{scale!r}|{seed}|{','.join(areas)}|{_data_hash()}".encode()).hexdigest()[:20]
+    return root / f"population_{key}.pt"
+
+
+def build_population(scale: float, seed: int, areas: Sequence[str], cache_dir: str | Path | None = None,
+                     use_cache: bool = True) -> tuple[Population, Network, Marginals, dict[str, Any]]:
+    """Synthesize (or load from cache) the population and its four contact layers."""
+    marg = load_marginals(areas)
+    flows = load_flows(areas)
+    path = _cache_path(cache_dir, scale, seed, areas)
+    info: dict[str, Any] = {"cache": str(path)}
+    t0 = time.perf_counter()
+    if use_cache and path.exists():
+        blob = torch.load(path, weights_only=False)
+        pop = Population(**blob["population"], codebooks=blob["codebooks"], scale=blob["scale"])
+        net = Network(**blob["network"], num_nodes=blob["num_nodes"], layer_names=tuple(blob["layer_names"]))
+        info.update(cached=True, build_seconds=time.perf_counter() - t0)
+        return pop, net, marg, info
+    pop = synthesize(marg, scale, seed, flows=flows)
+    C = load_contact_matrices()
+    gen = torch.Generator().manual_seed(seed + 7919)
+    age = pop.age.long()
+    layers = {
+        "household": household_cliques(pop.household),
+        "school": unit_sbm(pop.school, age, C["school"], gen, population_average=True),
+        "work": unit_sbm(pop.workplace, age, C["work"], gen, population_average=True),
+        "community": unit_sbm(pop.area.to(torch.int32), age, C["community"], gen),
+    }
+    net = Network.from_layers(layers, pop.num_agents)
+    info.update(cached=False, build_seconds=time.perf_counter() - t0)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"population": {k: v for k, v in pop.items() if isinstance(v, torch.Tensor)}, "codebooks": pop.codebooks,
+                    "scale": pop.scale, "network": {k: getattr(net, k) for k in ("edge_index", "weight", "layer", "rowptr")},
+                    "num_nodes": net.num_nodes, "layer_names": list(net.layer_names)}, tmp)
+        tmp.replace(path)
+    return pop, net, marg, info
+
+
+# ------------------------------------------------------------------------------ the setup
+@dataclass
+class NYCSetup:
+    """Everything a run or a calibration needs: model, parameters, initial state, dates, areas."""
+
+    model: Model
+    params: Params
+    state: CovidState
+    dates: pd.DatetimeIndex
+    areas: tuple[str, ...]
+    scale: float
+    population: Population
+    marginals: Marginals
+    age_labels: tuple[str, ...] = AGE_LABELS
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        """Number of daily steps (one per date)."""
+        return len(self.dates)
+
+    def simulate(self, seed: int = 0, **kwargs: Any):
+        """``model.simulate`` over all dates with the setup's parameters and state."""
+        return self.model.simulate(self.params, self.state, self.steps, seed=seed, **kwargs)
+
+
+def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", start: str = "2020-03-01",
+          days: int | None = None, boroughs: Sequence[str] | None = None, **overrides: Any) -> NYCSetup:
+    """Build the NYC COVID-19 model.
+
+    ``days=None`` runs to 2021-03-31. ``overrides``: parameter values by name (``beta=0.06``),
+    ``initial_prevalence`` (share of agents infected (E) at ``start``, default 1e-3),
+    ``disable`` (names of policies to leave out: ``school_closure``, ``stay_at_home``,
+    ``reopening``, ``vaccination``), ``cache_dir``, ``use_cache`` (default True).
+    """
+    areas = _check_boroughs(boroughs)
+    start_ts = pd.Timestamp(start)
+    if days is None:
+        days = int((pd.Timestamp("2021-03-31") - start_ts).days) + 1
+    if days <= 0:
+        raise ValueError(f"days: expected > 0, got {days}")
+    dates = pd.date_range(start_ts, periods=days, freq="D")
+    disable = tuple(overrides.pop("disable", ()))
+    prevalence = float(overrides.pop("initial_prevalence", DEFAULT_PREVALENCE))
+    overrides = {**NYC_DEFAULTS, **overrides}
+    cache_dir = overrides.pop("cache_dir", None)
+    use_cache = bool(overrides.pop("use_cache", True))
+    params = covid_params(**overrides)
+    pop, net, marg, info = build_population(scale, seed, areas, cache_dir, use_cache)
+    mid = [(lo + hi) / 2 for lo, hi in zip(AGE_LOWER, AGE_UPPER)]
+    disease = covid_disease(mid)
+    tables = age_tables(mid)
+    age = pop.age.long()
+    N = pop.num_agents
+    g = torch.Generator().manual_seed(seed + 104729)
+    seeds = torch.rand(N, generator=g) < prevalence
+    L = len(LAYERS)
+    epi = initial_state(disease, N, seeds, seed=seed, network=net, susceptibility=tables["susceptibility"][age],
+                        layer_scale=torch.ones(L), layer_scale_base=torch.ones(L), contact_factor=torch.ones(N, L))
+    state = CovidState(**dict(epi.items()), area=pop.area, age=pop.age, susceptibility_base=tables["susceptibility"][age],
+                       contact_factor_base=torch.ones(N, L), reported=torch.zeros(N))
+    vacc = [] if "vaccination" in disable else [vaccination(dates, pop.age.to(device))]
+    model = covid_model(disease, areas=areas, age_labels=AGE_LABELS, area_schedule=area_schedule(dates, areas),
+                        test_capacity=test_capacity(dates), policies=[iv.to(device) for iv in policies(dates, disable)],
+                        vaccination=vacc, reduced_layers=[name != "household" for name in LAYERS], name="covid-nyc")
+    info.update(agents=N, edges=net.num_edges, **{k: v for k, v in net.summary().items() if k.startswith("mean_degree")})
+    return NYCSetup(model, params.to(device), state.to(device), dates, areas, float(scale), pop, marg, AGE_LABELS, info)
+
+
+def validate_setup(setup: NYCSetup) -> dict[str, Any]:
+    """Synthesized marginals vs census, household sizes, and per-layer age mixing vs Mistry matrices."""
+    pop, net = setup.population, setup.state.network.to("cpu")
+    C = load_contact_matrices()
+    age = pop.age.long()
+    out: dict[str, Any] = {"marginals": marginal_errors(pop, setup.marginals)}
+    sizes = torch.bincount(pop.household.long())
+    hh_area = torch.zeros(sizes.numel(), dtype=torch.long).index_put_((pop.household.long(),), pop.area.long())
+    out["household_size"] = {
+        "mean_by_area": {a: float(sizes[hh_area == i].double().mean()) for i, a in enumerate(setup.areas)},
+        "census_mean_by_area": {a: float(setup.marginals.age_counts[i].sum() / setup.marginals.households[i])
+                                for i, a in enumerate(setup.areas)},
+        "distribution": (torch.bincount(sizes, minlength=11)[1:].double() / sizes.numel()).tolist(),
+    }
+    layers = {}
+    for name in LAYERS:
+        ei, _ = net.layer_edges(name)
+        syn = mixing_matrix(ei, age, len(AGE_LABELS))
+        src = C[name]
+        layers[name] = {"age_mixing_correlation": matrix_correlation(syn, src),
+                        "mean_degree": ei.shape[1] / pop.num_agents,
+                        "source_mean_contacts": float((src.sum(1) * torch.bincount(age, minlength=18).double()).sum() / pop.num_agents)}
+    out["layers"] = layers
+    return out
+
+
+# ------------------------------------------------------------------------------ CLI
+def _tidy(res: Any, setup: NYCSetup) -> pd.DataFrame:
+    rows = []
+    for series in ("infections", "symptomatic_onsets", "cases", "hospitalizations", "deaths"):
+        v = res[series].detach().cpu().double().numpy() / setup.scale
+        df = pd.DataFrame(v, index=setup.dates, columns=list(setup.areas))
+        df["NYC"] = v.sum(1)
+        long = df.rename_axis("date").reset_index().melt("date", var_name="area", value_name="value")
+        long.insert(2, "series", series)
+        rows.append(long)
+    return pd.concat(rows, ignore_index=True)[["date", "area", "series", "value"]]
+
+
+def _plots(out: Path, setup: NYCSetup, daily: pd.DataFrame, res: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    obs = load_observed(setup.dates[0], setup.dates[-1], None if len(setup.areas) == 5 else setup.areas)
+    panels = list(setup.areas) + (["NYC"] if len(setup.areas) == 5 else [])
+    for series, fname in (("cases", "cases_by_borough.png"), ("hospitalizations", "hospitalizations_by_borough.png"),
+                          ("deaths", "deaths_by_borough.png")):
+        fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex=True)
+        for ax, area in zip(axes.flat, panels):
+            s = daily[(daily.area == area) & (daily.series == series)].set_index("date")["value"]
+            o = obs[(obs.area == area) & (obs.series == series)].set_index("date")["value"]
+            ax.plot(o.index, o.rolling(7, min_periods=1).mean(), color="k", label="observed (NYC DOHMH, 7-day mean)")
+            ax.plot(s.index, s.rolling(7, min_periods=1).mean(), color="tab:red", label=f"simulated (scale {setup.scale:g}, rescaled)")
+            ax.set_title(f"{NAMES.get(area, 'New York City')}: daily {series}")
+            ax.tick_params(axis="x", rotation=30)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+    # age profile: cumulative reported cases per 100,000 by NYC age band
+    rates = load_observed_age(setup.dates[0], setup.dates[-1])
+    obs_age = rates.groupby("age")["value"].sum()
+    cases_age = res["cases_by_age"].detach().cpu().double().sum(0)
+    inf_age = res["infections_by_age"].detach().cpu().double().sum(0)
+    n_age = torch.bincount(setup.population.age.long(), minlength=len(AGE_LABELS)).double()
+    labels = list(NYC_AGE_BANDS)
+    sim = [float(cases_age[list(b)].sum() / n_age[list(b)].sum().clamp_min(1) * 1e5) for b in NYC_AGE_BANDS.values()]
+    sim_inf = [float(inf_age[list(b)].sum() / n_age[list(b)].sum().clamp_min(1) * 1e5) for b in NYC_AGE_BANDS.values()]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, [float(obs_age.get(k, np.nan)) for k in labels], 0.4, color="k", label="observed reported cases")
+    ax.bar(x + 0.2, sim, 0.4, color="tab:red", label="simulated reported cases")
+    ax.plot(x, sim_inf, "o--", color="tab:blue", label="simulated infections")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("cumulative per 100,000")
+    ax.set_yscale("log")
+    ax.set_title(f"Age profile {setup.dates[0].date()} .. {setup.dates[-1].date()}")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "age_profile.png", dpi=110)
+    plt.close(fig)
+
+
+def run(argv: Sequence[str]) -> int:
+    """CLI: build (or load) the population, simulate, write results.h5, daily.csv, plots and JSON records."""
+    ap = argparse.ArgumentParser(prog="lpm run covid-nyc", description="COVID-19 in New York City, 2020-03-01..2021-03-31")
+    ap.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="agents per resident (1.0 = 8.3 million agents)")
+    ap.add_argument("--days", type=int, default=None, help="days to simulate (default: to 2021-03-31)")
+    ap.add_argument("--start", default="2020-03-01")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--boroughs", default=None, help="comma-separated subset of BX,BK,MN,QN,SI")
+    ap.add_argument("--cache-dir", default=None, help="population cache (default ~/.cache/lpm or $LPM_CACHE_DIR)")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: per-step tensors are small, and extra threads thrash a shared "
+                         "machine; 0 keeps torch's default)")
+    ap.add_argument("--out", default="out/covid_nyc")
+    a = ap.parse_args(list(argv))
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    boroughs = a.boroughs.split(",") if a.boroughs else None
+    t0 = time.perf_counter()
+    setup = build(a.scale, a.seed, a.device, a.start, a.days, boroughs, cache_dir=a.cache_dir, use_cache=not a.no_cache)
+    t_build = time.perf_counter() - t0
+    print(setup.model.plan())
+    print(f"{setup.info['agents']:,} agents, {setup.info['edges']:,} directed edges; built in {t_build:.1f}s "
+          f"({'cache' if setup.info['cached'] else 'synthesized'})")
+    t1 = time.perf_counter()
+    res = setup.simulate(seed=a.seed, progress=True)
+    t_sim = time.perf_counter() - t1
+    res.to_hdf5(str(out / "results.h5"), mode="w")
+    daily = _tidy(res, setup)
+    daily.to_csv(out / "daily.csv", index=False)
+    validation = validate_setup(setup)
+    (out / "validation.json").write_text(json.dumps(validation, indent=2))
+    _plots(out, setup, daily, res)
+    obs = load_observed(setup.dates[0], setup.dates[-1])
+    totals = {s: {"simulated": float(daily[(daily.area == "NYC") & (daily.series == s)]["value"].sum()),
+                  "observed": float(obs[(obs.area == "NYC") & (obs.series == s)]["value"].sum())}
+              for s in ("cases", "hospitalizations", "deaths")} if len(setup.areas) == 5 else {}
+    summary = {"scale": a.scale, "agents": setup.info["agents"], "edges": setup.info["edges"], "days": setup.steps,
+               "build_seconds": t_build, "population_cached": setup.info["cached"], "simulate_seconds": t_sim,
+               "seconds_per_day": t_sim / setup.steps, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "params": setup.params.to_dict(), "totals_city": totals,
+               "mean_degree": {k: v for k, v in setup.info.items() if k.startswith("mean_degree")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=2, default=str))
+    return 0
+
+
+EXPERIMENT = Experiment("covid-nyc", "COVID-19 in New York City 2020-03..2021-03 on a synthetic census population", run)

@@ -1,0 +1,273 @@
+"""COVID-19 on a contact network: SEIRM-style stages, age-specific risks, isolation, testing.
+
+Stages (one step = ``dt`` days, default 1 day)::
+
+    S -> E -> Ip -> Is -> R            E: latent, not infectious
+              |      \\-> H -> R        Ip: pre-symptomatic, infectious
+              |            \\-> D       Is: symptomatic;  H: hospitalised (isolated, not infectious)
+              \\-> Ia -> R              Ia: asymptomatic (relative infectiousness ``rel_inf_asymptomatic``)
+
+Branches, by age band (tables from :func:`age_tables`):
+
+* ``E -> Ia`` with probability ``1 - p_symptomatic(age)``;
+* ``Is -> H`` with probability ``min(1, ihr_scale * IHR(age) / p_symptomatic(age))``;
+* ``H -> D`` with probability ``min(0.95, ifr_scale * IFR(age) / IHR(age))`` (every death
+  passes through H: a simplification; NYC also counted deaths at home and in care homes).
+
+Published defaults (``ihr_scale = ifr_scale = 1`` reproduce them; calibration fits the scales):
+
+* susceptibility and clinical (symptomatic) fraction by age: Davies N.G. et al., "Age-dependent
+  effects in the transmission and control of COVID-19 epidemics", Nat Med 26:1205 (2020),
+  posterior medians by decade (susceptibility ~0.4 under 20 vs ~0.8 above; clinical fraction
+  0.29 at 10-19 rising to 0.69 at 70+);
+* infection fatality ratio: Levin A.T. et al., "Assessing the age specificity of infection
+  fatality rates for COVID-19", Eur J Epidemiol 35:1123 (2020): ``log10 IFR(%) = -3.27 + 0.0524 age``;
+* infection hospitalisation ratio: Salje H. et al., "Estimating the burden of SARS-CoV-2 in
+  France", Science 369:208 (2020), P(hospital | infection) by decade;
+* latent period ~3 days and pre-symptomatic infectious period ~2 days (incubation ~5 days):
+  Lauer S.A. et al., Ann Intern Med 172:577 (2020); He X. et al., Nat Med 26:672 (2020);
+* relative infectiousness of asymptomatic infections 0.5: between Buitrago-Garcia D. et al.,
+  PLoS Med 17:e1003346 (2020) (~0.35) and CDC planning scenarios (0.75).
+
+Isolation (:class:`Isolation`): symptomatic agents reduce their non-household contacts by
+the fitted fraction ``isolation`` by writing ``contact_factor [N, L]`` (a differentiable path).
+Testing (:class:`Testing`): an agent entering ``Is`` (or ``Ia``, at relative rate
+``asymptomatic_testing``) is tested and *reported* with probability
+``ascertainment * capacity[t]``; ``reported [N]`` holds the event's gradient carrier, so
+reported cases are differentiable in ``ascertainment`` and, through the carrier, in every
+upstream parameter. Nothing here knows a city.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lpm.interventions import Intervention, Modulate
+from lpm.model import Model, Observable
+from lpm.params import Interval, Params, Positive
+from lpm.state import State, StateError, tensor_field
+from lpm.substep import Substep
+from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, Transition
+from substeps.epidemic.substeps import Progression, Transmission, event_carrier
+
+__all__ = ["CovidState", "age_tables", "covid_disease", "covid_params", "AreaContacts", "Isolation",
+           "Testing", "covid_model", "covid_observables", "STAGES", "PARAM_DOCS"]
+
+STAGES = ("S", "E", "Ip", "Ia", "Is", "H", "R", "D")
+
+#: parameter name -> meaning (fitted unless noted)
+PARAM_DOCS = {
+    "beta": "transmission probability per contact-day with a fully infectious agent",
+    "ihr_scale": "multiplier of the age-specific infection hospitalisation ratio (Salje 2020)",
+    "ifr_scale": "multiplier of the age-specific infection fatality ratio (Levin 2020)",
+    "ascertainment": "probability that a symptomatic infection is tested and reported at full testing capacity",
+    "isolation": "fraction of non-household contacts a symptomatic agent drops",
+}
+
+# decade tables, index k covers ages [10k, 10k+10), last row 80+
+_DAVIES_SUSCEPTIBILITY = (0.40, 0.38, 0.79, 0.86, 0.80, 0.82, 0.88, 0.74, 0.74)
+_DAVIES_CLINICAL = (0.29, 0.21, 0.27, 0.33, 0.40, 0.49, 0.63, 0.69, 0.69)
+_SALJE_IHR = (0.001, 0.001, 0.005, 0.011, 0.014, 0.029, 0.058, 0.093, 0.262)
+
+
+def age_tables(age_mid: Sequence[float] | Tensor) -> dict[str, Tensor]:
+    """Per age band (given by its mid age in years): susceptibility, p_symptomatic, ihr, ifr, p_hosp, p_death."""
+    mid = torch.as_tensor(age_mid, dtype=torch.float64)
+    dec = (mid // 10).long().clamp(0, 8)
+    sus = torch.tensor(_DAVIES_SUSCEPTIBILITY, dtype=torch.float64)[dec]
+    sym = torch.tensor(_DAVIES_CLINICAL, dtype=torch.float64)[dec]
+    ihr = torch.tensor(_SALJE_IHR, dtype=torch.float64)[dec]
+    ifr = 10 ** (-3.27 + 0.0524 * mid) / 100
+    ihr = torch.maximum(ihr, ifr * 1.25)  # every death passes through hospital
+    return {"susceptibility": sus.float(), "p_symptomatic": sym.float(), "ihr": ihr.float(), "ifr": ifr.float(),
+            "p_hosp": (ihr / sym).clamp_max(1.0).float(), "p_death": (ifr / ihr).clamp_max(0.95).float()}
+
+
+@dataclass(frozen=True)
+class CovidState(EpiState):
+    """:class:`EpiState` plus the attributes the COVID-19 substeps read."""
+
+    area: Tensor = tensor_field(("N",), torch.int8, "home area code", default=None)
+    age: Tensor = tensor_field(("N",), torch.int8, "age band code (rows of the age tables)", default=None)
+    susceptibility_base: Tensor | None = tensor_field(("N",), torch.float32, "susceptibility before vaccination", optional=True)
+    contact_factor_base: Tensor | None = tensor_field(("N", "L"), torch.float32, "per-agent layer multiplier before isolation (area mobility)", optional=True)
+    reported: Tensor | None = tensor_field(("N",), torch.float32, "carrier of agents reported (tested positive) this step, 0 otherwise", optional=True)
+
+
+class _AgeProb:
+    """Branch probability ``clamp(params[scale] * table[age])`` (a picklable closure)."""
+
+    def __init__(self, table: Tensor, scale: str | None, cap: float) -> None:
+        self.table, self.scale, self.cap = table, scale, cap
+        self._dev: dict[torch.device, Tensor] = {}
+
+    def __call__(self, params: Params, state: State) -> Tensor:
+        dev = state.age.device
+        if dev not in self._dev:
+            self._dev[dev] = self.table.to(dev)
+        p = self._dev[dev][state.age.long()]
+        if self.scale is not None:
+            p = p * getattr(params, self.scale)
+        return p.clamp(0.0, self.cap)
+
+
+def covid_disease(age_mid: Sequence[float] | Tensor, *, dt: float = 1.0, rel_inf_asymptomatic: float = 0.5,
+                  latent: Dwell | None = None, presymptomatic: Dwell | None = None, symptomatic: Dwell | None = None,
+                  asymptomatic: Dwell | None = None, hospital: Dwell | None = None) -> DiseaseModel:
+    """The stage graph above with age-specific branches for the given age bands."""
+    t = age_tables(age_mid)
+    lat = latent or Dwell.gamma(3.0, 1.5, dt)
+    # the latent dwell is at least 2 steps, so an infection is never overwritten in ``entered`` by a
+    # progression in the same step (Transmission runs before Progression)
+    lat = Dwell((0.0, *lat.pmf), f"1 + {lat.label}") if lat.pmf[0] > 0 else lat
+    return DiseaseModel(
+        stages=STAGES,
+        infectiousness={"Ip": 1.0, "Is": 1.0, "Ia": rel_inf_asymptomatic},
+        entry="E",
+        dwell={"E": lat, "Ip": presymptomatic or Dwell.gamma(2.0, 1.0, dt), "Ia": asymptomatic or Dwell.gamma(5.0, 2.0, dt),
+               "Is": symptomatic or Dwell.gamma(6.0, 2.5, dt), "H": hospital or Dwell.gamma(10.0, 5.0, dt)},
+        transitions={
+            "E": Transition("Ip", "Ia", _AgeProb(1.0 - t["p_symptomatic"], None, 1.0), ("age",), ()),
+            "Ip": Transition("Is"),
+            "Ia": Transition("R"),
+            "Is": Transition("R", "H", _AgeProb(t["p_hosp"], "ihr_scale", 1.0), ("age",), ("ihr_scale",)),
+            "H": Transition("R", "D", _AgeProb(t["p_death"], "ifr_scale", 0.95), ("age",), ("ifr_scale",)),
+        },
+        dt=dt,
+    )
+
+
+def covid_params(**overrides: object) -> Params:
+    """Default parameters (see :data:`PARAM_DOCS`); keyword overrides replace a spec or value."""
+    specs: dict[str, object] = {
+        "beta": Positive(0.05),
+        "ihr_scale": Positive(1.0),
+        "ifr_scale": Positive(1.0),
+        "ascertainment": Interval(0.35, 0.0, 1.0),
+        "isolation": Interval(0.5, 0.0, 1.0),
+    }
+    for k, v in overrides.items():
+        if k not in specs:
+            raise StateError(f"covid_params: unknown parameter {k!r}; known: {sorted(specs)}")
+        specs[k] = _respec(specs[k], float(v)) if isinstance(v, (int, float)) else v
+    return Params(**specs)
+
+
+def _respec(spec: object, value: float) -> object:
+    from lpm.params import ParamSpec
+
+    assert isinstance(spec, ParamSpec)
+    return ParamSpec(value, spec.low, spec.high, spec.trainable)
+
+
+class AreaContacts(Substep):
+    """``contact_factor_base[i, l] = schedule[t, area_i, l]``: area- and layer-specific mobility."""
+
+    def __init__(self, schedule: Tensor, name: str = "area_contacts") -> None:
+        if schedule.dim() != 3:
+            raise StateError(f"{name}: schedule must be [T, A, L], got {tuple(schedule.shape)}")
+        self.schedule = schedule.float()
+        self.name = name
+        self.reads = ("area",)
+        self.writes = ("contact_factor_base",)
+        self._dev: dict[torch.device, Tensor] = {}
+
+    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+        dev = state.area.device
+        if dev not in self._dev:
+            self._dev[dev] = self.schedule.to(dev)
+        s = self._dev[dev]
+        return state.replace(contact_factor_base=s[min(t, s.shape[0] - 1)][state.area.long()])
+
+
+class Isolation(Substep):
+    """Symptomatic agents keep ``1 - isolation`` of their contacts on the ``reduced`` layers."""
+
+    def __init__(self, disease: DiseaseModel, reduced: Sequence[bool], stages: Sequence[str] = ("Is",), name: str = "isolation") -> None:
+        self.name = name
+        self.codes = torch.tensor([disease.code(s) for s in stages], dtype=torch.int8)
+        self.mask = torch.tensor([float(r) for r in reduced])
+        self.reads = ("stage", "contact_factor_base")
+        self.writes = ("contact_factor",)
+        self.params = ("isolation",)
+
+    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+        base = state.contact_factor_base
+        iso = torch.isin(state.stage, self.codes.to(base.device))
+        keep = 1.0 - params.isolation * self.mask.to(base.device)
+        return state.replace(contact_factor=torch.where(iso[:, None], base * keep, base))
+
+
+class Testing(Substep):
+    """Agents entering ``stage_rates``' stages are reported with prob ``ascertainment * capacity[t] * rate``."""
+
+    def __init__(self, disease: DiseaseModel, capacity: Tensor, stage_rates: Mapping[str, float] | None = None,
+                 name: str = "testing") -> None:
+        rates = dict(stage_rates or {"Is": 1.0, "Ia": 0.1})
+        table = torch.zeros(len(disease.stages) + 1)
+        for s, r in rates.items():
+            table[disease.code(s)] = float(r)
+        self.table = table  # last entry: "entered nothing" (-1)
+        self.capacity = capacity.float()
+        self.name = name
+        self.reads = ("entered", "carrier")
+        self.writes = ("reported",)
+        self.params = ("ascertainment",)
+
+    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+        dev = state.entered.device
+        cap = self.capacity[min(t, self.capacity.shape[0] - 1)].to(dev)
+        rate = self.table.to(dev)[state.entered.long()]
+        q = (params.ascertainment * cap * rate).clamp(0.0, 1.0)
+        u = torch.rand(state.entered.shape, generator=rng, device=dev)
+        event = (rate > 0) & (u < q)
+        q_full = q.expand_as(rate)
+        w = torch.where(event, state.carrier * event_carrier(q_full, event), torch.zeros_like(state.carrier))
+        return state.replace(reported=w)
+
+
+def covid_observables(disease: DiseaseModel, areas: Sequence[str], age_labels: Sequence[str]) -> dict[str, Observable]:
+    """Per-area daily counts ``[A]`` (infections, symptomatic_onsets, cases, hospitalizations, deaths) and cases/infections by age ``[G]``."""
+    A, G = len(areas), len(age_labels)
+
+    def entries(stage: str, by: str, n: int, labels: Sequence[str]) -> Observable:
+        code = disease.code(stage)
+
+        def fn(s: CovidState) -> Tensor:
+            v = torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier))
+            return v.new_zeros(n).index_add(0, getattr(s, by).long(), v)
+
+        return Observable(fn, labels=tuple(labels), reads=("entered", "carrier", by), doc=f"new entries into {stage} by {by}")
+
+    def reported(by: str, n: int, labels: Sequence[str]) -> Observable:
+        return Observable(lambda s: s.reported.new_zeros(n).index_add(0, getattr(s, by).long(), s.reported),
+                          labels=tuple(labels), reads=("reported", by), doc=f"reported cases by {by}")
+
+    return {
+        "infections": entries("E", "area", A, areas),
+        "symptomatic_onsets": entries("Is", "area", A, areas),
+        "cases": reported("area", A, areas),
+        "hospitalizations": entries("H", "area", A, areas),
+        "deaths": entries("D", "area", A, areas),
+        "cases_by_age": reported("age", G, age_labels),
+        "infections_by_age": entries("E", "age", G, age_labels),
+        "deaths_by_age": entries("D", "age", G, age_labels),
+    }
+
+
+def covid_model(disease: DiseaseModel, *, areas: Sequence[str], age_labels: Sequence[str], area_schedule: Tensor,
+                test_capacity: Tensor, policies: Sequence[Intervention] = (), vaccination: Sequence[Intervention] = (),
+                reduced_layers: Sequence[bool], name: str = "covid") -> Model:
+    """Assemble the plan: mobility -> policies -> vaccination -> isolation -> transmission -> progression -> testing."""
+    steps: list[Substep] = [AreaContacts(area_schedule)]
+    steps.append(Modulate("policies", "layer_scale", "layer_scale_base", list(policies)))
+    steps.append(Modulate("vaccination", "susceptibility", "susceptibility_base", list(vaccination)))
+    steps += [Isolation(disease, reduced_layers),
+              Transmission(disease, use_layer_scale=True, use_contact_factor=True, use_susceptibility=True),
+              Progression(disease),
+              Testing(disease, test_capacity)]
+    return Model(steps, covid_observables(disease, areas, age_labels), state_type=CovidState, dt=disease.dt, name=name)

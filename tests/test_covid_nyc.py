@@ -1,0 +1,119 @@
+"""The NYC COVID-19 experiment on a small real slice: end to end, interventions, gradients, data."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from experiments import covid_nyc as nyc
+from substeps.epidemic.covid import age_tables
+
+DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+SERIES = ("infections", "symptomatic_onsets", "cases", "hospitalizations", "deaths")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One population cache for the module (the first build writes it, the others load it)."""
+    return tmp_path_factory.mktemp("popcache")
+
+
+def test_one_borough_end_to_end_aligned_with_observed(cache):
+    setup = nyc.build(scale=0.01, seed=0, device=DEVICE, days=45, boroughs=["SI"], cache_dir=cache)
+    res = setup.simulate(seed=0)
+    assert setup.areas == ("SI",) and len(setup.dates) == 45
+    for s in SERIES:
+        v = res[s]
+        assert v.shape == (45, 1) and res.labels[s] == ("SI",)
+        assert bool(torch.isfinite(v).all()) and bool((v >= 0).all())
+    assert float(res["infections"].sum()) > 0  # the seeded epidemic takes off
+    # plausible: reported cases <= symptomatic onsets <= infections (cumulative), deaths <= hospitalizations + seeds
+    assert float(res["cases"].sum()) <= float(res["infections"].sum())
+    assert float(res["hospitalizations"].sum()) <= float(res["symptomatic_onsets"].sum())
+    obs = nyc.load_observed(setup.dates[0], setup.dates[-1], ["SI"])
+    obs_dates = pd.DatetimeIndex(sorted(obs["date"].unique()))
+    assert obs_dates.equals(setup.dates)
+    assert set(obs["area"]) == {"SI"} and {"cases", "hospitalizations", "deaths"} <= set(obs["series"])
+    # simulated daily counts, rescaled to the borough, are within two orders of magnitude of the observed
+    sim = float(res["hospitalizations"].sum()) / setup.scale
+    o = float(obs[obs.series == "hospitalizations"]["value"].sum())
+    assert o / 100 < sim < o * 100
+
+
+def test_stay_at_home_lowers_incidence_from_its_date(cache):
+    kw = dict(scale=0.01, seed=0, device=DEVICE, days=45, boroughs=["SI"], cache_dir=cache)
+    with_order = nyc.build(**kw).simulate(seed=3)
+    without = nyc.build(**kw, disable=("stay_at_home",)).simulate(seed=3)
+    a, b = with_order["infections"].sum(1), without["infections"].sum(1)
+    start = 21  # 2020-03-22: PAUSE takes effect; before it, the two runs are identical (common random numbers)
+    assert torch.equal(a[:start], b[:start])
+    assert float(a[start:].sum()) < 0.8 * float(b[start:].sum())
+
+
+def test_policy_schedules_act_on_their_dates():
+    dates = pd.date_range("2020-03-01", "2021-03-31")
+    ivs = {iv.name: iv.schedule for iv in nyc.policies(dates)}
+    s, w, c = (nyc.LAYERS.index(k) for k in ("school", "work", "community"))
+    i = lambda d: int((pd.Timestamp(d) - dates[0]).days)  # noqa: E731
+    assert float(ivs["school_closure"][i("2020-03-15"), s]) == 1.0 and float(ivs["school_closure"][i("2020-03-16"), s]) == 0.0
+    assert float(ivs["stay_at_home"][i("2020-03-21"), c]) == 1.0 and float(ivs["stay_at_home"][i("2020-03-22"), c]) < 1.0
+    assert float(ivs["stay_at_home"][i("2020-03-22"), nyc.LAYERS.index("household")]) == 1.0
+    assert float(ivs["reopening"][i("2020-06-08"), w]) > float(ivs["stay_at_home"][i("2020-06-07"), w])
+    vac = nyc.vaccination(dates, torch.zeros(3, dtype=torch.int8)).schedule
+    old = len(nyc.AGE_LOWER) - 1
+    assert float(vac[i("2021-01-24"), old]) == 1.0 and float(vac[i("2021-03-01"), old]) < 1.0
+    assert float(vac[i("2021-03-01"), 4]) == 1.0  # 20-24 not yet eligible
+
+
+def test_mobility_covariates_read_only_up_to_end():
+    dates = pd.date_range("2020-03-01", "2020-04-30")
+    sched = nyc.area_schedule(dates, ["BX", "SI"])
+    assert sched.shape == (61, 2, 4)
+    work = sched[:, 0, nyc.LAYERS.index("work")]
+    assert float(work[0]) > 0.8 and float(work[-1]) < 0.3  # subway ridership collapsed in April 2020
+    # a shorter run sees the same values on its dates: nothing after the end is used
+    short = nyc.area_schedule(dates[:30], ["BX", "SI"])
+    assert torch.allclose(short, sched[:30])
+
+
+def test_cases_are_differentiable_in_fitted_parameters(cache):
+    setup = nyc.build(scale=0.01, seed=0, device=DEVICE, days=30, boroughs=["SI"], cache_dir=cache)
+    res = setup.simulate(seed=1, grad=True)
+    loss = res["cases"].sum() + res["deaths"].sum() + res["hospitalizations"].sum()
+    grads = torch.autograd.grad(loss, [setup.params.raw_ascertainment, setup.params.raw_beta, setup.params.raw_ihr_scale])
+    assert all(bool(torch.isfinite(g)) for g in grads)
+    assert float(grads[0]) > 0  # more ascertainment, more reported cases
+    assert float(grads[2]) > 0  # higher hospitalisation ratio, more admissions
+
+
+def test_age_tables_follow_published_shape():
+    t = age_tables([2.5, 32.5, 52.5, 87.5])
+    assert bool((t["ifr"][1:] > t["ifr"][:-1]).all())  # IFR rises with age (Levin 2020)
+    assert float(t["ifr"][2]) == pytest.approx(10 ** (-3.27 + 0.0524 * 52.5) / 100, rel=1e-5)
+    assert float(t["susceptibility"][0]) < float(t["susceptibility"][1])  # children less susceptible (Davies 2020)
+    assert bool(((t["p_hosp"] >= 0) & (t["p_hosp"] <= 1) & (t["p_death"] <= 0.95)).all())
+
+
+def test_load_observed_tidy_and_windowed():
+    obs = nyc.load_observed("2020-04-01", "2020-04-30")
+    assert list(obs.columns) == ["date", "area", "series", "value"]
+    assert set(obs["area"]) == {"BX", "BK", "MN", "QN", "SI", "NYC"}
+    assert obs["date"].max() == pd.Timestamp("2020-04-30") and obs["date"].min() == pd.Timestamp("2020-04-01")
+    city = obs[(obs.area == "NYC") & (obs.series == "cases")]["value"].to_numpy()
+    boro = obs[(obs.area != "NYC") & (obs.series == "cases")].groupby("date")["value"].sum().to_numpy()
+    assert np.abs(city - boro).max() <= 0.05 * city.max()  # boroughs add up to the city (up to unknown borough)
+
+
+def test_cli_writes_outputs(tmp_path, cache):
+    out = tmp_path / "out"
+    rc = nyc.run(["--scale", "0.005", "--days", "20", "--boroughs", "SI", "--out", str(out), "--cache-dir", str(cache)])
+    assert rc == 0
+    for f in ("results.h5", "daily.csv", "validation.json", "summary.json", "cases_by_borough.png", "age_profile.png"):
+        assert (out / f).exists(), f
+    daily = pd.read_csv(out / "daily.csv")
+    assert list(daily.columns) == ["date", "area", "series", "value"]
+    assert set(daily["area"]) == {"SI", "NYC"} and (daily["value"] >= 0).all()
