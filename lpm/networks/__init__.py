@@ -9,6 +9,16 @@ from lpm.networks.generators import (
     symmetrize,
 )
 from lpm.networks.network import EdgeIndex, Network
+from lpm.networks.social import (
+    assortativity,
+    clustering,
+    degree_distribution,
+    follow_graph,
+    friendship_paradox,
+    homophilous_sbm,
+    preferential_attachment,
+    small_world,
+)
 
 __all__ = [
     "Network",
@@ -19,4 +29,12 @@ __all__ = [
     "contact_matrix_sbm",
     "symmetrize",
     "make_generator",
+    "preferential_attachment",
+    "small_world",
+    "homophilous_sbm",
+    "follow_graph",
+    "degree_distribution",
+    "clustering",
+    "assortativity",
+    "friendship_paradox",
 ]
