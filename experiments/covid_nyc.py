@@ -8,7 +8,13 @@ code or NYC), ``cases_by_borough.png`` / ``hospitalizations_by_borough.png`` /
 ``deaths_by_borough.png`` (simulated vs observed, 7-day means), ``age_profile.png`` (cumulative
 reported cases per 100,000 by NYC age band, simulated vs observed), ``validation.json``
 (synthesized marginals vs census, household sizes, per-layer age-mixing correlation and mean
-degree vs the Mistry matrices) and ``summary.json`` (timings, peak memory, totals).
+degree vs the Mistry matrices), ``summary.json`` (timings, peak memory, totals, LLM calls and cache
+hits) and ``survey.csv`` (tidy weekly isolation answers: ``week, date, archetype, age_band, sex,
+borough, employment, size, cases_per_100k, cases_level, answer, compliance``).
+Behaviour: ``--llm rule|local|http|off`` (default ``rule``) answers weekly, per archetype, whether
+its members isolate when symptomatic (see :func:`build`); ``--llm-cache PATH`` (default beside the
+population cache), ``--llm-mode replay`` reproduces a recorded run with no model present,
+``--llm-url``/``--llm-model`` for ``http``.
 The population is cached in ``~/.cache/lpm/covid_nyc`` (or ``--cache-dir`` / ``$LPM_CACHE_DIR``),
 keyed by scale, seed, boroughs and a hash of the input tables.
 
@@ -24,11 +30,17 @@ Observables ``[T, A]`` (agents at simulation scale; divide by ``setup.scale`` fo
 ``infections`` (entries into E), ``symptomatic_onsets`` (into Is), ``cases`` (reported: tested at
 onset), ``hospitalizations`` (into H), ``deaths`` (into D); ``cases_by_age``, ``infections_by_age``,
 ``deaths_by_age`` ``[T, G]``. All carry gradients to the parameters via the carrier mechanism.
+With archetypes (``llm != 'off'``): ``isolation_answers [T, K]`` (raw answer per archetype, updated
+every 7 days; labels = archetype attributes) and ``weekly_cases_per_100k [T, A]`` (reported cases
+per 100k per borough over the last 7 days: what the next decision sees). ``setup.asker.stats``
+counts calls and cache hits; ``setup.decision.archetypes`` holds the K archetypes.
 
 Parameters (``setup.params``; :data:`substeps.epidemic.covid.PARAM_DOCS`): ``beta`` (per
 contact-day), ``ihr_scale``, ``ifr_scale`` (multipliers of the published age tables),
 ``ascertainment`` (P(report | symptomatic) at full testing capacity), ``isolation`` (share of
-non-household contacts dropped by symptomatic agents).
+non-household contacts dropped by a symptomatic agent who isolates; with archetypes, each agent
+isolates with its archetype's weekly compliance ``state.isolation``), and the link
+``isolation_link.slope/bias`` (answer -> compliance, identity at the start).
 
 Data (``data/``, each folder with its README and licence): ACS 2023 DP05 (age x sex per
 borough), ACS 2019 DP03 (employment, households, household income), ACS 2009-2013 commuting
@@ -81,16 +93,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm import Intervention, Model, Network, Params
+from lpm import Intervention, Model, Network, Observable, Params, State, check_tensor, tensor_field
 from lpm.cli import Experiment
 from lpm.networks import household_cliques
 from lpm.population import (Marginals, Population, PopulationError, check_table, marginal_errors, matrix_correlation,
                             mixing_matrix, synthesize, unit_sbm)
 from substeps.epidemic import initial_state
 from substeps.epidemic.covid import CovidState, age_tables, covid_disease, covid_model, covid_params
+from llm_archetypes import AnswerCache, ArchetypeDecision, Archetypes, Asker, Backend, Distribution, Link, Question, make_backend
+from llm_archetypes.examples import CASES_BUCKET, isolation_rule
 
-__all__ = ["build", "load_observed", "load_observed_age", "NYCSetup", "BOROUGHS", "DEFAULT_SCALE", "load_marginals",
-           "load_flows", "load_contact_matrices", "validate_setup", "EXPERIMENT"]
+__all__ = ["build", "load_observed", "load_observed_age", "NYCSetup", "NYCState", "BOROUGHS", "DEFAULT_SCALE", "load_marginals",
+           "load_flows", "load_contact_matrices", "validate_setup", "nyc_archetypes", "nyc_isolation_question",
+           "BoroughDecision", "survey_table", "EXPERIMENT"]
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BOROUGHS = ("BX", "BK", "MN", "QN", "SI")
@@ -387,6 +402,130 @@ def build_population(scale: float, seed: int, areas: Sequence[str], cache_dir: s
     return pop, net, marg, info
 
 
+# ------------------------------------------------------------------------------ behaviour (LLM archetypes)
+#: coarse age bands of the archetypes as unions of the 5-year codes (AGE_LABELS); labels start with the lower age
+ARCHETYPE_AGE_BANDS = {"under 20": (0, 1, 2, 3), "20 to 29": (4, 5), "30 to 44": (6, 7, 8), "45 to 64": (9, 10, 11, 12),
+                       "65 to 74": (13, 14), "75 or older": (15, 16, 17)}
+EMPLOYMENT_LABELS = ("not employed (unemployed, student, retired or not in the labor force)", "employed")
+CASE_WINDOW = 7  # days of reported cases behind the weekly context
+DECISION_EVERY = 7  # days between isolation decisions
+ISOLATION_QUESTION = "isolate_if_symptomatic"
+LLM_KINDS = ("rule", "local", "http", "off")
+
+
+@dataclass(frozen=True)
+class NYCState(CovidState):
+    """:class:`CovidState` plus the raw archetype answers kept between weekly decisions."""
+
+    isolation_score: torch.Tensor | None = tensor_field(
+        ("K",), torch.float32, "last raw answer per archetype (P(yes) to the isolation question)", optional=True)
+
+
+def nyc_isolation_question(name: str = ISOLATION_QUESTION) -> Question:
+    """'Will this person stay home this week if they have symptoms?' with the borough's weekly reported cases."""
+    template = (
+        "A resident of New York City: age {age_band}, {sex}, lives in {borough}, employment: {employment}.\n"
+        "This week reported COVID-19 cases in {borough} are {cases} per 100,000 people per week.\n"
+        "Question: if this person develops a fever and cough this week, will they stay home "
+        "and isolate for the whole week?"
+    )
+    return Question(name, template, Distribution(("yes", "no"), (1.0, 0.0)), buckets={"cases": CASES_BUCKET})
+
+
+def nyc_archetypes(pop: Population, areas: Sequence[str]) -> Archetypes:
+    """Archetypes by coarse age band x sex x borough x employment (at most 6 x 2 x 5 x 2 = 120)."""
+    band_of = torch.zeros(len(AGE_LABELS), dtype=torch.int8)
+    for k, codes in enumerate(ARCHETYPE_AGE_BANDS.values()):
+        band_of[list(codes)] = k
+    attrs = {"age_band": band_of[pop.age.long().cpu()], "sex": pop.sex.cpu(), "borough": pop.area.cpu(),
+             "employment": pop.employed.cpu().to(torch.int8)}
+    books = {"age_band": tuple(ARCHETYPE_AGE_BANDS), "sex": ("male", "female"),
+             "borough": tuple(NAMES[a] for a in areas), "employment": EMPLOYMENT_LABELS}
+    return Archetypes.from_attributes(attrs, list(attrs), codebooks=books)
+
+
+class WeeklyCases:
+    """Context of each archetype: reported cases per 100,000 in its borough over the last ``CASE_WINDOW`` days."""
+
+    def __init__(self, archetypes: Archetypes) -> None:
+        self.borough = archetypes.codes[:, archetypes.attributes.index("borough")].long()  # [K] area codes
+
+    def per_area(self, state: State) -> torch.Tensor:
+        """Reported cases per 100,000 per area over the window ``[A]`` (population counted from ``area``)."""
+        window = state.recent_cases
+        n = torch.bincount(state.area.long(), minlength=window.shape[1]).to(window.dtype)
+        return window.sum(0) / n.clamp_min(1.0) * 1e5
+
+    def __call__(self, state: State, t: int) -> list[dict[str, float]]:
+        rate = self.per_area(state).detach().cpu()[self.borough]
+        return [{"cases": float(r)} for r in rate.tolist()]
+
+
+class BoroughDecision(ArchetypeDecision):
+    """:class:`ArchetypeDecision` whose context is per archetype (``context(state, t) -> K dicts``): its own borough's cases."""
+
+    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
+        scores = getattr(state, self.store)
+        check_tensor(f"{self.name}: {self.store}", scores, (self.archetypes.K,))
+        if self.is_decision_step(t):
+            contexts = self.context(state, t)
+            if len(contexts) != self.archetypes.K:
+                raise ValueError(f"{self.name}: context returned {len(contexts)} dicts, expected one per archetype "
+                                 f"(K={self.archetypes.K})")
+            prompts = [self.question.render(self.archetypes.labels[k], contexts[k]) for k in range(self.archetypes.K)]
+            self.asker.stats.decisions += 1
+            ans = self.asker.ask(self.question, prompts)
+            scores = ans.scores.to(device=scores.device, dtype=scores.dtype)
+        value = self.link(scores) if self.link is not None else scores
+        if self.archetypes.archetype_id.device != value.device:  # move the [N] ids once, not every step
+            self.archetypes = self.archetypes.to(value.device)
+        per_agent = self.archetypes.broadcast(value).to(torch.float32)
+        return state.replace(**{self.target: per_agent, self.store: scores})
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or os.environ.get("LPM_CACHE_DIR") or Path.home() / ".cache" / "lpm") / "covid_nyc"
+
+
+def _make_asker(llm: str | Backend, device: str, cache_dir: str | Path | None, llm_cache: str | Path | bool | None,
+                llm_mode: str, llm_url: str | None, llm_model: str | None) -> Asker:
+    backend = llm if isinstance(llm, Backend) else make_backend(llm, rule=isolation_rule, url=llm_url, model=llm_model,
+                                                                device=device)
+    if llm_cache is False:
+        return Asker(backend, mode="off", fallback={ISOLATION_QUESTION: [0.5, 0.5]})
+    path = _cache_root(cache_dir) / "llm_answers.sqlite" if llm_cache in (None, True) else Path(llm_cache)
+    return Asker(backend, cache=AnswerCache(path), mode=llm_mode, fallback={ISOLATION_QUESTION: [0.5, 0.5]})
+
+
+def survey_table(setup: "NYCSetup", answers: torch.Tensor, cases_per_100k: torch.Tensor) -> pd.DataFrame:
+    """Tidy weekly survey: week, date, archetype attributes, size, borough's cases per 100k and bucket, answer, compliance.
+
+    ``answers [T, K]`` is the ``isolation_answers`` observable, ``cases_per_100k [T, A]`` the
+    ``weekly_cases_per_100k`` observable (the decision at step t saw the value after step t-1).
+    """
+    decide = setup.decision
+    if decide is None:
+        raise ValueError("survey_table: this setup has no archetype decision (built with llm='off')")
+    arch = decide.archetypes
+    base = arch.to_pandas()
+    boro = arch.codes[:, arch.attributes.index("borough")].long().cpu()
+    ans = answers.detach().cpu().double()
+    cases = cases_per_100k.detach().cpu().double()
+    frames = []
+    with torch.no_grad():
+        for week, t in enumerate(t for t in range(ans.shape[0]) if decide.is_decision_step(t)):
+            seen = cases[t - 1, boro] if t > 0 else torch.zeros(arch.K, dtype=torch.float64)
+            df = base.copy()
+            df.insert(0, "date", setup.dates[t].date())
+            df.insert(0, "week", week)
+            df["cases_per_100k"] = seen.numpy()
+            df["cases_level"] = [CASES_BUCKET(float(v)) for v in seen.tolist()]
+            df["answer"] = ans[t].numpy()
+            df["compliance"] = decide.link(ans[t].float().to(decide.link.slope.device)).double().cpu().numpy() if decide.link is not None else ans[t].numpy()
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
 # ------------------------------------------------------------------------------ the setup
 @dataclass
 class NYCSetup:
@@ -402,6 +541,8 @@ class NYCSetup:
     marginals: Marginals
     age_labels: tuple[str, ...] = AGE_LABELS
     info: dict[str, Any] = field(default_factory=dict)
+    asker: Asker | None = None  # LLM backend + cache + counters (None with llm='off')
+    decision: ArchetypeDecision | None = None  # the weekly isolation decision substep (archetypes, link)
 
     @property
     def steps(self) -> int:
@@ -414,13 +555,26 @@ class NYCSetup:
 
 
 def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", start: str = "2020-03-01",
-          days: int | None = None, boroughs: Sequence[str] | None = None, **overrides: Any) -> NYCSetup:
+          days: int | None = None, boroughs: Sequence[str] | None = None, *, llm: str | Backend = "rule",
+          llm_cache: str | Path | bool | None = None, llm_mode: str = "record", llm_url: str | None = None,
+          llm_model: str | None = None, **overrides: Any) -> NYCSetup:
     """Build the NYC COVID-19 model.
 
     ``days=None`` runs to 2021-03-31. ``overrides``: parameter values by name (``beta=0.06``),
     ``initial_prevalence`` (share of agents infected (E) at ``start``, default 1e-3),
     ``disable`` (names of policies to leave out: ``school_closure``, ``stay_at_home``,
     ``reopening``, ``vaccination``), ``cache_dir``, ``use_cache`` (default True).
+
+    Isolation behaviour: ``llm`` (``rule`` default, ``local`` offline Gemma 3 270M, ``http``
+    with ``llm_url``/``llm_model``, a :class:`~llm_archetypes.Backend`, or ``off``) answers
+    once a week per archetype (age band x sex x borough x employment) whether its members
+    isolate when symptomatic, given the borough's reported cases per 100k over the last
+    week; a learnable :class:`~llm_archetypes.Link` (``params.isolation_link``, fitted with
+    the rest) maps answers to per-agent compliance ``state.isolation``, and the parameter
+    ``isolation`` is the share of non-household contacts an isolating agent drops.
+    ``llm='off'``: every symptomatic agent complies (the model before archetypes).
+    ``llm_cache``: answer cache file (default ``<cache root>/covid_nyc/llm_answers.sqlite``;
+    ``False``: no cache); ``llm_mode``: ``record`` or ``replay`` (no backend calls).
     """
     areas = _check_boroughs(boroughs)
     start_ts = pd.Timestamp(start)
@@ -446,14 +600,41 @@ def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", star
     L = len(LAYERS)
     epi = initial_state(disease, N, seeds, seed=seed, network=net, susceptibility=tables["susceptibility"][age],
                         layer_scale=torch.ones(L), layer_scale_base=torch.ones(L), contact_factor=torch.ones(N, L))
-    state = CovidState(**dict(epi.items()), area=pop.area, age=pop.age, susceptibility_base=tables["susceptibility"][age],
-                       contact_factor_base=torch.ones(N, L), reported=torch.zeros(N))
+    if not isinstance(llm, Backend) and llm not in LLM_KINDS:
+        raise ValueError(f"llm: expected one of {LLM_KINDS} or a Backend, got {llm!r}")
+    asker, decide, behaviour, extra = None, None, [], {}
+    state_kw: dict[str, Any] = {}
+    if llm != "off":
+        asker = _make_asker(llm, device, cache_dir, llm_cache, llm_mode, llm_url, llm_model)
+        arch = nyc_archetypes(pop, areas)
+        # identity at the start (compliance = the answer's P(yes)); slope and bias are fitted
+        link = Link("logit_affine", low=0.0, high=1.0)
+        params.add_module("isolation_link", link)
+        decide = BoroughDecision("isolation_decision", archetypes=arch, question=nyc_isolation_question(), asker=asker,
+                                 context=WeeklyCases(arch), context_reads=("recent_cases", "area"), target="isolation",
+                                 store="isolation_score", every=DECISION_EVERY, link=link)
+        behaviour = [decide]
+        cases = WeeklyCases(arch)
+        extra = {"isolation_answers": decide.observable(),
+                 "weekly_cases_per_100k": Observable(lambda s: cases.per_area(s).detach().clone(), labels=areas,
+                                                     reads=("recent_cases", "area"),
+                                                     doc="reported cases per 100k per borough over the last 7 days")}
+        state_kw = {"isolation": torch.ones(N), "isolation_score": decide.initial_scores(),
+                    "recent_cases": torch.zeros(CASE_WINDOW, len(areas))}
+    state = NYCState(**dict(epi.items()), area=pop.area, age=pop.age, susceptibility_base=tables["susceptibility"][age],
+                     contact_factor_base=torch.ones(N, L), reported=torch.zeros(N), **state_kw)
     vacc = [] if "vaccination" in disable else [vaccination(dates, pop.age.to(device))]
     model = covid_model(disease, areas=areas, age_labels=AGE_LABELS, area_schedule=area_schedule(dates, areas),
                         test_capacity=test_capacity(dates), policies=[iv.to(device) for iv in policies(dates, disable)],
-                        vaccination=vacc, reduced_layers=[name != "household" for name in LAYERS], name="covid-nyc")
+                        vaccination=vacc, reduced_layers=[name != "household" for name in LAYERS], name="covid-nyc",
+                        behaviour=behaviour, individual_isolation=decide is not None,
+                        case_window=CASE_WINDOW if decide is not None else 0, observables=extra, state_type=NYCState)
     info.update(agents=N, edges=net.num_edges, **{k: v for k, v in net.summary().items() if k.startswith("mean_degree")})
-    return NYCSetup(model, params.to(device), state.to(device), dates, areas, float(scale), pop, marg, AGE_LABELS, info)
+    if decide is not None:
+        info.update(llm=asker.backend.name, llm_model=asker.backend.model, archetypes=decide.archetypes.K,
+                    llm_cache=str(asker.cache.path) if asker.cache is not None else None)
+    return NYCSetup(model, params.to(device), state.to(device), dates, areas, float(scale), pop, marg, AGE_LABELS, info,
+                    asker, decide)
 
 
 def validate_setup(setup: NYCSetup) -> dict[str, Any]:
@@ -558,6 +739,16 @@ def run(argv: Sequence[str]) -> int:
                     help="torch CPU threads (default 1: per-step tensors are small, and extra threads thrash a shared "
                          "machine; 0 keeps torch's default)")
     ap.add_argument("--out", default="out/covid_nyc")
+    ap.add_argument("--llm", default="rule", choices=LLM_KINDS,
+                    help="who answers the weekly isolation question per archetype: rule (fast, deterministic), local "
+                         "(offline Gemma 3 270M, needs the local-llm extra), http (OpenAI-compatible server), off "
+                         "(every symptomatic agent isolates)")
+    ap.add_argument("--llm-cache", default=None,
+                    help="answer cache (SQLite; default <population cache dir>/covid_nyc/llm_answers.sqlite)")
+    ap.add_argument("--llm-mode", default="record", choices=("record", "replay"),
+                    help="record: answer from the cache, ask the backend on a miss; replay: cache only, never call it")
+    ap.add_argument("--llm-url", default=None, help="--llm http: server base URL (or $LPM_LLM_URL)")
+    ap.add_argument("--llm-model", default=None, help="--llm http: model name (or $LPM_LLM_MODEL)")
     a = ap.parse_args(list(argv))
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -565,7 +756,8 @@ def run(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     boroughs = a.boroughs.split(",") if a.boroughs else None
     t0 = time.perf_counter()
-    setup = build(a.scale, a.seed, a.device, a.start, a.days, boroughs, cache_dir=a.cache_dir, use_cache=not a.no_cache)
+    setup = build(a.scale, a.seed, a.device, a.start, a.days, boroughs, cache_dir=a.cache_dir, use_cache=not a.no_cache,
+                  llm=a.llm, llm_cache=a.llm_cache, llm_mode=a.llm_mode, llm_url=a.llm_url, llm_model=a.llm_model)
     t_build = time.perf_counter() - t0
     print(setup.model.plan())
     print(f"{setup.info['agents']:,} agents, {setup.info['edges']:,} directed edges; built in {t_build:.1f}s "
@@ -586,11 +778,32 @@ def run(argv: Sequence[str]) -> int:
     summary = {"scale": a.scale, "agents": setup.info["agents"], "edges": setup.info["edges"], "days": setup.steps,
                "build_seconds": t_build, "population_cached": setup.info["cached"], "simulate_seconds": t_sim,
                "seconds_per_day": t_sim / setup.steps, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "params": setup.params.to_dict(), "totals_city": totals,
+               "params": {**setup.params.to_dict(),
+                          **({"isolation_link": {"slope": setup.decision.link.slope.tolist(),
+                                                 "bias": setup.decision.link.bias.tolist()}} if setup.decision else {})},
+               "totals_city": totals,
                "mean_degree": {k: v for k, v in setup.info.items() if k.startswith("mean_degree")}}
+    if setup.decision is not None:
+        survey_table(setup, res["isolation_answers"], res["weekly_cases_per_100k"]).to_csv(out / "survey.csv", index=False)
+        st = setup.asker.stats
+        weeks = max(st.decisions, 1)
+        summary["llm"] = {"backend": setup.asker.backend.name, "model": setup.asker.backend.model,
+                          "cache": setup.info["llm_cache"], "mode": a.llm_mode, "archetypes": setup.decision.archetypes.K,
+                          "weeks": st.decisions, "calls_per_week": st.calls / weeks,
+                          "cache_hits_per_week": st.cache_hits / weeks, "seconds_per_call": st.seconds / max(st.calls, 1),
+                          **st.as_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=2, default=str))
     return 0
 
 
-EXPERIMENT = Experiment("covid-nyc", "COVID-19 in New York City 2020-03..2021-03 on a synthetic census population", run)
+def calibrate(argv: Sequence[str]) -> int:
+    """CLI: ``lpm calibrate covid-nyc`` (the study lives in experiments.covid_nyc_calibrate)."""
+    # imported on use: the calibration study itself imports this module
+    from experiments.covid_nyc_calibrate import calibrate as run_calibration
+
+    return run_calibration(argv)
+
+
+EXPERIMENT = Experiment("covid-nyc", "COVID-19 in New York City 2020-03..2021-03 on a synthetic census population", run,
+                        calibrate=calibrate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from experiments import covid_nyc as nyc
+from llm_archetypes import RuleBackend
+from llm_archetypes.examples import isolation_rule
 from substeps.epidemic.covid import age_tables
 
 DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
@@ -117,3 +120,103 @@ def test_cli_writes_outputs(tmp_path, cache):
     daily = pd.read_csv(out / "daily.csv")
     assert list(daily.columns) == ["date", "area", "series", "value"]
     assert set(daily["area"]) == {"SI", "NYC"} and (daily["value"] >= 0).all()
+    survey = pd.read_csv(out / "survey.csv")
+    assert list(survey.columns) == ["week", "date", "archetype", "age_band", "sex", "borough", "employment", "size",
+                                    "cases_per_100k", "cases_level", "answer", "compliance"]
+    assert sorted(survey["week"].unique()) == [0, 1, 2]  # days 0, 7, 14 of 20
+    assert set(survey["borough"]) == {"Staten Island"} and survey["answer"].between(0, 1).all()
+    assert survey.groupby("week")["size"].sum().eq(int(survey["size"].sum()) // 3).all()  # every agent, every week
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["llm"]["weeks"] == 3 and summary["llm"]["archetypes"] == survey["archetype"].nunique()
+
+
+# ------------------------------------------------------------------ LLM archetype isolation (rule backend)
+BASE = dict(scale=0.01, seed=0, device=DEVICE, boroughs=["SI"])
+
+
+class Fixed(RuleBackend):
+    """Every archetype answers P(yes) = p (a rule, named per p so cache keys differ)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__(lambda prompt: [p, 1.0 - p], version=f"fixed-{p}")
+
+
+class Raising(RuleBackend):
+    """Looks like the default rule backend (same cache keys) but fails on any call."""
+
+    def score(self, prompts, options):
+        raise AssertionError("replay must not call the backend")
+
+    def complete(self, prompts):
+        raise AssertionError("replay must not call the backend")
+
+
+def test_one_call_per_nonempty_archetype_per_week(cache):
+    setup = nyc.build(**BASE, days=22, cache_dir=cache, llm_cache=False)
+    res = setup.simulate(seed=0)
+    pop = setup.population
+    band = np.zeros(len(nyc.AGE_LABELS), dtype=int)
+    for k, codes in enumerate(nyc.ARCHETYPE_AGE_BANDS.values()):
+        band[list(codes)] = k
+    combos = pd.DataFrame({"a": band[pop.age.long().numpy()], "s": pop.sex.numpy(), "b": pop.area.numpy(),
+                           "e": pop.employed.numpy()}).drop_duplicates()
+    K = len(combos)
+    assert setup.decision.archetypes.K == K and res["isolation_answers"].shape == (22, K)
+    st = setup.asker.stats
+    assert st.decisions == 4 and st.calls == 4 * K  # days 0, 7, 14, 21; no cache: every prompt is a call
+    assert st.cache_hits == 0 and st.fallbacks == 0
+    # the per-agent compliance is the (identity) link of the archetype's answer
+    final = res.final_state
+    torch.testing.assert_close(final.isolation, final.isolation_score[setup.decision.archetypes.archetype_id.to(DEVICE)],
+                               atol=2e-4, rtol=0)
+
+
+def test_weekly_context_is_last_weeks_reported_cases_per_100k(cache):
+    setup = nyc.build(**BASE, days=40, cache_dir=cache, llm_cache=False, ascertainment=0.9, beta=0.5)
+    res = setup.simulate(seed=2)
+    cases = res["cases"][:, 0].detach().cpu().double()
+    n = float((setup.population.area == 0).sum())
+    want = torch.stack([cases[max(0, t - 6):t + 1].sum() for t in range(40)]) / n * 1e5
+    got = res["weekly_cases_per_100k"][:, 0].detach().cpu().double()
+    assert float(want[-1]) > 0  # the test sees cases
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_higher_compliance_means_fewer_infections(cache):
+    kw = dict(**BASE, days=45, cache_dir=cache, llm_cache=False, isolation=0.99)
+    low = nyc.build(**kw, llm=Fixed(0.05)).simulate(seed=4)["infections"].sum(1)
+    high = nyc.build(**kw, llm=Fixed(0.95)).simulate(seed=4)["infections"].sum(1)
+    first = int(torch.nonzero(low != high)[0]) if bool((low != high).any()) else 45
+    assert first >= 3  # nobody is symptomatic before the latent + pre-symptomatic periods: identical start
+    assert float(high.sum()) < 0.85 * float(low.sum())
+
+
+def test_replay_with_raising_backend_is_identical(cache, tmp_path):
+    kw = dict(**BASE, days=22, cache_dir=cache, llm_cache=tmp_path / "answers.sqlite")
+    first = nyc.build(**kw)
+    a = first.simulate(seed=5)
+    assert first.asker.stats.calls > 0
+    again = nyc.build(**kw, llm=Raising(isolation_rule), llm_mode="replay")
+    b = again.simulate(seed=5)
+    assert again.asker.stats.calls == 0 and again.asker.stats.cache_hits == 4 * again.decision.archetypes.K
+    for name in a.observables:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_gradient_reaches_the_isolation_link(cache):
+    setup = nyc.build(**BASE, days=30, cache_dir=cache, llm_cache=False, beta=0.5)
+    link = setup.params.isolation_link
+    assert {id(p) for p in link.parameters()} <= {id(p) for p in setup.params.parameters()}  # the optimiser sees it
+    res = setup.simulate(seed=1, grad=True)
+    loss = res["infections"].sum() + res["cases"].sum()
+    g_slope, g_bias = torch.autograd.grad(loss, [link.slope, link.bias])
+    assert bool(torch.isfinite(g_slope).all()) and bool(torch.isfinite(g_bias).all())
+    assert float(g_bias.abs().sum()) > 0 and float(g_slope.abs().sum()) > 0
+
+
+def test_llm_off_keeps_the_plain_model(cache):
+    setup = nyc.build(**BASE, days=10, cache_dir=cache, llm="off")
+    assert setup.asker is None and setup.state.isolation is None
+    assert "isolation_decision" not in [s.name for s in setup.model.substeps]
+    with pytest.raises(ValueError, match="llm: expected one of"):
+        nyc.build(**BASE, days=10, cache_dir=cache, llm="gpt")

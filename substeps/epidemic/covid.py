@@ -31,6 +31,14 @@ Published defaults (``ihr_scale = ifr_scale = 1`` reproduce them; calibration fi
 
 Isolation (:class:`Isolation`): symptomatic agents reduce their non-household contacts by
 the fitted fraction ``isolation`` by writing ``contact_factor [N, L]`` (a differentiable path).
+With ``individual=True`` the state also carries a per-agent compliance ``isolation [N]``
+(P(an agent isolates when symptomatic), e.g. written weekly by a behaviour substep) and the
+parameter ``isolation`` becomes the effectiveness of isolating (share of non-household
+contacts an isolating agent drops): a symptomatic agent keeps ``1 - isolation * compliance``
+of those contacts, the expected value over whether it complies (mean field, so the path
+stays differentiable in both). Compliance 1 everywhere gives back the plain model exactly.
+:class:`ReportedWindow` keeps the last ``W`` days of reported cases per area in the state,
+so behaviour can react to what residents saw on the dashboards without breaking purity.
 Testing (:class:`Testing`): an agent entering ``Is`` (or ``Ia``, at relative rate
 ``asymptomatic_testing``) is tested and *reported* with probability
 ``ascertainment * capacity[t]``; ``reported [N]`` holds the event's gradient carrier, so
@@ -55,7 +63,7 @@ from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, Transition
 from substeps.epidemic.substeps import Progression, Transmission, event_carrier
 
 __all__ = ["CovidState", "age_tables", "covid_disease", "covid_params", "AreaContacts", "Isolation",
-           "Testing", "covid_model", "covid_observables", "STAGES", "PARAM_DOCS"]
+           "ReportedWindow", "Testing", "covid_model", "covid_observables", "STAGES", "PARAM_DOCS"]
 
 STAGES = ("S", "E", "Ip", "Ia", "Is", "H", "R", "D")
 
@@ -65,7 +73,8 @@ PARAM_DOCS = {
     "ihr_scale": "multiplier of the age-specific infection hospitalisation ratio (Salje 2020)",
     "ifr_scale": "multiplier of the age-specific infection fatality ratio (Levin 2020)",
     "ascertainment": "probability that a symptomatic infection is tested and reported at full testing capacity",
-    "isolation": "fraction of non-household contacts a symptomatic agent drops",
+    "isolation": "fraction of non-household contacts a symptomatic agent drops (with per-agent compliance: "
+                 "an agent who isolates drops)",
 }
 
 # decade tables, index k covers ages [10k, 10k+10), last row 80+
@@ -96,6 +105,8 @@ class CovidState(EpiState):
     susceptibility_base: Tensor | None = tensor_field(("N",), torch.float32, "susceptibility before vaccination", optional=True)
     contact_factor_base: Tensor | None = tensor_field(("N", "L"), torch.float32, "per-agent layer multiplier before isolation (area mobility)", optional=True)
     reported: Tensor | None = tensor_field(("N",), torch.float32, "carrier of agents reported (tested positive) this step, 0 otherwise", optional=True)
+    isolation: Tensor | None = tensor_field(("N",), torch.float32, "P(isolates | symptomatic) per agent (compliance); None: everyone complies", optional=True)
+    recent_cases: Tensor | None = tensor_field(("W", "A"), torch.float32, "reported cases per area on each of the last W days (ring buffer, row t % W)", optional=True)
 
 
 class _AgeProb:
@@ -185,21 +196,50 @@ class AreaContacts(Substep):
 
 
 class Isolation(Substep):
-    """Symptomatic agents keep ``1 - isolation`` of their contacts on the ``reduced`` layers."""
+    """Symptomatic agents keep ``1 - isolation`` (``individual``: ``1 - isolation * compliance``) of ``reduced`` layers' contacts."""
 
-    def __init__(self, disease: DiseaseModel, reduced: Sequence[bool], stages: Sequence[str] = ("Is",), name: str = "isolation") -> None:
+    def __init__(self, disease: DiseaseModel, reduced: Sequence[bool], stages: Sequence[str] = ("Is",), name: str = "isolation",
+                 individual: bool = False) -> None:
         self.name = name
         self.codes = torch.tensor([disease.code(s) for s in stages], dtype=torch.int8)
         self.mask = torch.tensor([float(r) for r in reduced])
-        self.reads = ("stage", "contact_factor_base")
+        self.individual = bool(individual)
+        self.reads = ("stage", "contact_factor_base") + (("isolation",) if individual else ())
         self.writes = ("contact_factor",)
         self.params = ("isolation",)
 
     def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
         base = state.contact_factor_base
         iso = torch.isin(state.stage, self.codes.to(base.device))
-        keep = 1.0 - params.isolation * self.mask.to(base.device)
+        drop = params.isolation * self.mask.to(base.device)  # [L]
+        if self.individual:
+            drop = state.isolation.to(base.dtype)[:, None] * drop  # [N, L]: expected drop over compliance
+        keep = 1.0 - drop
         return state.replace(contact_factor=torch.where(iso[:, None], base * keep, base))
+
+
+class ReportedWindow(Substep):
+    """``recent_cases[t % W] = reported cases per area this step``: the last W days, summed by readers."""
+
+    def __init__(self, num_areas: int, window: int = 7, name: str = "reported_window") -> None:
+        if window < 1 or num_areas < 1:
+            raise StateError(f"{name}: expected window >= 1 and num_areas >= 1, got {window}, {num_areas}")
+        self.num_areas = int(num_areas)
+        self.window = int(window)
+        self.name = name
+        self.reads = ("reported", "area", "recent_cases")
+        self.writes = ("recent_cases",)
+
+    def empty(self, device: torch.device | str | None = None) -> Tensor:
+        """An all-zero ``[W, A]`` window for the initial state."""
+        return torch.zeros(self.window, self.num_areas, device=device)
+
+    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+        # counts only: the window feeds discrete (bucketed) decisions, not a gradient path
+        today = state.reported.detach().new_zeros(self.num_areas).index_add(0, state.area.long(), state.reported.detach())
+        window = state.recent_cases.clone()
+        window[t % self.window] = today
+        return state.replace(recent_cases=window)
 
 
 class Testing(Substep):
@@ -261,13 +301,25 @@ def covid_observables(disease: DiseaseModel, areas: Sequence[str], age_labels: S
 
 def covid_model(disease: DiseaseModel, *, areas: Sequence[str], age_labels: Sequence[str], area_schedule: Tensor,
                 test_capacity: Tensor, policies: Sequence[Intervention] = (), vaccination: Sequence[Intervention] = (),
-                reduced_layers: Sequence[bool], name: str = "covid") -> Model:
-    """Assemble the plan: mobility -> policies -> vaccination -> isolation -> transmission -> progression -> testing."""
+                reduced_layers: Sequence[bool], name: str = "covid", behaviour: Sequence[Substep] = (),
+                individual_isolation: bool = False, case_window: int = 0,
+                observables: Mapping[str, Observable] | None = None, state_type: type[CovidState] = CovidState) -> Model:
+    """Assemble the plan: mobility -> policies -> vaccination -> behaviour -> isolation -> transmission -> progression -> testing.
+
+    ``behaviour`` substeps (e.g. a weekly compliance decision writing ``isolation``) run just
+    before :class:`Isolation`, which reads per-agent compliance when ``individual_isolation``;
+    ``case_window > 0`` appends a :class:`ReportedWindow` of that many days; ``observables``
+    are added to :func:`covid_observables`.
+    """
     steps: list[Substep] = [AreaContacts(area_schedule)]
     steps.append(Modulate("policies", "layer_scale", "layer_scale_base", list(policies)))
     steps.append(Modulate("vaccination", "susceptibility", "susceptibility_base", list(vaccination)))
-    steps += [Isolation(disease, reduced_layers),
+    steps += list(behaviour)
+    steps += [Isolation(disease, reduced_layers, individual=individual_isolation),
               Transmission(disease, use_layer_scale=True, use_contact_factor=True, use_susceptibility=True),
               Progression(disease),
               Testing(disease, test_capacity)]
-    return Model(steps, covid_observables(disease, areas, age_labels), state_type=CovidState, dt=disease.dt, name=name)
+    if case_window > 0:
+        steps.append(ReportedWindow(len(areas), case_window))
+    obs = {**covid_observables(disease, areas, age_labels), **dict(observables or {})}
+    return Model(steps, obs, state_type=state_type, dt=disease.dt, name=name)
