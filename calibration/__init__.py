@@ -1,0 +1,36 @@
+"""Calibration: fit LPM parameters to observed series by gradient descent through the simulation.
+
+* :mod:`calibration.observation`: reporting model (ascertainment, delays, lags, weekly
+  aggregation, citywide totals) and date alignment with masking of bad data.
+* :mod:`calibration.losses`: Poisson / negative-binomial NLL, MSE on log(1 + x).
+* :mod:`calibration.rollout`: chunked, checkpointed differentiable rollouts.
+* :mod:`calibration.network`: covariate networks producing time-varying parameters.
+* :mod:`calibration.fit`: the one loop (Adam / L-BFGS, CRN replicates, checkpoint/resume)
+  and gradient-free baselines (Nelder–Mead, random search) on a simulation budget.
+* :mod:`calibration.gradcheck`: autograd vs finite differences.
+* :mod:`calibration.forecast`: ensemble quantiles, MAE, WIS, coverage.
+
+Imports only ``lpm`` and third-party packages.
+"""
+
+from calibration.fit import FitResult, Problem, fit, nelder_mead, random_search, raw_vector, set_raw_vector
+from calibration.forecast import (QUANTILES, anchored_draws, fit_dispersion, naive_mean, quantiles, sample_counts, scores,
+                                  trend_sd, weekday_factors, wis)
+from calibration.gradcheck import GradCheck, gradient_check
+from calibration.losses import Loss, mse_log1p, negbin_nll, poisson_nll
+from calibration.network import CovariateNet, NetworkParams, ParamSchedule, covariates
+from calibration.observation import (CITY, DataWarning, ObservationModel, Observed, Stream, aggregation_matrix, align,
+                                     convolve_delay, gamma_delay, lag_delay)
+from calibration.rollout import make_streams, rollout
+
+__all__ = [
+    "Stream", "ObservationModel", "Observed", "align", "gamma_delay", "lag_delay", "convolve_delay",
+    "aggregation_matrix", "DataWarning", "CITY",
+    "Loss", "poisson_nll", "negbin_nll", "mse_log1p",
+    "rollout", "make_streams",
+    "CovariateNet", "NetworkParams", "ParamSchedule", "covariates",
+    "fit", "Problem", "FitResult", "nelder_mead", "random_search", "raw_vector", "set_raw_vector",
+    "gradient_check", "GradCheck",
+    "sample_counts", "quantiles", "wis", "scores", "QUANTILES", "fit_dispersion", "weekday_factors", "trend_sd",
+    "anchored_draws", "naive_mean",
+]

@@ -133,34 +133,19 @@ class Network(State):
         removing work contacts). ``active [N] bool`` restricts the visit to edges of active
         sources, which is exact when ``value`` is zero elsewhere and costs O(active edges).
         """
+        from lpm.kernels import push_compact
+
         n = self.num_nodes
-        if active is not None and self.num_edges:
+        if self.num_edges == 0:
+            return value.new_zeros(n)
+        if active is None:
+            idx = torch.arange(n, device=value.device)
+            vals = value
+        else:
             idx = active.nonzero().squeeze(1)
-            starts = self.rowptr[idx]
-            counts = self.rowptr[idx + 1] - starts
-            total = int(counts.sum()) if idx.numel() else 0
-            if total == 0:
-                return value.new_zeros(n) if value.dim() == 1 else value.new_zeros(n)
-            # position of each visited edge: start of its source block + offset inside it
-            block_shift = starts - (counts.cumsum(0) - counts)
-            pos = torch.arange(total, device=value.device) + torch.repeat_interleave(block_shift, counts, output_size=total)
-            src = torch.repeat_interleave(idx, counts, output_size=total)
-            dst = self.edge_index[1, pos]
-            w = self.weight[pos]
-            lay = self.layer[pos] if (layer_scale is not None or value.dim() == 2) else None
-        else:
-            src = self.edge_index[0]
-            dst = self.edge_index[1]
-            w = self.weight
-            lay = self.layer if (layer_scale is not None or value.dim() == 2) else None
-        if value.dim() == 2:
-            vals = value.reshape(-1)[src.long() * value.shape[1] + lay.long()]
-        else:
-            vals = value[src.long()] if src.dtype != torch.int64 else value[src]
-        vals = vals * w.to(vals.dtype)
-        if layer_scale is not None:
-            vals = vals * layer_scale.to(vals.dtype)[lay.long()]
-        return vals.new_zeros(n).index_add(0, dst.long() if dst.dtype != torch.int64 else dst, vals)
+            vals = value.index_select(0, idx)
+        force, _ = push_compact(self.edge_index[1], self.weight, self.layer, self.rowptr, n, idx, vals, layer_scale)
+        return force
 
     def to_pyg(self) -> "object":
         """A ``torch_geometric.data.Data`` with ``edge_weight`` and ``edge_type`` (layer)."""

@@ -7,11 +7,18 @@ Transmission (force of infection, per step of ``dt`` days)::
     F_i = sum_h M[g_i, h] * I_h / N_h                                                         (well-mixed)
     P(infected this step) = 1 - exp(-lambda_i)
 
-Gradients: each realized event multiplies the agent's ``carrier`` by
-``1 + (p - sg(p)) / sg(p)`` (value 1, gradient d log p): an agent's later infectiousness
-and outcomes then carry d log P(its path), so ``E[1_event * dlog p] = dp`` gives a
-first-order unbiased estimate of how event probabilities change downstream quantities
-(see :mod:`lpm.sampling` for the straight-through family this extends). One uniform per
+Gradients (the *path-likelihood carrier* estimator): every step an at-risk agent's
+``carrier`` is multiplied by ``q / sg(q)`` where ``q`` is the probability of what actually
+happened to it (``p`` if infected, ``1 - p`` if it stayed susceptible; branch probabilities
+likewise). The value stays exactly 1, so the forward pass is the exact agent-based model;
+the gradient of the carrier is ``d log P(agent's own path | forces)``. Observables sum
+carriers of agents entering a stage, so their gradient is the agent-local score function
+(unbiased for each agent's own outcome given the forces it felt), and infectious agents
+push ``iota * carrier`` to their contacts, so the coupling between agents is differentiated
+pathwise through the force of infection. The estimator ignores the score of *other*
+agents' paths in an agent's outcome beyond that pathwise coupling; its bias is measured
+against finite differences in the tests (see :mod:`lpm.sampling` for the straight-through
+family it complements). One uniform per
 agent and step is drawn from the substep's stream; the dwell of the new stage reuses it
 through the conditional uniform ``u / p``, so event and dwell draws stay aligned across
 parameter values (common random numbers).
@@ -22,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm.kernels import mark_indices, push_compact, stage_mask
 from lpm.params import Params
 from lpm.state import State, StateError
 from lpm.substep import Substep
@@ -32,12 +40,25 @@ __all__ = ["Transmission", "Progression", "initial_state", "event_carrier", "com
 _TINY = 1e-30
 
 
-def event_carrier(p: Tensor, event: Tensor) -> Tensor:
-    """Factor with value 1 whose gradient is ``d log p`` on events and 0 elsewhere."""
-    if not p.requires_grad:
-        return torch.ones_like(p)
-    pd = p.detach().clamp_min(_TINY)
-    return torch.where(event, 1.0 + (p - p.detach()) / pd, torch.ones_like(p))
+def event_carrier(q: Tensor, mask: Tensor) -> Tensor:
+    """Factor with value 1 whose gradient is ``d log q`` where ``mask``, 0 elsewhere.
+
+    ``q`` is the probability of what actually happened to the agent this step (the
+    event's probability, or one minus it when the event did not happen).
+    """
+    if not q.requires_grad:
+        return torch.ones_like(q)
+    return torch.where(mask, q / q.detach().clamp_min(_TINY), torch.ones_like(q))
+
+
+def _entered_this_step(state: EpiState, t: int) -> Tensor:
+    """``entered`` as written earlier in step ``t``, or all -1 when this is the step's first writer.
+
+    This makes transmission and progression independent of their order in the plan.
+    """
+    if state.entered_step is None:
+        return torch.full_like(state.entered, -1)
+    return torch.where(state.entered_step == t, state.entered, torch.full_like(state.entered, -1))
 
 
 def _draw_dwell(cdf: Tensor, codes: Tensor, u: Tensor) -> Tensor:
@@ -78,7 +99,7 @@ class Transmission(Substep):
         if use_susceptibility:
             reads.append("susceptibility")
         self.reads = tuple(reads)
-        self.writes = ("stage", "timer", "carrier", "entered")
+        self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
         self.params = (beta,)
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -90,56 +111,83 @@ class Transmission(Substep):
 
     def force(self, params: Params, state: EpiState, iota: Tensor) -> Tensor:
         """Force of infection on each agent ``[N]`` before ``beta`` and ``dt``."""
-        inf = iota[state.stage.long()]
-        active = inf > 0
-        value = inf * state.carrier
+        return self._force(state, iota)[0]
+
+    def _force(self, state: EpiState, iota: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Force ``[N]`` and, on a network, the targets ``[A]`` of the infectious agents' edges."""
         if self.network:
+            # only the infectious frontier is visited: gathers, products and edges are O(active)
+            codes = [c for c, name in enumerate(self.disease.stages) if self.disease.infectiousness.get(name, 0.0) > 0]
+            idx = stage_mask(state.stage, codes).nonzero().squeeze(1)
+            value = iota.index_select(0, state.stage.index_select(0, idx).long()) * state.carrier.index_select(0, idx)
             if self.use_contact_factor:
-                value = value.unsqueeze(1) * state.contact_factor
+                value = value.unsqueeze(1) * state.contact_factor.index_select(0, idx)
+            net = state.network
             scale = state.layer_scale if self.use_layer_scale else None
-            return state.network.push(value, active=active, layer_scale=scale)
+            return push_compact(net.edge_index[1], net.weight, net.layer, net.rowptr, net.num_nodes, idx, value, scale)
+        inf = iota[state.stage.long()]
+        value = inf * state.carrier
         G = state.mixing.shape[0]
         g = state.group.long()
         sizes = torch.bincount(g, minlength=G).to(value.dtype).clamp_min(1)
         prevalence = value.new_zeros(G).index_add(0, g, value) / sizes
-        return (state.mixing.to(value.dtype) @ prevalence)[g]
+        return (state.mixing.to(value.dtype) @ prevalence)[g], None
 
     def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
         d = self.disease
-        iota, cdf = self.tables(state.stage.device)
+        stage = state.stage
+        iota, cdf = self.tables(stage.device)
         beta = getattr(params, self.beta)
         if beta.numel() != 1:
             raise StateError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
-        F = self.force(params, state, iota)
-        lam = beta * d.dt * F
+        F, targets = self._force(state, iota)
+        u = torch.rand(stage.shape, generator=rng, device=stage.device)
+        at_risk = stage == d.code(d.susceptible)
+        # only at-risk agents that feel a force can change (or carry a score): F = 0 elsewhere
+        # gives p = 0, no event and a survival factor of exactly 1, so the rest is O(candidates)
+        if targets is not None:
+            at_risk = at_risk & mark_indices(targets, stage.numel())
+        cand = at_risk.nonzero().squeeze(1)
+        lam = beta * d.dt * F.index_select(0, cand)
         if self.use_susceptibility:
-            lam = lam * state.susceptibility
+            lam = lam * state.susceptibility.index_select(0, cand)
         p = -torch.expm1(-lam)
-        u = torch.rand(state.stage.shape, generator=rng, device=state.stage.device)
-        event = (state.stage == d.code(d.susceptible)) & (u < p)
+        u_c = u.index_select(0, cand)
+        hit = u_c < p
+        ev = cand[hit]
         entry = d.code(d.entry)
-        u_dwell = u / p.detach().clamp_min(_TINY)
-        timer = _draw_dwell(cdf, torch.full_like(state.stage, entry), u_dwell)
+        u_dwell = u_c[hit] / p.detach()[hit].clamp_min(_TINY)
+        timer = _draw_dwell(cdf, torch.full((ev.numel(),), entry, dtype=stage.dtype, device=stage.device), u_dwell)
+        carrier = state.carrier
+        if lam.requires_grad:
+            # survival (1 - p = exp(-lambda)) and infection both enter the agent's path likelihood
+            factor = event_carrier(torch.where(hit, p, torch.exp(-lam)), torch.ones_like(hit))
+            carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
+        entered = _entered_this_step(state, t).index_put((ev,), torch.tensor(entry, dtype=stage.dtype, device=stage.device))
         return state.replace(
-            stage=torch.where(event, torch.tensor(entry, dtype=torch.int8, device=state.stage.device), state.stage),
-            timer=torch.where(event, timer, state.timer),
-            carrier=state.carrier * event_carrier(p, event),
-            entered=torch.where(event, entry, -1).to(torch.int8),
+            stage=stage.index_put((ev,), torch.tensor(entry, dtype=stage.dtype, device=stage.device)),
+            timer=state.timer.index_put((ev,), timer),
+            carrier=carrier,
+            entered=entered,
+            entered_step=torch.tensor(t, device=stage.device),
         )
 
 
 class Progression(Substep):
     """Timed exits from stages, with optional branching (e.g. recovery vs death).
 
-    Must run after :class:`Transmission` in a step: it adds its moves to ``entered``.
+    Agents that entered their stage earlier in the same step (e.g. infected by a
+    transmission substep placed before this one) neither move nor count down this step,
+    so an agent infected at step t with a dwell of k steps leaves at step t + k whatever
+    the order of the substeps.
     """
 
     def __init__(self, disease: DiseaseModel, name: str = "progression") -> None:
         self.disease = disease
         self.name = name
         extra_reads = sorted({f for tr in disease.transitions.values() for f in tr.alt_reads})
-        self.reads = ("stage", "timer", "carrier", "entered", *extra_reads)
-        self.writes = ("stage", "timer", "carrier", "entered")
+        self.reads = ("stage", "timer", "carrier", *extra_reads)
+        self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
         self.params = tuple(sorted({p for tr in disease.transitions.values() for p in tr.alt_params}))
         C = len(disease.stages)
         to = [-1] * C
@@ -160,26 +208,37 @@ class Progression(Substep):
         to, cdf = self.tables(state.stage.device)
         stage, timer = state.stage, state.timer
         u = torch.rand(stage.shape, generator=rng, device=stage.device)
-        moving = timer == 1
-        new_stage = torch.where(moving, to[stage.long()], stage)
+        earlier = _entered_this_step(state, t)
+        fresh = earlier >= 0
+        # only agents whose timer runs out move: everything but the countdown is O(movers)
+        mv = ((timer == 1) & ~fresh).nonzero().squeeze(1)
+        old = stage.index_select(0, mv)
+        new_stage = to.index_select(0, old.long())
         carrier = state.carrier
-        u_dwell = u
+        u_mv = u.index_select(0, mv)
+        u_dwell = u_mv
+        factor = None
         for src, alt, prob_fn in self._alts:
             q = prob_fn(params, state)
-            q = torch.as_tensor(q, device=stage.device).to(torch.float32).expand(stage.shape)
-            branching = moving & (stage == src)
-            take_alt = branching & (u < q)
+            q = torch.as_tensor(q, device=stage.device).to(torch.float32).expand(stage.shape).index_select(0, mv)
+            branching = old == src
+            take_alt = branching & (u_mv < q)
             new_stage = torch.where(take_alt, torch.tensor(alt, dtype=torch.int8, device=stage.device), new_stage)
             qd = q.detach()
-            u_dwell = torch.where(branching, torch.where(u < qd, u / qd.clamp_min(_TINY), (u - qd) / (1 - qd).clamp_min(_TINY)), u_dwell)
+            u_dwell = torch.where(branching, torch.where(u_mv < qd, u_mv / qd.clamp_min(_TINY), (u_mv - qd) / (1 - qd).clamp_min(_TINY)), u_dwell)
             if q.requires_grad:
-                carrier = carrier * torch.where(branching, torch.where(take_alt, event_carrier(q, take_alt), event_carrier(1 - q, branching & ~take_alt)), torch.ones_like(carrier))
-        new_timer = torch.where(moving, _draw_dwell(cdf, new_stage, u_dwell), (timer - 1).clamp_min(0).to(torch.int16))
+                f = event_carrier(torch.where(take_alt, q, 1 - q), branching)
+                factor = f if factor is None else factor * f
+        if factor is not None:
+            carrier = carrier.index_put((mv,), carrier.index_select(0, mv) * factor)
+        # agents that entered earlier in this step do not count down until the next step
+        new_timer = torch.where(fresh, timer, (timer - 1).clamp_min_(0)).index_put_((mv,), _draw_dwell(cdf, new_stage, u_dwell))
         return state.replace(
-            stage=new_stage,
+            stage=stage.index_put((mv,), new_stage),
             timer=new_timer,
             carrier=carrier,
-            entered=torch.where(moving, new_stage, state.entered),
+            entered=earlier.index_put((mv,), new_stage),
+            entered_step=torch.tensor(t, device=stage.device),
         )
 
 

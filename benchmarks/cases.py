@@ -1,0 +1,387 @@
+"""One benchmark case per process: ``python -m benchmarks.cases CASE --n N ...`` prints one JSON line.
+
+Running each (case, N) in its own process makes peak RSS a per-case number and frees
+memory between sizes. Cases: ``seir`` (Erdős–Rényi, mean degree 10, with the three
+reference kernels on the same graph), ``layered`` (household/school/work/community),
+``nyc`` (experiments.covid_nyc at a scale), ``opinion``, ``information`` and ``llm``
+(archetype layer cost). A case whose module is missing reports ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+BETA = 0.06  # per contact per day: R0 about 3 with mean degree 10 and 5 infectious days
+GAMMA = 0.2  # recovery probability per day (SIR references and the engine's SIR twin)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux ru_maxrss is KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work so wall times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, list[float], Any]:
+    """Median seconds of ``fn`` over ``repeats`` runs (all times and the last result returned)."""
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, out
+
+
+class SavedBytes:
+    """Sum of the distinct storages autograd saves for backward (``saved_tensors_hooks``)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, str], int] = {}
+
+    def pack(self, t: Tensor) -> Tensor:
+        """Record the tensor's storage once; pass it through unchanged."""
+        st = t.untyped_storage()
+        self.seen[(st.data_ptr(), str(t.device))] = st.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        """Identity."""
+        return t
+
+    @property
+    def total(self) -> int:
+        """Bytes retained by the graph."""
+        return sum(self.seen.values())
+
+
+def tensor_bytes(obj: Any, dim: int | None = None, size: int | None = None) -> int:
+    """Bytes of the tensor fields of a state (optionally only those whose ``dim`` has ``size``)."""
+    total = 0
+    for _, v in obj.items():
+        if isinstance(v, Tensor) and (size is None or (v.dim() > (dim or 0) and v.shape[dim or 0] == size)):
+            total += v.numel() * v.element_size()
+    return total
+
+
+def network_bytes(net: Any) -> dict[str, float]:
+    """Bytes per edge (ids, weight, layer) and per agent (CSR pointer) of a network."""
+    e = max(1, net.num_edges)
+    per_edge = (net.edge_index.numel() * net.edge_index.element_size() + net.weight.numel() * net.weight.element_size()
+                + net.layer.numel() * net.layer.element_size()) / e
+    return {"edges": net.num_edges, "bytes_per_edge": per_edge, "network_bytes_per_agent": net.rowptr.element_size() * (net.num_nodes + 1) / net.num_nodes}
+
+
+# ----------------------------------------------------------------------------- networks
+
+def er_network(n: int, seed: int, device: torch.device):
+    """Erdős–Rényi contact network with mean degree 10 (one layer)."""
+    from lpm import Network
+    from lpm.networks import erdos_renyi
+
+    # generated on the device itself: on a GPU the 1e7-agent graph takes seconds, not minutes
+    return Network.from_layers({"community": erdos_renyi(n, 10.0, seed=seed, device=device)}, n, coalesce=False)
+
+
+def _group_pairs(group: Tensor, contacts: float, g: torch.Generator) -> Tensor:
+    """Each member draws ``contacts / 2`` random partners in its own group; undirected ``[2, E]``."""
+    order = torch.argsort(group, stable=True)
+    gs = group[order]
+    _, size = torch.unique_consecutive(gs, return_counts=True)
+    start = torch.repeat_interleave(size.cumsum(0) - size, size)
+    size_of = torch.repeat_interleave(size, size)
+    k = max(1, int(round(contacts / 2)))
+    a = torch.arange(gs.numel()).repeat_interleave(k)
+    u = torch.rand(a.numel(), generator=g)
+    b = start[a] + (u * size_of[a]).long().clamp_max(size_of[a] - 1)
+    keep = a != b
+    ei = torch.stack([order[a[keep]], order[b[keep]]])
+    return torch.cat([ei, ei.flip(0)], 1)
+
+
+def layered_network(n: int, seed: int, device: torch.device):
+    """Synthetic city: households (cliques), schools (children), workplaces (adults), community (ER)."""
+    from lpm import Network
+    from lpm.networks import erdos_renyi, household_cliques
+
+    g = torch.Generator().manual_seed(seed)
+    household = torch.randint(0, max(1, int(n / 2.6)), (n,), generator=g)
+    age = torch.rand(n, generator=g)
+    child = age < 0.22
+    worker = (age >= 0.22) & (age < 0.82)
+    kids = child.nonzero().squeeze(1)
+    workers = worker.nonzero().squeeze(1)
+    layers = {"household": household_cliques(household)}
+    if kids.numel() > 1:
+        school = torch.randint(0, max(1, kids.numel() // 500), (kids.numel(),), generator=g)
+        layers["school"] = kids[_group_pairs(school, 8.0, g)]
+    if workers.numel() > 1:
+        work = torch.randint(0, max(1, workers.numel() // 20), (workers.numel(),), generator=g)
+        layers["work"] = workers[_group_pairs(work, 6.0, g)]
+    layers["community"] = erdos_renyi(n, 3.0, seed=seed + 1)
+    return Network.from_layers(layers, n, coalesce=False).to(device)
+
+
+# ----------------------------------------------------------------------------- engine
+
+def seir_model(disease, use_layer_scale: bool = False):
+    """Transmission + progression with the incidence observable (the differentiated scalar)."""
+    from lpm import Model
+    from substeps.epidemic import EpiState, Progression, Transmission, incidence
+
+    return Model([Transmission(disease, use_layer_scale=use_layer_scale), Progression(disease)],
+                 {"incidence": incidence(disease)}, state_type=EpiState, dt=disease.dt, name="bench-seir")
+
+
+def engine_case(disease, net, n: int, days: int, repeats: int, device: torch.device, grad: bool,
+                layered: bool = False) -> dict[str, Any]:
+    """Forward (and optionally differentiable) agent-days/s of the engine on ``net``."""
+    from lpm import Params, Positive
+    from substeps.epidemic import initial_state
+
+    extra = {"layer_scale": torch.ones(net.num_layers)} if layered else {}
+    state = initial_state(disease, n, max(1, n // 1000), seed=0, network=net, device=device, **extra)
+    model = seir_model(disease, use_layer_scale=layered)
+    params = Params(beta=Positive(BETA)).to(device)
+    out: dict[str, Any] = {"state_bytes_per_agent": tensor_bytes(state, 0, n) / n, **network_bytes(net)}
+
+    def fwd():
+        return model.simulate(params, state, days, seed=1, progress=False)
+
+    fwd()  # warm-up (allocator, lazy imports)
+    sec, times, res = median_time(fwd, repeats, device)
+    out.update(forward_s=sec, forward_times=times, forward_agent_days_per_s=n * days / sec,
+               attack_rate=float(res.observables["incidence"].sum()) / n)
+    if grad:
+        def diff():
+            params.zero_grad(set_to_none=True)
+            r = model.simulate(params, state, days, seed=1, grad=True, progress=False)
+            r.observables["incidence"].sum().backward()
+            return next(iter(params.parameters())).grad
+
+        gsec, gtimes, gr = median_time(diff, repeats, device)
+        saved = SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            r = model.simulate(params, state, days, seed=1, grad=True, progress=False)
+        del r
+        out.update(grad_s=gsec, grad_times=gtimes, grad_agent_days_per_s=n * days / gsec,
+                   retained_bytes=saved.total, retained_bytes_per_agent_day=saved.total / (n * days),
+                   grad_finite=bool(torch.isfinite(gr).all()) if gr is not None else False)
+    return out
+
+
+def case_seir(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """ER network SEIR (engine), its SIR twin, and the three reference kernels on the same graph."""
+    from benchmarks import reference as ref
+    from substeps.epidemic import Dwell, seir, sir
+
+    n = a.n
+    t0 = time.perf_counter()
+    net = er_network(n, a.seed, device)
+    out: dict[str, Any] = {"build_s": time.perf_counter() - t0}
+    disease = seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
+    out["seir"] = engine_case(disease, net, n, a.days, a.repeats, device, grad=n <= a.grad_max_n)
+    twin = sir(recovery=Dwell.geometric(-math.log(1 - GAMMA)))
+    out["sir"] = engine_case(twin, net, n, a.days, a.repeats, device, grad=False)
+    refs: dict[str, Any] = {}
+    state0 = ref.seeds_mask(n, max(1, n // 1000), seed=0)
+    src, dst = net.edge_index[0], net.edge_index[1]
+    sec, _, res = median_time(lambda: ref.torch_scatter_sir(src, dst, state0, BETA, GAMMA, a.days), a.repeats, device)
+    refs["torch_scatter"] = {"agent_days_per_s": n * a.days / res[0], "final_R": res[1]}
+    rowptr = net.rowptr.cpu().numpy()
+    col = net.edge_index[1].cpu().numpy()
+    if n <= a.numpy_max_n:
+        _, _, res = median_time(lambda: ref.numpy_frontier_sir(rowptr, col, state0, BETA, GAMMA, a.days), a.repeats, torch.device("cpu"))
+        refs["numpy_frontier"] = {"agent_days_per_s": n * a.days / res[0], "final_R": res[1]}
+    if ref.numba_available():
+        _, _, res = median_time(lambda: ref.numba_csr_sir(rowptr, col, state0, BETA, GAMMA, a.days, threads=torch.get_num_threads()),
+                                a.repeats, torch.device("cpu"))
+        refs["numba_csr"] = {"agent_days_per_s": n * a.days / res[0], "final_R": res[1]}
+    else:
+        refs["numba_csr"] = {"skipped": "numba not installed (pip install lpm[bench])"}
+    out["reference"] = refs
+    return out
+
+
+def case_layered(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Layered city network SEIR with per-layer scales: build time, speed, memory."""
+    from substeps.epidemic import Dwell, seir
+
+    t0 = time.perf_counter()
+    net = layered_network(a.n, a.seed, device)
+    out: dict[str, Any] = {"build_s": time.perf_counter() - t0, "layers": dict(net.summary())}
+    disease = seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
+    out["seir"] = engine_case(disease, net, a.n, a.days, a.repeats, device, grad=a.n <= a.grad_max_n, layered=True)
+    return out
+
+
+def case_nyc(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """NYC COVID-19 model at ``--scale``: seconds per simulated day, forward and differentiable."""
+    try:
+        from experiments import covid_nyc
+    except Exception as exc:  # the experiment is optional: report why it did not run
+        return {"skipped": f"experiments.covid_nyc unavailable: {type(exc).__name__}: {exc}"}
+    t0 = time.perf_counter()
+    setup = covid_nyc.build(scale=a.scale, days=a.days, device=str(device))
+    n = int(setup.state.stage.numel())
+    out: dict[str, Any] = {"build_s": time.perf_counter() - t0, "agents": n, "scale": a.scale,
+                           "state_bytes_per_agent": tensor_bytes(setup.state, 0, n) / n, **network_bytes(setup.state.network)}
+    sec, times, _ = median_time(lambda: setup.simulate(seed=1, progress=False), a.repeats, device)
+    out.update(forward_s=sec, seconds_per_day=sec / a.days, forward_agent_days_per_s=n * a.days / sec)
+    if n <= a.grad_max_n:
+        def diff():
+            r = setup.simulate(seed=1, grad=True, progress=False)
+            loss = sum(v.float().sum() for v in r.observables.values() if v.requires_grad)
+            if isinstance(loss, Tensor):
+                loss.backward()
+        gsec, _, _ = median_time(diff, 1, device)
+        out.update(grad_s=gsec, grad_agent_days_per_s=n * a.days / gsec)
+    return out
+
+
+def case_opinion(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Bounded-confidence opinion dynamics on an ER follow graph."""
+    try:
+        from lpm import Model, Params, Positive
+        from substeps.opinion import BoundedConfidence, OpinionState, opinion_state, variance
+    except Exception as exc:
+        return {"skipped": f"substeps.opinion unavailable: {type(exc).__name__}: {exc}"}
+    n = a.n
+    net = er_network(n, a.seed, device)
+    x = torch.rand(n, generator=torch.Generator().manual_seed(a.seed)).mul(2).sub(1).to(device)
+    state = opinion_state(x, net)
+    model = Model([BoundedConfidence(use_exposure=False)], {"variance": lambda s: variance(s.opinion)}, state_type=OpinionState)
+    params = Params(confidence=Positive(0.3), convergence=Positive(0.2)).to(device)
+    sec, _, _ = median_time(lambda: model.simulate(params, state, a.days, seed=1, progress=False), a.repeats, device)
+    out: dict[str, Any] = {"forward_agent_days_per_s": n * a.days / sec}
+    if n <= a.grad_max_n:
+        def diff():
+            r = model.simulate(params, state, a.days, seed=1, grad=True, progress=False)
+            r.observables["variance"].sum().backward()
+        gsec, _, _ = median_time(diff, a.repeats, device)
+        out["grad_agent_days_per_s"] = n * a.days / gsec
+    return out
+
+
+def case_information(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Ignorant/spreader/stifler information spread on an ER network."""
+    try:
+        from lpm import Interval, Model, Params
+        from substeps.information import InfoState, Spread, info_state, information_observables
+    except Exception as exc:
+        return {"skipped": f"substeps.information unavailable: {type(exc).__name__}: {exc}"}
+    n = a.n
+    net = er_network(n, a.seed, device)
+    state = info_state(n, torch.arange(max(1, n // 1000)), network=net, device=device)
+    model = Model([Spread()], information_observables(), state_type=InfoState)
+    params = Params(share_rate=Interval(0.2, 0, 1), stifle=Interval(0.1, 0, 1), prebunk_efficacy=Interval(0.5, 0, 1)).to(device)
+    sec, _, _ = median_time(lambda: model.simulate(params, state, a.days, seed=1, progress=False), a.repeats, device)
+    out: dict[str, Any] = {"forward_agent_days_per_s": n * a.days / sec}
+    if n <= a.grad_max_n:
+        def diff():
+            r = model.simulate(params, state, a.days, seed=1, grad=True, progress=False)
+            r.observables["reach"].sum().backward()
+        gsec, _, _ = median_time(diff, a.repeats, device)
+        out["grad_agent_days_per_s"] = n * a.days / gsec
+    return out
+
+
+def case_llm(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Per-step cost of the archetype decision layer (K fixed) for N agents, deterministic backend."""
+    try:
+        from lpm import State
+        from lpm.state import tensor_field
+        from llm_archetypes.archetypes import Archetypes
+        from llm_archetypes.asking import Asker
+        from llm_archetypes.backends import RuleBackend
+        from llm_archetypes.decision import ArchetypeDecision
+        from llm_archetypes.examples import isolation_question, isolation_rule
+    except Exception as exc:
+        return {"skipped": f"llm_archetypes unavailable: {type(exc).__name__}: {exc}"}
+
+    @dataclass(frozen=True)
+    class DecisionState(State):
+        """Minimal state for the archetype layer."""
+
+        compliance: Tensor = tensor_field(("N",), torch.float32, "per-agent answer")
+        scores: Tensor = tensor_field(("K",), torch.float32, "per-archetype answer")
+
+    n = a.n
+    g = torch.Generator().manual_seed(a.seed)
+    cols = {"age_band": torch.randint(0, 4, (n,), generator=g), "sex": torch.randint(0, 2, (n,), generator=g),
+            "borough": torch.randint(0, 5, (n,), generator=g), "employment": torch.randint(0, 3, (n,), generator=g)}
+    books = {"age_band": ("18-29", "30-49", "50-64", "65+"), "sex": ("male", "female"),
+             "borough": ("Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island"),
+             "employment": ("essential worker", "remote worker", "unemployed")}
+    t0 = time.perf_counter()
+    arch = Archetypes.from_attributes(cols, list(cols), codebooks=books)
+    if hasattr(arch, "to"):
+        arch = arch.to(device)
+    group_s = time.perf_counter() - t0
+    asker = Asker(RuleBackend(isolation_rule), mode="off")
+    sub = ArchetypeDecision("isolation", archetypes=arch, question=isolation_question(), asker=asker,
+                            context=lambda s, t: {"cases": 150.0}, target="compliance", store="scores", every=1)
+    state = DecisionState(torch.zeros(n, device=device), sub.initial_scores(device=device))
+    rng = torch.Generator(device=device)
+    sub(None, state, 0, rng)
+    sec, _, _ = median_time(lambda: sub(None, state, 0, rng), a.repeats, device)
+    return {"K": int(arch.K), "grouping_s": group_s, "step_s": sec}
+
+
+CASES = {"seir": case_seir, "layered": case_layered, "nyc": case_nyc, "opinion": case_opinion,
+         "information": case_information, "llm": case_llm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one case and print its JSON record as the last line of stdout."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("case", choices=sorted(CASES))
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--days", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--grad-max-n", type=int, default=1_000_000)
+    ap.add_argument("--numpy-max-n", type=int, default=10_000_000)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    record: dict[str, Any] = {"case": a.case, "n": a.n, "days": a.days, "repeats": a.repeats, "device": str(device),
+                              "threads": torch.get_num_threads()}
+    try:
+        record.update(CASES[a.case](a, device))
+    except Exception as exc:  # one failing case must not hide the others: record it with its traceback
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=6)
+    record["peak_rss_bytes"] = peak_rss_bytes()
+    if device.type == "cuda":
+        record["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    sys.stdout.flush()
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

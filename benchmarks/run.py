@@ -1,0 +1,260 @@
+"""Benchmark suite: ``python -m benchmarks.run [--quick] [--device cpu|cuda] [--sizes 1e4 1e5 ...] [--out DIR]``.
+
+Measures agent-days per second (forward and differentiable), bytes retained per agent-day
+by autograd, peak memory and bytes per agent and per edge, for the network SEIR over N,
+the layered city network at the largest N, the NYC model, the other domains and the
+archetype (LLM) layer, plus three reference SIR kernels on the same graphs (see
+:mod:`benchmarks.reference`) for ratios that do not drift with machine load. Each (case, N)
+runs in its own process (:mod:`benchmarks.cases`). Writes ``results.json`` and
+``results.md`` (machine info included) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+TARGETS = {
+    "forward_1e6": 5e7, "forward_1e7": 3e7, "grad_1e6": 1e7, "bytes_per_agent_day": 40.0, "layered_1e7_bytes": 24 * 2**30,
+}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine_info(device: str, threads: int) -> dict[str, Any]:
+    """Cores, versions, threads, device name and load, for the record."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": threads or torch.get_num_threads(), "device": device,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import numpy
+
+        info["numpy"] = numpy.__version__
+    except ImportError:
+        pass
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except ImportError:
+        info["numba"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info
+
+
+def run_case(case: str, n: int, a: argparse.Namespace, days: int, repeats: int, timeout: float, **extra: Any) -> dict[str, Any]:
+    """Run one case in a fresh process; its JSON record (or why it has none)."""
+    cmd = [sys.executable, "-m", "benchmarks.cases", case, "--n", str(n), "--days", str(days), "--repeats", str(repeats),
+           "--device", a.device, "--threads", str(a.threads), "--grad-max-n", str(a.grad_max_n)]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout), env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "n": n, "skipped": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"case": case, "n": n, "error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:]}
+    rec = json.loads(lines[-1])
+    rec["wall_s"] = wall
+    return rec
+
+
+def _fmt(x: Any, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if unit == "GiB":
+        return f"{x / 2**30:.2f}"
+    if abs(x) >= 1e4 or (0 < abs(x) < 1e-2):
+        return f"{x:.3g}"
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-N rows of the scaling table and the target checks."""
+    rows = []
+    for r in records:
+        if r.get("case") not in ("seir", "layered") or "seir" not in r:
+            continue
+        s = r["seir"]
+        row: dict[str, Any] = {
+            "case": r["case"], "n": r["n"], "days": r["days"], "forward": s.get("forward_agent_days_per_s"),
+            "grad": s.get("grad_agent_days_per_s"), "bytes_per_agent_day": s.get("retained_bytes_per_agent_day"),
+            "peak_rss": r.get("peak_rss_bytes"), "peak_device": r.get("peak_device_bytes"),
+            "state_bytes_per_agent": s.get("state_bytes_per_agent"), "bytes_per_edge": s.get("bytes_per_edge"),
+            "edges": s.get("edges"), "build_s": r.get("build_s"),
+        }
+        if "sir" in r:
+            row["sir_forward"] = r["sir"].get("forward_agent_days_per_s")
+            for k, v in r.get("reference", {}).items():
+                if "agent_days_per_s" in v:
+                    row[f"ref_{k}"] = v["agent_days_per_s"]
+                    row[f"ratio_{k}"] = row["sir_forward"] / v["agent_days_per_s"]
+        rows.append(row)
+    checks: dict[str, Any] = {}
+    by = {(r["case"], r["n"]): r for r in rows}
+    for key, n, field, target in [("forward_1e6", 10**6, "forward", TARGETS["forward_1e6"]),
+                                  ("forward_1e7", 10**7, "forward", TARGETS["forward_1e7"]),
+                                  ("grad_1e6", 10**6, "grad", TARGETS["grad_1e6"])]:
+        r = by.get(("seir", n))
+        if r and r.get(field):
+            checks[key] = {"value": r[field], "target": target, "met": r[field] >= target}
+    r = by.get(("seir", 10**6))
+    if r and r.get("bytes_per_agent_day") is not None:
+        checks["bytes_per_agent_day_1e6"] = {"value": r["bytes_per_agent_day"], "target": TARGETS["bytes_per_agent_day"],
+                                             "met": r["bytes_per_agent_day"] <= TARGETS["bytes_per_agent_day"]}
+    r = by.get(("layered", 10**7))
+    if r and r.get("peak_rss"):
+        checks["layered_1e7_peak_rss"] = {"value": r["peak_rss"], "target": TARGETS["layered_1e7_bytes"],
+                                          "met": r["peak_rss"] <= TARGETS["layered_1e7_bytes"]}
+    return {"rows": rows, "checks": checks}
+
+
+def markdown(info: dict[str, Any], summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The results as a Markdown report."""
+    out = ["# LPM benchmark results", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), ""]
+    out += ["## Network SEIR scaling (agent-days per second; ratios: engine SIR twin / reference kernel, same graph, same run)", "",
+            "| case | N | days | forward | differentiable | bytes/agent-day retained | peak RSS GiB | state B/agent | B/edge | "
+            "engine SIR | x torch scatter | x numpy frontier | x numba CSR |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        out.append("| " + " | ".join([
+            r["case"], f"{r['n']:.0e}", str(r["days"]), _fmt(r.get("forward")), _fmt(r.get("grad")),
+            _fmt(r.get("bytes_per_agent_day")), _fmt(r.get("peak_rss"), "GiB"), _fmt(r.get("state_bytes_per_agent")),
+            _fmt(r.get("bytes_per_edge")), _fmt(r.get("sir_forward")), _fmt(r.get("ratio_torch_scatter")),
+            _fmt(r.get("ratio_numpy_frontier")), _fmt(r.get("ratio_numba_csr"))]) + " |")
+    out += ["", "Reference kernels (agent-days/s): " + "; ".join(
+        f"N={r['n']:.0e}: " + ", ".join(f"{k[4:]} {_fmt(v)}" for k, v in r.items() if k.startswith("ref_"))
+        for r in summary["rows"] if any(k.startswith("ref_") for k in r)), ""]
+    out += ["## Targets (issue 6)", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    for k, c in summary["checks"].items():
+        val = _fmt(c["value"], "GiB") if "rss" in k else _fmt(c["value"])
+        goal = _fmt(c["target"], "GiB") if "rss" in k else _fmt(c["target"])
+        out.append(f"| {k} | {val} | {goal} | {'yes' if c['met'] else 'no'} |")
+    out += ["", "## Other cases", ""]
+    for r in records:
+        if r.get("case") in ("seir", "layered") and "seir" in r:
+            continue
+        keep = {k: v for k, v in r.items() if k not in ("traceback", "stderr", "forward_times", "grad_times")}
+        out.append(f"- `{json.dumps(keep, default=str)}`")
+    for r in records:
+        if "error" in r:
+            out.append(f"- ERROR {r.get('case')} N={r.get('n')}: {r['error']}")
+    return "\n".join(out) + "\n"
+
+
+def parse_size(s: str) -> int:
+    """``1e6`` or ``1000000`` as an int."""
+    return int(float(s))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite and write results.json / results.md."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, short runs, time budget")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", nargs="+", type=parse_size, default=None)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--days", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cases", nargs="+", default=["seir", "layered", "nyc", "opinion", "information", "llm"])
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole suite (skip what does not fit)")
+    ap.add_argument("--nyc-scale", type=float, default=None)
+    ap.add_argument("--nyc-days", type=int, default=None)
+    ap.add_argument("--grad-max-n", type=parse_size, default=10**6)
+    ap.add_argument("--layered-n", type=parse_size, default=None)
+    ap.add_argument("--name", default="results")
+    a = ap.parse_args(argv)
+    sizes = a.sizes or ([10**4, 10**5] if a.quick else [10**4, 10**5, 10**6, 10**7])
+    days = a.days or (20 if a.quick else 100)
+    repeats = a.repeats or (2 if a.quick else 3)
+    budget = a.budget or (240.0 if a.quick else 3 * 3600.0)
+    nyc_scale = a.nyc_scale if a.nyc_scale is not None else (0.005 if a.quick else 1.0)
+    layered_n = a.layered_n or max(sizes)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine_info(a.device, a.threads)
+    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    last_wall: dict[str, tuple[int, float]] = {}
+
+    def write() -> dict[str, Any]:
+        # rewritten after every case, so a run cut short by an outer timeout still leaves its results
+        summary = summarize(records)
+        llm = {r["n"]: r.get("step_s") for r in records if r.get("case") == "llm" and "step_s" in r}
+        if len(llm) >= 2:
+            lo, hi = min(llm), max(llm)
+            summary["llm_step_ratio"] = {"n_small": lo, "n_large": hi, "ratio": llm[hi] / llm[lo]}
+        doc = {"machine": info, "summary": summary, "records": records, "wall_s": time.perf_counter() - start}
+        (out / f"{a.name}.json").write_text(json.dumps(doc, indent=2, default=str))
+        (out / f"{a.name}.md").write_text(markdown(info, summary, records))
+        return summary
+
+    def remaining() -> float:
+        return budget - (time.perf_counter() - start)
+
+    def go(case: str, n: int, d: int, reps: int, **extra: Any) -> None:
+        left = remaining()
+        prev = last_wall.get(case)
+        # work grows about linearly in N: skip a size whose predicted wall time does not fit
+        # (the archetype layer's cost is fixed set-up, not N: no prediction for it)
+        predicted = prev[1] * n / prev[0] if prev and case != "llm" else 0.0
+        if left <= 5 or predicted > left:
+            records.append({"case": case, "n": n, "skipped": f"time budget: {left:.0f} s left, predicted {predicted:.0f} s"})
+            print(f"[bench] {case} N={n:,}: skipped (budget)", flush=True)
+            return
+        print(f"[bench] {case} N={n:,} days={d} ...", flush=True)
+        rec = run_case(case, n, a, d, reps, left, **extra)
+        records.append(rec)
+        write()
+        if "wall_s" in rec:
+            last_wall[case] = (n, rec["wall_s"])
+        print(f"[bench]   -> {json.dumps({k: v for k, v in rec.items() if k in ('wall_s', 'skipped', 'error')})}", flush=True)
+
+    for n in sizes:
+        if "seir" in a.cases:
+            go("seir", n, days, 1 if n >= 10**7 else repeats)
+    if "layered" in a.cases:
+        go("layered", layered_n, days, 1 if layered_n >= 10**7 else repeats)
+    if "nyc" in a.cases:
+        go("nyc", 0, a.nyc_days or (10 if a.quick else 30), 1, scale=nyc_scale)
+    for case in ("opinion", "information"):
+        if case in a.cases:
+            for n in sizes:
+                if n <= 10**6:
+                    go(case, n, days, repeats)
+    if "llm" in a.cases:
+        for n in ([min(sizes), max(sizes)] if a.quick else [10**5, 10**7]):
+            go("llm", n, days, max(3, repeats))
+    summary = write()
+    print(markdown(info, summary, records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""One calibration loop for direct parameters and calibration networks.
+
+:func:`fit` minimises ``E_seeds[ loss(obs_model(rollout(params)), data) ]`` over every
+trainable tensor of ``params`` (an ``lpm.Params``, or a :class:`NetworkParams` whose
+network weights are trained with the base parameters). The expectation is estimated by
+``R`` replicates whose seeds stay the same every iteration (common random numbers), so
+successive iterates see the same noise and the objective is a fixed function of the
+parameters. Gradients come from the model's event estimators (see
+:func:`calibration.gradcheck.gradient_check` for what they estimate and their bias).
+
+A run is resumable: with ``checkpoint=path`` the parameters, optimizer state, RNG states
+(torch global and the replicate seeds), iteration and traces are saved every
+``checkpoint_every`` iterations (``torch.save``, atomic rename), and a later call with
+the same path continues from there to the identical result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lpm.model import Model
+from lpm.state import State, StateError
+from calibration.losses import Loss
+from calibration.observation import ObservationModel, Observed
+from calibration.rollout import rollout
+
+__all__ = ["Problem", "FitResult", "fit", "nelder_mead", "random_search", "raw_vector", "set_raw_vector"]
+
+
+@dataclass
+class Problem:
+    """What a calibration simulates and compares: model, initial state, steps, observation model, data, loss."""
+
+    model: Model
+    state: State
+    steps: int
+    obs_model: ObservationModel
+    data: Observed
+    loss: Loss
+    seeds: Sequence[int] = (0,)
+    chunk: int | None = None
+    average: str = "prediction"
+    grad_from: int = 0
+
+    def predict(self, params: Any, seed: int, grad: bool = True) -> dict[str, Tensor]:
+        """Expected data on the data grid from one simulation."""
+        sim, _ = rollout(self.model, params, self.state, self.steps, seed=int(seed), chunk=self.chunk, grad=grad,
+                         grad_from=self.grad_from)
+        return self.obs_model.predict(params, sim, self.data)
+
+    def objective(self, params: Any, grad: bool = True) -> Tensor:
+        """Loss over the replicate seeds (one simulation per seed).
+
+        ``average="prediction"`` (default): loss of the replicate-mean prediction, an
+        estimate of the expected observable that is smoother at small counts;
+        ``"loss"``: mean of the per-replicate losses (the expected loss).
+        """
+        if self.average not in ("prediction", "loss"):
+            raise StateError(f"average: expected 'prediction' or 'loss', got {self.average!r}")
+        with torch.enable_grad() if grad else torch.no_grad():
+            preds = [self.predict(params, s, grad) for s in self.seeds]
+            if self.average == "loss":
+                return sum(self.loss(p, self.data, params) for p in preds) / len(preds)
+            mean = {k: sum(p[k] for p in preds) / len(preds) for k in preds[0]}
+            return self.loss(mean, self.data, params)
+
+
+@dataclass
+class FitResult:
+    """Trace of a calibration: loss per iteration, simulations used, parameter values, wall time."""
+
+    params: Any
+    losses: list[float] = field(default_factory=list)
+    sims: list[int] = field(default_factory=list)
+    values: list[dict[str, list]] = field(default_factory=list)
+    seconds: float = 0.0
+    iterations: int = 0
+    best_loss: float = math.inf
+    best_state: dict[str, Any] | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Last recorded loss."""
+        return self.losses[-1] if self.losses else math.nan
+
+
+def _snapshot(params: Any) -> dict[str, list]:
+    out = {}
+    for n in params.fitted():
+        v = getattr(params, n).detach().cpu()
+        out[n] = v.tolist()
+    return out
+
+
+def _save(path: Path, params: nn.Module, opt: torch.optim.Optimizer, res: FitResult, seeds: Sequence[int]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"params": params.state_dict(), "optimizer": opt.state_dict(), "iteration": res.iterations,
+                "losses": res.losses, "sims": res.sims, "values": res.values, "seconds": res.seconds,
+                "torch_rng": torch.get_rng_state(), "seeds": list(map(int, seeds)),
+                "best_loss": res.best_loss, "best_state": res.best_state}, tmp)
+    os.replace(tmp, path)
+
+
+def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int, *, state: State,
+        obs_model: ObservationModel, sim_steps: int | None = None, seeds: Sequence[int] = (0,),
+        optimizer: str = "adam", lr: float = 0.05, chunk: int | None = None,
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1, progress: bool = True,
+        callback: Callable[[int, float, Any], None] | None = None, max_grad_norm: float | None = 10.0,
+        average: str = "prediction", lr_min: float | None = None, grad_from: int = 0,
+        keep_best: bool = False) -> FitResult:
+    """Fit ``params`` for ``steps`` optimizer iterations; returns the trace (params are updated in place).
+
+    ``sim_steps``: simulated steps per rollout (default: one per data day, ``data.agg``'s
+    columns or ``len(data.dates)``). ``optimizer``: ``"adam"`` or ``"lbfgs"`` (one
+    L-BFGS iteration may evaluate the objective several times; every evaluation is
+    counted in ``sims``). ``lr_min``: with Adam, cosine decay of the learning rate from
+    ``lr`` to ``lr_min`` over ``steps`` (a function of the iteration number, so a resumed
+    run follows the same schedule). ``grad_from``: truncated gradient (see
+    :func:`calibration.rollout.rollout`). ``keep_best`` (Adam): at the end, restore the
+    parameters with the lowest evaluated loss (the objective is a fixed function under
+    common random numbers, so this is a legitimate choice, not a noisy one).
+    """
+    T = sim_steps or (data.agg.shape[1] if data.agg is not None else len(data.dates))
+    prob = Problem(model, state, T, obs_model, data, loss, tuple(seeds), chunk, average, grad_from)
+    trainable = [p for p in params.parameters() if p.requires_grad]
+    if not trainable:
+        raise StateError("fit: params has no trainable tensors")
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(trainable, lr=lr)
+    elif optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(trainable, lr=lr, max_iter=4, history_size=10)
+    else:
+        raise StateError(f"optimizer: expected 'adam' or 'lbfgs', got {optimizer!r}")
+    res = FitResult(params)
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        ck = torch.load(path, weights_only=False)
+        if list(ck["seeds"]) != list(map(int, seeds)):
+            raise StateError(f"checkpoint {path}: saved with seeds {ck['seeds']}, resumed with {list(seeds)}")
+        params.load_state_dict(ck["params"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
+        res.losses, res.sims, res.values = list(ck["losses"]), list(ck["sims"]), list(ck["values"])
+        res.iterations, res.seconds = int(ck["iteration"]), float(ck["seconds"])
+        res.best_loss, res.best_state = float(ck.get("best_loss", math.inf)), ck.get("best_state")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=min(res.iterations, steps), desc="calibrate", unit="it", leave=False)
+    sims = res.sims[-1] if res.sims else 0
+    if res.iterations >= steps and bar is not None:
+        bar.close()
+        bar = None
+    t0 = time.perf_counter() - res.seconds
+    while res.iterations < steps:
+        evals = [0]
+
+        def closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            L = prob.objective(params, grad=True)
+            L.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            evals[0] += 1
+            closure.last = float(L.detach())  # type: ignore[attr-defined]
+            return L
+
+        if optimizer == "adam" and lr_min is not None:
+            frac = res.iterations / max(1, steps - 1)
+            for group in opt.param_groups:
+                group["lr"] = lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(1.0, frac)))
+        if optimizer == "lbfgs":
+            opt.step(closure)
+        else:
+            closure()
+            if keep_best and closure.last < res.best_loss:  # type: ignore[attr-defined]
+                res.best_loss = closure.last  # type: ignore[attr-defined]
+                res.best_state = {k: v.detach().clone() for k, v in params.state_dict().items()}
+            opt.step()
+        sims += evals[0] * len(prob.seeds)
+        L = closure.last  # type: ignore[attr-defined]
+        if not math.isfinite(L):
+            raise FloatingPointError(f"fit: loss became {L} at iteration {res.iterations}")
+        res.iterations += 1
+        res.losses.append(L)
+        res.sims.append(sims)
+        res.values.append(_snapshot(params))
+        res.seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.set_postfix(loss=f"{L:.4g}")
+            bar.update(1)
+        if callback is not None:
+            callback(res.iterations, L, params)
+        if path is not None and (res.iterations % checkpoint_every == 0 or res.iterations == steps):
+            _save(path, params, opt, res, seeds)
+    if bar is not None:
+        bar.close()
+    if keep_best and res.best_state is not None:
+        params.load_state_dict(res.best_state)
+    return res
+
+
+def raw_vector(params: nn.Module) -> Tensor:
+    """All trainable tensors of ``params`` flattened into one unconstrained vector (detached)."""
+    return torch.cat([p.detach().reshape(-1) for p in params.parameters() if p.requires_grad])
+
+
+def set_raw_vector(params: nn.Module, x: Tensor) -> None:
+    """Write an unconstrained vector back into ``params``' trainable tensors (inverse of :func:`raw_vector`)."""
+    i = 0
+    with torch.no_grad():
+        for p in params.parameters():
+            if p.requires_grad:
+                n = p.numel()
+                p.copy_(x[i:i + n].view_as(p).to(p.dtype))
+                i += n
+
+
+def nelder_mead(prob: Problem, params: nn.Module, budget: int, *, step: float = 0.5,
+                progress: bool = False) -> FitResult:
+    """Gradient-free baseline: Nelder–Mead on the unconstrained parameter vector.
+
+    ``budget`` counts simulations (each objective evaluation costs ``len(prob.seeds)``),
+    so the comparison with :func:`fit` is at equal simulation cost. Records the best loss
+    so far after every evaluation. Standard coefficients (reflection 1, expansion 2,
+    contraction 0.5, shrink 0.5).
+    """
+    t0 = time.perf_counter()
+    res = FitResult(params)
+    R = len(prob.seeds)
+    x0 = raw_vector(params).double()
+    n = x0.numel()
+    best = [math.inf, x0.clone()]
+
+    def f(x: Tensor) -> float:
+        set_raw_vector(params, x)
+        with torch.no_grad():
+            v = float(prob.objective(params, grad=False))
+        if not math.isfinite(v):
+            v = math.inf
+        if v < best[0]:
+            best[0], best[1] = v, x.clone()
+        sims = (res.sims[-1] if res.sims else 0) + R
+        res.sims.append(sims)
+        res.losses.append(best[0])
+        return v
+
+    simplex = [x0] + [x0 + step * torch.eye(n, dtype=x0.dtype)[i] for i in range(n)]
+    fx = []
+    for x in simplex:
+        if (res.sims[-1] if res.sims else 0) + R > budget:
+            break
+        fx.append(f(x))
+    simplex = simplex[:len(fx)]
+
+    def left() -> bool:
+        return (res.sims[-1] if res.sims else 0) + R <= budget
+
+    while len(fx) == n + 1 and left():
+        order = sorted(range(n + 1), key=lambda i: fx[i])
+        simplex = [simplex[i] for i in order]
+        fx = [fx[i] for i in order]
+        c = torch.stack(simplex[:-1]).mean(0)
+        xr = c + (c - simplex[-1])
+        fr = f(xr)
+        if fr < fx[0]:
+            if not left():
+                simplex[-1], fx[-1] = xr, fr
+                break
+            xe = c + 2 * (c - simplex[-1])
+            fe = f(xe)
+            simplex[-1], fx[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < fx[-2]:
+            simplex[-1], fx[-1] = xr, fr
+        else:
+            if not left():
+                break
+            xc = c + 0.5 * (simplex[-1] - c)
+            fc = f(xc)
+            if fc < fx[-1]:
+                simplex[-1], fx[-1] = xc, fc
+            else:
+                for i in range(1, n + 1):
+                    if not left():
+                        break
+                    simplex[i] = simplex[0] + 0.5 * (simplex[i] - simplex[0])
+                    fx[i] = f(simplex[i])
+        res.iterations += 1
+    set_raw_vector(params, best[1])
+    res.values.append(_snapshot(params))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def random_search(prob: Problem, params: nn.Module, budget: int, *, scale: float = 1.0, seed: int = 0) -> FitResult:
+    """Gradient-free baseline: Gaussian random search around the best point (``budget`` simulations)."""
+    t0 = time.perf_counter()
+    res = FitResult(params)
+    R = len(prob.seeds)
+    g = torch.Generator().manual_seed(seed)
+    x = raw_vector(params).double()
+    best_x, best = x.clone(), math.inf
+    used = 0
+    while used + R <= budget:
+        cand = best_x if used == 0 else best_x + scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        set_raw_vector(params, cand)
+        with torch.no_grad():
+            v = float(prob.objective(params, grad=False))
+        used += R
+        if math.isfinite(v) and v < best:
+            best, best_x = v, cand.clone()
+        res.sims.append(used)
+        res.losses.append(best)
+        res.iterations += 1
+    set_raw_vector(params, best_x)
+    res.values.append(_snapshot(params))
+    res.seconds = time.perf_counter() - t0
+    return res

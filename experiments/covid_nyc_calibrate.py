@@ -1,0 +1,343 @@
+"""Calibrate the NYC COVID-19 model to DOHMH daily cases and deaths, then forecast.
+
+Run: ``lpm calibrate covid-nyc --train-end 2020-05-15 --forecast-days 28 --out out/nyc_cal
+[--start 2020-03-01 --steps 8 --scale 0.002 --seed 0 --replicates 8 --validate]``
+
+What it does:
+
+1. builds the model (:func:`experiments.covid_nyc.build`) from ``--start`` to
+   ``train_end + forecast_days`` and reads the observed frame **truncated at train_end**
+   (``load_observed(start, train_end)``; :func:`observed_until` asserts no later row);
+2. adds a learned weekly contact multiplier: a :class:`calibration.CovariateNet` on
+   covariates computed from training dates only (day of week, policy dates, smooth time
+   basis), applied to every contact layer by :class:`calibration.ParamSchedule`; after
+   ``train_end`` the multiplier stays at its last fitted value (no future covariates);
+3. fits ``beta``, ``ascertainment``, ``ifr_scale`` and the network by Adam on the
+   negative-binomial likelihood of daily cases and deaths per borough (model counts
+   divided by the population scale; cases with a 2-day mean reporting delay);
+4. forecasts with an ensemble of ``--replicates`` simulations (common seeds) and
+   negative-binomial reporting noise: median and 90% intervals per day, borough and
+   citywide (NYC);
+5. writes ``params.json``, ``calibration.h5`` (loss trace, forecast quantiles),
+   ``forecast.csv`` (``date, area, series, median, lower_90, upper_90``) and PNG plots;
+   with ``--validate`` it also reads the data after ``train_end`` (only after the forecast
+   is written) and reports MAE, WIS and 90% coverage in ``scores.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+import calibration as cal
+from lpm import Model
+from experiments import covid_nyc
+
+__all__ = ["calibrate", "observed_until", "setup_problem", "DEFAULT_SCALE"]
+
+DEFAULT_SCALE = 0.002
+DEFAULT_WINDOW = 56
+MIN_AGENTS_WEEK = 3.0  # below this many simulated agents in the last training week, a member's growth is noise
+SERIES = ("cases", "deaths")
+POLICY_DATES = ("2020-03-16", "2020-03-22", "2020-06-08", "2020-06-22", "2020-07-06", "2020-07-20", "2020-09-30")
+CASE_DELAY = (2.0, 1.5)  # mean, sd days from reporting at onset to diagnosis date (assumption)
+
+
+def observed_until(start: Any, train_end: Any, boroughs: Sequence[str] | None = None) -> pd.DataFrame:
+    """Observed frame from ``start`` to ``train_end`` inclusive; raises if any later row slipped in."""
+    df = covid_nyc.load_observed(start, train_end, boroughs)
+    df = df[pd.to_datetime(df["date"]) <= pd.Timestamp(train_end)]
+    if len(df) and pd.to_datetime(df["date"]).max() > pd.Timestamp(train_end):
+        raise RuntimeError("observed data after train_end")
+    return df
+
+
+def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-01", scale: float = DEFAULT_SCALE,
+                  seed: int = 0, device: str = "cpu", window: int = DEFAULT_WINDOW, llm: str = "rule") -> dict[str, Any]:
+    """Model (with learned contact multiplier), params, observation model and training data.
+
+    ``window``: days before ``train_end`` that are fitted with gradients (the data before
+    are masked and the simulation runs through them without a graph: truncated gradient).
+    """
+    train_end_ts = pd.Timestamp(train_end)
+    days_train = int((train_end_ts - pd.Timestamp(start)).days) + 1
+    if days_train < 14:
+        raise ValueError(f"--train-end: need at least 14 training days after {start}, got {days_train}")
+    if window < 14:
+        raise ValueError(f"--window: expected >= 14 days, got {window}")
+    setup = covid_nyc.build(scale=scale, seed=seed, device=device, start=start, days=days_train + int(forecast_days),
+                            llm=llm)
+    train_dates = setup.dates[:days_train]
+    grad_from = max(0, days_train - int(window))
+    # the learned multiplier acts on the fitted window only: before it the model runs on its
+    # prior (policies, testing), because a truncated gradient cannot see what a multiplier in
+    # the warm-up would do to the window
+    x = cal.covariates(train_dates[grad_from:],
+                       policy_dates=[d for d in POLICY_DATES if train_dates[grad_from] < pd.Timestamp(d) <= train_end_ts])
+    net = cal.CovariateNet(x.shape[1], hidden=16, max_mult=3.0)
+    params = cal.NetworkParams(setup.params, {"contact_mult": (net, x.to(device))}, weekly=True,
+                               last_block=14).to(device)
+    for name in ("ihr_scale", "isolation"):
+        getattr(setup.params, "raw_" + name).requires_grad_(False)
+    link = getattr(setup.params, "isolation_link", None)
+    if isinstance(link, torch.nn.Module):
+        link.requires_grad_(False)  # answers -> compliance: not identifiable from case counts alone
+    subs = list(setup.model.substeps)
+    at = [s.name for s in subs].index("policies") + 1
+    subs.insert(at, cal.ParamSchedule("calibrated_contacts", "layer_scale", "layer_scale", "contact_mult", start=grad_from))
+    model = Model(subs, setup.model.observables, state_type=type(setup.state), dt=setup.model.dt, name="covid-nyc-cal")
+    areas = setup.areas
+    obs_model = cal.ObservationModel([
+        cal.Stream("cases", "cases", 1.0 / setup.scale, cal.gamma_delay(*CASE_DELAY)),
+        cal.Stream("deaths", "deaths", 1.0 / setup.scale, None)], areas)
+    frame = observed_until(start, train_end)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always", cal.DataWarning)
+        full = cal.align(frame, train_dates, series=SERIES, areas=(*areas, cal.CITY), end=train_end, device=device)
+    fit_mask = {s: m[:, :len(areas)].clone() for s, m in full.mask.items()}
+    for m in fit_mask.values():
+        m[:grad_from] = False
+    data = cal.Observed(full.dates, tuple(areas), {s: v[:, :len(areas)] for s, v in full.values.items()}, fit_mask,
+                        full.freq, full.agg, full.masked)
+    return {"setup": setup, "model": model, "params": params, "obs_model": obs_model, "data": data, "full": full,
+            "train_dates": train_dates, "frame": frame, "grad_from": grad_from,
+            "data_warnings": [str(m.message) for m in w]}
+
+
+def data_init(p: dict[str, Any], seed: int) -> dict[str, float]:
+    """Initial guess from the data: rescale ascertainment and ifr_scale so that one simulation's cases and
+    deaths over the fitted window match the observed totals (cases are linear in ascertainment, deaths
+    nearly linear in ifr_scale); returns the ratios applied."""
+    params, data = p["params"], p["data"]
+    T = len(p["train_dates"])
+    with torch.no_grad():
+        sim, _ = cal.rollout(p["model"], params, p["setup"].state, T, seed=int(seed), grad=False)
+        pred = p["obs_model"].predict(params, sim, data)
+    out = {}
+    for series, name, lo, hi in (("cases", "ascertainment", 0.02, 0.95), ("deaths", "ifr_scale", 0.1, 10.0)):
+        m = data.mask[series]
+        obs, sim_total = float(data.values[series][m].sum()), float(pred[series][m].sum())
+        ratio = (obs + 1.0) / (sim_total + 1.0)
+        cur = float(getattr(params, name).detach())
+        params.set(**{name: float(np.clip(cur * ratio, lo, hi))})
+        out[name] = ratio
+    return out
+
+
+def default_steps(days_train: int, window: int) -> int:
+    """Optimizer iterations that keep the default run near 8 minutes on 2 loaded cores.
+
+    A gradient step costs about 3x a plain simulated day in the fitted window and 1x in the warm-up.
+    """
+    warm = max(0, days_train - window)
+    return int(np.clip(1600 // (warm + 3 * min(window, days_train)), 3, 12))
+
+
+def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed: int = 0,
+             fit_days: int = 28) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Ensemble forecast (model) and last-week-flat baseline (naive), same interval method.
+
+    Returns tidy quantile frames over all dates (training days: the model's own NB draws; days after
+    ``train_end``: :func:`calibration.anchored_draws`) and the fitted noise settings per series.
+    """
+    setup, model, params = p["setup"], p["model"], p["params"]
+    T = len(setup.dates)
+    T0 = len(p["train_dates"])
+    mus = {s: [] for s in SERIES}
+    with torch.no_grad():
+        for s in seeds:
+            sim, _ = cal.rollout(model, params, setup.state, T, seed=int(s), grad=False)
+            daily = p["obs_model"].expected_daily(params, sim)
+            for name in SERIES:
+                mus[name].append(torch.cat([daily[name], daily[name].sum(-1, keepdim=True)], -1).cpu())  # [T, A+1]
+    areas = (*setup.areas, cal.CITY)
+    full = p["full"]
+    rows, naive_rows, noise = [], [], {}
+    lo_fit = max(7, T0 - fit_days)
+    for name in SERIES:
+        mu = torch.stack(mus[name]).double()  # [R, T, A+1]
+        y = full.values[name].cpu().double()  # [T0, A+1]
+        ok = full.mask[name].cpu()
+        dow = cal.weekday_factors(y[:, -1], p["train_dates"])
+        dow_t = dow.double()[torch.as_tensor(setup.dates.day_of_week.to_numpy())].view(1, T, 1)
+        # noise around the model's shape, level-corrected per area as the forecast's anchor does
+        fit_mu = (mu.mean(0) * dow_t[0])[lo_fit:T0]
+        fit_mu = fit_mu * (y[lo_fit:T0].sum(0) + 0.5) / (fit_mu.sum(0) + 0.5)
+        k = cal.fit_dispersion(fit_mu, y[lo_fit:T0], ok[lo_fit:T0])
+        # trend noise from reported cases (the largest counts): deaths follow infections, and
+        # weekly death counts are too small for a stable estimate of their own
+        sd = cal.trend_sd(full.values["cases"][:, -1].cpu())
+        prev = torch.stack([y[t - 7:t].mean(0) for t in range(lo_fit, T0)]) * dow_t[0, lo_fit:T0]  # a few dozen days
+        k_naive = cal.fit_dispersion(prev, y[lo_fit:T0], ok[lo_fit:T0])
+        noise[name] = {"dispersion_k": k, "trend_sd_per_week": sd, "dispersion_k_naive": k_naive,
+                       "weekday_factors": [round(float(v), 3) for v in dow]}
+        train_q = cal.quantiles(cal.sample_counts((mu * dow_t)[:, :T0].float(), k=k, draws=max(1, draws // 10),
+                                                  seed=seed).flatten(0, 1)).numpy()
+        fut = cal.anchored_draws(mu, y, k=k, sd=sd, dow=dow, dates=setup.dates, draws=draws, seed=seed + 7,
+                                 min_week=MIN_AGENTS_WEEK / setup.scale)
+        noise[name]["flat_members"] = int((mu[:, T0 - 7:T0].sum(1) < MIN_AGENTS_WEEK / setup.scale).sum())
+        q = np.concatenate([train_q, cal.quantiles(fut).numpy()], 1)  # [5, T, A+1]
+        flat = torch.cat([y, cal.naive_mean(y, T - T0).double()]).unsqueeze(0)
+        nfut = cal.anchored_draws(flat, y, k=k_naive, sd=sd, dow=dow, dates=setup.dates, draws=draws * len(seeds),
+                                  seed=seed + 11)
+        nq = cal.quantiles(nfut).numpy()
+        for j, a in enumerate(areas):
+            rows.append(pd.DataFrame({"date": setup.dates, "area": a, "series": name, "q05": q[0, :, j],
+                                      "q25": q[1, :, j], "median": q[2, :, j], "q75": q[3, :, j], "q95": q[4, :, j]}))
+            naive_rows.append(pd.DataFrame({"date": setup.dates[T0:], "area": a, "series": name, "q05": nq[0, :, j],
+                                            "q25": nq[1, :, j], "median": nq[2, :, j], "q75": nq[3, :, j],
+                                            "q95": nq[4, :, j]}))
+    return pd.concat(rows, ignore_index=True), pd.concat(naive_rows, ignore_index=True), noise
+
+
+def score(fc: pd.DataFrame, obs: pd.DataFrame, after: pd.Timestamp | None, before: pd.Timestamp | None) -> dict[str, Any]:
+    """MAE, WIS and 90% coverage per series over dates in (after, before] (None: open)."""
+    m = fc.merge(obs.rename(columns={"value": "y"}), on=["date", "area", "series"])
+    if after is not None:
+        m = m[m["date"] > after]
+    if before is not None:
+        m = m[m["date"] <= before]
+    m = m[np.isfinite(m["y"]) & (m["y"] >= 0)]
+    out = {}
+    for name, g in m.groupby("series"):
+        for scope, gg in (("boroughs", g[g["area"] != cal.CITY]), ("NYC", g[g["area"] == cal.CITY])):
+            if not len(gg):
+                continue
+            q = torch.tensor(gg[["q05", "q25", "median", "q75", "q95"]].to_numpy().T, dtype=torch.float32)
+            y = torch.tensor(gg["y"].to_numpy(), dtype=torch.float32)
+            out[f"{name}/{scope}"] = cal.scores(q, y, torch.ones_like(y, dtype=torch.bool))
+    return out
+
+
+def _plots(out: Path, fc: pd.DataFrame, frame: pd.DataFrame, train_end: pd.Timestamp, res: cal.FitResult,
+           later: pd.DataFrame | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name in SERIES:
+        areas = list(fc["area"].unique())
+        fig, axes = plt.subplots(2, 3, figsize=(14, 7), sharex=True)
+        for ax, a in zip(axes.ravel(), areas):
+            f = fc[(fc.area == a) & (fc.series == name)]
+            ax.fill_between(f.date, f.q05, f.q95, alpha=0.3, label="90% interval")
+            ax.plot(f.date, f["median"], label="median")
+            o = frame[(frame.area == a) & (frame.series == name)]
+            ax.plot(pd.to_datetime(o.date), o.value, "k.", ms=3, label="observed (train)")
+            if later is not None:
+                o2 = later[(later.area == a) & (later.series == name)]
+                ax.plot(pd.to_datetime(o2.date), o2.value, "r.", ms=3, label="observed (held out)")
+            ax.axvline(train_end, color="grey", ls="--")
+            ax.set_title(f"{a} {name}")
+        axes.ravel()[0].legend(fontsize=7)
+        fig.autofmt_xdate()
+        fig.savefig(out / f"forecast_{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(res.sims, res.losses)
+    ax.set_xlabel("simulations")
+    ax.set_ylabel("loss (NB NLL per cell)")
+    fig.savefig(out / "loss.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def calibrate(argv: Sequence[str]) -> int:
+    """CLI: ``lpm calibrate covid-nyc --train-end DATE --forecast-days D --out DIR [...]``."""
+    ap = argparse.ArgumentParser(prog="lpm calibrate covid-nyc", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-end", required=True, help="last date of data the fit may read (YYYY-MM-DD)")
+    ap.add_argument("--forecast-days", type=int, default=28)
+    ap.add_argument("--out", default="out/covid_nyc_calibrate")
+    ap.add_argument("--start", default="2020-03-01")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer iterations (default: from the rollout length, about 8 minutes)")
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="days before --train-end fitted by gradient")
+    ap.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replicates", type=int, default=4, help="forecast ensemble simulations")
+    ap.add_argument("--draws", type=int, default=100, help="noise draws per ensemble simulation")
+    ap.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (cosine decay to lr/10)")
+    ap.add_argument("--chunk", type=int, default=30, help="steps per gradient checkpoint chunk")
+    ap.add_argument("--dispersion", type=float, default=5.0, help="negative-binomial k of the fitting loss")
+    ap.add_argument("--llm", default="rule", help="isolation behaviour backend passed to covid_nyc.build")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--resume", action="store_true", help="continue from DIR/calibration_state.pt if present")
+    ap.add_argument("--validate", action="store_true", help="after writing the forecast, score it on held-out data")
+    a = ap.parse_args(list(argv))
+    t0 = time.perf_counter()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(a.seed)
+    state_file = out / "calibration_state.pt"
+    if state_file.exists() and not a.resume:
+        state_file.unlink()  # a stale run (other train_end or scale) must not be resumed silently
+    p = setup_problem(a.train_end, a.forecast_days, start=a.start, scale=a.scale, seed=a.seed, device=a.device,
+                      window=a.window, llm=a.llm)
+    for w in p["data_warnings"]:
+        print("data:", w)
+    days_train = len(p["train_dates"])
+    steps = a.steps if a.steps is not None else default_steps(days_train, a.window)
+    init = data_init(p, a.seed) if not (a.resume and state_file.exists()) else {}
+    loss = cal.Loss("negbin", dispersion=a.dispersion)
+    res = cal.fit(p["model"], p["params"], p["data"], loss, steps, state=p["setup"].state, obs_model=p["obs_model"],
+                  seeds=(a.seed,), lr=a.lr, lr_min=a.lr / 10, chunk=a.chunk, checkpoint=state_file, progress=True,
+                  grad_from=p["grad_from"], keep_best=True)
+    fit_seconds = time.perf_counter() - t0
+    fc, naive, noise = forecast(p, [a.seed + 100 + i for i in range(a.replicates)], draws=a.draws, seed=a.seed)
+    train_end = pd.Timestamp(a.train_end)
+    later_fc = fc[fc["date"] > train_end].rename(columns={"q05": "lower_90", "q95": "upper_90"})
+    cols = ["date", "area", "series", "median", "lower_90", "upper_90"]
+    later_fc[cols].to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
+    naive.rename(columns={"q05": "lower_90", "q95": "upper_90"})[cols].to_csv(out / "forecast_naive.csv", index=False,
+                                                                              date_format="%Y-%m-%d")
+    (out / "params.json").write_text(json.dumps(p["params"].to_dict(), indent=2))
+    import h5py
+
+    with h5py.File(out / "calibration.h5", "w") as f:
+        f["loss"] = np.asarray(res.losses, dtype=np.float64)
+        f["simulations"] = np.asarray(res.sims, dtype=np.int64)
+        g = f.create_group("forecast")
+        g.attrs["train_end"] = str(train_end.date())
+        g.attrs["quantiles"] = np.asarray(cal.QUANTILES)
+        for name in SERIES:
+            sub = fc[fc.series == name]
+            for a_ in sub["area"].unique():
+                s = sub[sub.area == a_]
+                g[f"{name}/{a_}"] = s[["q05", "q25", "median", "q75", "q95"]].to_numpy(np.float32)
+        g["dates"] = np.asarray(p["setup"].dates.strftime("%Y-%m-%d").tolist(), dtype="S10")
+    summary: dict[str, Any] = {"train_end": str(train_end.date()), "forecast_days": a.forecast_days, "scale": a.scale,
+                               "steps": steps, "window": a.window, "grad_from_day": p["grad_from"],
+                               "simulations": res.sims[-1] if res.sims else 0, "data_init_ratios": init,
+                               "loss_first": res.losses[0] if res.losses else None,
+                               "loss_last": res.losses[-1] if res.losses else None, "noise": noise,
+                               "train_scores": score(fc, p["frame"], None, train_end),
+                               "data_warnings": p["data_warnings"]}
+    later = None
+    if a.validate:
+        # read only now, after the forecast is on disk
+        end = train_end + pd.Timedelta(days=a.forecast_days)
+        later = covid_nyc.load_observed(train_end + pd.Timedelta(days=1), end)
+        later["date"] = pd.to_datetime(later["date"])
+        summary["validation_scores"] = score(fc, later, train_end, end)
+        summary["naive_validation_scores"] = score(naive, later, train_end, end)
+    _plots(out, fc, p["frame"], train_end, res, later)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["fit_seconds"] = fit_seconds
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(calibrate(sys.argv[1:]))
