@@ -8,13 +8,15 @@
 * :mod:`calibration.fit`: the one loop (Adam / L-BFGS, CRN replicates, checkpoint/resume)
   and gradient-free baselines (Nelder–Mead, random search) on a simulation budget.
 * :mod:`calibration.gradcheck`: autograd vs finite differences.
-* :mod:`calibration.forecast`: ensemble quantiles, MAE, WIS, coverage.
+* :mod:`calibration.forecast`: anchored ensemble forecasts with fitted noise, stacking with a
+  last-week-flat baseline, quantiles, MAE, WIS, coverage.
 
 Imports only ``lpm`` and third-party packages.
 """
 
 from calibration.fit import FitResult, Problem, fit, nelder_mead, random_search, raw_vector, set_raw_vector
-from calibration.forecast import (QUANTILES, anchored_draws, fit_dispersion, naive_mean, quantiles, sample_counts, scores,
+from calibration.forecast import (QUANTILES, anchored_draws, fit_dispersion, model_weight, naive_mean, quantiles,
+                                  sample_counts, scores,
                                   trend_sd, weekday_factors, wis)
 from calibration.gradcheck import GradCheck, gradient_check
 from calibration.losses import Loss, mse_log1p, negbin_nll, poisson_nll
@@ -32,5 +34,5 @@ __all__ = [
     "fit", "Problem", "FitResult", "nelder_mead", "random_search", "raw_vector", "set_raw_vector",
     "gradient_check", "GradCheck",
     "sample_counts", "quantiles", "wis", "scores", "QUANTILES", "fit_dispersion", "weekday_factors", "trend_sd",
-    "anchored_draws", "naive_mean",
+    "anchored_draws", "naive_mean", "model_weight",
 ]

@@ -116,18 +116,21 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
         checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1, progress: bool = True,
         callback: Callable[[int, float, Any], None] | None = None, max_grad_norm: float | None = 10.0,
         average: str = "prediction", lr_min: float | None = None, grad_from: int = 0,
-        keep_best: bool = False) -> FitResult:
+        keep_best: bool = False, lr_steps: int | None = None, lr_scale: dict[str, float] | None = None) -> FitResult:
     """Fit ``params`` for ``steps`` optimizer iterations; returns the trace (params are updated in place).
 
     ``sim_steps``: simulated steps per rollout (default: one per data day, ``data.agg``'s
     columns or ``len(data.dates)``). ``optimizer``: ``"adam"`` or ``"lbfgs"`` (one
     L-BFGS iteration may evaluate the objective several times; every evaluation is
     counted in ``sims``). ``lr_min``: with Adam, cosine decay of the learning rate from
-    ``lr`` to ``lr_min`` over ``steps`` (a function of the iteration number, so a resumed
-    run follows the same schedule). ``grad_from``: truncated gradient (see
-    :func:`calibration.rollout.rollout`). ``keep_best`` (Adam): at the end, restore the
+    ``lr`` to ``lr_min`` over ``lr_steps`` iterations (default ``steps``; a function of the
+    iteration number, so a resumed run with the same ``lr_steps`` follows the same
+    schedule). ``grad_from``: truncated gradient (see :func:`calibration.rollout.rollout`).
+    ``keep_best`` (Adam): at the end, restore the
     parameters with the lowest evaluated loss (the objective is a fixed function under
-    common random numbers, so this is a legitimate choice, not a noisy one).
+    common random numbers, so this is a legitimate choice, not a noisy one). ``lr_scale``
+    (Adam): learning-rate factor per parameter-name prefix, e.g. ``{"nets.": 0.2}`` for a
+    network whose many weights all move one output.
     """
     T = sim_steps or (data.agg.shape[1] if data.agg is not None else len(data.dates))
     prob = Problem(model, state, T, obs_model, data, loss, tuple(seeds), chunk, average, grad_from)
@@ -135,7 +138,13 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
     if not trainable:
         raise StateError("fit: params has no trainable tensors")
     if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(trainable, lr=lr)
+        groups: dict[float, list[Tensor]] = {}
+        for n, p in params.named_parameters():
+            if p.requires_grad:
+                f = next((v for k, v in (lr_scale or {}).items() if n.startswith(k)), 1.0)
+                groups.setdefault(float(f), []).append(p)
+        opt: torch.optim.Optimizer = torch.optim.Adam(
+            [{"params": ps, "lr": lr * f, "scale": f} for f, ps in groups.items()], lr=lr)
     elif optimizer == "lbfgs":
         opt = torch.optim.LBFGS(trainable, lr=lr, max_iter=4, history_size=10)
     else:
@@ -176,9 +185,9 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
             return L
 
         if optimizer == "adam" and lr_min is not None:
-            frac = res.iterations / max(1, steps - 1)
+            frac = res.iterations / max(1, (lr_steps or steps) - 1)
             for group in opt.param_groups:
-                group["lr"] = lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(1.0, frac)))
+                group["lr"] = group["scale"] * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(1.0, frac))))
         if optimizer == "lbfgs":
             opt.step(closure)
         else:

@@ -10,7 +10,13 @@ Forecast recipe (:func:`anchored_draws`), used by the NYC study and its naive ba
    i.e. a multiplier ``exp(delta * h / 7)`` at horizon ``h`` days, with ``sd`` the robust
    spread of week-to-week changes of the observed log weekly growth (:func:`trend_sd`);
 4. *observation noise*: negative binomial with dispersion fitted on training residuals
-   (:func:`fit_dispersion`).
+   (:func:`fit_dispersion`);
+5. *stacking with the baseline*: the predictive distribution is a mixture of the model's
+   draws and the last-week-flat baseline's draws, the model's share set by
+   :func:`model_weight` from a pseudo-forecast over the last training days (inverse mean
+   squared log error, clamped to [0.05, 0.95]). It is in-sample for the model (its
+   trajectory saw those days), so it favours the model: a model that loses even there is
+   clearly off and is given little weight; the clamp keeps both components.
 
 An ensemble is built from fitted parameter sets x simulation replicates; each member's
 expected counts are turned into predictive draws by sampling the observation noise of the
@@ -30,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["sample_counts", "quantiles", "interval_score", "wis", "scores", "QUANTILES", "fit_dispersion",
-           "weekday_factors", "trend_sd", "anchored_draws", "naive_mean"]
+           "weekday_factors", "trend_sd", "anchored_draws", "naive_mean", "model_weight"]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -172,9 +178,32 @@ def anchored_draws(mu: Tensor, y_train: Tensor, *, k: float, sd: float, dow: Ten
         flat = (sim_week < min_week).unsqueeze(1)  # [R, 1, A]
         fut = torch.where(flat, (obs_week / 7).view(1, 1, A).expand_as(fut), fut)
     if dow is not None and dates is not None:
-        fut = fut * dow.double()[torch.as_tensor(pd.DatetimeIndex(dates)[T0:].day_of_week.to_numpy().copy())].view(1, H, 1)
+        wd = torch.as_tensor(pd.DatetimeIndex(dates)[T0:].day_of_week.to_numpy().copy())
+        fut = fut * dow.double()[wd].view(1, H, 1)
     g = torch.Generator().manual_seed(seed)
     delta = torch.randn(R, draws, 1, 1, generator=g, dtype=torch.float64) * sd
     h = torch.arange(1, H + 1, dtype=torch.float64).view(1, 1, H, 1)
     m = (fut.unsqueeze(1) * torch.exp(delta * h / 7)).reshape(R * draws, H, A)
     return sample_counts(m.float(), k=k, draws=1, seed=seed + 1)[0]
+
+
+def model_weight(mu: Tensor, y: Tensor, horizon: int = 14, lo: float = 0.05, hi: float = 0.95) -> float:
+    """Mixture share of the model vs the flat baseline from a pseudo-forecast of the last ``horizon`` days.
+
+    ``mu [R, T0, A]`` member means over the training days, ``y [T0, A]`` observed. Both
+    forecasts start at ``T0 - horizon`` from the week before it (the model anchored to that
+    week, as in :func:`anchored_draws`); errors are of ``log(1 + weekly sum)`` per area.
+    """
+    T0 = y.shape[0]
+    o = T0 - horizon
+    if o < 7 or horizon < 7:
+        return 0.5
+    y, mu = y.detach().double(), mu.detach().double().mean(0)
+    obs_week = y[o - 7:o].sum(0)
+    model = mu[o:] * (obs_week + 0.5) / (mu[o - 7:o].sum(0) + 0.5)
+    flat = (obs_week / 7).expand(horizon, -1)
+    W = horizon // 7
+    wk = lambda x: torch.log1p(x[:7 * W].reshape(W, 7, -1).sum(1))  # noqa: E731
+    e_model = float(((wk(model) - wk(y[o:])) ** 2).mean())
+    e_flat = float(((wk(flat) - wk(y[o:])) ** 2).mean())
+    return float(min(hi, max(lo, e_flat / max(e_model + e_flat, 1e-12))))

@@ -1,27 +1,42 @@
 """Calibrate the NYC COVID-19 model to DOHMH daily cases and deaths, then forecast.
 
 Run: ``lpm calibrate covid-nyc --train-end 2020-05-15 --forecast-days 28 --out out/nyc_cal
-[--start 2020-03-01 --steps 8 --scale 0.002 --seed 0 --replicates 8 --validate]``
+[--start 2020-03-01 --steps N --window 56 --scale 0.002 --seed 0 --replicates 4 --validate]``
+(or ``python -m experiments.covid_nyc_calibrate ...``).
 
 What it does:
 
 1. builds the model (:func:`experiments.covid_nyc.build`) from ``--start`` to
    ``train_end + forecast_days`` and reads the observed frame **truncated at train_end**
    (``load_observed(start, train_end)``; :func:`observed_until` asserts no later row);
-2. adds a learned weekly contact multiplier: a :class:`calibration.CovariateNet` on
-   covariates computed from training dates only (day of week, policy dates, smooth time
-   basis), applied to every contact layer by :class:`calibration.ParamSchedule`; after
-   ``train_end`` the multiplier stays at its last fitted value (no future covariates);
-3. fits ``beta``, ``ascertainment``, ``ifr_scale`` and the network by Adam on the
-   negative-binomial likelihood of daily cases and deaths per borough (model counts
-   divided by the population scale; cases with a 2-day mean reporting delay);
-4. forecasts with an ensemble of ``--replicates`` simulations (common seeds) and
-   negative-binomial reporting noise: median and 90% intervals per day, borough and
-   citywide (NYC);
-5. writes ``params.json``, ``calibration.h5`` (loss trace, forecast quantiles),
+2. *fitted window*: only the last ``--window`` days (default 56) before ``train_end`` are
+   fitted; the days before run on the model's prior without a graph (truncated gradient,
+   :func:`calibration.rollout`), so the cost of a step grows slowly with the history;
+3. adds a learned weekly contact multiplier on the window: a :class:`calibration.CovariateNet`
+   on covariates of the window's dates only (day of week, policy dates, smooth time basis),
+   weekly blocks aligned to ``train_end`` with the last block 14 days long (its value is
+   better identified than the last week's), applied to every contact layer by
+   :class:`calibration.ParamSchedule`; after ``train_end`` that last value is held;
+4. *initial guess from the data*: the initial prevalence is the grid value whose first
+   simulated weeks best match the shape of the first reported weeks (:func:`choose_prevalence`;
+   it sets the timing of the first wave and so the depletion months later), and
+   ascertainment and ifr_scale are rescaled so one simulation matches the window's observed
+   case and death totals (:func:`data_init`);
+5. fits ``beta``, ``ascertainment``, ``ifr_scale`` and the network by Adam (cosine learning-rate
+   decay, the network's weights at a fifth of the rate, the best evaluated iterate kept) on
+   the negative-binomial likelihood of daily cases
+   and deaths per borough; ``--steps`` defaults to a number that keeps the run near 8 minutes
+   on two loaded cores (:func:`default_steps`);
+6. forecasts with an ensemble of ``--replicates`` simulations, each anchored to the observed
+   last training week, with day-of-week factors, growth-rate uncertainty and
+   negative-binomial noise of a dispersion fitted on training residuals, stacked with the
+   last-week-flat baseline (see :mod:`calibration.forecast`); the same interval method gives
+   the baseline's forecast, written as ``forecast_naive.csv``;
+7. writes ``params.json``, ``calibration.h5`` (loss trace, forecast quantiles),
    ``forecast.csv`` (``date, area, series, median, lower_90, upper_90``) and PNG plots;
    with ``--validate`` it also reads the data after ``train_end`` (only after the forecast
-   is written) and reports MAE, WIS and 90% coverage in ``scores.json``.
+   is written) and reports MAE, WIS and 90% coverage of the stacked, model-only and
+   baseline forecasts in ``summary.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +64,10 @@ MIN_AGENTS_WEEK = 3.0  # below this many simulated agents in the last training w
 SERIES = ("cases", "deaths")
 POLICY_DATES = ("2020-03-16", "2020-03-22", "2020-06-08", "2020-06-22", "2020-07-06", "2020-07-20", "2020-09-30")
 CASE_DELAY = (2.0, 1.5)  # mean, sd days from reporting at onset to diagnosis date (assumption)
+# deaths are dated by date of death; this short kernel is not a reporting delay but spreads each
+# simulated death over a few days, because at small scale one agent is hundreds of deaths and a
+# daily series of 0s and 500s makes the likelihood (and its gradient) needlessly rough
+DEATH_SMOOTH = (2.0, 1.5)
 
 
 def observed_until(start: Any, train_end: Any, boroughs: Sequence[str] | None = None) -> pd.DataFrame:
@@ -61,7 +80,8 @@ def observed_until(start: Any, train_end: Any, boroughs: Sequence[str] | None = 
 
 
 def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-01", scale: float = DEFAULT_SCALE,
-                  seed: int = 0, device: str = "cpu", window: int = DEFAULT_WINDOW, llm: str = "rule") -> dict[str, Any]:
+                  seed: int = 0, device: str = "cpu", window: int = DEFAULT_WINDOW,
+                  llm: str = "rule", initial_prevalence: float | None = None) -> dict[str, Any]:
     """Model (with learned contact multiplier), params, observation model and training data.
 
     ``window``: days before ``train_end`` that are fitted with gradients (the data before
@@ -73,15 +93,16 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
         raise ValueError(f"--train-end: need at least 14 training days after {start}, got {days_train}")
     if window < 14:
         raise ValueError(f"--window: expected >= 14 days, got {window}")
+    extra = {} if initial_prevalence is None else {"initial_prevalence": float(initial_prevalence)}
     setup = covid_nyc.build(scale=scale, seed=seed, device=device, start=start, days=days_train + int(forecast_days),
-                            llm=llm)
+                            llm=llm, **extra)
     train_dates = setup.dates[:days_train]
     grad_from = max(0, days_train - int(window))
     # the learned multiplier acts on the fitted window only: before it the model runs on its
     # prior (policies, testing), because a truncated gradient cannot see what a multiplier in
     # the warm-up would do to the window
-    x = cal.covariates(train_dates[grad_from:],
-                       policy_dates=[d for d in POLICY_DATES if train_dates[grad_from] < pd.Timestamp(d) <= train_end_ts])
+    policy = [d for d in POLICY_DATES if train_dates[grad_from] < pd.Timestamp(d) <= train_end_ts]
+    x = cal.covariates(train_dates[grad_from:], policy_dates=policy)
     net = cal.CovariateNet(x.shape[1], hidden=16, max_mult=3.0)
     params = cal.NetworkParams(setup.params, {"contact_mult": (net, x.to(device))}, weekly=True,
                                last_block=14).to(device)
@@ -92,12 +113,13 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
         link.requires_grad_(False)  # answers -> compliance: not identifiable from case counts alone
     subs = list(setup.model.substeps)
     at = [s.name for s in subs].index("policies") + 1
-    subs.insert(at, cal.ParamSchedule("calibrated_contacts", "layer_scale", "layer_scale", "contact_mult", start=grad_from))
+    subs.insert(at, cal.ParamSchedule("calibrated_contacts", "layer_scale", "layer_scale", "contact_mult",
+                                      start=grad_from))
     model = Model(subs, setup.model.observables, state_type=type(setup.state), dt=setup.model.dt, name="covid-nyc-cal")
     areas = setup.areas
     obs_model = cal.ObservationModel([
         cal.Stream("cases", "cases", 1.0 / setup.scale, cal.gamma_delay(*CASE_DELAY)),
-        cal.Stream("deaths", "deaths", 1.0 / setup.scale, None)], areas)
+        cal.Stream("deaths", "deaths", 1.0 / setup.scale, cal.gamma_delay(*DEATH_SMOOTH))], areas)
     frame = observed_until(start, train_end)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always", cal.DataWarning)
@@ -110,6 +132,39 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
     return {"setup": setup, "model": model, "params": params, "obs_model": obs_model, "data": data, "full": full,
             "train_dates": train_dates, "frame": frame, "grad_from": grad_from,
             "data_warnings": [str(m.message) for m in w]}
+
+
+PREVALENCE_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+
+
+def choose_prevalence(train_end: str, *, start: str = "2020-03-01", scale: float = DEFAULT_SCALE, seed: int = 0,
+                      device: str = "cpu", llm: str = "rule", weeks: int = 8,
+                      grid: Sequence[float] = PREVALENCE_GRID) -> tuple[float, dict[str, float]]:
+    """Initial prevalence from the first reported weeks: the grid value whose simulated citywide weekly
+    cases best match the observed *shape* (log weekly counts up to a free level, which ascertainment
+    absorbs) over the first ``weeks`` weeks (no later than ``train_end``). Returns the choice and the
+    error per candidate. The timing of the first wave decides how depleted the model is months later."""
+    days = min(7 * weeks, int((pd.Timestamp(train_end) - pd.Timestamp(start)).days) + 1)
+    W = days // 7
+    if W < 2:
+        return float(grid[0]), {}
+    frame = observed_until(start, min(pd.Timestamp(train_end), pd.Timestamp(start) + pd.Timedelta(days=days - 1)))
+    obs = frame[(frame.area == cal.CITY) & (frame.series == "cases")].sort_values("date")["value"].to_numpy(float)
+    if len(obs) < 7 * W:
+        return float(grid[0]), {}
+    a = np.log1p(obs[:7 * W].reshape(W, 7).sum(1))
+    errs = {}
+    for prev in grid:  # a handful of candidates, each one short no-grad simulation
+        setup = covid_nyc.build(scale=scale, seed=seed, device=device, start=start, days=days, llm=llm,
+                                initial_prevalence=float(prev))
+        with torch.no_grad():
+            sim, _ = cal.rollout(setup.model, setup.params, setup.state, days, seed=int(seed), grad=False)
+        cases = cal.convolve_delay(sim["cases"].double().sum(-1), cal.gamma_delay(*CASE_DELAY)).cpu().numpy()
+        b = np.log1p(cases[:7 * W].reshape(W, 7).sum(1) / setup.scale)
+        d = a - b
+        errs[f"{prev:g}"] = float(((d - d.mean()) ** 2).mean())
+    best = min(errs, key=errs.get)
+    return float(best), errs
 
 
 def data_init(p: dict[str, Any], seed: int) -> dict[str, float]:
@@ -133,20 +188,25 @@ def data_init(p: dict[str, Any], seed: int) -> dict[str, float]:
 
 
 def default_steps(days_train: int, window: int) -> int:
-    """Optimizer iterations that keep the default run near 8 minutes on 2 loaded cores.
+    """Optimizer iterations that keep the default run within about 8 minutes on 2 loaded cores.
 
-    A gradient step costs about 3x a plain simulated day in the fitted window and 1x in the warm-up.
+    A gradient step costs about 3x a plain simulated day in the fitted window and 1x in the
+    warm-up, per fit replicate (measured, 2 fit replicates: the whole run at train_end
+    2020-05-15, 16 steps, takes ~50 s on a quiet 2-core machine; two runs side by side with
+    other users' load took ~3.3 min each with 1 fit replicate).
     """
     warm = max(0, days_train - window)
-    return int(np.clip(1600 // (warm + 3 * min(window, days_train)), 3, 12))
+    return int(np.clip(3200 // (warm + 3 * min(window, days_train)), 3, 16))
 
 
 def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed: int = 0,
              fit_days: int = 28) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Ensemble forecast (model) and last-week-flat baseline (naive), same interval method.
+    """Ensemble forecast (model stacked with the baseline) and last-week-flat baseline (naive), same interval method.
 
     Returns tidy quantile frames over all dates (training days: the model's own NB draws; days after
-    ``train_end``: :func:`calibration.anchored_draws`) and the fitted noise settings per series.
+    ``train_end``: :func:`calibration.anchored_draws` mixed with the baseline by
+    :func:`calibration.model_weight`), the baseline's, and the fitted noise settings per series
+    (with the model-only forecast frame under ``"model_only"``).
     """
     setup, model, params = p["setup"], p["model"], p["params"]
     T = len(setup.dates)
@@ -160,14 +220,14 @@ def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed:
                 mus[name].append(torch.cat([daily[name], daily[name].sum(-1, keepdim=True)], -1).cpu())  # [T, A+1]
     areas = (*setup.areas, cal.CITY)
     full = p["full"]
-    rows, naive_rows, noise = [], [], {}
+    rows, naive_rows, model_rows, noise = [], [], [], {}
     lo_fit = max(7, T0 - fit_days)
     for name in SERIES:
         mu = torch.stack(mus[name]).double()  # [R, T, A+1]
         y = full.values[name].cpu().double()  # [T0, A+1]
         ok = full.mask[name].cpu()
         dow = cal.weekday_factors(y[:, -1], p["train_dates"])
-        dow_t = dow.double()[torch.as_tensor(setup.dates.day_of_week.to_numpy())].view(1, T, 1)
+        dow_t = dow.double()[torch.as_tensor(setup.dates.day_of_week.to_numpy().copy())].view(1, T, 1)
         # noise around the model's shape, level-corrected per area as the forecast's anchor does
         fit_mu = (mu.mean(0) * dow_t[0])[lo_fit:T0]
         fit_mu = fit_mu * (y[lo_fit:T0].sum(0) + 0.5) / (fit_mu.sum(0) + 0.5)
@@ -184,17 +244,24 @@ def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed:
         fut = cal.anchored_draws(mu, y, k=k, sd=sd, dow=dow, dates=setup.dates, draws=draws, seed=seed + 7,
                                  min_week=MIN_AGENTS_WEEK / setup.scale)
         noise[name]["flat_members"] = int((mu[:, T0 - 7:T0].sum(1) < MIN_AGENTS_WEEK / setup.scale).sum())
-        q = np.concatenate([train_q, cal.quantiles(fut).numpy()], 1)  # [5, T, A+1]
         flat = torch.cat([y, cal.naive_mean(y, T - T0).double()]).unsqueeze(0)
         nfut = cal.anchored_draws(flat, y, k=k_naive, sd=sd, dow=dow, dates=setup.dates, draws=draws * len(seeds),
                                   seed=seed + 11)
+        w = cal.model_weight(mu[:, :T0], y)
+        noise[name]["model_weight"] = w
+        n_model = int(round(w * fut.shape[0]))
+        mix = torch.cat([fut[:n_model], nfut[:fut.shape[0] - n_model]])
+        q = np.concatenate([train_q, cal.quantiles(mix).numpy()], 1)  # [5, T, A+1]
+        mq = cal.quantiles(fut).numpy()
         nq = cal.quantiles(nfut).numpy()
         for j, a in enumerate(areas):
             rows.append(pd.DataFrame({"date": setup.dates, "area": a, "series": name, "q05": q[0, :, j],
                                       "q25": q[1, :, j], "median": q[2, :, j], "q75": q[3, :, j], "q95": q[4, :, j]}))
-            naive_rows.append(pd.DataFrame({"date": setup.dates[T0:], "area": a, "series": name, "q05": nq[0, :, j],
-                                            "q25": nq[1, :, j], "median": nq[2, :, j], "q75": nq[3, :, j],
-                                            "q95": nq[4, :, j]}))
+            for qq, dest in ((nq, naive_rows), (mq, model_rows)):
+                dest.append(pd.DataFrame({"date": setup.dates[T0:], "area": a, "series": name, "q05": qq[0, :, j],
+                                          "q25": qq[1, :, j], "median": qq[2, :, j], "q75": qq[3, :, j],
+                                          "q95": qq[4, :, j]}))
+    noise["model_only"] = pd.concat(model_rows, ignore_index=True)
     return pd.concat(rows, ignore_index=True), pd.concat(naive_rows, ignore_index=True), noise
 
 
@@ -264,10 +331,14 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--scale", type=float, default=DEFAULT_SCALE)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replicates", type=int, default=4, help="forecast ensemble simulations")
+    ap.add_argument("--fit-replicates", type=int, default=2,
+                    help="simulations per objective evaluation (common random numbers)")
     ap.add_argument("--draws", type=int, default=100, help="noise draws per ensemble simulation")
-    ap.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (cosine decay to lr/10)")
+    ap.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (cosine decay to lr/10)")
     ap.add_argument("--chunk", type=int, default=30, help="steps per gradient checkpoint chunk")
     ap.add_argument("--dispersion", type=float, default=5.0, help="negative-binomial k of the fitting loss")
+    ap.add_argument("--initial-prevalence", type=float, default=None,
+                    help="share of agents exposed at --start (default: chosen from the first reported weeks)")
     ap.add_argument("--llm", default="rule", help="isolation behaviour backend passed to covid_nyc.build")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resume", action="store_true", help="continue from DIR/calibration_state.pt if present")
@@ -280,8 +351,10 @@ def calibrate(argv: Sequence[str]) -> int:
     state_file = out / "calibration_state.pt"
     if state_file.exists() and not a.resume:
         state_file.unlink()  # a stale run (other train_end or scale) must not be resumed silently
+    prevalence, prevalence_errors = (a.initial_prevalence, {}) if a.initial_prevalence is not None else \
+        choose_prevalence(a.train_end, start=a.start, scale=a.scale, seed=a.seed, device=a.device, llm=a.llm)
     p = setup_problem(a.train_end, a.forecast_days, start=a.start, scale=a.scale, seed=a.seed, device=a.device,
-                      window=a.window, llm=a.llm)
+                      window=a.window, llm=a.llm, initial_prevalence=prevalence)
     for w in p["data_warnings"]:
         print("data:", w)
     days_train = len(p["train_dates"])
@@ -289,10 +362,12 @@ def calibrate(argv: Sequence[str]) -> int:
     init = data_init(p, a.seed) if not (a.resume and state_file.exists()) else {}
     loss = cal.Loss("negbin", dispersion=a.dispersion)
     res = cal.fit(p["model"], p["params"], p["data"], loss, steps, state=p["setup"].state, obs_model=p["obs_model"],
-                  seeds=(a.seed,), lr=a.lr, lr_min=a.lr / 10, chunk=a.chunk, checkpoint=state_file, progress=True,
-                  grad_from=p["grad_from"], keep_best=True)
+                  seeds=tuple(a.seed + i for i in range(a.fit_replicates)), lr=a.lr, lr_min=a.lr / 10, chunk=a.chunk,
+                  checkpoint=state_file, progress=True,
+                  grad_from=p["grad_from"], keep_best=True, lr_scale={"nets.": 0.2})
     fit_seconds = time.perf_counter() - t0
     fc, naive, noise = forecast(p, [a.seed + 100 + i for i in range(a.replicates)], draws=a.draws, seed=a.seed)
+    model_only = noise.pop("model_only")
     train_end = pd.Timestamp(a.train_end)
     later_fc = fc[fc["date"] > train_end].rename(columns={"q05": "lower_90", "q95": "upper_90"})
     cols = ["date", "area", "series", "median", "lower_90", "upper_90"]
@@ -317,6 +392,7 @@ def calibrate(argv: Sequence[str]) -> int:
     summary: dict[str, Any] = {"train_end": str(train_end.date()), "forecast_days": a.forecast_days, "scale": a.scale,
                                "steps": steps, "window": a.window, "grad_from_day": p["grad_from"],
                                "simulations": res.sims[-1] if res.sims else 0, "data_init_ratios": init,
+                               "initial_prevalence": prevalence, "prevalence_shape_errors": prevalence_errors,
                                "loss_first": res.losses[0] if res.losses else None,
                                "loss_last": res.losses[-1] if res.losses else None, "noise": noise,
                                "train_scores": score(fc, p["frame"], None, train_end),
@@ -329,6 +405,7 @@ def calibrate(argv: Sequence[str]) -> int:
         later["date"] = pd.to_datetime(later["date"])
         summary["validation_scores"] = score(fc, later, train_end, end)
         summary["naive_validation_scores"] = score(naive, later, train_end, end)
+        summary["model_only_validation_scores"] = score(model_only, later, train_end, end)
     _plots(out, fc, p["frame"], train_end, res, later)
     summary["seconds"] = time.perf_counter() - t0
     summary["fit_seconds"] = fit_seconds
