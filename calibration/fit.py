@@ -110,13 +110,33 @@ def _save(path: Path, params: nn.Module, opt: torch.optim.Optimizer, res: FitRes
     os.replace(tmp, path)
 
 
+def _limit_step(trainable: Sequence[Tensor], before: Sequence[Tensor], max_step: float | None,
+                opt: torch.optim.Optimizer) -> None:
+    """Trust region for L-BFGS: pull a step longer than ``max_step`` (raw units) back to that radius.
+
+    With a noisy (sampled) objective the curvature pairs can be wrong and one L-BFGS step
+    can throw a rate to the edge of its domain, where its gradient vanishes for good; a
+    clipped step also invalidates the stored curvature, so the history is reset.
+    """
+    if max_step is None:
+        return
+    with torch.no_grad():
+        deltas = [p - b for p, b in zip(trainable, before)]
+        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas)))
+        if norm > max_step:
+            for p, b, d in zip(trainable, before, deltas):
+                p.copy_(b + d * (max_step / norm))
+            opt.state.clear()
+
+
 def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int, *, state: State,
         obs_model: ObservationModel, sim_steps: int | None = None, seeds: Sequence[int] = (0,),
         optimizer: str = "adam", lr: float = 0.05, chunk: int | None = None,
         checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1, progress: bool = True,
         callback: Callable[[int, float, Any], None] | None = None, max_grad_norm: float | None = 10.0,
         average: str = "prediction", lr_min: float | None = None, grad_from: int = 0,
-        keep_best: bool = False, lr_steps: int | None = None, lr_scale: dict[str, float] | None = None) -> FitResult:
+        keep_best: bool = False, lr_steps: int | None = None, lr_scale: dict[str, float] | None = None,
+        max_step: float | None = 1.0) -> FitResult:
     """Fit ``params`` for ``steps`` optimizer iterations; returns the trace (params are updated in place).
 
     ``sim_steps``: simulated steps per rollout (default: one per data day, ``data.agg``'s
@@ -189,7 +209,9 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
             for group in opt.param_groups:
                 group["lr"] = group["scale"] * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(1.0, frac))))
         if optimizer == "lbfgs":
+            before = [p.detach().clone() for p in trainable]
             opt.step(closure)
+            _limit_step(trainable, before, max_step, opt)
         else:
             closure()
             if keep_best and closure.last < res.best_loss:  # type: ignore[attr-defined]
@@ -264,7 +286,7 @@ def nelder_mead(prob: Problem, params: nn.Module, budget: int, *, step: float = 
         res.losses.append(best[0])
         return v
 
-    simplex = [x0] + [x0 + step * torch.eye(n, dtype=x0.dtype)[i] for i in range(n)]
+    simplex = [x0] + [x0 + step * torch.eye(n, dtype=x0.dtype, device=x0.device)[i] for i in range(n)]
     fx = []
     for x in simplex:
         if (res.sims[-1] if res.sims else 0) + R > budget:
@@ -321,7 +343,7 @@ def random_search(prob: Problem, params: nn.Module, budget: int, *, scale: float
     best_x, best = x.clone(), math.inf
     used = 0
     while used + R <= budget:
-        cand = best_x if used == 0 else best_x + scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        cand = best_x if used == 0 else best_x + scale * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
         set_raw_vector(params, cand)
         with torch.no_grad():
             v = float(prob.objective(params, grad=False))

@@ -216,11 +216,17 @@ def _problem(T: int = 28, N: int = 3000, seeds=(0, 1)) -> tuple[Model, Params, E
 
 
 def test_parameter_recovery_from_a_distant_start() -> None:
-    """L-BFGS from 40% / 100% off recovers beta and ascertainment (ifr held at its true value)."""
-    model, params, state, obs = _problem(T=35, N=3000)
+    """L-BFGS from 40% / 100% off recovers beta and ascertainment (ifr held at its true value).
+
+    56 days include the peak, which separates beta from ascertainment; with 35 days the two
+    trade off along a ridge. Measured over four data/fit seed sets: beta 0.476-0.521 (true
+    0.5), ascertainment 0.295-0.306 (true 0.3); without the L-BFGS trust region one set in
+    four diverged to beta -> 0.
+    """
+    model, params, state, obs = _problem(T=56, N=3000)
     params.set(beta=0.3, ascertainment=0.6)
     params.raw_ifr.requires_grad_(False)
-    res = cal.fit(model, params, obs, cal.Loss("poisson"), 6, state=state, obs_model=OBS, seeds=(0, 1), lr=1.0,
+    res = cal.fit(model, params, obs, cal.Loss("poisson"), 10, state=state, obs_model=OBS, seeds=(0, 1), lr=1.0,
                   optimizer="lbfgs", progress=False)
     got = params.values()
     err = {k: abs(float(got[k]) - TRUE[k]) / TRUE[k] for k in ("beta", "ascertainment")}
