@@ -28,7 +28,7 @@ central intervals) and empirical coverage of the 90% interval.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd

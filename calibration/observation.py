@@ -234,7 +234,6 @@ def align(frame: pd.DataFrame, dates: Sequence, *, series: Sequence[str] | None 
         warnings.warn(f"observed data: {n_nan} missing (NaN) values masked", DataWarning, stacklevel=2)
     if n_neg:
         warnings.warn(f"observed data: {n_neg} negative counts masked", DataWarning, stacklevel=2)
-    T, A = len(sim_dates), len(areas)
     values, mask, masked = {}, {}, {"outside": int(outside.sum()), "nan": n_nan, "negative": n_neg}
     no_data = 0
     for s in series:

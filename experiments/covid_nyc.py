@@ -100,8 +100,8 @@ from lpm.population import (Marginals, Population, PopulationError, check_table,
                             mixing_matrix, synthesize, unit_sbm)
 from substeps.epidemic import initial_state
 from substeps.epidemic.covid import CovidState, age_tables, covid_disease, covid_model, covid_params
-from llm_archetypes import AnswerCache, ArchetypeDecision, Archetypes, Asker, Backend, Distribution, Link, Question, make_backend
-from llm_archetypes.examples import CASES_BUCKET, isolation_rule
+from llm_archetypes import AnswerCache, ArchetypeDecision, Archetypes, Asker, Backend, Link, Question, make_backend
+from llm_archetypes.examples import CASES_BUCKET, isolation_question, isolation_rule
 
 __all__ = ["build", "load_observed", "load_observed_age", "NYCSetup", "NYCState", "BOROUGHS", "DEFAULT_SCALE", "load_marginals",
            "load_flows", "load_contact_matrices", "validate_setup", "nyc_archetypes", "nyc_isolation_question",
@@ -423,13 +423,7 @@ class NYCState(CovidState):
 
 def nyc_isolation_question(name: str = ISOLATION_QUESTION) -> Question:
     """'Will this person stay home this week if they have symptoms?' with the borough's weekly reported cases."""
-    template = (
-        "A resident of New York City: age {age_band}, {sex}, lives in {borough}, employment: {employment}.\n"
-        "This week reported COVID-19 cases in {borough} are {cases} per 100,000 people per week.\n"
-        "Question: if this person develops a fever and cough this week, will they stay home "
-        "and isolate for the whole week?"
-    )
-    return Question(name, template, Distribution(("yes", "no"), (1.0, 0.0)), buckets={"cases": CASES_BUCKET})
+    return isolation_question(name, cases_phrase="reported COVID-19 cases in {borough}")
 
 
 def nyc_archetypes(pop: Population, areas: Sequence[str]) -> Archetypes:

@@ -14,8 +14,10 @@ journal plus a busy timeout serialise writers).
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,22 @@ class AnswerCache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), timeout=timeout, check_same_thread=False,
                                    isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
-                         "meta TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL DEFAULT (julianday('now')))")
+        # Switching a new file to WAL and creating the table can fail with "database is locked"
+        # without SQLite's busy handler being called when two processes open the same new file
+        # at once, so the set-up is retried here until the timeout.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                                 "meta TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL DEFAULT (julianday('now')))")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01 + 0.04 * random.random())
 
     def get(self, key: str) -> Any | None:
         """Recorded value of ``key`` or ``None``."""

@@ -20,11 +20,16 @@ CASES_BUCKET = Bucket((10.0, 50.0, 100.0, 200.0),
                        "high (100 to 200)", "very high (over 200)"))
 
 
-def isolation_question(name: str = "isolate_if_symptomatic") -> Question:
-    """'Will this person stay home this week if they have symptoms?' as a yes/no distribution."""
+def isolation_question(name: str = "isolate_if_symptomatic",
+                       cases_phrase: str = "COVID-19 cases in the city") -> Question:
+    """'Will this person stay home this week if they have symptoms?' as a yes/no distribution.
+
+    ``cases_phrase`` names the case series the context reports (it may use attribute
+    placeholders, e.g. ``"reported COVID-19 cases in {borough}"``).
+    """
     template = (
         "A resident of New York City: age {age_band}, {sex}, lives in {borough}, employment: {employment}.\n"
-        "This week COVID-19 cases in the city are {cases} per 100,000 people per week.\n"
+        "This week " + cases_phrase + " are {cases} per 100,000 people per week.\n"
         "Question: if this person develops a fever and cough this week, will they stay home "
         "and isolate for the whole week?"
     )

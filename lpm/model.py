@@ -6,8 +6,6 @@ checkpointing and progress are hooks that wrap it (see :mod:`lpm.recording`).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -17,7 +15,7 @@ from torch import Tensor
 from lpm.params import Params
 from lpm.results import Results
 from lpm.rng import Streams
-from lpm.state import State, StateError
+from lpm.state import State
 from lpm.substep import Substep
 
 __all__ = ["Model", "Observable", "Hook", "Run", "ModelError"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -301,7 +300,6 @@ def test_gradient_free_baseline_uses_the_same_budget() -> None:
 
 # ------------------------------------------------------------------ forecast scores
 def test_scores_wis_and_coverage_on_known_cases() -> None:
-    qs = cal.QUANTILES
     y = torch.tensor([10.0, 0.0, 100.0])
     q = torch.tensor([[8.0, 1.0, 50], [9, 2, 60], [10, 3, 70], [11, 4, 80], [12, 5, 90]])
     s = cal.scores(q, y, torch.ones(3, dtype=torch.bool))

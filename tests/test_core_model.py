@@ -12,7 +12,7 @@ import torch
 from lpm import (Checkpoint, Intervention, Model, ModelError, Modulate, Network, Observable, Params, Positive, State,
                  StateError, TrajectoryRecorder, substep, tensor_field)
 from lpm.networks import erdos_renyi
-from substeps.epidemic import Dwell, EpiState, Progression, Transmission, epidemic_model, initial_state, seir
+from substeps.epidemic import Dwell, EpiState, Transmission, epidemic_model, initial_state, seir
 
 
 def small_model(device: str, n: int = 3000):

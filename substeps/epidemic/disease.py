@@ -10,7 +10,7 @@ peaked) dwell as used for COVID-19 incubation and infectious periods.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -66,7 +66,6 @@ class Dwell:
             raise StateError(f"Dwell.gamma: mean_days and sd_days must be > 0, got {mean_days}, {sd_days}")
         shape = (mean_days / sd_days) ** 2
         scale = sd_days**2 / mean_days
-        dist = torch.distributions.Gamma(torch.tensor(shape, dtype=torch.float64), torch.tensor(1 / scale, dtype=torch.float64))
         upper = mean_days + 12 * sd_days
         n = max(1, int(math.ceil(upper / dt)))
         edges = torch.arange(0, n + 1, dtype=torch.float64) * dt

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lpm.kernels import mark_indices, push_compact, stage_mask
 from lpm.params import Params
-from lpm.state import State, StateError
+from lpm.state import StateError
 from lpm.substep import Substep
 from substeps.epidemic.disease import DiseaseModel, EpiState
 
@@ -101,6 +101,7 @@ class Transmission(Substep):
         self.reads = tuple(reads)
         self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
         self.params = (beta,)
+        self._infectious_codes = [c for c, s in enumerate(disease.stages) if disease.infectiousness.get(s, 0.0) > 0]
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -117,8 +118,7 @@ class Transmission(Substep):
         """Force ``[N]`` and, on a network, the targets ``[A]`` of the infectious agents' edges."""
         if self.network:
             # only the infectious frontier is visited: gathers, products and edges are O(active)
-            codes = [c for c, name in enumerate(self.disease.stages) if self.disease.infectiousness.get(name, 0.0) > 0]
-            idx = stage_mask(state.stage, codes).nonzero().squeeze(1)
+            idx = stage_mask(state.stage, self._infectious_codes).nonzero().squeeze(1)
             value = iota.index_select(0, state.stage.index_select(0, idx).long()) * state.carrier.index_select(0, idx)
             if self.use_contact_factor:
                 value = value.unsqueeze(1) * state.contact_factor.index_select(0, idx)
@@ -156,6 +156,7 @@ class Transmission(Substep):
         hit = u_c < p
         ev = cand[hit]
         entry = d.code(d.entry)
+        entry_t = torch.tensor(entry, dtype=stage.dtype, device=stage.device)
         u_dwell = u_c[hit] / p.detach()[hit].clamp_min(_TINY)
         timer = _draw_dwell(cdf, torch.full((ev.numel(),), entry, dtype=stage.dtype, device=stage.device), u_dwell)
         carrier = state.carrier
@@ -163,12 +164,11 @@ class Transmission(Substep):
             # survival (1 - p = exp(-lambda)) and infection both enter the agent's path likelihood
             factor = event_carrier(torch.where(hit, p, torch.exp(-lam)), torch.ones_like(hit))
             carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
-        entered = _entered_this_step(state, t).index_put((ev,), torch.tensor(entry, dtype=stage.dtype, device=stage.device))
         return state.replace(
-            stage=stage.index_put((ev,), torch.tensor(entry, dtype=stage.dtype, device=stage.device)),
+            stage=stage.index_put((ev,), entry_t),
             timer=state.timer.index_put((ev,), timer),
             carrier=carrier,
-            entered=entered,
+            entered=_entered_this_step(state, t).index_put((ev,), entry_t),
             entered_step=torch.tensor(t, device=stage.device),
         )
 
