@@ -18,11 +18,51 @@ from lpm.rng import Streams
 from lpm.state import State
 from lpm.substep import Substep
 
-__all__ = ["Model", "Observable", "Hook", "Run", "ModelError"]
+__all__ = ["Model", "Observable", "Hook", "Run", "ModelError", "DataflowError"]
 
 
 class ModelError(ValueError):
     """A model is assembled inconsistently (unknown fields, duplicate substeps, ...)."""
+
+
+class DataflowError(ModelError):
+    """Check mode saw a substep or observable touch a field it does not declare."""
+
+
+_RECORDING_TYPES: dict[type, type] = {}
+
+
+def _recording_type(cls: type) -> type:
+    """A subclass of ``cls`` whose instances wrap a state and log direct field reads."""
+    if cls not in _RECORDING_TYPES:
+        names = frozenset(cls.field_names())
+
+        def __getattribute__(self: Any, name: str) -> Any:
+            get = object.__getattribute__
+            if name in names:
+                get(self, "_lpm_reads").add(name)
+            elif name in ("_lpm_reads", "_lpm_state"):
+                return get(self, name)
+            # methods and properties run on the wrapped state, so `replace`, `device` or a
+            # derived property do not count as reading every field
+            return getattr(get(self, "_lpm_state"), name)
+
+        _RECORDING_TYPES[cls] = type(f"Recording{cls.__name__}", (cls,), {"__getattribute__": __getattribute__})
+    return _RECORDING_TYPES[cls]
+
+
+def recording(state: State) -> tuple[State, set[str]]:
+    """A view of ``state`` (same type, ``isinstance`` holds) and the set of fields read through it."""
+    reads: set[str] = set()
+    view = object.__new__(_recording_type(type(state)))
+    object.__setattr__(view, "_lpm_state", state)
+    object.__setattr__(view, "_lpm_reads", reads)
+    return view, reads
+
+
+def changed_fields(before: State, after: State) -> set[str]:
+    """Fields whose value object differs between two states (a replaced field counts as written)."""
+    return {f for f in before.field_names() if getattr(after, f, None) is not getattr(before, f)}
 
 
 @dataclass(frozen=True)
@@ -103,7 +143,7 @@ class Model:
 
     def _check_fields(self, available: set[str], type_name: str) -> None:
         for s in self.substeps:
-            for f in s.reads:
+            for f in (*s.reads, *s.optional_reads):
                 if f not in available:
                     raise ModelError(
                         f"substep {s.name!r} reads field {f!r}, which {type_name} does not provide; "
@@ -122,7 +162,8 @@ class Model:
         self._check_fields(set(state.field_names()), type(state).__name__)
         for s in self.substeps:
             for f in s.reads:
-                if getattr(state, f) is None:
+                # a field the substep also writes may start as None: the substep initialises it
+                if getattr(state, f) is None and f not in s.writes:
                     raise ModelError(f"substep {s.name!r} reads field {f!r}, which is None in this state")
             params.require(*s.params, owner=f"substep {s.name!r}")
         return state.validate()
@@ -149,6 +190,41 @@ class Model:
         """Evaluate every observable on ``state``."""
         return {k: o.fn(state) for k, o in self.observables.items()}
 
+    def step_checked(self, params: Params, state: State, t: int, streams: Streams,
+                     seen: dict[str, dict[str, set[str]]]) -> State:
+        """:meth:`step` that records each substep's reads and writes and fails on undeclared ones."""
+        for s in self.substeps:
+            view, reads = recording(state)
+            out = s(params, view, t, streams[s.name])
+            if out is view:
+                out = state
+            writes = changed_fields(state, out)
+            log = seen.setdefault(s.name, {"reads": set(), "writes": set()})
+            log["reads"] |= reads
+            log["writes"] |= writes
+            for f in sorted(reads - set(s.reads) - set(s.optional_reads)):
+                raise DataflowError(f"check: substep {s.name!r} read field {f!r} at step {t} but does not declare it "
+                                    f"in reads {s.reads}")
+            for f in sorted(writes - set(s.writes)):
+                raise DataflowError(f"check: substep {s.name!r} wrote field {f!r} at step {t} but does not declare it "
+                                    f"in writes {s.writes}")
+            state = out
+        return state
+
+    def observe_checked(self, state: State, seen: dict[str, dict[str, set[str]]]) -> dict[str, Tensor]:
+        """:meth:`observe` that fails when an observable declaring reads touches an undeclared field."""
+        out = {}
+        for k, o in self.observables.items():
+            view, reads = recording(state)
+            out[k] = o.fn(view)
+            seen.setdefault(f"observable:{k}", {"reads": set(), "writes": set()})["reads"] |= reads
+            # observables built from a bare function declare nothing; only declared ones are held to it
+            extra = sorted(reads - set(o.reads)) if o.reads else []
+            if extra:
+                raise DataflowError(f"check: observable {k!r} read field {extra[0]!r} but does not declare it "
+                                    f"in reads {o.reads}")
+        return out
+
     def simulate(
         self,
         params: Params,
@@ -160,7 +236,7 @@ class Model:
         device: torch.device | str | None = None,
         hooks: Iterable[Hook] = (),
         progress: bool | None = None,
-        checkpoint_every_steps: int | None = None,
+        check: bool = False,
     ) -> Results:
         """Run ``steps`` steps and return the observables.
 
@@ -169,6 +245,10 @@ class Model:
         respect to ``params``. ``seed`` seeds one independent stream per substep.
         ``hooks`` wrap the loop (recording, checkpoints); ``progress`` shows a bar
         (default: on for runs of 200 steps or more when attached to a terminal).
+        ``check=True`` runs the same steps through recording views of the state and raises
+        :class:`DataflowError` naming the substep (or observable) and the field as soon as one
+        reads or writes a field it does not declare; ``results.meta["dataflow"]`` then holds
+        what each one actually read and wrote. Results are identical to ``check=False``.
         """
         if not isinstance(steps, int) or steps < 0:
             raise ModelError(f"steps: expected a non-negative int, got {steps!r}")
@@ -188,9 +268,15 @@ class Model:
             for h in hooks:
                 h.on_start(run)
             start = run.step
+            seen: dict[str, dict[str, set[str]]] = {}
             while run.step < steps:
-                run.state = self.step(params, run.state, run.step, streams)
-                for k, v in self.observe(run.state).items():
+                if check:
+                    run.state = self.step_checked(params, run.state, run.step, streams, seen)
+                    observed = self.observe_checked(run.state, seen)
+                else:
+                    run.state = self.step(params, run.state, run.step, streams)
+                    observed = self.observe(run.state)
+                for k, v in observed.items():
                     run.records[k].append(v)
                 run.step += 1
                 for h in hooks:
@@ -199,7 +285,10 @@ class Model:
                 h.on_end(run)
         obs = {k: (torch.stack(v) if v else torch.empty(0)) for k, v in run.records.items()}
         labels = {k: (tuple(o.labels) if o.labels is not None else None) for k, o in self.observables.items()}
-        return Results(obs, labels, self.dt, 0, run.state, {"seed": seed, "steps": steps, "resumed_from": start})
+        meta: dict[str, Any] = {"seed": seed, "steps": steps, "resumed_from": start}
+        if check:
+            meta["dataflow"] = {k: {rw: tuple(sorted(v)) for rw, v in d.items()} for k, d in seen.items()}
+        return Results(obs, labels, self.dt, 0, run.state, meta)
 
     def replicate(self, params: Params, state: State, steps: int, seeds: Sequence[int], **kwargs: Any) -> dict[str, Tensor]:
         """Run one replicate per seed; observables stacked ``[R, T, ...]``."""

@@ -15,7 +15,8 @@ __all__ = ["Substep", "substep", "FunctionSubstep"]
 class Substep:
     """One vectorized update of the population.
 
-    Subclasses set ``name``, ``reads`` and ``writes`` (state field names) and ``params``
+    Subclasses set ``name``, ``reads`` and ``writes`` (state field names), ``optional_reads``
+    (fields read only when not None, e.g. a network that may be absent) and ``params``
     (parameter names), and implement ``__call__(params, state, t, rng) -> state`` without
     side effects: all randomness comes from ``rng`` (this substep's own stream).
     """
@@ -23,6 +24,7 @@ class Substep:
     name: str = "substep"
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    optional_reads: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
 
     def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
@@ -31,7 +33,8 @@ class Substep:
     def describe(self) -> str:
         """One line: name, reads, writes and parameters."""
         p = f"  params: {', '.join(self.params)}" if self.params else ""
-        return f"{self.name}: reads {', '.join(self.reads) or '-'} -> writes {', '.join(self.writes) or '-'}{p}"
+        reads = [*self.reads, *(f"{f}?" for f in self.optional_reads)]
+        return f"{self.name}: reads {', '.join(reads) or '-'} -> writes {', '.join(self.writes) or '-'}{p}"
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"

@@ -87,7 +87,7 @@ class Transmission(Substep):
         self.use_layer_scale = use_layer_scale
         self.use_contact_factor = use_contact_factor
         self.use_susceptibility = use_susceptibility
-        reads = ["stage", "timer", "carrier"]
+        reads = ["stage", "timer", "carrier", "entered", "entered_step"]
         if network:
             reads.append("network")
             if use_layer_scale:
@@ -186,7 +186,7 @@ class Progression(Substep):
         self.disease = disease
         self.name = name
         extra_reads = sorted({f for tr in disease.transitions.values() for f in tr.alt_reads})
-        self.reads = ("stage", "timer", "carrier", *extra_reads)
+        self.reads = ("stage", "timer", "carrier", "entered", "entered_step", *extra_reads)
         self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
         self.params = tuple(sorted({p for tr in disease.transitions.values() for p in tr.alt_params}))
         C = len(disease.stages)

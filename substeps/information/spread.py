@@ -119,6 +119,7 @@ class Spread(Substep):
         self.label_belief = float(label_belief)
         self.reads = ("heard", "spreading", "belief", "role", "archetype", "convincing", "propensity",
                       "share_mult", "visibility", "removed", "prebunked")
+        self.optional_reads = ("network",)  # None: well mixed
         self.writes = ("heard", "spreading", "belief")
         self.params = ("share_rate", "stifle", "prebunk_efficacy")
 
