@@ -6,6 +6,7 @@ checkpointing and progress are hooks that wrap it (see :mod:`lpm.recording`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -290,6 +291,57 @@ class Model:
             meta["dataflow"] = {k: {rw: tuple(sorted(v)) for rw, v in d.items()} for k, d in seen.items()}
         return Results(obs, labels, self.dt, 0, run.state, meta)
 
-    def replicate(self, params: Params, state: State, steps: int, seeds: Sequence[int], **kwargs: Any) -> dict[str, Tensor]:
-        """Run one replicate per seed; observables stacked ``[R, T, ...]``."""
-        return Results.stack([self.simulate(params, state, steps, seed=s, **kwargs) for s in seeds])
+    def replicate(
+        self,
+        params: Params,
+        states: State | Sequence[State],
+        steps: int,
+        *,
+        seeds: Sequence[int],
+        shared: Sequence[str] = (),
+        grad: bool = False,
+        device: torch.device | str | None = None,
+    ) -> Results:
+        """Run R replicates or counterfactual arms as one batch; observables ``[T, R, ...]``.
+
+        ``states``: one state (repeated R times) or one per replicate (arms that differ in
+        agent or edge fields); ``seeds[r]`` seeds replicate ``r``'s streams, so replicate ``r``
+        equals ``simulate(params, states[r], steps, seed=seeds[r])`` for block-local substeps
+        (see :mod:`lpm.replicates` for the exact statement). ``shared`` names written fields
+        without an agent axis whose value is the same in every replicate (e.g. a schedule's
+        ``layer_scale``); any other such write would mix replicates and is an error.
+        """
+        from lpm.replicates import ReplicateStreams, batch_states
+
+        if not isinstance(steps, int) or steps < 0:
+            raise ModelError(f"steps: expected a non-negative int, got {steps!r}")
+        seeds = [int(s) for s in seeds]
+        states = [states] * len(seeds) if isinstance(states, State) else list(states)
+        batch, layout = batch_states(states)
+        fields = {f.name: f for f in dataclasses.fields(batch)}
+        for s in self.substeps:
+            for f in s.writes:
+                meta = fields[f].metadata if f in fields else {}
+                agent_axis = any(d in ("N", "E") for d in meta.get("shape", ())) or isinstance(getattr(batch, f, None), State)
+                if not agent_axis and f not in shared:
+                    raise ModelError(f"replicate: substep {s.name!r} writes field {f!r}, which has no agent axis and "
+                                     f"would be shared by all replicates; pass shared=({f!r}, ...) if its value does "
+                                     "not depend on the replicate")
+        if device is not None:
+            batch, params = batch.to(device), params.to(device)
+        self.check(params, batch)
+        streams = ReplicateStreams(seeds, [s.name for s in self.substeps], batch.device, layout)
+        records: dict[str, list[Tensor]] = {k: [] for k in self.observables}
+        state = batch
+        with torch.enable_grad() if grad else torch.no_grad():
+            for t in range(steps):
+                for s in self.substeps:
+                    with streams.mode(s.name):
+                        state = s(params, state, t, streams.tokens[s.name])
+                parts = [layout.part(state, r) for r in range(layout.num_replicates)]
+                for k, o in self.observables.items():
+                    records[k].append(torch.stack([o.fn(p) for p in parts]))
+        obs = {k: (torch.stack(v) if v else torch.empty(0)) for k, v in records.items()}
+        labels = {k: (tuple(o.labels) if o.labels is not None else None) for k, o in self.observables.items()}
+        meta = {"seeds": seeds, "steps": steps, "replicates": layout.num_replicates, "layout": layout}
+        return Results(obs, labels, self.dt, 0, state, meta)

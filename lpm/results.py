@@ -17,7 +17,11 @@ __all__ = ["Results"]
 
 @dataclass
 class Results:
-    """Observables of a run keyed by name, each ``[T]`` or ``[T, G]`` (``G`` labelled)."""
+    """Observables of a run keyed by name, each ``[T]`` or ``[T, G]`` (``G`` labelled).
+
+    A batched run (:meth:`lpm.Model.replicate`) holds ``[T, R]`` or ``[T, R, G]`` and sets
+    ``meta["replicates"] = R``.
+    """
 
     observables: dict[str, Tensor]
     labels: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
@@ -63,6 +67,11 @@ class Results:
             v = self[name].detach().cpu().double().numpy()
             v2 = v.reshape(v.shape[0], -1)
             labels = self.labels.get(name) or (tuple(str(i) for i in range(v2.shape[1])) if v.ndim > 1 else ("all",))
+            R = self.meta.get("replicates")
+            if R:
+                # a batched run: observables are [T, R, ...]; groups become "r/label"
+                inner = self.labels.get(name) or (tuple(str(i) for i in range(v2.shape[1] // R)) if v.ndim > 2 else ("all",))
+                labels = tuple(f"{r}/{g}" for r in range(R) for g in inner)
             T, G = v2.shape
             frames.append(pd.DataFrame({
                 "step": np.repeat(np.arange(self.start_step + 1, self.start_step + T + 1), G),
@@ -127,18 +136,6 @@ class Results:
             obs = {k: torch.from_numpy(np.asarray(g[k])) for k in g}
             labels = {k: tuple(str(x) for x in g[k].attrs["labels"]) if "labels" in g[k].attrs else None for k in g}
             return Results(obs, labels, float(g.attrs["dt"]), int(g.attrs["start_step"]))
-
-    @staticmethod
-    def concat(parts: Sequence["Results"]) -> "Results":
-        """Join consecutive runs along time."""
-        first = parts[0]
-        obs = {k: torch.cat([p.observables[k] for p in parts]) for k in first.observables}
-        return Results(obs, dict(first.labels), first.dt, first.start_step, parts[-1].final_state, dict(first.meta))
-
-    @staticmethod
-    def stack(runs: Sequence["Results"]) -> dict[str, Tensor]:
-        """Stack replicate runs: ``{name: [R, T, ...]}``."""
-        return {k: torch.stack([r.observables[k] for r in runs]) for k in runs[0].observables}
 
     def summary(self) -> pd.DataFrame:
         """Per observable: total, peak value and peak time (first group axis summed)."""
