@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from lpm.params import Params
+from lpm.params import ParamsLike
 from lpm.results import Results
 from lpm.rng import Streams
 from lpm.state import State
@@ -81,7 +81,7 @@ class Run:
     """Mutable context of one simulation: what hooks may read or restore."""
 
     model: "Model"
-    params: Params
+    params: ParamsLike
     state: State
     steps: int
     seed: int
@@ -89,10 +89,6 @@ class Run:
     step: int = 0
     records: dict[str, list[Tensor]] = field(default_factory=dict)
     grad: bool = False
-
-    def observables_so_far(self) -> dict[str, Tensor]:
-        """Observables stacked over the steps run so far."""
-        return {k: torch.stack(v) if v else torch.empty(0) for k, v in self.records.items()}
 
 
 class Hook(Protocol):
@@ -158,7 +154,7 @@ class Model:
                 if f not in available:
                     raise ModelError(f"observable {name!r} reads field {f!r}, which {type_name} does not provide")
 
-    def check(self, params: Params, state: State) -> dict[str, int]:
+    def check(self, params: ParamsLike, state: State) -> dict[str, int]:
         """Validate the state and parameters against the plan; return symbolic dims (N, E...)."""
         self._check_fields(set(state.field_names()), type(state).__name__)
         for s in self.substeps:
@@ -181,7 +177,7 @@ class Model:
     def __repr__(self) -> str:
         return self.plan()
 
-    def step(self, params: Params, state: State, t: int, streams: Streams) -> State:
+    def step(self, params: ParamsLike, state: State, t: int, streams: Streams) -> State:
         """Apply every substep once, in order."""
         for s in self.substeps:
             state = s(params, state, t, streams[s.name])
@@ -191,7 +187,7 @@ class Model:
         """Evaluate every observable on ``state``."""
         return {k: o.fn(state) for k, o in self.observables.items()}
 
-    def step_checked(self, params: Params, state: State, t: int, streams: Streams,
+    def step_checked(self, params: ParamsLike, state: State, t: int, streams: Streams,
                      seen: dict[str, dict[str, set[str]]]) -> State:
         """:meth:`step` that records each substep's reads and writes and fails on undeclared ones."""
         for s in self.substeps:
@@ -228,7 +224,7 @@ class Model:
 
     def simulate(
         self,
-        params: Params,
+        params: ParamsLike,
         state: State,
         steps: int,
         *,
@@ -293,7 +289,7 @@ class Model:
 
     def replicate(
         self,
-        params: Params,
+        params: ParamsLike,
         states: State | Sequence[State],
         steps: int,
         *,

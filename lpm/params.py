@@ -9,20 +9,23 @@ that a plain torch optimizer can step it without leaving its domain::
     torch.optim.Adam(params.parameters(), lr=0.05)
 
 ``Fixed`` values are buffers: they move with ``.to(device)`` but are not fitted.
+``params.freeze("ifr")`` holds a fitted parameter at its value for a while (a staged fit)
+and ``unfreeze`` releases it; ``params.raw("beta")`` is the unconstrained tensor an
+optimizer steps (never address storage by name prefix).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Protocol, Self, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from lpm.state import StateError
 
-__all__ = ["Params", "Positive", "Interval", "Real", "Fixed", "ParamSpec"]
+__all__ = ["Params", "ParamsLike", "Positive", "Interval", "Real", "Fixed", "ParamSpec"]
 
 
 def _as_tensor(name: str, value: Any) -> Tensor:
@@ -97,6 +100,33 @@ def Fixed(value: Any) -> ParamSpec:
     return ParamSpec(value, trainable=False)
 
 
+@runtime_checkable
+class ParamsLike(Protocol):
+    """What substeps, models and calibration need of parameters: named values read as attributes.
+
+    :class:`Params` implements it; so does a module that computes some values (e.g. a
+    covariate network giving a time-varying parameter) on top of a ``Params``.
+    """
+
+    def __getattr__(self, name: str) -> Any: ...
+
+    def names(self) -> tuple[str, ...]: ...
+
+    def require(self, *names: str, owner: str = "model") -> None: ...
+
+    def fitted(self) -> Iterator[str]: ...
+
+    def values(self) -> dict[str, Tensor]: ...
+
+    def set(self, **values: Any) -> None: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
 class Params(nn.Module):
     """One module of named, constrained parameters, read as attributes."""
 
@@ -132,6 +162,29 @@ class Params(nn.Module):
     def names(self) -> tuple[str, ...]:
         """Names of all parameters, fitted and fixed."""
         return tuple(self._specs)
+
+    def raw(self, name: str) -> nn.Parameter:
+        """The unconstrained tensor the optimizer steps for fitted parameter ``name``."""
+        self.require(name, owner="Params.raw")
+        if not self._specs[name].trainable:
+            raise StateError(f"parameter {name}: Fixed (a buffer), has no unconstrained storage")
+        return self._parameters["raw_" + name]
+
+    def freeze(self, *names: str) -> Self:
+        """Hold fitted parameters at their current values (no gradient) until :meth:`unfreeze`."""
+        for n in names:
+            self.raw(n).requires_grad_(False)
+        return self
+
+    def unfreeze(self, *names: str) -> Self:
+        """Fit frozen parameters again."""
+        for n in names:
+            self.raw(n).requires_grad_(True)
+        return self
+
+    def frozen(self) -> tuple[str, ...]:
+        """Names of fitted parameters currently frozen."""
+        return tuple(n for n, s in self._specs.items() if s.trainable and not self._parameters["raw_" + n].requires_grad)
 
     def require(self, *names: str, owner: str = "model") -> None:
         """Raise if any of ``names`` is not defined, naming the one missing and its user."""
@@ -172,7 +225,7 @@ class Params(nn.Module):
         return out
 
     def fitted(self) -> Iterator[str]:
-        """Names of the trainable parameters."""
+        """Names of the trainable (non-``Fixed``) parameters, frozen ones included."""
         return (n for n, s in self._specs.items() if s.trainable)
 
     def extra_repr(self) -> str:
@@ -182,8 +235,3 @@ class Params(nn.Module):
             val = f"{float(v):.4g}" if v.numel() == 1 else f"[{v.numel()} values]"
             parts.append(f"{n}={val}{'' if s.trainable else ' (fixed)'}")
         return ", ".join(parts)
-
-    @classmethod
-    def from_mapping(cls, specs: Mapping[str, ParamSpec | float | Tensor]) -> "Params":
-        """Build from a mapping (e.g. a defaults dict merged with overrides)."""
-        return cls(**dict(specs))

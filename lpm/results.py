@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -146,7 +146,3 @@ class Results:
             k = int(torch.argmax(s))
             rows.append({"observable": name, "total": float(s.sum()), "peak": float(s[k]), "peak_time": float(self.time[k])})
         return pd.DataFrame(rows)
-
-
-def _labels(mapping: Mapping[str, Any]) -> dict[str, tuple[str, ...] | None]:
-    return {k: (tuple(v) if v is not None else None) for k, v in mapping.items()}

@@ -84,7 +84,7 @@ def test_params_constraints_roundtrip_and_grad() -> None:
     p.set(beta=0.5)
     assert math.isclose(float(p.beta), 0.5, rel_tol=1e-5)
     (p.beta * 2).backward()
-    assert p.raw_beta.grad is not None and torch.isfinite(p.raw_beta.grad).all()
+    assert p.raw("beta").grad is not None and torch.isfinite(p.raw("beta").grad).all()
     assert p.to_dict()["k"]["fitted"] is False
 
 
@@ -100,3 +100,21 @@ def test_params_bad_values_name_the_parameter() -> None:
         p.set(betta=0.2)
     with pytest.raises(StateError, match="needs parameter 'gamma'"):
         p.require("gamma", owner="substep 'recovery'")
+
+
+def test_freeze_holds_a_parameter_and_unfreeze_releases_it() -> None:
+    from lpm import ParamsLike
+
+    p = Params(beta=Positive(0.3), ifr=Interval(0.01, 0, 1), gamma=Fixed(0.1))
+    assert isinstance(p, ParamsLike)
+    assert p.freeze("ifr") is p and p.frozen() == ("ifr",)
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    (p.beta * 2 + p.ifr * 3).backward()
+    opt.step()
+    assert float(p.ifr) == pytest.approx(0.01) and float(p.beta) != pytest.approx(0.3)
+    p.unfreeze("ifr")
+    assert p.frozen() == () and p.raw("ifr").requires_grad
+    with pytest.raises(StateError, match="parameter gamma: Fixed"):
+        p.freeze("gamma")
+    with pytest.raises(StateError, match="needs parameter 'nope'"):
+        p.freeze("nope")
