@@ -95,6 +95,7 @@ import torch
 
 from lpm import Intervention, Model, Network, Observable, Params, State, check_tensor, tensor_field
 from lpm.cli import Experiment
+from lpm.data import data_path
 from lpm.networks import household_cliques
 from lpm.population import (Marginals, Population, PopulationError, check_table, marginal_errors, matrix_correlation,
                             mixing_matrix, synthesize, unit_sbm)
@@ -107,7 +108,7 @@ __all__ = ["build", "load_observed", "load_observed_age", "NYCSetup", "NYCState"
            "load_flows", "load_contact_matrices", "validate_setup", "nyc_archetypes", "nyc_isolation_question",
            "BoroughDecision", "survey_table", "EXPERIMENT"]
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = data_path()
 BOROUGHS = ("BX", "BK", "MN", "QN", "SI")
 FIPS = {"BX": 5, "BK": 47, "MN": 61, "QN": 81, "SI": 85}
 NAMES = {"BX": "Bronx", "BK": "Brooklyn", "MN": "Manhattan", "QN": "Queens", "SI": "Staten Island"}

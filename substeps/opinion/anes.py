@@ -31,8 +31,10 @@ _COLUMNS = ("selfLR", "PID", "educ", "age", "TVnews")
 
 
 def default_anes_path() -> Path:
-    """``data/opinion/anes96_train.csv`` at the repository root."""
-    return Path(__file__).resolve().parents[2] / "data" / "opinion" / "anes96_train.csv"
+    """``opinion/anes96_train.csv`` of the shipped data (:func:`lpm.data.data_path`)."""
+    from lpm.data import data_path
+
+    return data_path("opinion", "anes96_train.csv")
 
 
 def load_anes96(path: str | Path | None = None) -> pd.DataFrame:
