@@ -140,3 +140,31 @@ def test_torch_fallback_without_compiled_kernels() -> None:
         assert fused_progression(Progression(d), params, state, 0, g) is None
         out = Transmission(d)(params, state, 0, g)
     assert out.stage.shape == (n,)
+
+
+@needs_numba
+@pytest.mark.parametrize("graph", ["weighted", "hubs"])
+def test_compiled_forward_equals_torch_weights_and_hubs(graph: str) -> None:
+    """Unequal edge weights (the force pass), and targets with more than 128 infectious contacts
+    (the contact count overflows its byte and the step falls back to the force pass)."""
+    g = torch.Generator().manual_seed(8)
+    if graph == "weighted":
+        n = 3000
+        ei = erdos_renyi(n, 10.0, seed=4)
+        net = Network.from_layers({"c": (ei, torch.rand(ei.shape[1], generator=g) * 2)}, n, coalesce=False)
+        seeded = 30
+    else:
+        n = 600
+        hubs = torch.arange(20)
+        others = torch.arange(20, n)
+        a = torch.cartesian_prod(hubs, others).T  # every hub meets every other agent
+        ei = torch.cat([a, a.flip(0), erdos_renyi(n, 4.0, seed=4)], 1)
+        net = Network.from_layers({"c": ei}, n, coalesce=False)
+        seeded = 300
+    d = sir(0.2)
+    state = initial_state(d, n, seeded, seed=2, network=net)
+    model = Model([Transmission(d), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
+    params = Params(beta=Positive(0.06 if graph == "weighted" else 0.0005))
+    a, b = _run(model, params, state, 30, True), _run(model, params, state, 30, False)
+    assert float(a.observables["incidence"].sum()) > (0.1 * n if graph == "weighted" else 5)
+    _same(a, b)
