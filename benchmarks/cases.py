@@ -23,13 +23,39 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-BETA = 0.06  # per contact per day: R0 about 3 with mean degree 10 and 5 infectious days
-GAMMA = 0.2  # recovery probability per day (SIR references and the engine's SIR twin)
+BETA = 0.06  # SEIR case: per contact per day, R0 about 3 with mean degree 10 and 5 infectious days
+GAMMA = 0.2  # SEIR case: recovery probability per day of the SIR twin and references
+
+# The shared workload the peers are compared on (issue 13): stochastic SIR on a static
+# Erdős–Rényi graph, mean degree 10, 1% seeded, 50 days, one thread; equal work is
+# checked by the final attack rate, which every engine must land in ATTACK_RANGE.
+SIR_BETA = 0.03  # per contact per day
+SIR_GAMMA = 0.1  # recovery probability per day
+SIR_SEEDED = 0.01
+SIR_DAYS = 50
+ATTACK_RANGE = (0.82, 0.86)
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux ru_maxrss is KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Peak resident set size of this process since start or the last :func:`reset_peak_rss` (bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count at the current RSS (Linux ``clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def sync(device: torch.device) -> None:
@@ -201,24 +227,102 @@ def case_seir(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out["seir"] = engine_case(disease, net, n, a.days, a.repeats, device, grad=n <= a.grad_max_n)
     twin = sir(recovery=Dwell.geometric(-math.log(1 - GAMMA)))
     out["sir"] = engine_case(twin, net, n, a.days, a.repeats, device, grad=False)
-    refs: dict[str, Any] = {}
     state0 = ref.seeds_mask(n, max(1, n // 1000), seed=0)
-    src, dst = net.edge_index[0], net.edge_index[1]
-    sec, _, res = median_time(lambda: ref.torch_scatter_sir(src, dst, state0, BETA, GAMMA, a.days), a.repeats, device)
-    refs["torch_scatter"] = {"agent_days_per_s": n * a.days / res[0], "final_R": res[1]}
+    out["reference"] = reference_kernels(net, state0, BETA, GAMMA, a.days, a, device)
+    return out
+
+
+def case_sir(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The shared workload: engine SIR (compiled forward, torch forward, differentiable) and the references.
+
+    One process, one graph, one seeding; peak RSS is measured per phase (graph build,
+    engine forward, differentiable, references) by resetting the kernel's high-water mark.
+    """
+    from benchmarks import reference as ref
+    from lpm import Params, Positive
+    from lpm.kernels import compiled_available, compiled_kernels
+    from substeps.epidemic import Dwell, initial_state, sir
+
+    n, days = a.n, a.days
+    seeded = max(1, int(round(n * SIR_SEEDED)))
+    t0 = time.perf_counter()
+    reset_peak_rss()
+    net = er_network(n, a.seed, device)
+    out: dict[str, Any] = {"build_s": time.perf_counter() - t0, "build_peak_rss_bytes": peak_rss_bytes(), "seeded": seeded,
+                           "beta": SIR_BETA, "gamma": SIR_GAMMA, **network_bytes(net)}
+    disease = sir(recovery=Dwell.geometric(-math.log(1 - SIR_GAMMA)))  # recovery probability SIR_GAMMA per day
+    state0 = ref.seeds_mask(n, seeded, seed=0)
+    state = initial_state(disease, n, torch.from_numpy(state0 == 1), network=net, device=device)
+    out["state_bytes_per_agent"] = tensor_bytes(state, 0, n) / n
+    model = seir_model(disease)
+    params = Params(beta=Positive(SIR_BETA)).to(device)
+    engines: dict[str, Any] = {}
+
+    def forward(label: str, compiled: bool) -> None:
+        with compiled_kernels(compiled):
+            run = lambda: model.simulate(params, state, days, seed=1, progress=False)  # noqa: E731
+            run()  # warm-up: compiles or loads the kernels, touches the allocator
+            reset_peak_rss()
+            sec, times, res = median_time(run, a.repeats, device)
+        engines[label] = {"agent_days_per_s": n * days / sec, "seconds": sec, "times": times,
+                          "attack_rate": float(res.observables["incidence"].sum() + seeded) / n,
+                          "peak_rss_bytes": peak_rss_bytes()}
+
+    if compiled_available() and device.type == "cpu":
+        forward("lpm_forward", True)
+        if n <= a.torch_max_n:
+            forward("lpm_forward_torch", False)
+    else:
+        forward("lpm_forward", False)
+    if n <= a.grad_max_n:
+        def diff():
+            params.zero_grad(set_to_none=True)
+            r = model.simulate(params, state, days, seed=1, grad=True, progress=False)
+            r.observables["incidence"].sum().backward()
+            return r, next(iter(params.parameters())).grad
+
+        diff()
+        reset_peak_rss()
+        gsec, gtimes, (gr, grad) = median_time(diff, a.repeats, device)
+        engines["lpm_differentiable"] = {"agent_days_per_s": n * days / gsec, "seconds": gsec, "times": gtimes,
+                                         "attack_rate": float(gr.observables["incidence"].detach().sum() + seeded) / n,
+                                         "peak_rss_bytes": peak_rss_bytes(), "grad": float(grad), "grad_finite": bool(torch.isfinite(grad))}
+        del gr
+    out["engine"] = engines
+    out["reference"] = reference_kernels(net, state0, SIR_BETA, SIR_GAMMA, days, a, device)
+    rates = {k: v["attack_rate"] for k, v in {**engines, **out["reference"]}.items() if "attack_rate" in v}
+    out["equal_work"] = {"attack_rates": rates, "range": ATTACK_RANGE,
+                         "ok": all(ATTACK_RANGE[0] <= r <= ATTACK_RANGE[1] for r in rates.values())}
+    return out
+
+
+def reference_kernels(net: Any, state0: Any, beta: float, gamma: float, days: int, a: argparse.Namespace,
+                      device: torch.device) -> dict[str, Any]:
+    """The three reference SIR kernels on ``net`` from ``state0``: speed, attack rate and peak RSS each."""
+    from benchmarks import reference as ref
+
+    n = net.num_nodes
+    refs: dict[str, Any] = {}
+
+    def record(name: str, fn: Callable[[], tuple[float, int]], dev: torch.device) -> None:
+        reset_peak_rss()
+        _, _, res = median_time(fn, a.repeats, dev)
+        refs[name] = {"agent_days_per_s": n * days / res[0], "seconds": res[0], "final_R": res[1],
+                      "attack_rate": res[2] / n, "peak_rss_bytes": peak_rss_bytes()}
+
     rowptr = net.rowptr.cpu().numpy()
     col = net.edge_index[1].cpu().numpy()
-    if n <= a.numpy_max_n:
-        _, _, res = median_time(lambda: ref.numpy_frontier_sir(rowptr, col, state0, BETA, GAMMA, a.days), a.repeats, torch.device("cpu"))
-        refs["numpy_frontier"] = {"agent_days_per_s": n * a.days / res[0], "final_R": res[1]}
     if ref.numba_available():
-        _, _, res = median_time(lambda: ref.numba_csr_sir(rowptr, col, state0, BETA, GAMMA, a.days, threads=torch.get_num_threads()),
-                                a.repeats, torch.device("cpu"))
-        refs["numba_csr"] = {"agent_days_per_s": n * a.days / res[0], "final_R": res[1]}
+        record("numba_csr", lambda: ref.numba_csr_sir(rowptr, col, state0, beta, gamma, days, threads=torch.get_num_threads()),
+               torch.device("cpu"))
     else:
-        refs["numba_csr"] = {"skipped": "numba not installed (pip install lpm[bench])"}
-    out["reference"] = refs
-    return out
+        refs["numba_csr"] = {"skipped": "numba not installed (pip install lpm[fast])"}
+    if n <= a.numpy_max_n:
+        record("numpy_frontier", lambda: ref.numpy_frontier_sir(rowptr, col, state0, beta, gamma, days), torch.device("cpu"))
+    if n <= a.scatter_max_n:
+        src, dst = net.edge_index[0], net.edge_index[1]
+        record("torch_scatter", lambda: ref.torch_scatter_sir(src, dst, state0, beta, gamma, days), device)
+    return refs
 
 
 def case_layered(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -346,7 +450,7 @@ def case_llm(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {"K": int(arch.K), "grouping_s": group_s, "step_s": sec}
 
 
-CASES = {"seir": case_seir, "layered": case_layered, "nyc": case_nyc, "opinion": case_opinion,
+CASES = {"sir": case_sir, "seir": case_seir, "layered": case_layered, "nyc": case_nyc, "opinion": case_opinion,
          "information": case_information, "llm": case_llm}
 
 
@@ -363,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--grad-max-n", type=int, default=1_000_000)
     ap.add_argument("--numpy-max-n", type=int, default=10_000_000)
+    ap.add_argument("--scatter-max-n", type=int, default=10_000_000)
+    ap.add_argument("--torch-max-n", type=int, default=10_000_000, help="largest N for the engine's torch forward path")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -4,7 +4,8 @@ All three simulate the same discrete-time SIR on the same CSR contact graph: eac
 infectious agent infects each susceptible contact with probability ``p_edge`` (so an agent
 with k infectious contacts is infected with ``1 - (1 - p_edge)^k``, the engine's
 ``1 - exp(-beta k)`` when ``p_edge = 1 - exp(-beta)``), then recovers with probability
-``gamma``. States are 0 = S, 1 = I, 2 = R.
+``gamma``. States are 0 = S, 1 = I, 2 = R. Each returns ``(seconds, final R, ever infected)``;
+the last, over N, is the attack rate of the equal-work check.
 
 1. :func:`torch_scatter_sir`: the straightforward tensor formulation, every edge every step.
 2. :func:`numpy_frontier_sir`: vectorized NumPy that only visits edges of infectious agents.
@@ -33,8 +34,8 @@ def seeds_mask(n: int, infected: int, seed: int = 0) -> np.ndarray:
 
 
 def torch_scatter_sir(src: Tensor, dst: Tensor, state0: np.ndarray, beta: float, gamma: float, days: int,
-                      seed: int = 0) -> tuple[float, int]:
-    """Every edge, every step: ``index_add`` of infectious sources into targets. Returns (seconds, final R)."""
+                      seed: int = 0) -> tuple[float, int, int]:
+    """Every edge, every step: ``index_add`` of infectious sources into targets. Returns (seconds, final R, ever infected)."""
     device = src.device
     g = torch.Generator(device=device).manual_seed(seed)
     state = torch.from_numpy(state0).to(device)
@@ -48,13 +49,13 @@ def torch_scatter_sir(src: Tensor, dst: Tensor, state0: np.ndarray, beta: float,
         new_inf = (state == 0) & (torch.rand(n, generator=g, device=device) < p)
         rec = (state == 1) & (torch.rand(n, generator=g, device=device) < gamma)
         state = torch.where(new_inf, 1, torch.where(rec, 2, state)).to(torch.uint8)
-    r = int((state == 2).sum())
-    return time.perf_counter() - t0, r
+    sec = time.perf_counter() - t0
+    return sec, int((state == 2).sum()), int((state != 0).sum())
 
 
 def numpy_frontier_sir(rowptr: np.ndarray, col: np.ndarray, state0: np.ndarray, beta: float, gamma: float,
-                       days: int, seed: int = 0) -> tuple[float, int]:
-    """Vectorized NumPy visiting only the edges of infectious agents. Returns (seconds, final R)."""
+                       days: int, seed: int = 0) -> tuple[float, int, int]:
+    """Vectorized NumPy visiting only the edges of infectious agents. Returns (seconds, final R, ever infected)."""
     rng = np.random.default_rng(seed)
     state = state0.copy()
     p_edge = -math.expm1(-beta)
@@ -74,7 +75,8 @@ def numpy_frontier_sir(rowptr: np.ndarray, col: np.ndarray, state0: np.ndarray, 
         rec = inf[rng.random(inf.size) < gamma]
         state[tgt] = 1
         state[rec] = 2
-    return time.perf_counter() - t0, int((state == 2).sum())
+    sec = time.perf_counter() - t0
+    return sec, int((state == 2).sum()), int((state != 0).sum())
 
 
 _NUMBA_STEP = None
@@ -120,8 +122,8 @@ def _numba_step() -> tuple:
 
 
 def numba_csr_sir(rowptr: np.ndarray, col: np.ndarray, state0: np.ndarray, beta: float, gamma: float, days: int,
-                  seed: int = 0, threads: int | None = None) -> tuple[float, int]:
-    """Fused compiled CSR loop (uint8 states, int32 indices). Returns (seconds, final R); compile not timed."""
+                  seed: int = 0, threads: int | None = None) -> tuple[float, int, int]:
+    """Fused compiled CSR loop (uint8 states, int32 indices). Returns (seconds, final R, ever infected); compile not timed."""
     import numba
 
     steps, seed_fn = _numba_step()
@@ -140,4 +142,5 @@ def numba_csr_sir(rowptr: np.ndarray, col: np.ndarray, state0: np.ndarray, beta:
     for _ in range(days):
         step(rp, cl, a, b, p_edge, gamma)
         a, b = b, a
-    return time.perf_counter() - t0, int((a == 2).sum())
+    sec = time.perf_counter() - t0
+    return sec, int((a == 2).sum()), int((a != 0).sum())

@@ -1,12 +1,17 @@
-"""Benchmark suite: ``python -m benchmarks.run [--quick] [--device cpu|cuda] [--sizes 1e4 1e5 ...] [--out DIR]``.
+"""Benchmark suite: ``python -m benchmarks.run [--quick] [--device cpu|cuda] [--sizes 1e5 1e6 ...] [--out DIR]``.
 
-Measures agent-days per second (forward and differentiable), bytes retained per agent-day
+First, the shared workload peers are compared on (case ``sir``): stochastic SIR on an
+Erdős–Rényi graph (mean degree 10, beta 0.03, recovery 0.1 a day, 1% seeded, 50 days),
+the engine's compiled forward, torch forward and differentiable paths next to the three
+reference kernels, all on the same graph in the same process, with ratios and the
+equal-work check (every attack rate in ``ATTACK_RANGE``). Then, as before, it measures agent-days per second (forward and differentiable), bytes retained per agent-day
 by autograd, peak memory and bytes per agent and per edge, for the network SEIR over N,
 the layered city network at the largest N, the NYC model, the other domains and the
 archetype (LLM) layer, plus three reference SIR kernels on the same graphs (see
 :mod:`benchmarks.reference`) for ratios that do not drift with machine load. Each (case, N)
-runs in its own process (:mod:`benchmarks.cases`). Writes ``results.json`` and
-``results.md`` (machine info included) under ``--out``.
+runs in its own process (:mod:`benchmarks.cases`). Writes ``NAME.json`` and ``NAME.md``
+(machine info included) under ``--out``, by default outside the repository
+(``$TMPDIR/lpm-bench``); the committed summaries live in ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,8 +30,11 @@ from typing import Any, Sequence
 import torch
 
 TARGETS = {
-    "forward_1e6": 5e7, "forward_1e7": 3e7, "grad_1e6": 1e7, "bytes_per_agent_day": 40.0, "layered_1e7_bytes": 24 * 2**30,
+    "forward_1e6": 4.5e7, "forward_1e7": 4.5e7, "grad_1e6": 2e7, "forward_vs_numba": 1.0, "bytes_per_agent_day": 40.0,
+    "layered_1e7_bytes": 12 * 2**30,
 }
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "lpm-bench"
+REF_NAMES = ("numba_csr", "numpy_frontier", "torch_scatter")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -94,8 +103,46 @@ def _fmt(x: Any, unit: str = "") -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
+def summarize_sir(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the shared-workload table: one per (engine or reference kernel, N), with ratios to each reference."""
+    rows = []
+    for r in records:
+        if r.get("case") != "sir" or "engine" not in r:
+            continue
+        refs = {k: v for k, v in r.get("reference", {}).items() if "agent_days_per_s" in v}
+        for name, v in [*r["engine"].items(), *refs.items()]:
+            row = {"n": r["n"], "days": r["days"], "engine": name, "agent_days_per_s": v["agent_days_per_s"],
+                   "peak_rss": v.get("peak_rss_bytes"), "attack_rate": v.get("attack_rate"),
+                   "equal_work": r.get("equal_work", {}).get("ok")}
+            for k, ref in refs.items():
+                row[f"x_{k}"] = v["agent_days_per_s"] / ref["agent_days_per_s"]
+            rows.append(row)
+    return rows
+
+
+def sir_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue-13 targets on the shared workload."""
+    by = {(r["engine"], r["n"]): r for r in rows}
+    checks: dict[str, Any] = {}
+    for key, engine, n, target in [("forward_1e6", "lpm_forward", 10**6, TARGETS["forward_1e6"]),
+                                   ("forward_1e7", "lpm_forward", 10**7, TARGETS["forward_1e7"]),
+                                   ("grad_1e6", "lpm_differentiable", 10**6, TARGETS["grad_1e6"])]:
+        r = by.get((engine, n))
+        if r:
+            checks[key] = {"value": r["agent_days_per_s"], "target": target, "met": r["agent_days_per_s"] >= target}
+    for n in sorted({r["n"] for r in rows}):
+        r = by.get(("lpm_forward", n))
+        if r and r.get("x_numba_csr") is not None:
+            checks[f"forward_vs_numba_{n:.0e}"] = {"value": r["x_numba_csr"], "target": TARGETS["forward_vs_numba"],
+                                                   "met": r["x_numba_csr"] >= TARGETS["forward_vs_numba"]}
+        if r and r.get("equal_work") is not None:
+            checks[f"equal_work_{n:.0e}"] = {"value": r["attack_rate"], "target": "all in range", "met": bool(r["equal_work"])}
+    return checks
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-N rows of the scaling table and the target checks."""
+    """Rows of the shared-workload and SEIR scaling tables and the target checks."""
+    sir_rows = summarize_sir(records)
     rows = []
     for r in records:
         if r.get("case") not in ("seir", "layered") or "seir" not in r:
@@ -115,14 +162,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                     row[f"ref_{k}"] = v["agent_days_per_s"]
                     row[f"ratio_{k}"] = row["sir_forward"] / v["agent_days_per_s"]
         rows.append(row)
-    checks: dict[str, Any] = {}
+    checks: dict[str, Any] = sir_checks(sir_rows)
     by = {(r["case"], r["n"]): r for r in rows}
-    for key, n, field, target in [("forward_1e6", 10**6, "forward", TARGETS["forward_1e6"]),
-                                  ("forward_1e7", 10**7, "forward", TARGETS["forward_1e7"]),
-                                  ("grad_1e6", 10**6, "grad", TARGETS["grad_1e6"])]:
-        r = by.get(("seir", n))
-        if r and r.get(field):
-            checks[key] = {"value": r[field], "target": target, "met": r[field] >= target}
     r = by.get(("seir", 10**6))
     if r and r.get("bytes_per_agent_day") is not None:
         checks["bytes_per_agent_day_1e6"] = {"value": r["bytes_per_agent_day"], "target": TARGETS["bytes_per_agent_day"],
@@ -131,12 +172,28 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if r and r.get("peak_rss"):
         checks["layered_1e7_peak_rss"] = {"value": r["peak_rss"], "target": TARGETS["layered_1e7_bytes"],
                                           "met": r["peak_rss"] <= TARGETS["layered_1e7_bytes"]}
-    return {"rows": rows, "checks": checks}
+    return {"sir_rows": sir_rows, "rows": rows, "checks": checks}
 
 
 def markdown(info: dict[str, Any], summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """The results as a Markdown report."""
     out = ["# LPM benchmark results", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), ""]
+    if summary.get("sir_rows"):
+        out += ["## Shared workload: SIR on Erdős–Rényi (degree 10, beta 0.03, recovery 0.1/day, 1% seeded, 50 days)", "",
+                "Agent-days per second; `x REF` = this row's speed / the reference kernel's, same graph, same process. "
+                "Peak RSS is the high-water mark of that phase alone (graph build excluded). "
+                "`lpm_forward`: the engine's forward pass as it runs by default (compiled kernels when numba is there); "
+                "`lpm_forward_torch`: the same model with the compiled kernels off (the torch reference path); "
+                "`lpm_differentiable`: `simulate(grad=True)` + backward of total incidence.", "",
+                "| engine | N | agent-days/s | x numba CSR | x numpy frontier | x torch scatter | peak RSS GiB | attack rate | equal work |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in summary["sir_rows"]:
+            out.append("| " + " | ".join([
+                r["engine"], f"{r['n']:.0e}", _fmt(r["agent_days_per_s"]), _fmt(r.get("x_numba_csr")),
+                _fmt(r.get("x_numpy_frontier")), _fmt(r.get("x_torch_scatter")), _fmt(r.get("peak_rss"), "GiB"),
+                "-" if r.get("attack_rate") is None else f"{r['attack_rate']:.4f}",
+                {True: "ok", False: "NO", None: "-"}[r.get("equal_work")]]) + " |")
+        out.append("")
     out += ["## Network SEIR scaling (agent-days per second; ratios: engine SIR twin / reference kernel, same graph, same run)", "",
             "| case | N | days | forward | differentiable | bytes/agent-day retained | peak RSS GiB | state B/agent | B/edge | "
             "engine SIR | x torch scatter | x numpy frontier | x numba CSR |",
@@ -150,14 +207,14 @@ def markdown(info: dict[str, Any], summary: dict[str, Any], records: list[dict[s
     out += ["", "Reference kernels (agent-days/s): " + "; ".join(
         f"N={r['n']:.0e}: " + ", ".join(f"{k[4:]} {_fmt(v)}" for k, v in r.items() if k.startswith("ref_"))
         for r in summary["rows"] if any(k.startswith("ref_") for k in r)), ""]
-    out += ["## Targets (issue 6)", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    out += ["## Targets (issue 13; SEIR memory targets from issue 6)", "", "| target | value | goal | met |", "|---|---|---|---|"]
     for k, c in summary["checks"].items():
-        val = _fmt(c["value"], "GiB") if "rss" in k else _fmt(c["value"])
+        val = _fmt(c["value"], "GiB") if "rss" in k else (f"{c['value']:.4f}" if "equal" in k else _fmt(c["value"]))
         goal = _fmt(c["target"], "GiB") if "rss" in k else _fmt(c["target"])
         out.append(f"| {k} | {val} | {goal} | {'yes' if c['met'] else 'no'} |")
     out += ["", "## Other cases", ""]
     for r in records:
-        if r.get("case") in ("seir", "layered") and "seir" in r:
+        if (r.get("case") in ("seir", "layered") and "seir" in r) or (r.get("case") == "sir" and "engine" in r):
             continue
         keep = {k: v for k, v in r.items() if k not in ("traceback", "stderr", "forward_times", "grad_times")}
         out.append(f"- `{json.dumps(keep, default=str)}`")
@@ -178,11 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, short runs, time budget")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", nargs="+", type=parse_size, default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default outside the repository)")
     ap.add_argument("--days", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--cases", nargs="+", default=["seir", "layered", "nyc", "opinion", "information", "llm"])
+    ap.add_argument("--cases", nargs="+", default=["sir", "seir", "layered", "nyc", "opinion", "information", "llm"])
+    ap.add_argument("--sir-days", type=int, default=None, help="days of the shared SIR workload (default 50)")
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole suite (skip what does not fit)")
     ap.add_argument("--nyc-scale", type=float, default=None)
     ap.add_argument("--nyc-days", type=int, default=None)
@@ -190,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--layered-n", type=parse_size, default=None)
     ap.add_argument("--name", default="results")
     a = ap.parse_args(argv)
-    sizes = a.sizes or ([10**4, 10**5] if a.quick else [10**4, 10**5, 10**6, 10**7])
+    sizes = a.sizes or ([10**4, 10**5] if a.quick else [10**5, 10**6, 10**7])
     days = a.days or (20 if a.quick else 100)
     repeats = a.repeats or (2 if a.quick else 3)
     budget = a.budget or (240.0 if a.quick else 3 * 3600.0)
@@ -236,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             last_wall[case] = (n, rec["wall_s"])
         print(f"[bench]   -> {json.dumps({k: v for k, v in rec.items() if k in ('wall_s', 'skipped', 'error')})}", flush=True)
 
+    from benchmarks.cases import SIR_DAYS
+
+    sir_days = a.sir_days or (min(SIR_DAYS, days) if a.quick else SIR_DAYS)
+    for n in sizes:
+        if "sir" in a.cases:
+            go("sir", n, sir_days, 1 if n >= 10**7 else repeats)
     for n in sizes:
         if "seir" in a.cases:
             go("seir", n, days, 1 if n >= 10**7 else repeats)

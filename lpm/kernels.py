@@ -9,12 +9,15 @@ for CPU and CUDA and is differentiable through ordinary autograd ops.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import os
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["stage_mask", "frontier_edges", "push_compact", "mark_indices"]
+__all__ = ["stage_mask", "frontier_edges", "push_compact", "mark_indices", "stream_key", "counter_uniform",
+           "compiled_available", "compiled_kernels"]
 
 
 def stage_mask(stage: Tensor, codes: Sequence[int]) -> Tensor:
@@ -84,3 +87,100 @@ def mark_indices(index: Tensor, num_nodes: int) -> Tensor:
     if index.numel():
         mask[index] = True  # int32 indices index directly: no int64 copy of the frontier
     return mask
+
+
+# ----------------------------------------------------------------------------- counter-based uniforms
+#
+# A uniform for (stream, step, draw, agent) is a hash of those numbers, so a substep draws
+# only for the agents where an event can happen (candidates, movers) and still gets common
+# random numbers: agent i's uniform at step t does not depend on which other agents drew,
+# on the order of the draws, or on the device. The hash is two rounds of a 32-bit integer
+# mixer (xor-shift-multiply, "lowbias32" constants) on int64 tensors; the second multiplier
+# is used in its negative (two's complement) form, so no product leaves int64 and the
+# result is the same on CPU, CUDA and in the compiled kernels of :func:`compiled`.
+
+_MASK32 = 0xFFFFFFFF
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+_MUL2_SIGNED = _MUL2 - (1 << 32)
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    """One step of SplitMix64 on a Python int (keys only; never per agent)."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(rng: torch.Generator | int, t: int, draw: int = 0) -> tuple[int, int]:
+    """Two 32-bit keys for draw number ``draw`` of step ``t`` of a stream (its generator or seed)."""
+    seed = rng.initial_seed() if isinstance(rng, torch.Generator) else int(rng)
+    z = _splitmix64(_splitmix64(seed & _MASK64) ^ (int(t) * 0xD1B54A32D192ED03 & _MASK64) ^ (int(draw) * 0x8CB92BA72F3D8DD7 & _MASK64))
+    return z & _MASK32, (z >> 32) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """The 32-bit mixer on an int64 tensor holding values in ``[0, 2^32)`` (modified in place)."""
+    x ^= x >> 16
+    x.mul_(_MUL1).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(_MUL2_SIGNED).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
+
+
+def counter_uniform(key: tuple[int, int], index: Tensor) -> Tensor:
+    """``float32 [K]`` uniforms in ``[0, 1)`` (24-bit) for the agents ``index`` under ``key``."""
+    x = index.to(torch.int64) ^ key[0]
+    x.bitwise_and_(_MASK32)
+    x = _mix32(x)
+    x ^= key[1]
+    x = _mix32(x)
+    return (x >> 8).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
+def _hash_uniform_py(key: tuple[int, int], i: int) -> float:
+    """The same uniform for one agent in plain Python (the tests' specification)."""
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * _MUL1) & _MASK32
+        x ^= x >> 15
+        x = (x * _MUL2) & _MASK32
+        return x ^ (x >> 16)
+
+    return (mix(mix((i ^ key[0]) & _MASK32) ^ key[1]) >> 8) / float(1 << 24)
+
+
+# ----------------------------------------------------------------------------- compiled kernels (numba)
+
+_COMPILED: dict[str, object] = {}
+_ENABLED = os.environ.get("LPM_COMPILED", "1") != "0"
+
+
+def compiled_available() -> bool:
+    """Whether compiled CPU kernels can run: numba importable and not disabled (``LPM_COMPILED=0``)."""
+    if not _ENABLED:
+        return False
+    if "numba" not in _COMPILED:
+        try:
+            import numba  # noqa: F401
+
+            _COMPILED["numba"] = True
+        except Exception:  # numba is an optional extra: the torch path is always there
+            _COMPILED["numba"] = False
+    return bool(_COMPILED["numba"])
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled: bool) -> Iterator[None]:
+    """Turn the compiled CPU kernels on or off inside a ``with`` block (tests, comparisons)."""
+    global _ENABLED
+    old = _ENABLED
+    _ENABLED = bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED = old

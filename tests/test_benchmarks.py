@@ -46,15 +46,15 @@ def test_reference_kernels_exact_on_ring(kernel: str) -> None:
     state0[0] = 1
     beta = 80.0  # 1 - exp(-80) == 1.0 in float32 and float64
     if kernel == "torch":
-        _, r = ref.torch_scatter_sir(src.to(DEVICE), dst.to(DEVICE), state0, beta, 1.0, days)
+        _, r, ever = ref.torch_scatter_sir(src.to(DEVICE), dst.to(DEVICE), state0, beta, 1.0, days)
     elif kernel == "numpy":
-        _, r = ref.numpy_frontier_sir(rowptr, col, state0, beta, 1.0, days)
+        _, r, ever = ref.numpy_frontier_sir(rowptr, col, state0, beta, 1.0, days)
     else:
         if not ref.numba_available():
             pytest.skip("numba not installed (bench extra)")
-        _, r = ref.numba_csr_sir(rowptr, col, state0, beta, 1.0, days, threads=1)
+        _, r, ever = ref.numba_csr_sir(rowptr, col, state0, beta, 1.0, days, threads=1)
     # day d infects the two agents at distance d and recovers those at distance d - 1
-    assert r == 2 * days - 1
+    assert r == 2 * days - 1 and ever == 2 * days + 1
 
 
 def test_compact_push_matches_dense() -> None:

@@ -22,6 +22,11 @@ family it complements). One uniform per
 agent and step is drawn from the substep's stream; the dwell of the new stage reuses it
 through the conditional uniform ``u / p``, so event and dwell draws stay aligned across
 parameter values (common random numbers).
+
+Uniforms are counter-based (:func:`lpm.kernels.counter_uniform`, keyed by the substep's
+stream, the step and the agent), so only candidates and movers draw, and the compiled
+kernels of :mod:`substeps.epidemic.fast` (used for the forward pass when numba is
+installed) reproduce the torch path's trajectories exactly.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lpm.kernels import mark_indices, push_compact, stage_mask
+from lpm.kernels import counter_uniform, mark_indices, push_compact, stage_mask, stream_key
 from lpm.params import Params
 from lpm.state import StateError
 from lpm.substep import Substep
 from substeps.epidemic.disease import DiseaseModel, EpiState
+from substeps.epidemic.fast import fused_progression, fused_transmission
 
 __all__ = ["Transmission", "Progression", "initial_state", "event_carrier", "compartment_counts"]
 
@@ -140,8 +146,10 @@ class Transmission(Substep):
         beta = getattr(params, self.beta)
         if beta.numel() != 1:
             raise StateError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
+        fast = fused_transmission(self, params, state, t, rng)  # the compiled twin of what follows, when it applies
+        if fast is not None:
+            return fast
         F, targets = self._force(state, iota)
-        u = torch.rand(stage.shape, generator=rng, device=stage.device)
         at_risk = stage == d.code(d.susceptible)
         # only at-risk agents that feel a force can change (or carry a score): F = 0 elsewhere
         # gives p = 0, no event and a survival factor of exactly 1, so the rest is O(candidates)
@@ -152,7 +160,7 @@ class Transmission(Substep):
         if self.use_susceptibility:
             lam = lam * state.susceptibility.index_select(0, cand)
         p = -torch.expm1(-lam)
-        u_c = u.index_select(0, cand)
+        u_c = counter_uniform(stream_key(rng, t), cand)
         hit = u_c < p
         ev = cand[hit]
         entry = d.code(d.entry)
@@ -205,9 +213,11 @@ class Progression(Substep):
         return self._tables[device]
 
     def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
+        fast = fused_progression(self, params, state, t, rng)  # the compiled twin of what follows, when it applies
+        if fast is not None:
+            return fast
         to, cdf = self.tables(state.stage.device)
         stage, timer = state.stage, state.timer
-        u = torch.rand(stage.shape, generator=rng, device=stage.device)
         earlier = _entered_this_step(state, t)
         fresh = earlier >= 0
         # only agents whose timer runs out move: everything but the countdown is O(movers)
@@ -215,7 +225,7 @@ class Progression(Substep):
         old = stage.index_select(0, mv)
         new_stage = to.index_select(0, old.long())
         carrier = state.carrier
-        u_mv = u.index_select(0, mv)
+        u_mv = counter_uniform(stream_key(rng, t), mv)
         u_dwell = u_mv
         factor = None
         for src, alt, prob_fn in self._alts:

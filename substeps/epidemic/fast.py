@@ -1,0 +1,315 @@
+"""Compiled forward kernels for :class:`Transmission` and :class:`Progression` (numba, CPU).
+
+One model definition: the substeps call :func:`fused_transmission` / :func:`fused_progression`
+first, and these return ``None`` unless the compiled path applies (numba installed and
+enabled, CPU tensors, nothing that needs autograd, a network for transmission), in which
+case the substep runs its torch code, the reference these kernels are tested against
+(``tests/test_fast_kernels.py``: same seed, same states, bit for bit).
+
+Each kernel does in one pass what the torch path does in a dozen tensor ops: transmission
+visits the edges of infectious agents, accumulates the force on susceptible targets only,
+and draws a counter uniform (:func:`lpm.kernels.counter_uniform`) for each candidate;
+progression counts timers down and moves agents whose timer runs out. The force sums run
+in the same edge order and float32 arithmetic as ``index_add``, so outcomes match.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lpm.kernels import compiled_available, stream_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lpm.params import Params
+    from substeps.epidemic.disease import EpiState
+    from substeps.epidemic.substeps import Progression, Transmission
+
+__all__ = ["fused_transmission", "fused_progression", "applies"]
+
+_KERNELS: dict[str, object] = {}
+
+
+def _kernels() -> dict[str, object]:
+    """Compile (or load from numba's cache) the two kernels once per process."""
+    if not _KERNELS:
+        import numba
+
+        from lpm.compiled import inverse_cdf, uniform
+
+        tiny = np.float32(1e-30)
+
+        marked = np.int8(-128)  # a susceptible target in the candidate list (never a stage code)
+
+        @numba.njit(cache=True, error_model="numpy")
+        def same_push(stage, carrier, iota, w0):  # pragma: no cover - compiled
+            """(True, c) when every infectious source pushes the same float32 value ``c`` on every edge."""
+            found = False
+            c = np.float32(0)
+            for i in range(stage.shape[0]):
+                si = stage[i]
+                if iota[si] > 0:
+                    v = iota[si] * carrier[i] * w0  # (iota * carrier) * weight, as the torch path rounds it
+                    if not found:
+                        c = v
+                        found = True
+                    elif v != c:
+                        return False, c
+            return True, c
+
+        @numba.njit(cache=True, error_model="numpy")
+        def count_pass(stage, rowptr, dst, iota, s_code, cand):  # pragma: no cover - compiled
+            """Mark susceptible targets in ``stage`` with their number of infectious contacts (-128: one).
+
+            Only the 1-byte stage array is touched at random; -1 if a target meets more than 128
+            (the stage array is then restored and the force pass runs instead)."""
+            nc = 0
+            for i in range(stage.shape[0]):
+                si = stage[i]
+                if si < 0 or not iota[si] > 0:  # marked targets (< 0) are susceptible, never sources
+                    continue
+                for e in range(rowptr[i], rowptr[i + 1]):
+                    j = dst[e]
+                    sj = stage[j]
+                    if sj == s_code:
+                        stage[j] = marked
+                        cand[nc] = j
+                        nc += 1
+                    elif sj < 0:
+                        if sj == -1:
+                            for k in range(nc):
+                                stage[cand[k]] = s_code
+                            return -1
+                        stage[j] = sj + 1
+            return nc
+
+        @numba.njit(cache=True, error_model="numpy")
+        def force_pass(stage, carrier, rowptr, dst, weight, layer, iota, cf, use_cf, scale, use_scale,
+                       s_code, force, cand):  # pragma: no cover - compiled
+            """Force on susceptible targets, summed in CSR edge order (the order ``index_add`` sums in)."""
+            nc = 0
+            for i in range(stage.shape[0]):
+                si = stage[i]
+                if si < 0 or not iota[si] > 0:
+                    continue
+                val = iota[si] * carrier[i]
+                for e in range(rowptr[i], rowptr[i + 1]):
+                    j = dst[e]
+                    sj = stage[j]
+                    if sj == s_code:
+                        stage[j] = marked
+                        cand[nc] = j
+                        nc += 1
+                    elif sj != marked:
+                        continue
+                    v = val * cf[i, layer[e]] if use_cf else val
+                    v = v * weight[e]
+                    if use_scale:
+                        v = v * scale[layer[e]]
+                    force[j] += v
+            return nc
+
+        @numba.njit(cache=True, error_model="numpy")
+        def transmission(stage, timer, entered, carrier, rowptr, dst, weight, uniform_w, w0, layer, iota,
+                         cf, use_cf, scale, use_scale, susc, use_susc, bdt, s_code, entry, cdf, k1, k2,
+                         force, cand):  # pragma: no cover - compiled
+            # the outputs are written only after every edge has been read; sources are never
+            # susceptible, so marking targets in `stage` leaves every source's code intact
+            counted, c0 = False, np.float32(0)
+            if uniform_w and not use_cf and not use_scale:
+                counted, c0 = same_push(stage, carrier, iota, w0)
+            nc = -1
+            if counted:
+                nc = count_pass(stage, rowptr, dst, iota, s_code, cand)
+            if nc < 0:
+                counted = False
+                nc = force_pass(stage, carrier, rowptr, dst, weight, layer, iota, cf, use_cf, scale, use_scale,
+                                s_code, force, cand)
+            events = 0
+            for k in range(nc):
+                j = cand[k]
+                if counted:
+                    f = np.float32(0)
+                    for _ in range(stage[j] + 129):  # the same sequential float32 sum as index_add
+                        f += c0
+                else:
+                    f = force[j]
+                    force[j] = 0
+                stage[j] = s_code
+                lam = bdt * f
+                if use_susc:
+                    lam = lam * susc[j]
+                u = uniform(j, k1, k2)
+                # p = -expm1(-lam) <= lam (also after float32 rounding): u >= lam means no event,
+                # without evaluating expm1 for most candidates
+                if u >= lam:
+                    continue
+                p = -np.expm1(-lam)
+                if u < p:
+                    stage[j] = entry
+                    entered[j] = entry
+                    timer[j] = inverse_cdf(cdf, entry, u / max(p, tiny))
+                    events += 1
+            return events
+
+        @numba.njit(cache=True, error_model="numpy")
+        def progression(stage, timer, entered_in, fresh_valid, to, cdf, alt_src, alt_dst, q, k1, k2,
+                        stage_out, timer_out, entered_out):  # pragma: no cover - compiled
+            n = stage.shape[0]
+            per_agent = q.shape[1] > 1
+            for i in range(n):
+                e = entered_in[i] if fresh_valid else np.int8(-1)
+                s = stage[i]
+                tm = timer[i]
+                entered_out[i] = e
+                stage_out[i] = s
+                if e >= 0:
+                    timer_out[i] = tm
+                    continue
+                if tm != 1:
+                    timer_out[i] = tm - 1 if tm > 0 else 0
+                    continue
+                new = to[s]
+                u = uniform(i, k1, k2)
+                ud = u
+                for a in range(alt_src.shape[0]):
+                    if s == alt_src[a]:
+                        qa = q[a, i] if per_agent else q[a, 0]
+                        if u < qa:
+                            new = alt_dst[a]
+                            ud = u / max(qa, tiny)
+                        else:
+                            ud = (u - qa) / max(np.float32(1) - qa, tiny)
+                stage_out[i] = new
+                entered_out[i] = new
+                timer_out[i] = inverse_cdf(cdf, new, ud)
+
+        _KERNELS.update(transmission=transmission, progression=progression)
+    return _KERNELS
+
+
+_WORK: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _workspace(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed force ``[N] float32`` and a candidate list ``[N] int32/int64``.
+
+    The kernel returns the force to zero on exit (it resets exactly the entries it
+    touched), so the buffers carry nothing between calls; they exist to avoid an O(N)
+    allocation and clear per step.
+    """
+    if n not in _WORK:
+        if len(_WORK) > 4:
+            _WORK.clear()
+        _WORK[n] = (np.zeros(n, np.float32), np.empty(n, np.int32 if n < 2**31 else np.int64))
+    return _WORK[n]
+
+
+_CONST_W: dict[int, tuple[weakref.ref, int, float | None]] = {}
+
+
+def _constant_weight(weight: Tensor) -> float | None:
+    """The one value of ``weight`` if all edges share it, else None (checked once per weight tensor and version)."""
+    hit = _CONST_W.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    w = weight.detach()
+    value = float(w[0]) if w.numel() and bool((w == w[0]).all()) else None
+    if len(_CONST_W) > 16:
+        _CONST_W.clear()
+    _CONST_W[id(weight)] = (weakref.ref(weight), weight._version, value)
+    return value
+
+
+def _needs_grad(*xs: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def applies(state: "EpiState") -> bool:
+    """Whether the compiled kernels can run on this state (numba enabled, CPU tensors)."""
+    return compiled_available() and state.stage.device.type == "cpu"
+
+
+def _np(x: Tensor) -> np.ndarray:
+    return x.detach().numpy()
+
+
+_F32 = torch.float32
+
+
+def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState", t: int,
+                       rng: torch.Generator) -> "EpiState | None":
+    """Transmission's forward step by the compiled kernel, or ``None`` where the torch path must run."""
+    if not sub.network or state.network is None or not applies(state):
+        return None
+    beta = getattr(params, sub.beta)
+    if beta.numel() != 1:
+        return None  # the torch path reports the error
+    scale = state.layer_scale if sub.use_layer_scale else None
+    cf = state.contact_factor if sub.use_contact_factor else None
+    susc = state.susceptibility if sub.use_susceptibility else None
+    net = state.network
+    if _needs_grad(beta, state.carrier, scale, cf, susc):
+        return None
+    if any(x is not None and x.dtype != _F32 for x in (state.carrier, net.weight, scale, cf, susc)):
+        return None
+    d = sub.disease
+    iota, cdf = sub.tables(state.stage.device)
+    n = state.stage.numel()
+    stage, timer = state.stage.clone(), state.timer.clone()
+    # what an earlier substep of this step wrote stays (as in the torch path's _entered_this_step)
+    same_step = state.entered_step is not None and int(state.entered_step) == t
+    entered = state.entered.clone() if same_step else torch.full_like(state.entered, -1)
+    bdt = np.float32((beta.detach().to(_F32) * d.dt).item())
+    w_const = _constant_weight(net.weight)
+    k1, k2 = stream_key(rng, t)
+    force, cand = _workspace(n)
+    empty2 = np.zeros((1, 1), np.float32)
+    empty1 = np.zeros(1, np.float32)
+    _kernels()["transmission"](
+        _np(stage), _np(timer), _np(entered), _np(state.carrier), _np(net.rowptr), _np(net.edge_index[1]),
+        _np(net.weight), w_const is not None, np.float32(w_const or 0.0), _np(net.layer), _np(iota),
+        _np(cf) if cf is not None else empty2, cf is not None,
+        _np(scale) if scale is not None else empty1, scale is not None,
+        _np(susc) if susc is not None else empty1, susc is not None,
+        bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), _np(cdf), k1, k2, force, cand)
+    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered,
+                         entered_step=torch.tensor(t, device=stage.device))
+
+
+def fused_progression(sub: "Progression", params: "Params", state: "EpiState", t: int,
+                      rng: torch.Generator) -> "EpiState | None":
+    """Progression's step by the compiled kernel, or ``None`` where the torch path must run.
+
+    Progression's only differentiable output is the branch factor on the carrier, so the
+    kernel also runs under autograd when no branch probability carries a gradient.
+    """
+    if not applies(state):
+        return None
+    n = state.stage.numel()
+    qs = []
+    for _, _, prob_fn in sub._alts:
+        q = torch.as_tensor(prob_fn(params, state), device=state.stage.device).to(_F32)
+        if _needs_grad(q) or q.numel() not in (1, n):
+            return None
+        qs.append(q.detach().reshape(-1))
+    if any(q.numel() == n for q in qs):
+        qarr = torch.stack([q.expand(n) for q in qs])
+    elif qs:
+        qarr = torch.stack(qs)
+    else:
+        qarr = torch.zeros(0, 1)
+    to, cdf = sub.tables(state.stage.device)
+    alt_src = np.array([a[0] for a in sub._alts], dtype=np.int8)
+    alt_dst = np.array([a[1] for a in sub._alts], dtype=np.int8)
+    fresh_valid = state.entered_step is not None and int(state.entered_step) == t
+    stage, timer, entered = torch.empty_like(state.stage), torch.empty_like(state.timer), torch.empty_like(state.entered)
+    k1, k2 = stream_key(rng, t)
+    _kernels()["progression"](_np(state.stage), _np(state.timer), _np(state.entered), fresh_valid, _np(to), _np(cdf),
+                              alt_src, alt_dst, _np(qarr.contiguous()), k1, k2, _np(stage), _np(timer), _np(entered))
+    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered,
+                         entered_step=torch.tensor(t, device=stage.device))

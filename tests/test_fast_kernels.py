@@ -1,0 +1,170 @@
+"""The compiled forward kernels against the torch path they replace, and the counter uniforms.
+
+The torch substeps are the reference: with numba installed, ``Transmission`` and
+``Progression`` run compiled kernels for forward steps; with :func:`compiled_kernels`
+turned off they run torch code. Same seed, same trajectories, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lpm import Interval, Model, Network, Params, Positive
+from lpm.kernels import _hash_uniform_py, compiled_available, compiled_kernels, counter_uniform, stream_key
+from lpm.networks import erdos_renyi, household_cliques
+from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seir, seirm, sir
+
+DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+needs_numba = pytest.mark.skipif(not compiled_available(), reason="numba not installed (pip install lpm[fast])")
+
+
+def test_counter_uniform_matches_spec_and_is_uniform() -> None:
+    """Bit-exact against the plain-Python hash; flat histogram; independent across keys and steps."""
+    key = stream_key(12345, 7)
+    idx = torch.arange(200_000, device=DEVICE)
+    u = counter_uniform(key, idx)
+    assert u.dtype == torch.float32 and float(u.min()) >= 0 and float(u.max()) < 1
+    for i in (0, 1, 2, 99_999, 199_999):
+        assert float(u[i]) == _hash_uniform_py(key, i)
+    counts = torch.histc(u.cpu(), bins=20, min=0, max=1)
+    expected = idx.numel() / 20
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 45  # 19 dof: p ~ 1e-3
+    v = counter_uniform(stream_key(12345, 8), idx)
+    w = counter_uniform(stream_key(12346, 7), idx)
+    for other in (v, w):
+        assert abs(float(torch.corrcoef(torch.stack([u, other]).cpu())[0, 1])) < 0.01
+    # the same agent's number does not depend on who else draws
+    sub = torch.tensor([5, 77, 150_000], device=DEVICE)
+    assert torch.equal(counter_uniform(key, sub), u[sub])
+    g = torch.Generator().manual_seed(12345)
+    assert stream_key(g, 7) == key
+
+
+@needs_numba
+def test_numba_uniform_is_the_torch_uniform() -> None:
+    """The compiled twin draws the same numbers."""
+    from lpm.compiled import uniforms
+
+    key = stream_key(99, 3, 1)
+    idx = np.arange(0, 50_000, 7, dtype=np.int64)
+    assert np.array_equal(uniforms(idx, *key), counter_uniform(key, torch.from_numpy(idx)).numpy())
+
+
+def _run(model: Model, params: Params, state: EpiState, steps: int, compiled: bool, grad: bool = False):
+    with compiled_kernels(compiled):
+        return model.simulate(params, state, steps, seed=4, grad=grad, progress=False)
+
+
+def _same(a, b) -> None:
+    for f in ("stage", "timer", "entered"):
+        assert torch.equal(getattr(a.final_state, f), getattr(b.final_state, f)), f
+    for k in a.observables:
+        assert torch.equal(a.observables[k].detach(), b.observables[k].detach()), k
+
+
+@needs_numba
+@pytest.mark.parametrize("disease", ["sir", "seir"])
+def test_compiled_forward_equals_torch_on_er(disease: str) -> None:
+    """SIR (geometric recovery) and SEIR (gamma dwell) on an ER graph: identical trajectories."""
+    n = 4000
+    d = sir(0.1) if disease == "sir" else seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
+    net = Network.from_layers({"community": erdos_renyi(n, 10.0, seed=2)}, n, coalesce=False)
+    state = initial_state(d, n, 40, seed=1, network=net)
+    model = Model([Transmission(d), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
+    params = Params(beta=Positive(0.03 if disease == "sir" else 0.06))
+    a, b = _run(model, params, state, 50, True), _run(model, params, state, 50, False)
+    assert float(a.observables["incidence"].sum()) > 0.3 * n  # an epidemic happened
+    _same(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("per_agent_fatality", [False, True])
+def test_compiled_forward_equals_torch_layered(per_agent_fatality: bool) -> None:
+    """Layers with scales, per-agent contact factors, susceptibility and a branching exit; both plan orders."""
+    n = 3000
+    hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(0))
+    net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=1)}, n)
+    if per_agent_fatality:
+        d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=lambda p, s: p.ifr * s.susceptibility,
+                  fatality_reads=("susceptibility",), fatality_params=("ifr",))
+    else:
+        d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=0.2)
+    g = torch.Generator().manual_seed(5)
+    state = initial_state(d, n, 30, network=net, layer_scale=torch.tensor([0.5, 1.5]),
+                          susceptibility=torch.rand(n, generator=g) + 0.5, contact_factor=torch.rand(n, 2, generator=g))
+    params = Params(beta=Positive(0.08), ifr=Interval(0.3, 0, 1))
+    kw = dict(use_layer_scale=True, use_contact_factor=True, use_susceptibility=True)
+    obs = {"inc": incidence(d), "deaths": incidence(d, stage="M")}
+    for plan in ([Transmission(d, **kw), Progression(d)], [Progression(d), Transmission(d, **kw)]):
+        model = Model(plan, obs, state_type=EpiState)
+        a, b = _run(model, params, state, 40, True), _run(model, params, state, 40, False)
+        assert float(a.observables["deaths"].sum()) > 5
+        _same(a, b)
+
+
+@needs_numba
+def test_compiled_progression_under_autograd_keeps_gradients() -> None:
+    """With grad on, transmission runs torch and progression may run compiled: same values, same gradients."""
+    n = 2000
+    d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=0.1)
+    net = Network.from_layers({"community": erdos_renyi(n, 8.0, seed=3)}, n, coalesce=False)
+    state = initial_state(d, n, 20, network=net)
+    model = Model([Transmission(d), Progression(d)], {"inc": incidence(d)}, state_type=EpiState)
+    grads = []
+    for compiled in (True, False):
+        params = Params(beta=Positive(0.06))
+        r = _run(model, params, state, 30, compiled, grad=True)
+        (g,) = torch.autograd.grad(r.observables["inc"].sum(), list(params.parameters()))
+        grads.append((r, g))
+    _same(grads[0][0], grads[1][0])
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5) and float(grads[0][1].abs()) > 0
+
+
+def test_torch_fallback_without_compiled_kernels() -> None:
+    """With the compiled kernels off (as without numba) the substeps run torch code: the fast entry declines."""
+    from substeps.epidemic.fast import fused_progression, fused_transmission
+
+    d = sir(0.1)
+    n = 100
+    net = Network.from_layers({"community": erdos_renyi(n, 4.0, seed=2)}, n, coalesce=False)
+    state = initial_state(d, n, 5, network=net)
+    params = Params(beta=Positive(0.03))
+    g = torch.Generator().manual_seed(0)
+    with compiled_kernels(False), torch.no_grad():
+        assert fused_transmission(Transmission(d), params, state, 0, g) is None
+        assert fused_progression(Progression(d), params, state, 0, g) is None
+        out = Transmission(d)(params, state, 0, g)
+    assert out.stage.shape == (n,)
+
+
+@needs_numba
+@pytest.mark.parametrize("graph", ["weighted", "hubs"])
+def test_compiled_forward_equals_torch_weights_and_hubs(graph: str) -> None:
+    """Unequal edge weights (the force pass), and targets with more than 128 infectious contacts
+    (the contact count overflows its byte and the step falls back to the force pass)."""
+    g = torch.Generator().manual_seed(8)
+    if graph == "weighted":
+        n = 3000
+        ei = erdos_renyi(n, 10.0, seed=4)
+        net = Network.from_layers({"c": (ei, torch.rand(ei.shape[1], generator=g) * 2)}, n, coalesce=False)
+        seeded = 30
+    else:
+        n = 600
+        hubs = torch.arange(20)
+        others = torch.arange(20, n)
+        a = torch.cartesian_prod(hubs, others).T  # every hub meets every other agent
+        ei = torch.cat([a, a.flip(0), erdos_renyi(n, 4.0, seed=4)], 1)
+        net = Network.from_layers({"c": ei}, n, coalesce=False)
+        seeded = 300
+    d = sir(0.2)
+    state = initial_state(d, n, seeded, seed=2, network=net)
+    model = Model([Transmission(d), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
+    params = Params(beta=Positive(0.06 if graph == "weighted" else 0.0005))
+    a, b = _run(model, params, state, 30, True), _run(model, params, state, 30, False)
+    assert float(a.observables["incidence"].sum()) > (0.1 * n if graph == "weighted" else 5)
+    _same(a, b)
