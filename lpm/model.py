@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from lpm.params import Params
+from lpm.errors import LPMError
+from lpm.params import Params, check_params
 from lpm.results import Results
 from lpm.rng import Streams
 from lpm.state import State
@@ -21,7 +22,7 @@ from lpm.substep import Substep
 __all__ = ["Model", "Observable", "Hook", "Run", "ModelError"]
 
 
-class ModelError(ValueError):
+class ModelError(LPMError, ValueError):
     """A model is assembled inconsistently (unknown fields, duplicate substeps, ...)."""
 
 
@@ -125,6 +126,7 @@ class Model:
                 if getattr(state, f) is None:
                     raise ModelError(f"substep {s.name!r} reads field {f!r}, which is None in this state")
             params.require(*s.params, owner=f"substep {s.name!r}")
+        check_params(params, "checked before simulating")
         return state.validate()
 
     def plan(self) -> str:

@@ -22,6 +22,8 @@ from typing import Any, Iterator, Mapping, Self, Sequence
 import torch
 from torch import Tensor
 
+from lpm.errors import LPMError
+
 __all__ = [
     "State",
     "tensor_field",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class StateError(ValueError):
+class StateError(LPMError, ValueError):
     """A state, parameter or input violates its declared shape, dtype or range."""
 
 
