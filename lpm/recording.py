@@ -92,7 +92,8 @@ def run_fingerprint(run: Run) -> dict[str, Any]:
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (empty when they match)."""
     out = []
-    for key in sorted(set(saved) | set(current)):
+    order = ["steps", "seed", "params", "state_shapes", "code_version", "plan", "substep_data", "state"]
+    for key in sorted(set(saved) | set(current), key=lambda k: (order.index(k) if k in order else len(order), k)):
         a, b = saved.get(key), current.get(key)
         if a == b:
             continue
@@ -242,7 +243,7 @@ class TrajectoryRecorder:
             return
         with _open_h5(self.path, "a", "trajectory file") as f:
             g = f["trajectories"]
-            for name in self.fields:
+            for name in self.fields if self.buffer else ():
                 ds = g[name]
                 rows = np.stack([r[name] for _, r in self.buffer])
                 n0 = ds.shape[0]
@@ -361,9 +362,15 @@ def load_checkpoint(path: str | os.PathLike, run: Run) -> None:
         current = run.state.flat_tensors()
         flat = {}
         f["state"].visititems(lambda name, obj: flat.__setitem__(name, torch.from_numpy(np.asarray(obj))) if hasattr(obj, "shape") else None)
-        if set(flat) != set(current):
-            raise CheckpointError(f"checkpoint {path}: state fields {sorted(set(flat) ^ set(current))} differ")
+        if set(current) - set(flat):
+            raise CheckpointError(f"checkpoint {path}: state fields {sorted(set(current) - set(flat))} are missing")
+        restored = run.state.with_flat_tensors(flat).flat_tensors()
+        if set(flat) != set(restored):  # a saved field this state type cannot hold
+            raise CheckpointError(f"checkpoint {path}: state fields {sorted(set(flat) - set(restored))} are not on "
+                                  f"{type(run.state).__name__}")
         for k, v in flat.items():
+            if k not in current:
+                continue
             if tuple(v.shape) != tuple(current[k].shape) or v.dtype != current[k].dtype:
                 raise CheckpointError(f"checkpoint {path}: state field {k} has shape {tuple(v.shape)} {v.dtype}, this "
                                       f"run {tuple(current[k].shape)} {current[k].dtype}")

@@ -195,6 +195,8 @@ class State:
             key = prefix + name
             if isinstance(value, Tensor) and key in flat:
                 changes[name] = flat[key].to(value.device)
+            elif value is None and key in flat:  # an optional field set during the run (e.g. from a checkpoint)
+                changes[name] = flat[key].to(self.device)
             elif isinstance(value, State):
                 changes[name] = value.with_flat_tensors(flat, key + "/")
         return dataclasses.replace(self, **changes)

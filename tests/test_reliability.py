@@ -309,7 +309,7 @@ def test_population_cache_roundtrip_is_validated(tmp_path: Path) -> None:
     import h5py
 
     with h5py.File(Path(info["cache"]), "r+") as f:  # flip agents' ages: the checksum no longer matches
-        f["population/age"][:5] = 0
+        f["population/age"][:5] = (f["population/age"][:5] + 1) % 18
     with pytest.raises(CheckpointError, match="checksum"):
         nyc.build_population(0.001, 0, areas, cache_dir=tmp_path)
 
