@@ -57,7 +57,10 @@ Time-varying contact multipliers (all tensors over the run's dates):
 
 * mobility (``AreaContacts``, per borough and layer): work = MTA subway ridership share of the
   comparable pre-pandemic day (trailing 7-day mean); community = ``0.3 + 0.7 min(1, m50/100)``
-  with the borough's Descartes Labs m50 index (trailing 7-day mean);
+  with the borough's Descartes Labs m50 index (trailing 7-day mean); days the source skips (m50:
+  18 days, at most 8 in a row) carry the last mean forward; a non-numeric or negative value, or
+  more than 10 missing days in a row, is an error naming the file, column and date. Dates
+  outside the covariates (2020-03-01..2021-03-31) need ``extrapolate=True`` (``--extrapolate``);
 * ``school_closure`` (school layer): NYC DOE schools closed 2020-03-16 (Mayor's announcement of
   2020-03-15); blended learning from 2020-09-29 at ~30% in-person attendance; all buildings
   closed 2020-11-19; elementary reopened 2020-12-07, middle schools 2021-02-25, high schools
@@ -283,8 +286,11 @@ class DataWarning(UserWarning):
     """The run uses covariates extended beyond their data (``extrapolate=True``)."""
 
 
+MAX_COVARIATE_GAP_DAYS = 10  # longest run of missing days in a covariate bridged by the trailing mean
+
+
 def _checked_series(values: pd.Series, dates: pd.Series, file: str, column: str, low: float = 0.0) -> pd.Series:
-    """A covariate column as floats indexed by date: numeric, finite, >= low, one row per day, no gaps."""
+    """A covariate column as floats indexed by date: numeric, finite, >= low, unique dates, short gaps only."""
     v = pd.to_numeric(values, errors="coerce")
     bad = v.isna() | ~np.isfinite(v.fillna(0)) | (v < low)
     if bad.any():
@@ -295,9 +301,14 @@ def _checked_series(values: pd.Series, dates: pd.Series, file: str, column: str,
     if s.index.has_duplicates:
         raise DataError(f"{file}: column {column!r}: duplicated date {s.index[s.index.duplicated()][0].date()}")
     s = s.sort_index()
-    gaps = pd.date_range(s.index[0], s.index[-1], freq="D").difference(s.index) if len(s) else []
-    if len(gaps):
-        raise DataError(f"{file}: column {column!r}: {len(gaps)} missing day(s), first {gaps[0].date()}")
+    if len(s) > 1:
+        # the source skips a few days (m50: 18 days, at most 8 in a row): the trailing mean bridges those;
+        # a longer hole is not a gap in a series but missing data, and an error
+        run = int((s.index.to_series().diff().dt.days.fillna(1) - 1).max())
+        if run > MAX_COVARIATE_GAP_DAYS:
+            at = s.index[int(np.argmax((s.index.to_series().diff().dt.days.fillna(1) - 1).to_numpy()))]
+            raise DataError(f"{file}: column {column!r}: {run} consecutive missing days before {at.date()} (at most "
+                            f"{MAX_COVARIATE_GAP_DAYS} are bridged by the trailing mean)")
     return s
 
 

@@ -97,7 +97,7 @@ def test_calibrate_train_end_after_the_data_is_an_error(tmp_path: Path, capsys) 
     rc, _, err = run(["calibrate", "covid-nyc", "--train-end", "2030-01-01", "--out", str(tmp_path / "c")], capsys)
     line = one_line_error(err)
     assert rc == 2 and "--train-end 2030-01-01 is after the last observation (2021-03-31)" in line
-    assert "the data cover 2020-02-29..2021-03-31" in line
+    assert "the data cover 2020-03-01..2021-03-31" in line
     assert time.perf_counter() - t0 < 30  # before any population is built
     assert not (tmp_path / "c" / "forecast.csv").exists()
 
@@ -178,8 +178,10 @@ def test_non_empty_out_is_refused_unless_overwrite_and_resume_matches(tmp_path: 
     rc, _, _ = run([*base, "--resume"], capsys)  # resumes from the final checkpoint: the same run
     assert rc == 0 and (out / "daily.csv").read_bytes() == first
     assert json.loads((out / "summary.json").read_text())["resumed_from_day"] == 14
+    rc, _, err = run([*base, "--resume", "--days", "10"], capsys)
+    assert rc == 2 and "written by a different run" in one_line_error(err) and "steps: saved 14, now 10" in err
     rc, _, err = run([*base, "--resume", "--seed", "1"], capsys)
-    assert rc == 2 and "written by a different run" in one_line_error(err) and "seed: saved 0, now 1" in err
+    assert rc == 2 and "seed 0 differs from this run's seed 1" in one_line_error(err)
     rc, _, _ = run([*base[:-2], "--overwrite", "--llm", "off"], capsys)  # a different run replaces all of the old one
     assert rc == 0 and not (out / "survey.csv").exists()
 
