@@ -91,11 +91,13 @@ class OutputDir:
 
     def commit(self) -> list[Path]:
         """Move every staged file into place (one atomic rename each) and remove the staging area."""
+        staged = sorted(self.staging.iterdir())
+        undeclared = [p.name for p in staged if p.name not in self.files]
+        if undeclared:  # checked before anything moves: --overwrite must know every file a run writes
+            raise OutputError(f"{self.path}: the run wrote {undeclared}, which it did not declare (declared: "
+                              f"{list(self.files)})")
         moved = []
-        for p in sorted(self.staging.iterdir()):
-            if p.name not in self.files:
-                raise OutputError(f"{self.path}: run wrote {p.name!r}, which it did not declare (declared: "
-                                  f"{list(self.files)})")
+        for p in staged:
             dest = self.path / p.name
             os.replace(p, dest)
             moved.append(dest)
