@@ -260,3 +260,23 @@ def test_fit_resume_with_another_problem_is_refused(tmp_path: Path) -> None:
     res = cal.fit(model, params, data, cal.Loss("poisson"), 2, fingerprint={"scale": 0.002, "train_end": "2020-05-15"},
                   **kw)
     assert res.iterations == 2
+
+
+@pytest.mark.parametrize("make", [lambda: Dwell.geometric(float("nan")), lambda: Dwell.geometric(-0.2),
+                                  lambda: Dwell.gamma(float("nan"), 1.0), lambda: Dwell.gamma(3.0, -1.0),
+                                  lambda: Dwell.fixed(-2), lambda: Dwell.fixed(float("nan")),
+                                  lambda: Params(beta=Positive(-0.1)), lambda: Params(beta=Positive(float("nan")))])
+def test_negative_or_nan_rates_are_errors(make) -> None:
+    with pytest.raises(StateError):
+        make()
+
+
+def test_saturated_parameter_outside_its_domain_is_named() -> None:
+    model, params, state = small()
+    with torch.no_grad():
+        params.raw_beta.fill_(-1e4)  # softplus underflows to exactly 0: outside (0, inf)
+    params.check_domains()  # closed bounds: 0 is the edge, still allowed ...
+    with torch.no_grad():
+        params.raw_beta.fill_(float("inf"))
+    with pytest.raises(StateError, match="raw_beta"):  # ... a non-finite raw value is not
+        model.simulate(params, state, 2, progress=False)
