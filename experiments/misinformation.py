@@ -29,6 +29,7 @@ import torch
 
 from lpm import Fixed, Intervention, Interval, Model, Modulate, Network, Params
 from lpm.cli import Experiment
+from lpm.outputs import OutputDir
 from lpm.networks import clustering, friendship_paradox, preferential_attachment, small_world
 from substeps.information import (
     ArchetypeProfile,
@@ -149,9 +150,11 @@ def run(argv: Sequence[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out/misinformation")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     a = ap.parse_args(list(argv))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # every output is checked before any work, and staged: a failed run leaves no partial files
+    od = OutputDir(a.out, ("results.h5", "summary.json", "reach.png"), overwrite=a.overwrite)
+    out = od.staging
     n, dev = a.agents, a.device
     pop = anes_population(n, seed=a.seed, device=dev)
     degree_share = torch.tensor([float(k % 2) for k in range(len(pop.names))])
@@ -201,6 +204,7 @@ def run(argv: Sequence[str]) -> int:
         summary["networks"][kind] = info
     _plot(curves, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    od.commit()
     return 0
 
 

@@ -27,6 +27,7 @@ import torch
 
 from lpm import Fixed, Interval, Model, Network, Observable, Params
 from lpm.cli import Experiment
+from lpm.outputs import OutputDir
 from lpm.networks import follow_graph, friendship_paradox
 from substeps.opinion import (
     Anchoring,
@@ -92,13 +93,15 @@ def run(argv: Sequence[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out/polarization")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     a = ap.parse_args(list(argv))
     names = [s for s in a.scenarios.split(",") if s]
     bad = [s for s in names if s not in SCENARIOS]
     if bad:
         ap.error(f"--scenarios: unknown {bad}; known: {list(SCENARIOS)}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # every output is checked before any work, and staged: a failed run leaves no partial files
+    od = OutputDir(a.out, ("results.h5", "summary.json", "polarization_metrics.png", "opinion_distribution.png"), overwrite=a.overwrite)
+    out = od.staging
     t0 = time.perf_counter()
     state, meta = build_population(a.agents, a.follows, a.seed, a.device)
     build_s = time.perf_counter() - t0
@@ -132,6 +135,7 @@ def run(argv: Sequence[str]) -> int:
         print(name, json.dumps(summary["scenarios"][name]["final"]))
     _plots(results, state, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    od.commit()
     print(json.dumps({k: v for k, v in summary.items() if k != "scenarios"}, indent=2))
     return 0
 

@@ -15,6 +15,7 @@ import torch
 
 from lpm import Intervention, Model, Modulate, Network, Params, Positive
 from lpm.cli import Experiment
+from lpm.outputs import OutputDir
 from lpm.networks import erdos_renyi, household_cliques
 from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seir, stage_counts
 
@@ -50,9 +51,11 @@ def run(argv: Sequence[str]) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-lockdown", action="store_true")
     ap.add_argument("--out", default="out/sir_demo")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     a = ap.parse_args(list(argv))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # every output is checked before any work, and staged: a failed run leaves no partial files
+    od = OutputDir(a.out, ("results.h5", "daily.csv", "epidemic.png", "summary.json"), overwrite=a.overwrite)
+    out = od.staging
     model, params, state = build(a.agents, lockdown=None if a.no_lockdown else (40, 80), seed=a.seed, device=a.device)
     print(model.plan())
     t0 = time.perf_counter()
@@ -72,6 +75,7 @@ def run(argv: Sequence[str]) -> int:
                "agent_days_per_second": a.agents * a.days / secs,
                "attack_rate": float(res["R"][-1] + res["I"][-1] + res["E"][-1]) / a.agents}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    od.commit()
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -10,9 +10,10 @@ answers; :class:`ArchetypeDecision` is the substep that puts it all in a simulat
 """
 
 from llm_archetypes.archetypes import Archetypes, bin_labels
-from llm_archetypes.asking import Answers, AnswerError, Asker, BudgetExceeded, Stats
+from llm_archetypes.asking import Answers, AnswerError, Asker, BudgetExceeded, FallbackLimitExceeded, Stats
 from llm_archetypes.backends import (
     Backend,
+    BackendConfigError,
     BackendError,
     OpenAIHTTPBackend,
     RuleBackend,
@@ -21,7 +22,7 @@ from llm_archetypes.backends import (
     local_model_available,
     make_backend,
 )
-from llm_archetypes.cache import AnswerCache, CacheMiss
+from llm_archetypes.cache import AnswerCache, CacheCorrupt, CacheMiss, CacheWarning
 from llm_archetypes.decision import ArchetypeDecision
 from llm_archetypes.link import Link
 from llm_archetypes.questions import Bucket, Choice, Distribution, Number, ParseError, Prompt, Question
@@ -30,9 +31,9 @@ from llm_archetypes.survey import survey
 __all__ = [
     "Archetypes", "bin_labels",
     "Question", "Prompt", "Bucket", "Number", "Choice", "Distribution", "ParseError",
-    "Backend", "BackendError", "RuleBackend", "TransformersBackend", "OpenAIHTTPBackend",
+    "Backend", "BackendError", "BackendConfigError", "RuleBackend", "TransformersBackend", "OpenAIHTTPBackend",
     "default_cache_dir", "local_model_available", "make_backend",
-    "AnswerCache", "CacheMiss",
-    "Asker", "Answers", "Stats", "AnswerError", "BudgetExceeded",
+    "AnswerCache", "CacheMiss", "CacheCorrupt", "CacheWarning",
+    "Asker", "Answers", "Stats", "AnswerError", "BudgetExceeded", "FallbackLimitExceeded",
     "Link", "survey", "ArchetypeDecision",
 ]

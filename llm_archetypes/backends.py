@@ -27,15 +27,16 @@ Backends add to ``self.tokens`` (tokens processed) and ``self.http_retries``; th
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
 import shutil
 import socket
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -43,16 +44,22 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lpm.errors import LPMError
+
 from llm_archetypes.questions import Prompt
 
 __all__ = [
-    "Backend", "BackendError", "RuleBackend", "TransformersBackend", "OpenAIHTTPBackend",
-    "default_cache_dir", "local_model_available", "make_backend",
+    "Backend", "BackendError", "BackendConfigError", "RuleBackend", "TransformersBackend", "OpenAIHTTPBackend",
+    "default_cache_dir", "local_model_available", "make_backend", "http_limits_from_env", "HTTP_LIMIT_ENV",
 ]
 
 
-class BackendError(RuntimeError):
+class BackendError(LPMError, RuntimeError):
     """A backend could not produce an answer (server error after retries, bad response, ...)."""
+
+
+class BackendConfigError(BackendError):
+    """Retrying cannot help: wrong key, URL or model, or nothing listening; the run must stop."""
 
 
 def default_cache_dir() -> Path:
@@ -69,6 +76,7 @@ class Backend:
     def __init__(self) -> None:
         self.tokens = 0
         self.http_retries = 0
+        self.last_error = ""  # the most recent failure, for messages that must name it
 
     def settings(self) -> dict[str, Any]:
         """Decoding settings that change answers (part of the cache key)."""
@@ -81,6 +89,34 @@ class Backend:
     def score(self, prompts: Sequence[str], options: Sequence[str]) -> Tensor:
         """Probabilities ``[K, n_options]`` of each option as the next token."""
         raise NotImplementedError
+
+    def complete_each(self, prompts: Sequence[str]) -> list[str | BackendError]:
+        """Per prompt: its answer text or its error (default: one batch call; its error applies to every prompt)."""
+        try:
+            texts = self.complete(prompts)
+        except BackendConfigError:
+            raise
+        except (BackendError, TimeoutError, ConnectionError) as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            return [e if isinstance(e, BackendError) else BackendError(self.last_error) for _ in prompts]
+        if len(texts) != len(prompts):
+            raise BackendError(f"{self.name}.complete returned {len(texts)} answers for {len(prompts)} prompts")
+        return [str(t) for t in texts]
+
+    def score_each(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float] | BackendError]:
+        """Per prompt: its option probabilities or its error (default: one batch call)."""
+        try:
+            probs = self.score(prompts, options)
+        except BackendConfigError:
+            raise
+        except (BackendError, TimeoutError, ConnectionError) as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            return [e if isinstance(e, BackendError) else BackendError(self.last_error) for _ in prompts]
+        if tuple(probs.shape) != (len(prompts), len(options)):
+            raise BackendError(f"{self.name}.score returned shape {tuple(probs.shape)}, expected "
+                               f"({len(prompts)}, {len(options)})")
+        # Python floats: what the cache stores, so record and replay build identical tensors.
+        return [[float(x) for x in row] for row in probs.double().cpu().tolist()]
 
 
 # ----------------------------------------------------------------------------- rule
@@ -272,10 +308,24 @@ class OpenAIHTTPBackend(Backend):
     ``score`` asks for one token with ``top_logprobs`` and sums, per option, the
     probability of returned tokens that equal the option (or uniquely start it);
     options absent from the top list get no mass, and a reply with none of them is an
-    error (retried, then the asker's fallback). Requests run ``concurrency`` at a time;
-    429, 5xx, connection errors and timeouts are retried up to ``max_retries`` times
-    with exponential backoff (``backoff * 2**attempt``, capped, times a jitter in
-    [0.5, 1.5), or the server's ``Retry-After``).
+    error (retried, then the asker's fallback). Requests run ``concurrency`` at a time.
+
+    Failures and waits, all bounded:
+
+    * 401/403 (key), 404 (URL or model), connection refused and unknown hosts raise
+      :class:`BackendConfigError` at once, without retries: retrying cannot help, and the
+      message says what to check.
+    * 408, 429, 5xx, connection resets, timeouts and invalid JSON are retried up to
+      ``max_retries`` times with exponential backoff (``backoff * 2**attempt``, capped at
+      ``max_backoff``, times a jitter in [0.5, 1.5)), or after the server's ``Retry-After``
+      when it is at most ``max_retry_after`` seconds (a longer one fails the call at once).
+    * ``timeout``: seconds a single connect or read may block; ``call_timeout``: total
+      seconds for one prompt, all attempts, waits and reads included (a server that
+      trickles its reply one byte at a time is cut off there); ``retry_budget``: retries
+      allowed over the backend's life (one run), after which errors fail at once.
+
+    The API key (``api_key`` or ``$LPM_LLM_API_KEY``) is sent as a bearer token and never
+    appears in cache keys, settings, error messages or results.
     """
 
     name = "openai-http"
@@ -283,32 +333,44 @@ class OpenAIHTTPBackend(Backend):
     def __init__(self, base_url: str, model: str, *, chat: bool = False, api_key: str | None = None,
                  max_tokens: int = 16, temperature: float = 0.0, top_logprobs: int = 20, timeout: float = 30.0,
                  max_retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0, concurrency: int = 4,
-                 seed: int | None = 0, extra: Mapping[str, Any] | None = None) -> None:
+                 seed: int | None = 0, extra: Mapping[str, Any] | None = None, call_timeout: float = 120.0,
+                 max_retry_after: float = 60.0, retry_budget: int = 200, max_reply_bytes: int = 1 << 20) -> None:
         super().__init__()
+        for field_name, v in (("timeout", timeout), ("call_timeout", call_timeout)):
+            if not float(v) > 0:
+                raise BackendError(f"{field_name}: expected seconds > 0, got {v!r}")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.chat = chat
-        self.api_key = api_key
+        self.api_key = api_key if api_key is not None else (os.environ.get("LPM_LLM_API_KEY") or None)
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
         self.top_logprobs = int(top_logprobs)
         self.timeout = float(timeout)
+        self.call_timeout = float(call_timeout)
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
+        self.max_retry_after = float(max_retry_after)
+        self.retry_budget = int(retry_budget)
+        self.max_reply_bytes = int(max_reply_bytes)
         self.concurrency = max(1, int(concurrency))
         self.seed = seed
         self.extra = dict(extra or {})
         self._jitter = random.Random(seed)
+        self._lock = threading.Lock()
 
     def settings(self) -> dict[str, Any]:
-        """Endpoint kind and decoding settings."""
-        return {"chat": self.chat, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "seed": self.seed, "top_logprobs": self.top_logprobs, **self.extra}
+        """Endpoint (URL and kind) and decoding settings: everything that changes a reply, never the key."""
+        return {"url": self.base_url, "chat": self.chat, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "seed": self.seed, "top_logprobs": self.top_logprobs, **self.extra}
 
     def _url(self) -> str:
         path = "/chat/completions" if self.chat else "/completions"
         return self.base_url + ("" if self.base_url.endswith("/v1") else "/v1") + path
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self.api_key, "***") if self.api_key else text
 
     def _payload(self, prompt: str, max_tokens: int, logprobs: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": self.temperature,
@@ -325,40 +387,132 @@ class OpenAIHTTPBackend(Backend):
                 body["logprobs"] = self.top_logprobs
         return body
 
+    def _request(self, data: bytes, headers: dict[str, str], deadline: float) -> tuple[int, str, Any, bytes]:
+        """One POST; every connect and read blocks at most ``min(timeout, time left)``."""
+        url = urllib.parse.urlsplit(self._url())
+        conn_type = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("call deadline passed")
+        conn = conn_type(url.hostname or "", url.port, timeout=min(self.timeout, left))
+        try:
+            conn.request("POST", url.path + (f"?{url.query}" if url.query else ""), body=data, headers=headers)
+            sock = conn.sock
+            resp = conn.getresponse()
+            chunks, size = [], 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"reply not complete within call_timeout={self.call_timeout:g}s "
+                                       f"({size} bytes received)")
+                if sock is not None:
+                    sock.settimeout(min(self.timeout, left))
+                part = resp.read1(65536)
+                if not part:
+                    break
+                chunks.append(part)
+                size += len(part)
+                if size > self.max_reply_bytes:
+                    raise BackendError(f"reply larger than max_reply_bytes={self.max_reply_bytes}")
+            return resp.status, resp.reason, resp.headers, b"".join(chunks)
+        finally:
+            conn.close()
+
+    def _take_retry(self) -> bool:
+        with self._lock:
+            if self.http_retries >= self.retry_budget:
+                return False
+            self.http_retries += 1
+            return True
+
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        url = self._url()
+        deadline = time.monotonic() + self.call_timeout
         last = ""
         for attempt in range(self.max_retries + 1):
             retry_after: float | None = None
             try:
-                req = urllib.request.Request(self._url(), data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    reply = json.loads(resp.read().decode())
-                usage = reply.get("usage") or {}
-                self.tokens += int(usage.get("total_tokens", 0) or 0)
-                return reply
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:
-                    raise BackendError(f"{self._url()}: HTTP {e.code} {e.reason}: {e.read()[:200]!r}") from None
-                last = f"HTTP {e.code}"
-                ra = e.headers.get("Retry-After") if e.headers else None
-                retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                status, reason, hdrs, raw = self._request(data, headers, deadline)
+                if status == 200:
+                    reply = json.loads(raw.decode("utf-8", errors="replace"))
+                    if not isinstance(reply, dict):
+                        raise json.JSONDecodeError("not a JSON object", raw.decode(errors="replace")[:40], 0)
+                    usage = reply.get("usage") or {}
+                    with self._lock:
+                        self.tokens += int(usage.get("total_tokens", 0) or 0) if isinstance(usage, dict) else 0
+                    return reply
+                snippet = self._redact(raw[:200].decode("utf-8", errors="replace"))
+                if status in (401, 403):
+                    raise self._fatal(f"{url}: HTTP {status} {reason}: the server refused the credentials; check the "
+                                      f"API key (api_key= or $LPM_LLM_API_KEY) and that it may use model "
+                                      f"{self.model!r}. Reply: {snippet!r}")
+                if status == 404:
+                    raise self._fatal(f"{url}: HTTP 404 {reason}: check the URL (base URL {self.base_url!r}, "
+                                      f"--llm-url / $LPM_LLM_URL; the server must serve "
+                                      f"{'/v1/chat/completions' if self.chat else '/v1/completions'}) and the model "
+                                      f"name {self.model!r} (--llm-model / $LPM_LLM_MODEL). Reply: {snippet!r}")
+                if status not in (408, 429) and status < 500:
+                    raise BackendError(f"{url}: HTTP {status} {reason}: {snippet!r}")
+                last = f"HTTP {status} {reason}"
+                ra = hdrs.get("Retry-After") if hdrs else None
+                retry_after = float(ra) if ra and ra.strip().replace(".", "", 1).isdigit() else None
+                if retry_after is not None and retry_after > self.max_retry_after:
+                    raise BackendError(f"{url}: HTTP {status}; the server asks to wait {retry_after:g}s (Retry-After), "
+                                       f"more than max_retry_after={self.max_retry_after:g}s")
+            except ConnectionRefusedError:
+                raise self._fatal(f"{url}: connection refused: is the server running, and are the host and port "
+                                  f"of the URL right (--llm-url / $LPM_LLM_URL)?") from None
+            except socket.gaierror as e:
+                raise self._fatal(f"{url}: cannot resolve host {urllib.parse.urlsplit(url).hostname!r} ({e}); "
+                                  f"check the URL (--llm-url / $LPM_LLM_URL)") from None
+            except (socket.timeout, TimeoutError) as e:
+                last = f"timeout: {e or 'no reply within timeout=' + format(self.timeout, 'g') + 's'}"
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
                 last = f"{type(e).__name__}: {e}"
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 last = f"invalid JSON reply ({e})"
-            if attempt < self.max_retries:
-                self.http_retries += 1
-                wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self._jitter.random())
-                time.sleep(retry_after if retry_after is not None else wait)
-        raise BackendError(f"{self._url()}: gave up after {self.max_retries + 1} attempts; last error: {last}")
+            self.last_error = self._redact(last)
+            left = deadline - time.monotonic()
+            if attempt >= self.max_retries or left <= 0:
+                break
+            wait = retry_after if retry_after is not None else \
+                min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self._jitter.random())
+            if wait >= left:
+                raise BackendError(f"{url}: no answer within call_timeout={self.call_timeout:g}s (the next retry "
+                                   f"would wait {wait:.3g}s); last error: {self.last_error}")
+            if not self._take_retry():
+                raise BackendError(f"{url}: retry budget exhausted (retry_budget={self.retry_budget} retries per "
+                                   f"run); last error: {self.last_error}")
+            time.sleep(wait)
+        if deadline - time.monotonic() <= 0:
+            raise BackendError(f"{url}: no answer within call_timeout={self.call_timeout:g}s; last error: "
+                               f"{self.last_error}")
+        raise BackendError(f"{url}: gave up after {attempt + 1} attempts; last error: {self.last_error}")
+
+    def _fatal(self, message: str) -> "BackendConfigError":
+        self.last_error = self._redact(message)
+        return BackendConfigError(self.last_error)
 
     def _map(self, fn: Callable[[str], Any], prompts: Sequence[str]) -> list[Any]:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompts)))) as pool:
             return list(pool.map(fn, prompts))
+
+    def _map_each(self, fn: Callable[[str], Any], prompts: Sequence[str]) -> list[Any]:
+        """Like ``_map`` but one prompt's :class:`BackendError` is returned in its place (config errors raise)."""
+
+        def guarded(p: str) -> Any:
+            try:
+                return fn(p)
+            except BackendConfigError:
+                raise
+            except BackendError as e:
+                return e
+
+        return self._map(guarded, prompts)
 
     def _text(self, reply: dict[str, Any]) -> str:
         try:
@@ -367,9 +521,16 @@ class OpenAIHTTPBackend(Backend):
         except (KeyError, IndexError, TypeError):
             raise BackendError(f"unexpected reply shape: {json.dumps(reply)[:200]}") from None
 
+    def _complete_one(self, p: str) -> str:
+        return self._text(self._post(self._payload(p, self.max_tokens, False)))
+
     def complete(self, prompts: Sequence[str]) -> list[str]:
         """Generated text per prompt (concurrent requests)."""
-        return self._map(lambda p: self._text(self._post(self._payload(p, self.max_tokens, False))), prompts)
+        return self._map(self._complete_one, prompts)
+
+    def complete_each(self, prompts: Sequence[str]) -> list[str | BackendError]:
+        """Generated text per prompt, or that prompt's error (one failure does not discard the others)."""
+        return self._map_each(self._complete_one, prompts)
 
     def _top(self, reply: dict[str, Any]) -> dict[str, float]:
         try:
@@ -382,8 +543,7 @@ class OpenAIHTTPBackend(Backend):
             raise BackendError(f"reply has no log-probabilities (does the server support them?): "
                                f"{json.dumps(reply)[:200]}") from None
 
-    def score(self, prompts: Sequence[str], options: Sequence[str]) -> Tensor:
-        """Option probabilities from the first generated token's top log-probabilities."""
+    def _scorer(self, options: Sequence[str]) -> Callable[[str], list[float]]:
         import math
 
         opts = [o.strip().lower() for o in options]
@@ -404,8 +564,16 @@ class OpenAIHTTPBackend(Backend):
             s = sum(mass)
             return [m / s for m in mass]
 
-        rows = self._map(one, prompts)
+        return one
+
+    def score(self, prompts: Sequence[str], options: Sequence[str]) -> Tensor:
+        """Option probabilities from the first generated token's top log-probabilities."""
+        rows = self._map(self._scorer(options), prompts)
         return torch.tensor(rows, dtype=torch.float64).reshape(len(prompts), len(options))
+
+    def score_each(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float] | BackendError]:
+        """Option probabilities per prompt, or that prompt's error."""
+        return self._map_each(self._scorer(options), prompts)
 
 
 def stable_hash(obj: Any) -> str:
@@ -414,12 +582,38 @@ def stable_hash(obj: Any) -> str:
 
 
 
+#: environment variables that set the HTTP backend's bounds for any study (``make_backend("http")``)
+HTTP_LIMIT_ENV = {"LPM_LLM_TIMEOUT": ("timeout", float), "LPM_LLM_CALL_TIMEOUT": ("call_timeout", float),
+                  "LPM_LLM_MAX_RETRIES": ("max_retries", int), "LPM_LLM_MAX_RETRY_AFTER": ("max_retry_after", float),
+                  "LPM_LLM_RETRY_BUDGET": ("retry_budget", int), "LPM_LLM_BACKOFF": ("backoff", float)}
+
+
+def http_limits_from_env() -> dict[str, Any]:
+    """Backend keyword arguments from ``$LPM_LLM_TIMEOUT``, ``$LPM_LLM_CALL_TIMEOUT``, ... (see :data:`HTTP_LIMIT_ENV`)."""
+    out: dict[str, Any] = {}
+    for var, (kw, kind) in HTTP_LIMIT_ENV.items():
+        text = os.environ.get(var)
+        if text is None or text == "":
+            continue
+        try:
+            value = kind(text)
+        except ValueError:
+            raise BackendError(f"${var}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < 0 or (kw in ("timeout", "call_timeout") and value == 0):
+            raise BackendError(f"${var}: expected a value > 0, got {text!r}")
+        out[kw] = value
+    return out
+
+
 def make_backend(kind: str, *, rule: Callable[[Prompt], Any] | None = None, url: str | None = None,
                  model: str | None = None, device: str | torch.device = "cpu", **kwargs: Any) -> Backend:
     """Backend for a ``--llm rule|local|http`` flag: the rule, the offline Gemma, or an HTTP endpoint.
 
-    ``url``/``model`` default to ``$LPM_LLM_URL``/``$LPM_LLM_MODEL`` for ``http``; ``kwargs``
-    go to the backend's constructor.
+    ``url``/``model`` default to ``$LPM_LLM_URL``/``$LPM_LLM_MODEL`` for ``http``, the key to
+    ``$LPM_LLM_API_KEY`` and the bounds on waits to :data:`HTTP_LIMIT_ENV` (``$LPM_LLM_TIMEOUT``
+    per read, ``$LPM_LLM_CALL_TIMEOUT`` per prompt in all, ``$LPM_LLM_MAX_RETRIES``,
+    ``$LPM_LLM_MAX_RETRY_AFTER``, ``$LPM_LLM_RETRY_BUDGET`` per run, ``$LPM_LLM_BACKOFF``);
+    ``kwargs`` go to the backend's constructor and take precedence.
     """
     if kind == "rule":
         if rule is None:
@@ -428,9 +622,9 @@ def make_backend(kind: str, *, rule: Callable[[Prompt], Any] | None = None, url:
     if kind == "local":
         return TransformersBackend.gemma(device=device, **kwargs)
     if kind == "http":
-        url = url or os.environ.get("LPM_LLM_URL")
+        url = url or os.environ.get("LPM_LLM_URL")  # the key comes from api_key= or $LPM_LLM_API_KEY
         model = model or os.environ.get("LPM_LLM_MODEL")
         if not url or not model:
             raise ValueError("make_backend('http'): pass url= and model= (or set LPM_LLM_URL and LPM_LLM_MODEL)")
-        return OpenAIHTTPBackend(url, model, **kwargs)
+        return OpenAIHTTPBackend(url, model, **{**http_limits_from_env(), **kwargs})
     raise ValueError(f"--llm: expected 'rule', 'local' or 'http', got {kind!r}")

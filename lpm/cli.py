@@ -3,16 +3,26 @@
 Studies are found without the core importing them: each declares itself as an entry point
 in the ``lpm.experiments`` group (see pyproject.toml) pointing at an :class:`Experiment`;
 :func:`register` adds one in-process (tests, notebooks).
+
+One error path: a library error (:class:`~lpm.errors.LPMError`) raised by a study prints
+``lpm: error: MESSAGE`` on one line and exits with status 2, like argparse's own argument
+errors; any other exception is a bug and keeps its traceback. The argument types below
+(:func:`positive_int`, :func:`positive_float`, :func:`probability`, :func:`date_arg`,
+:func:`device_arg`) let a study refuse bad values before any work starts.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable, Sequence
 
-__all__ = ["Experiment", "register", "experiments", "main"]
+from lpm.errors import LPMError
+
+__all__ = ["Experiment", "register", "experiments", "main", "COMMANDS", "positive_int", "positive_float",
+           "probability", "date_arg", "device_arg", "add_output_args"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,10 @@ class Experiment:
     description: str
     run: Callable[[Sequence[str]], int]
     calibrate: Callable[[Sequence[str]], int] | None = None
+
+
+#: subcommand -> attribute of :class:`Experiment` that implements it (add a command by adding a field and a row)
+COMMANDS: dict[str, str] = {"run": "run", "calibrate": "calibrate"}
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -51,7 +65,7 @@ def experiments() -> dict[str, Experiment]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lpm`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: lpm {list | run NAME [options] | calibrate NAME [options]}  (NAME --help for options)"
+    usage = ("usage: lpm {list | " + " | ".join(f"{c} NAME [options]" for c in COMMANDS) + "}  (NAME --help for options)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -62,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kinds = "run" + (", calibrate" if e.calibrate else "")
             print(f"{name:<20} {e.description}  [{kinds}]")
         return 0
-    if cmd not in ("run", "calibrate"):
+    if cmd not in COMMANDS:
         print(f"lpm: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         return 2
     if not rest:
@@ -72,12 +86,93 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in exps:
         print(f"lpm {cmd}: unknown experiment {name!r}; known: {', '.join(sorted(exps))}", file=sys.stderr)
         return 2
-    exp = exps[name]
-    fn = exp.run if cmd == "run" else exp.calibrate
+    fn = getattr(exps[name], COMMANDS[cmd], None)
     if fn is None:
-        print(f"lpm calibrate: experiment {name!r} has no calibration", file=sys.stderr)
+        print(f"lpm {cmd}: experiment {name!r} has no {cmd!r} command", file=sys.stderr)
         return 2
-    return int(fn(rest[1:]) or 0)
+    try:
+        return int(fn(rest[1:]) or 0)
+    except LPMError as exc:
+        # a library error is the user's to fix: one line, not a traceback
+        print(f"lpm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return v
+
+
+def date_arg(text: str) -> str:
+    """argparse type: a calendar date ``YYYY-MM-DD`` (returned normalised, as text)."""
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(text.strip()).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a torch device this build can use (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:0, got {text!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available (torch {torch.__version__}, "
+                                             f"built with CUDA {torch.version.cuda}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda[:N] or mps, got {text!r}")
+    return text
+
+
+def add_output_args(ap: argparse.ArgumentParser, default: str) -> None:
+    """``--out DIR``, ``--overwrite`` and ``--resume`` with the meanings of :class:`lpm.outputs.OutputDir`."""
+    ap.add_argument("--out", default=default, help="output directory (must be empty or absent, unless --overwrite "
+                                                   "or --resume)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of an earlier run in --out (default: refuse a non-empty --out)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from the checkpoint in --out (the arguments must match)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from lpm.params import ParamsLike
+from lpm.errors import LPMError
+from lpm.params import ParamsLike, check_params
 from lpm.results import Results
 from lpm.rng import Streams
 from lpm.state import State
@@ -22,7 +23,7 @@ from lpm.substep import Substep
 __all__ = ["Model", "Observable", "Hook", "Run", "ModelError", "DataflowError"]
 
 
-class ModelError(ValueError):
+class ModelError(LPMError, ValueError):
     """A model is assembled inconsistently (unknown fields, duplicate substeps, ...)."""
 
 
@@ -163,6 +164,7 @@ class Model:
                 if getattr(state, f) is None and f not in s.writes:
                     raise ModelError(f"substep {s.name!r} reads field {f!r}, which is None in this state")
             params.require(*s.params, owner=f"substep {s.name!r}")
+        check_params(params, "checked before simulating")
         return state.validate()
 
     def plan(self) -> str:

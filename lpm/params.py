@@ -25,7 +25,21 @@ from torch import Tensor, nn
 
 from lpm.state import StateError
 
-__all__ = ["Params", "ParamsLike", "Positive", "Interval", "Real", "Fixed", "ParamSpec"]
+__all__ = ["Params", "ParamsLike", "Positive", "Interval", "Real", "Fixed", "ParamSpec", "check_params"]
+
+
+def check_params(params: nn.Module, where: str = "") -> None:
+    """Raise naming the first parameter or buffer of ``params`` that holds NaN/inf, or a value outside its domain."""
+    at = f" ({where})" if where else ""
+    for kind, items in (("parameter", params.named_parameters()), ("buffer", params.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+                bad = int((~torch.isfinite(t.detach())).sum())
+                raise StateError(f"{kind} {name}: {bad} of {t.numel()} values are NaN/inf{at}; "
+                                 f"values: {t.detach().flatten()[:5].tolist()}")
+    for module_name, m in params.named_modules():
+        if isinstance(m, Params):
+            m.check_domains(where, prefix=f"{module_name}." if module_name else "")
 
 
 def _as_tensor(name: str, value: Any) -> Tensor:
@@ -158,6 +172,16 @@ class Params(nn.Module):
                 return spec.from_raw(self._parameters["raw_" + name])
             return self._buffers["fixed_" + name]
         return super().__getattr__(name)
+
+    def check_domains(self, where: str = "", prefix: str = "") -> None:
+        """Raise if a trainable parameter's value left its declared (closed) domain, e.g. a saturated transform."""
+        for n, spec in self._specs.items():
+            if not spec.trainable:
+                continue
+            v = getattr(self, n).detach()
+            if bool((v < spec.low).any()) or bool((v > spec.high).any()) or not bool(torch.isfinite(v).all()):
+                raise StateError(f"parameter {prefix}{n}: expected values in [{spec.low}, {spec.high}], got "
+                                 f"{v.flatten()[:5].tolist()}" + (f" ({where})" if where else ""))
 
     def names(self) -> tuple[str, ...]:
         """Names of all parameters, fitted and fixed."""

@@ -22,6 +22,8 @@ from typing import Any, Iterator, Mapping, Self, Sequence
 import torch
 from torch import Tensor
 
+from lpm.errors import LPMError
+
 __all__ = [
     "State",
     "tensor_field",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class StateError(ValueError):
+class StateError(LPMError, ValueError):
     """A state, parameter or input violates its declared shape, dtype or range."""
 
 
@@ -193,6 +195,8 @@ class State:
             key = prefix + name
             if isinstance(value, Tensor) and key in flat:
                 changes[name] = flat[key].to(value.device)
+            elif value is None and key in flat:  # an optional field set during the run (e.g. from a checkpoint)
+                changes[name] = flat[key].to(self.device)
             elif isinstance(value, State):
                 changes[name] = value.with_flat_tensors(flat, key + "/")
         return dataclasses.replace(self, **changes)

@@ -95,7 +95,24 @@ class Network(State):
                              f"[{int(self.edge_index.min())}, {int(self.edge_index.max())}]")
         if self.num_edges and int(self.layer.max()) >= len(self.layer_names):
             raise StateError(f"{prefix}layer: code {int(self.layer.max())} has no name in {self.layer_names}")
+        if self.num_edges and int(self.layer.min()) < 0:
+            raise StateError(f"{prefix}layer: expected codes >= 0, found {int(self.layer.min())}")
+        self._check_csr(prefix)
         return dims
+
+    def _check_csr(self, prefix: str = "") -> None:
+        """Edges sorted by source and ``rowptr`` equal to the cumulative out-degree (the kernels rely on both)."""
+        src = self.edge_index[0].long()
+        if self.num_edges > 1 and bool((src[1:] < src[:-1]).any()):
+            at = int((src[1:] < src[:-1]).nonzero()[0, 0]) + 1
+            raise StateError(f"{prefix}edge_index: expected edges sorted by source (use Network.build), but edge {at} "
+                             f"has source {int(src[at])} after {int(src[at - 1])}")
+        expected = torch.zeros(self.num_nodes + 1, dtype=torch.int64, device=self.rowptr.device)
+        expected[1:] = torch.bincount(src, minlength=self.num_nodes).cumsum(0).to(expected.device)
+        if not torch.equal(self.rowptr.long(), expected):
+            bad = int((self.rowptr.long() != expected).nonzero()[0, 0])
+            raise StateError(f"{prefix}rowptr: inconsistent with edge_index (rowptr[{bad}] = {int(self.rowptr[bad])}, "
+                             f"expected {int(expected[bad])}: the cumulative out-degree); rebuild with Network.build")
 
     @property
     def num_edges(self) -> int:

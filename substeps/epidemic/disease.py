@@ -45,8 +45,8 @@ class Dwell:
     @staticmethod
     def geometric(rate_per_day: float, dt: float = 1.0, tail: float = 1e-7) -> "Dwell":
         """Memoryless exit with probability ``1 - exp(-rate dt)`` per step (mean ~ 1/rate days)."""
-        if rate_per_day <= 0:
-            raise StateError(f"Dwell.geometric: rate_per_day must be > 0, got {rate_per_day}")
+        if not rate_per_day > 0 or math.isinf(rate_per_day):  # "not >" also refuses NaN
+            raise StateError(f"Dwell.geometric: rate_per_day must be a finite number > 0, got {rate_per_day}")
         q = -math.expm1(-rate_per_day * dt)
         n = max(1, min(32000, int(math.ceil(math.log(tail) / math.log1p(-q))) if q < 1 else 1))
         pmf = [q * (1 - q) ** k for k in range(n)]
@@ -56,14 +56,16 @@ class Dwell:
     @staticmethod
     def fixed(days: float, dt: float = 1.0) -> "Dwell":
         """Deterministic dwell of ``round(days / dt)`` steps (at least one)."""
+        if not 0 < days < math.inf:
+            raise StateError(f"Dwell.fixed: days must be a finite number > 0, got {days}")
         k = max(1, int(round(days / dt)))
         return Dwell(tuple([0.0] * (k - 1) + [1.0]), f"fixed({days} days)")
 
     @staticmethod
     def gamma(mean_days: float, sd_days: float, dt: float = 1.0, tail: float = 1e-6) -> "Dwell":
         """Gamma(mean, sd) discretized to steps by CDF differences (peaked for sd < mean)."""
-        if mean_days <= 0 or sd_days <= 0:
-            raise StateError(f"Dwell.gamma: mean_days and sd_days must be > 0, got {mean_days}, {sd_days}")
+        if not (0 < mean_days < math.inf and 0 < sd_days < math.inf):
+            raise StateError(f"Dwell.gamma: mean_days and sd_days must be finite numbers > 0, got {mean_days}, {sd_days}")
         shape = (mean_days / sd_days) ** 2
         scale = sd_days**2 / mean_days
         upper = mean_days + 12 * sd_days
