@@ -92,8 +92,6 @@ class EconState(State):
     gov_balance: Tensor = tensor_field(("R",), _F, "government money: cumulative revenue minus spending, $")
     gov_revenue: Tensor = tensor_field(("R",), _F, "tax revenue this week, $/week")
     gov_spending: Tensor = tensor_field(("R",), _F, "UI + UBI + pensions paid this week, $/week")
-    # -- illness coupling ---------------------------------------------------------------
-    stage: Tensor | None = tensor_field(("N",), torch.int8, "disease stage from a coupled epidemic (None: uncoupled)", optional=True)
     # -- sizes and code books -----------------------------------------------------------
     num_replicates: int = static_field("R", default=1)
     areas: tuple[str, ...] = static_field("area names by code", default=())
