@@ -292,3 +292,47 @@ def test_epidemic_stage_marks_workers_absent_on_the_same_population():
     r0 = model.simulate(params, s0, 14, seed=0, progress=False)
     assert float(r0["absent"][6]) == 0.0 and float(r1["absent"][6]) > 0
     assert float(r1["earnings"][13]) < float(r0["earnings"][13])
+
+
+# ------------------------------------------------------------------------------ planner
+@pytest.mark.slow
+def test_tax_planner_improves_welfare_balances_budget_and_meets_saez_at_the_top():
+    from substeps.economy import INCOME_EDGES
+
+    st, params = make_state(1500, weeks=2)
+    th_law, law = parse_schedule(CURRENT_LAW)
+    annual = st.wage.double() * 52
+    T_law = piecewise_tax(annual, th_law, law) / 52
+    e0 = StaticEconomy(st.wage, st.disutility, st.in_lf, st.income_band, float(params.ls_scale), float(params.home_floor), 0.0)
+    r_req = float((e0.allocation(T_law, iters=1).P * T_law).mean())
+    econ = StaticEconomy(st.wage, st.disutility, st.in_lf, st.income_band, float(params.ls_scale), float(params.home_floor), r_req)
+    law_alloc = econ.allocation(T_law)
+    th = torch.tensor((0.0, *INCOME_EDGES), dtype=torch.float64)
+    start = torch.tensor([float(law[(th_law <= x).nonzero().max()]) for x in th], dtype=torch.float64)
+    b = {}
+    for kind in ("utilitarian", "atkinson2"):
+        rates, path = optimise_schedule(econ, th, start, kind, steps=60, lr=0.08)
+        opt = econ.allocation(piecewise_tax(annual, th, rates) / 52)
+        # balanced budget: taxes paid by workers fund the transfer and the revenue requirement
+        assert float((opt.P * opt.T).mean() - opt.b) == pytest.approx(r_req, abs=1e-6 * (1 + abs(r_req)) + 1e-3)
+        assert path[-1] > path[0]
+        assert econ.certainty_equivalent(opt, kind) > econ.certainty_equivalent(law_alloc, kind)
+        _, saez = saez_rates(econ, 10, kind, iters=100)
+        top_planner = float(econ.band_rates(opt, 10)[-1])
+        top_saez = float(econ.band_rates(saez, 10)[-1])
+        assert abs(top_planner - top_saez) < 0.1, (kind, top_planner, top_saez)
+        b[kind] = float(opt.b)
+    # more inequality aversion, a larger universal transfer
+    assert b["atkinson2"] > b["utilitarian"]
+
+
+def test_planner_gradient_step_improves_welfare_at_balanced_budget():
+    st, params = make_state(800, weeks=2)
+    th, law = parse_schedule(CURRENT_LAW)
+    annual = st.wage.double() * 52
+    econ = StaticEconomy(st.wage, st.disutility, st.in_lf, st.income_band, float(params.ls_scale),
+                         float(params.home_floor), 20.0)
+    rates, path = optimise_schedule(econ, th, law, "utilitarian", steps=8, lr=0.05)
+    assert path[-1] > path[0]
+    opt = econ.allocation(piecewise_tax(annual, th, rates) / 52)
+    assert float((opt.P * opt.T).mean() - opt.b) == pytest.approx(20.0, abs=1e-3)

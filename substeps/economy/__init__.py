@@ -41,7 +41,7 @@ def default_params(num_areas: int, tax_rates: Sequence[float] | Tensor = (0.0,),
     return Params(
         sep_rate=Interval(torch.full((A,), 0.004), 1e-5, 0.2),
         find_rate=Interval(torch.full((A,), 0.08), 1e-4, 1.0),
-        shock_sep=Interval(torch.full((A,), 2.0), 0.0, 50.0),
+        shock_sep=Interval(torch.full((A,), 30.0), 0.0, 500.0),
         shock_find=Interval(0.5, 0.0, 1.0),
         recall=Interval(0.05, 0.0, 1.0),
         season=Interval(torch.ones(12), 0.25, 4.0),

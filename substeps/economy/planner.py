@@ -19,11 +19,14 @@ of the rates. Welfare functions (stated):
 Saez-style baseline (Saez 2002, "Optimal income transfer programs: intensive versus
 extensive labor supply responses", QJE 117(3), pure extensive margin): for each income band
 k the participation tax rate ``tau_k = (T_k - T_0) / w_k`` satisfies
-``tau_k / (1 - tau_k) = (1 - g_k) / eta_k`` where ``eta_k`` is the participation elasticity
-``d log P / d log(c_w - c_0)`` and ``g_k`` the social marginal welfare weight of band-k
-workers normalised so that the population average weight is 1. Both depend on the
-allocation, so the formula is iterated to a fixed point on the same agents. With
-``T_0 = -b`` the participation tax rate of a worker under a schedule is ``T(w) / w``.
+``(T_k - T_0) / (c_k - c_0) = (1 - g_k) / eta_k`` where ``eta_k`` is the participation
+elasticity ``d log P / d log(c_w - c_0)`` and ``g_k`` the social marginal welfare weight of
+band-k workers normalised so that the population average weight is 1. Here
+``c_k - c_0 = w - h - (T_k - T_0)`` (home production ``h`` is given up by working), so with
+``x_k = (1 - g_k) / eta_k`` the optimal participation tax is
+``T_k - T_0 = x_k / (1 + x_k) (w - h)``. Both ``g`` and ``eta`` depend on the allocation, so
+the formula is iterated to a fixed point on the same agents. With ``T_0 = -b`` the
+participation tax rate of a worker under any schedule is ``T(w) / w`` (what is compared).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class StaticEconomy:
     home: float         # $/week home production of non-workers
     revenue_req: float  # $/week per adult the budget must raise net of the transfer
 
-    def allocation(self, tax_of_wage: Tensor, iters: int = 40) -> "Allocation":
+    def allocation(self, tax_of_wage: Tensor, iters: int = 25) -> "Allocation":
         """Participation, transfer ``b`` (balanced budget) and utilities for a tax ``T(w_i)`` per agent ``[N]``."""
         w = self.wage.double()
         T = tax_of_wage.double()
@@ -125,14 +128,14 @@ def optimise_schedule(econ: StaticEconomy, thresholds: Tensor, start_rates: Tens
         opt.zero_grad()
         (-W).backward()
         opt.step()
-        path.append(float(W))
+        path.append(float(W.detach()))
     with torch.no_grad():
         return low + (high - low) * torch.sigmoid(raw), path
 
 
 def saez_rates(econ: StaticEconomy, num_bands: int, welfare: str, *, iters: int = 200, damping: float = 0.3,
                start: Tensor | None = None) -> tuple[Tensor, Allocation]:
-    """Participation tax rates per band ``[num_bands]`` from the Saez (2002) extensive-margin formula, iterated to a fixed point."""
+    """Saez (2002) extensive-margin optimum: ``tau [num_bands]`` (tax = ``tau_k (w - h)``) at the fixed point, and its allocation."""
     if welfare not in WELFARE:
         raise StateError(f"welfare: expected one of {WELFARE}, got {welfare!r}")
     tau = torch.full((num_bands,), 0.2, dtype=torch.float64) if start is None else start.double().clone()
@@ -140,8 +143,9 @@ def saez_rates(econ: StaticEconomy, num_bands: int, welfare: str, *, iters: int 
     w = econ.wage.double()
     lf = econ.in_lf
     s = econ.ls_scale
+    gain = w - econ.home
     for _ in range(iters):
-        alloc = econ.allocation(tau[band] * w)
+        alloc = econ.allocation(tau[band] * gain)
         P, c_w, c_0 = alloc.P, alloc.c_w, alloc.c_0
         # participation elasticity w.r.t. c_w - c_0 of each labour-force member
         eta_i = (1 - P / lf.double().clamp_min(1e-12)).clamp_min(0) / s * (c_w - c_0) / c_w
@@ -158,4 +162,4 @@ def saez_rates(econ: StaticEconomy, num_bands: int, welfare: str, *, iters: int 
         x = (1 - gk) / eta.clamp_min(1e-6)
         new = (x / (1 + x)).clamp(-0.9, 0.95)
         tau = (1 - damping) * tau + damping * new
-    return tau, econ.allocation(tau[band] * w)
+    return tau, econ.allocation(tau[band] * gain)
