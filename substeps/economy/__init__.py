@@ -1,0 +1,152 @@
+"""Economy substeps: jobs, wages, taxes, transfers, spending and firms, one step per week.
+
+See :mod:`substeps.economy.substeps` for the equations. :func:`economy_model` assembles the
+plan with its observables; :func:`default_params` gives uncalibrated starting values;
+:func:`prepare` sets the labour-supply heterogeneity and the pre-shock firm baselines of a
+synthesized state.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from lpm import Fixed, Interval, Model, Observable, Params, Positive, Substep
+from substeps.economy.population import Dp03, load_dp03, synthesize
+from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, INDUSTRY_LABELS, EconState
+from substeps.economy.substeps import (Fiscal, IllnessAbsence, LabourFlows, LabourSupply, PolicyClosure, Spending,
+                                       conditional_mean_st, ui_benefit)
+from substeps.economy.tax import (CURRENT_LAW, format_schedule, gini, parse_schedule, piecewise_tax, poverty_rate,
+                                  weekly_tax)
+
+__all__ = [
+    "EconState", "INDUSTRIES", "INDUSTRY_LABELS", "AGE_BANDS", "INCOME_BANDS", "INCOME_EDGES",
+    "Dp03", "load_dp03", "synthesize",
+    "PolicyClosure", "IllnessAbsence", "LabourSupply", "LabourFlows", "Fiscal", "Spending", "conditional_mean_st",
+    "ui_benefit", "piecewise_tax", "weekly_tax", "parse_schedule", "format_schedule", "gini", "poverty_rate",
+    "CURRENT_LAW", "default_params", "economy_observables", "economy_model", "prepare", "unemployment_by",
+    "POVERTY_LINE",
+]
+
+#: US federal poverty guideline for one person, 2020 ($/year), applied per adult.
+POVERTY_LINE = 12_760.0
+
+
+def default_params(num_areas: int, tax_rates: Sequence[float] | Tensor = (0.0,), *, fit_tax: bool = False) -> Params:
+    """Starting values (per week): fitted labour-market rates and fixed policy and behaviour constants."""
+    A = num_areas
+    rates = torch.as_tensor(tax_rates, dtype=torch.float32)
+    return Params(
+        sep_rate=Interval(torch.full((A,), 0.004), 1e-5, 0.2),
+        find_rate=Interval(torch.full((A,), 0.08), 1e-4, 1.0),
+        shock_sep=Interval(torch.full((A,), 30.0), 0.0, 500.0),
+        shock_find=Interval(0.5, 0.0, 1.0),
+        recall=Interval(0.05, 0.0, 1.0),
+        season=Interval(torch.ones(12), 0.25, 4.0),
+        quit_rate=Fixed(0.002),
+        demand_sep=Fixed(0.5),
+        ls_scale=Fixed(0.3),
+        home_floor=Fixed(150.0),
+        ui_rr=Fixed(0.5),
+        ui_cap=Fixed(504.0),
+        sick_pay=Fixed(1.0),
+        wealth_mpc=Fixed(0.005),
+        price_kappa=Fixed(0.1),
+        tax_rates=Interval(rates, -0.99, 0.99) if fit_tax else Fixed(rates),
+    )
+
+
+def unemployment_by(state: EconState, group: Tensor, num_groups: int) -> Tensor:
+    """Unemployed / labour force per group ``[num_groups]`` (differentiable in ``employed``)."""
+    lf = state.in_lf.to(state.employed.dtype)
+    un = lf * (1 - state.employed)
+    g = group.long()
+    return un.new_zeros(num_groups).index_add(0, g, un) / lf.new_zeros(num_groups).index_add(0, g, lf).clamp_min(1)
+
+
+def economy_observables(state: EconState) -> dict[str, Observable]:
+    """Named observables, each ``[R]`` (or ``[R, A]`` by area), recorded every week."""
+    R, A = state.R, state.A
+    rep_labels = [f"r{r}" for r in range(R)]
+    area_labels = [f"r{r}/{a}" for r in range(R) for a in state.areas]
+
+    def per_rep(x: Tensor, s: EconState) -> Tensor:
+        n = torch.bincount(s.rep, minlength=R).to(x.dtype)
+        return x.new_zeros(R).index_add(0, s.rep, x) / n
+
+    return {
+        "unemployment": Observable(lambda s: unemployment_by(s, s.rep, R), rep_labels, ("employed", "in_lf", "rep"),
+                                   "unemployed / labour force"),
+        "unemployment_area": Observable(lambda s: unemployment_by(s, s.rep_area, R * A).view(R, A), area_labels,
+                                        ("employed", "in_lf", "rep_area"), "unemployed / labour force by area"),
+        "consumption": Observable(lambda s: per_rep(s.consumption, s), rep_labels, ("consumption", "rep"),
+                                  "mean consumption per adult, $/week"),
+        "income": Observable(lambda s: per_rep(s.income, s), rep_labels, ("income", "rep"),
+                             "mean disposable income per adult, $/week"),
+        "gini": Observable(lambda s: gini(s.income, s.rep, R), rep_labels, ("income", "rep"),
+                           "Gini of weekly disposable income across adults"),
+        "poverty": Observable(lambda s: poverty_rate(s.income * 52.0, POVERTY_LINE, s.rep, R), rep_labels,
+                              ("income", "rep"), "share of adults with annualised disposable income under the poverty line"),
+        "gov_balance": Observable(lambda s: s.gov_balance / torch.bincount(s.rep, minlength=R).to(s.gov_balance.dtype),
+                                  rep_labels, ("gov_balance", "rep"), "cumulative government balance per adult, $"),
+        "gov_revenue": Observable(lambda s: s.gov_revenue, rep_labels, ("gov_revenue",), "tax revenue, $/week"),
+        "gov_spending": Observable(lambda s: s.gov_spending, rep_labels, ("gov_spending",), "UI + UBI + pensions paid, $/week"),
+        "cpi": Observable(lambda s: (s.price * s.spend_share).sum(1), rep_labels, ("price", "spend_share"),
+                          "consumer price index (basket-weighted industry prices)"),
+        "savings": Observable(lambda s: per_rep(s.savings, s), rep_labels, ("savings", "rep"), "mean savings, $"),
+    }
+
+
+def economy_model(state: EconState, *, decision: Substep | None = None, labour_supply: bool = True,
+                  illness: Substep | None = None, extra: Sequence[Substep] = (), name: str = "economy",
+                  observables: Sequence[str] | None = None) -> Model:
+    """The weekly plan: closure, [illness absence], [spending decision], [labour supply], flows, fiscal, spending.
+
+    ``observables`` keeps only the named ones (e.g. ``["unemployment_area"]`` while fitting).
+    """
+    steps: list[Substep] = [PolicyClosure()]
+    if illness is not None:
+        steps.append(illness)
+    if decision is not None:
+        steps.append(decision)
+    if labour_supply:
+        steps.append(LabourSupply())
+    steps += [*extra, LabourFlows(), Fiscal(), Spending()]
+    obs = economy_observables(state)
+    if observables is not None:
+        unknown = sorted(set(observables) - set(obs))
+        if unknown:
+            raise ValueError(f"observables: unknown {unknown}; known: {sorted(obs)}")
+        obs = {k: obs[k] for k in observables}
+    return Model(steps, obs, state_type=type(state), dt=7.0, time_unit="day", name=name)
+
+
+@torch.no_grad()
+def prepare(state: EconState, params: Params, *, baseline_accept: tuple[float, float] = (0.85, 0.99),
+            seed: int = 0) -> EconState:
+    """Labour-supply heterogeneity and pre-shock firm baselines for a synthesized state.
+
+    ``disutility`` is set so that at week 0's policy each agent's P(accept) is a draw from
+    ``Uniform(baseline_accept)``; ``base_spend`` and ``base_labour`` are one fiscal + spending
+    step of the initial state with every industry open, so demand = 1 before the shock.
+    """
+    g = torch.Generator().manual_seed(seed + 7919)
+    ubi = state.ubi[0]
+    c_work = (state.wage - weekly_tax(state.wage, state.tax_thresholds, params.tax_rates) + ubi).clamp_min(1.0)
+    c_out = ui_benefit(params, state, 0) + ubi + params.home_floor
+    lo, hi = baseline_accept
+    a = lo + (hi - lo) * torch.rand(state.wage.shape, generator=g, dtype=torch.float64)
+    dis = torch.log(c_work) - torch.log(c_out) - params.ls_scale * torch.logit(a).to(c_work.dtype)
+    state = state.replace(disutility=dis.to(state.disutility.dtype),
+                          accept=torch.sigmoid(torch.logit(a)).to(state.accept.dtype))
+    open_state = state.replace(closed=torch.zeros_like(state.closed))
+    s1 = Fiscal()(params, open_state, 0, g)
+    R, J = state.firm_cash.shape
+    present = state.employed.double()
+    labour = present.new_zeros(R * J).index_add(0, state.rep_ind, present).view(R, J)
+    big = s1.replace(base_spend=torch.full_like(state.base_spend, 1e30), base_labour=labour.clamp_min(1.0))
+    s2 = Spending()(params, big, 0, g)
+    sales = s2.firm_cash - s1.firm_cash
+    return state.replace(base_spend=sales.clamp_min(1e-6), base_labour=labour.clamp_min(1.0))

@@ -1,0 +1,59 @@
+"""One population, two models: the economy (weekly) on the agents of an epidemic (daily).
+
+:class:`EconEpiState` is the union of :class:`~substeps.economy.state.EconState` and
+:class:`~substeps.epidemic.EpiState`, so the epidemic's substeps (transmission,
+progression) and the economy's run on the same rows. :class:`Weekly` runs an economy
+substep on the last day of each week with the week index, so weekly schedules (closures,
+UI, UBI) stay indexed by week while the epidemic steps daily. :class:`IllnessAbsence`
+reads the epidemic ``stage`` and marks ill workers absent; closures come from policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+from lpm import Model, Params, State, Substep
+from substeps.economy.state import EconState
+from substeps.epidemic import DiseaseModel, EpiState, Progression, Transmission
+
+__all__ = ["EconEpiState", "Weekly", "couple", "coupled_model"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EconEpiState(EconState, EpiState):
+    """Economy and epidemic fields of the same N agents (see both parents for the fields)."""
+
+
+class Weekly(Substep):
+    """Run ``inner`` on day ``7 w + 6`` as week ``w``; leave the state unchanged on other days."""
+
+    def __init__(self, inner: Substep, days: int = 7) -> None:
+        self.inner = inner
+        self.days = int(days)
+        self.name = inner.name
+        self.reads, self.writes, self.params = inner.reads, inner.writes, inner.params
+
+    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
+        if t % self.days != self.days - 1:
+            return state
+        return self.inner(params, state, t // self.days, rng)
+
+
+def couple(econ: EconState, epi: EpiState) -> EconEpiState:
+    """Join an economy state and an epidemic state of the same agents (same N, same order)."""
+    if econ.wage.shape[0] != epi.stage.shape[0]:
+        raise ValueError(f"couple: the economy has {econ.wage.shape[0]} agents and the epidemic {epi.stage.shape[0]}; "
+                         "they must be the same population")
+    values = {f.name: getattr(epi, f.name) for f in fields(epi)}
+    values.update({f.name: getattr(econ, f.name) for f in fields(econ)})
+    return EconEpiState(**values)
+
+
+def coupled_model(disease: DiseaseModel, economy: Sequence[Substep], observables: dict, *, network: bool = False,
+                  name: str = "economy+epidemic") -> Model:
+    """Daily plan: epidemic progression and transmission, then the economy substeps once a week."""
+    steps = [Progression(disease), Transmission(disease, network=network), *[Weekly(s) for s in economy]]
+    return Model(steps, observables, state_type=EconEpiState, dt=1.0, time_unit="day", name=name)
