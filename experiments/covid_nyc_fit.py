@@ -304,15 +304,19 @@ def dose_days(age: Tensor, area: Tensor, dates: pd.DatetimeIndex, asof: str | pd
     >= 1-dose coverage reaches ``u`` and dose 2 when full coverage does (so dose 2 follows dose 1).
     """
     c1, c2, bands = vaccination_coverage(dates, asof)
-    band = torch.as_tensor(_band_of_age(bands))[age.long().cpu()]
-    u = torch.rand(age.shape[0], generator=torch.Generator().manual_seed(seed + 31337), dtype=torch.float64)
+    band = _band_of_age(bands)[age.long().cpu().numpy()]
+    ar = area.long().cpu().numpy()
+    u = torch.rand(age.shape[0], generator=torch.Generator().manual_seed(seed + 31337), dtype=torch.float64).numpy()
     out = []
     for cov in (c1, c2):
-        cmax = torch.as_tensor(np.maximum.accumulate(cov, axis=0))  # [T, B, A] non-decreasing
-        per_agent = cmax[:, band, area.long().cpu()]  # [T, N]
-        reached = per_agent >= u[None, :]
-        first = torch.where(reached.any(0), reached.double().argmax(0), torch.full_like(u, NEVER, dtype=torch.long))
-        out.append(first.to(torch.int16))
+        cmax = np.maximum.accumulate(cov, axis=0)  # [T, B, A] non-decreasing
+        first = np.full(len(u), NEVER, dtype=np.int64)
+        for b in range(cmax.shape[1]):  # one search per band and borough (55 groups), not per agent
+            for a in range(cmax.shape[2]):
+                idx = np.nonzero((band == b) & (ar == a))[0]
+                pos = np.searchsorted(cmax[:, b, a], u[idx], side="left")
+                first[idx] = np.where(pos < len(dates), pos, NEVER)
+        out.append(torch.as_tensor(first.astype(np.int16)))
     return out[0], out[1]
 
 

@@ -20,7 +20,7 @@ def test_serosurvey_target_is_the_documented_fact() -> None:
     text = (fit.DATA / "covid_cases" / "README.md").read_text()
     m = re.search(r"was (\d+\.\d)%\s+\(95% CI (\d+\.\d)-(\d+\.\d)%\)", text.replace("\n", " "))
     assert m, "serosurvey sentence not found in data/covid_cases/README.md"
-    assert (fit.SERO["value"], fit.SERO["low"], fit.SERO["high"]) == tuple(float(g) / 100 for g in m.groups())
+    assert np.allclose((fit.SERO["value"], fit.SERO["low"], fit.SERO["high"]), [float(g) / 100 for g in m.groups()])
     assert pd.Timestamp(fit.SERO["date"]) < pd.Timestamp("2020-04-19")  # before the survey: antibodies lag infection
 
 
@@ -74,7 +74,7 @@ def test_covariates_after_asof_are_held() -> None:
 def test_baselines_and_scores_by_the_same_code() -> None:
     hist = np.array([100.0, 200.0, 400.0, 800.0])
     assert baseline_point(hist, 1, "persistence") == 800.0
-    assert abs(baseline_point(hist, 1, "trend") - 1600.0) < 1.0  # exact doubling per week
+    assert abs(baseline_point(hist, 1, "trend") - 1600.0) < 5.0  # doubling per week (on log(1 + y))
     q = baseline_quantiles(np.arange(1, 30, dtype=float) * 10, [1, 2], "trend")
     assert q.shape == (2, len(LEVELS)) and (np.diff(q, axis=1) >= 0).all()
     rows = pd.DataFrame([{"method": "m", "horizon": 1, "y": 10.0, **{f"q{lv:g}": 10.0 for lv in LEVELS}},
