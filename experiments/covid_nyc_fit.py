@@ -132,6 +132,7 @@ class FitConfig:
     vaccine_efficacy: tuple[float, float] = (0.5, 0.9)
     beta: float = 0.25
     replicates: int = 8
+    anchor_days: int = 7  # forecasts rescale each borough's level to its last week's observed/expected (0: off)
     draws: int = 40
 
 
@@ -885,6 +886,15 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     g = torch.Generator().manual_seed(cfg.seed + 7 * origin)
     T_end = origin + H
     last = {s: sc[s][-1].cpu() for s in SERIES}
+    past = base_series(p, {k: full[k][:origin].double().cpu() for k in full})
+    if cfg.anchor_days > 0:
+        # observation level at the origin: each borough's observed / expected over the last days (data <= origin - 1)
+        for s in SERIES:
+            days = cfg.anchor_days if s == "cases" else 2 * cfg.anchor_days
+            lo = origin - days
+            e = (past[s][lo:origin] * sc[s][-days:].cpu() * (dow[lo:origin, None] if s == "cases" else 1.0)).sum(0)
+            o = torch.tensor(p.obs[s][lo:origin].sum(0))
+            last[s] = last[s] * ((o + 0.5) / (e + 0.5)).clamp(0.5, 2.0)
     out: dict[str, list[Tensor]] = {s: [] for s in SERIES}
     for r in range(R):
         steps_noise = torch.randn(len(weeks), len(p.areas), generator=g) * rw
@@ -906,7 +916,6 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
             out[s].append(mu)
     res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}}
     t_lo = origin - min(28, sc["cases"].shape[0])
-    past = base_series(p, {k: full[k][:origin].double().cpu() for k in full})
     for s in SERIES:
         mu = torch.stack(out[s])  # [R, H, A]
         fit_mu = (past[s][t_lo:origin] * sc[s][-(origin - t_lo):].cpu()
