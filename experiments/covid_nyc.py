@@ -1,6 +1,9 @@
 """COVID-19 in New York City, March 2020 - March 2021, on a synthetic population from census tables.
 
-Run: ``lpm run covid-nyc [--scale 0.02 --days 396 --device cpu --seed 0 --out out/covid_nyc]``
+Run: ``lpm run covid-nyc [--out out/covid_nyc]`` replays the shipped calibration
+(``data/covid_nyc_fit/fit.json``, see :mod:`experiments.covid_nyc_fit`);
+``lpm run covid-nyc --params prior [--scale 0.02 --days 396 --device cpu --seed 0 --out out/covid_nyc]``
+runs the uncalibrated model described here.
 
 Writes to ``--out``: ``results.h5`` (observables at simulation scale), ``daily.csv`` (tidy ``date,
 area, series, value``; values divided by ``scale``, i.e. city-equivalent counts; area = borough
@@ -829,8 +832,20 @@ CHECKPOINT_FILE = "checkpoint.h5"
 
 
 def run(argv: Sequence[str]) -> int:
-    """CLI: build (or load) the population, simulate, write results.h5, daily.csv, plots and JSON records."""
-    ap = argparse.ArgumentParser(prog="lpm run covid-nyc", description="COVID-19 in New York City, 2020-03-01..2021-03-31")
+    """CLI: ``--params fitted`` (default) replays the shipped calibration; ``--params prior`` runs the model below."""
+    argv = list(argv)
+    if "--params" not in argv or argv[argv.index("--params") + 1:argv.index("--params") + 2] != ["prior"]:
+        from experiments.covid_nyc_fit import run_fitted  # imported on use: it imports this module
+
+        return run_fitted(argv)
+    return run_prior(argv)
+
+
+def run_prior(argv: Sequence[str]) -> int:
+    """CLI (``--params prior``): build (or load) the population, simulate, write results.h5, daily.csv, plots and JSON records."""
+    ap = argparse.ArgumentParser(prog="lpm run covid-nyc --params prior",
+                                 description="COVID-19 in New York City, 2020-03-01..2021-03-31 (uncalibrated prior)")
+    ap.add_argument("--params", default="prior", choices=("prior",), help="the uncalibrated model (this parser)")
     ap.add_argument("--scale", type=positive_float, default=DEFAULT_SCALE,
                     help="agents per resident (1.0 = 8.3 million agents)")
     ap.add_argument("--days", type=positive_int, default=None, help="days to simulate (default: to 2021-03-31)")
@@ -942,9 +957,9 @@ def _print_fallbacks(asker: Asker) -> None:
 
 
 def calibrate(argv: Sequence[str]) -> int:
-    """CLI: ``lpm calibrate covid-nyc`` (the study lives in experiments.covid_nyc_calibrate)."""
+    """CLI: ``lpm calibrate covid-nyc`` (the sequential whole-history calibration in experiments.covid_nyc_fit)."""
     # imported on use: the calibration study itself imports this module
-    from experiments.covid_nyc_calibrate import calibrate as run_calibration
+    from experiments.covid_nyc_fit import calibrate as run_calibration
 
     return run_calibration(argv)
 

@@ -113,7 +113,8 @@ def test_load_observed_tidy_and_windowed():
 
 def test_cli_writes_outputs(tmp_path, cache):
     out = tmp_path / "out"
-    rc = nyc.run(["--scale", "0.005", "--days", "20", "--boroughs", "SI", "--out", str(out), "--cache-dir", str(cache)])
+    rc = nyc.run(["--params", "prior", "--scale", "0.005", "--days", "20", "--boroughs", "SI", "--out", str(out),
+                  "--cache-dir", str(cache)])
     assert rc == 0
     for f in ("results.h5", "daily.csv", "validation.json", "summary.json", "cases_by_borough.png", "age_profile.png"):
         assert (out / f).exists(), f

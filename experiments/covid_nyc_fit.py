@@ -1,0 +1,1329 @@
+"""The calibrated NYC COVID-19 model: sequential gradient calibration of the whole history, forecasts, backtest.
+
+Run: ``lpm calibrate covid-nyc --train-end 2021-03-31 --forecast-days 91 [--backtest] --out out/nyc_fit``
+(``python -m experiments.covid_nyc_fit ...``). ``lpm run covid-nyc`` replays the shipped result
+(``data/covid_nyc_fit/fit.json``, written by ``--ship``).
+
+The model (:func:`make_problem`): the synthetic census city of :mod:`experiments.covid_nyc`
+(default scale 0.002, about 16,600 agents) with the plan ::
+
+    contacts -> vaccination -> importation -> isolation -> transmission -> progression
+
+* ``contacts`` (:class:`FittedContacts`): every non-household layer of an agent in borough ``a``
+  is scaled in week ``w`` by ``m[w, a] = exp(net(x[w, a]))``, a small neural network over
+  covariates (:func:`covariates`: subway ridership, the borough's m50 mobility index and
+  COVID-like-illness ED visits, school/PAUSE/reopening policy dates, season, borough), the
+  GradABM design; the school layer also follows the school calendar; every layer is scaled
+  by the variant factor ``1 + advantage * share(t)`` (:func:`variant_share`, fitted to the
+  sequencing shares known at the time; advantage 0.35 of the pooled non-ancestral lineages,
+  a weighting of Alpha's +43-90%, Davies et al. Science 2021, and Iota's smaller advantage,
+  West et al. 2021 / Annavajhala et al. Nature 2021, by their March 2021 shares);
+* ``vaccination`` (:class:`Vaccinate`): each agent has a first- and second-dose day drawn
+  from the real NYC coverage by age band and borough (:func:`dose_days`); susceptibility
+  falls by 0.5 from 14 days after dose 1 and 0.9 from 14 days after dose 2 (Dagan et al.
+  NEJM 2021, documented infection);
+* ``importation`` (:class:`Importation`): every susceptible agent is infected from outside
+  with probability 4e-6 a day (about 33 infections a day in the real city: travel), so the
+  synthetic city cannot go extinct; during the first 14 days the rate is the fitted
+  *seeding* (one rate per week: size and timing of the introduction);
+* isolation, transmission and progression from :mod:`substeps.epidemic` (transmission runs
+  before progression, so an agent with dwell k transmits on k days).
+
+Observation (:func:`expected`): reported cases = ascertainment x (symptomatic onsets + 0.1
+asymptomatic onsets) after a 2-day diagnosis delay x day-of-week factor; admissions =
+hospital scale x age-weighted onset risk after the symptomatic dwell; deaths = death scale x
+age-weighted onset risk after symptomatic + hospital dwells. Ascertainment (per borough) and
+the hospital and death scales (citywide) are per 14-day block, profiled (their conditional
+maximum-likelihood ratio given the simulation, no gradient needed) in every objective.
+
+Calibration (:func:`sequential_fit`): a fixed-lag smoother. The history is cut into blocks:
+2020-03-01..05-03 (seeding, first wave and the serosurvey) and 14-day blocks from Monday
+2020-05-04 to the training end. Window k covers blocks k-1 and k; it starts from the
+committed state at the start of block k-1 (the simulated city, exactly as earlier windows
+left it: data-assimilation style), and Adam fits the network (and, in the first window, the
+seeding) by gradients through the simulation of the whole window (common random numbers;
+NB likelihood of daily cases, admissions and deaths per borough, a random-walk prior on the
+weekly log multipliers, and in the first window the serosurvey: 22.7% of adults infected
+by the survey, Rosenberg et al. 2020, compared with the simulated share 7 days before the
+survey midpoint 2020-04-23 for antibody lag). Block k-1 is then committed. Every window's
+loss must have a non-zero gradient at its first step, or the fit stops with an error.
+The pass is causal: what is known at the end of window k depends on data up to its end
+only, so the rolling-origin backtest forecasts from the pass's own states.
+
+Forecast (:func:`forecast_from`): R replicate simulations from the state at the origin, the
+network's multiplier on covariates held at their last known values (variant share and
+vaccination extrapolated from data before the origin), plus a random walk on the weekly log
+multiplier with the sd of the fitted weekly changes (parameter uncertainty), the last
+block's observation scales, and negative-binomial noise with a dispersion fitted on the
+window's residuals. Model only; no blend with a baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+import calibration as cal
+from calibration.backtest import LEVELS, baseline_quantiles, score_table, summarize_scores
+from experiments import covid_nyc as nyc
+from lpm import Model, Observable, tensor_field
+from lpm.rng import Streams
+from lpm.substep import Substep
+from substeps.epidemic.covid import age_tables
+from substeps.epidemic.substeps import _draw_dwell, _entered_this_step, event_carrier
+
+__all__ = ["FitConfig", "FitState", "Problem", "make_problem", "sequential_fit", "forecast_from", "covariates",
+           "variant_share", "dose_days", "vaccination_coverage", "load_cli", "replay", "calibrate", "run_fitted",
+           "DATA_START", "DATA_END", "FIT_FILE", "SERO"]
+
+DATA = nyc.DATA
+CLI_FILE = DATA / "covid_cases" / "nyc_covid_like_illness_by_boro.csv"
+VARIANT_FILE = DATA / "covid_cases" / "nyc_variants_4week.csv"
+VACC_AGE_FILE = DATA / "vaccination_nyc" / "nyc_vaccination_coverage_by_age.csv"
+VACC_BORO_FILE = DATA / "vaccination_nyc" / "nyc_vaccination_coverage_by_boro.csv"
+FIT_FILE = DATA / "covid_nyc_fit" / "fit.json"
+DATA_START = pd.Timestamp("2020-03-01")
+DATA_END = pd.Timestamp("2021-03-31")
+#: NYC adults ever infected, state serosurvey 19-28 April 2020 (Rosenberg et al., Ann Epidemiol 48:23, 2020)
+SERO = {"value": 0.227, "low": 0.215, "high": 0.240, "date": "2020-04-16", "survey": "2020-04-19..2020-04-28"}
+SERIES = ("cases", "hospitalizations", "deaths")
+CLI_NAMES = {"BX": "Bronx", "BK": "Brooklyn", "MN": "Manhattan", "QN": "Queens", "SI": "Staten Island"}
+VACC_BORO_PREFIX = {"BX": "BX", "BK": "BK", "MN": "MH", "QN": "QS", "SI": "SI"}
+CASE_DELAY = (2.0, 1.5)
+NEVER = 32767
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Options of a calibration (a record of the run is written with the result)."""
+
+    train_end: str = "2021-03-31"
+    start: str = "2020-03-01"
+    scale: float = 0.002
+    seed: int = 0
+    device: str = "cpu"
+    first_block_end: str = "2020-05-03"
+    block_days: int = 14
+    iters_first: int = 30
+    iters: int = 10
+    lr: float = 0.03
+    delta_lr: float = 0.1
+    seed_lr: float = 0.15
+    hidden: int = 16
+    rw_sd: float = 0.25  # prior sd of the week-to-week change of the log multiplier
+    dispersion: float = 20.0  # NB k of the fitting loss (daily counts)
+    sero_sd: float = 0.005
+    delta_sd: float = 0.5  # prior sd of the weekly residual on the network's log multiplier
+    import_rate: float = 4e-6
+    seed_days: int = 14
+    seed_init: float = 5e-5
+    variant_advantage: float = 0.35
+    vaccine_efficacy: tuple[float, float] = (0.5, 0.9)
+    beta: float = 0.25
+    replicates: int = 8
+    anchor_days: int = 7  # forecasts rescale each borough's level to its last week's observed/expected (0: off)
+    draws: int = 40
+
+
+# ------------------------------------------------------------------------------------- data
+def _check_dates(train_end: str | pd.Timestamp, start: str | pd.Timestamp) -> tuple[pd.Timestamp, pd.Timestamp]:
+    try:
+        te, st = pd.Timestamp(train_end), pd.Timestamp(start)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--train-end/--start: expected YYYY-MM-DD dates, got {train_end!r}, {start!r}") from exc
+    if st != DATA_START:
+        raise ValueError(f"--start: the calibration starts on {DATA_START.date()} (first day of the data), got {st.date()}")
+    if not (pd.Timestamp("2020-05-17") <= te <= DATA_END):
+        raise ValueError(f"--train-end: expected a date in 2020-05-17..{DATA_END.date()} (data end), got {te.date()}")
+    return te, st
+
+
+def load_cli(end: str | pd.Timestamp, areas: Sequence[str] = nyc.BOROUGHS, path: Path = CLI_FILE) -> pd.DataFrame:
+    """COVID-like-illness ED visits per 100,000 (all ages), one column per borough, rows up to ``end``."""
+    df = pd.read_csv(path)
+    nyc.check_table(df, Path(path).name, ["Date", "Borough", "Visit_All_ages"], nonnegative=["Visit_All_ages"])
+    df["date"] = pd.to_datetime(df["Date"])
+    df = df[df["date"] <= pd.Timestamp(end)]
+    wide = df.pivot(index="date", columns="Borough", values="Visit_All_ages")
+    missing = [CLI_NAMES[a] for a in areas if CLI_NAMES[a] not in wide.columns]
+    if missing:
+        raise ValueError(f"{Path(path).name}: column 'Borough' has no rows for {missing}")
+    return wide[[CLI_NAMES[a] for a in areas]].set_axis(list(areas), axis=1).astype(float)
+
+
+def _held(series: pd.Series, dates: pd.DatetimeIndex, asof: pd.Timestamp, fill: float) -> np.ndarray:
+    """Values on ``dates``; after ``asof`` (or missing) the last value known at ``asof`` is held."""
+    s = series[series.index <= asof]
+    out = s.reindex(dates).to_numpy(dtype=np.float64, copy=True)
+    last = float(s.iloc[-1]) if len(s) else fill
+    out[np.asarray(dates > asof)] = last
+    out = pd.Series(out).ffill().fillna(fill).to_numpy()
+    return out
+
+
+def covariates(dates: pd.DatetimeIndex, areas: Sequence[str], asof: str | pd.Timestamp) -> tuple[Tensor, list[str]]:
+    """Weekly covariates ``[W, A, F]`` (weeks Monday..Sunday, week 0 holds the first date); reads nothing after ``asof``.
+
+    Daily values after ``asof`` hold the last known value (a forecast's covariates); policy
+    dates and the season are calendar facts.
+    """
+    asof = pd.Timestamp(asof)
+    mta = pd.read_csv(nyc.MTA_FILE)
+    mta["date"] = pd.to_datetime(mta["Date"], format="%m/%d/%Y")
+    mta = mta[mta["date"] <= asof].set_index("date")
+    subway = mta["Subways: % of Comparable Pre-Pandemic Day"].astype(float).clip(0.02, 1.2).rolling(7, min_periods=1).mean()
+    m50 = pd.read_csv(nyc.M50_FILE, parse_dates=["date"])
+    m50 = m50[m50["date"] <= asof].pivot(index="date", columns="admin2", values="m50_index")
+    cli = load_cli(asof, areas).rolling(7, min_periods=1).mean()
+    sub = np.log(_held(subway, dates, asof, 1.0))
+    school = nyc.policies(dates)[0].schedule[:, nyc.LAYERS.index("school")].numpy().astype(np.float64)
+    pause = nyc._steps(dates, [("2020-03-22", 1.0), ("2020-06-08", 0.0)], before=0.0).numpy().astype(np.float64)
+    reopen = nyc._steps(dates, [("2020-06-08", 0.25), ("2020-06-22", 0.5), ("2020-07-06", 0.6), ("2020-07-20", 0.7),
+                                ("2020-09-30", 0.8), ("2020-12-14", 0.7), ("2021-02-12", 0.8)], before=0.0).numpy()
+    doy = 2 * np.pi * dates.day_of_year.to_numpy() / 365.25
+    week = _week_index(dates)
+    W, A = int(week[-1]) + 1, len(areas)
+    names = ["log_subway", "m50", "log_cli", "school", "pause", "reopening", "season_cos", "season_sin",
+             *[f"is_{a}" for a in areas]]
+    daily = np.zeros((len(dates), A, len(names)))
+    for j, a in enumerate(areas):
+        daily[:, j, 0] = sub
+        daily[:, j, 1] = np.clip(_held(m50[nyc.M50_NAMES[a]].astype(float).rolling(7, min_periods=1).mean(), dates,
+                                       asof, 100.0) / 100.0, 0.0, 1.5)
+        daily[:, j, 2] = np.log1p(_held(cli[a], dates, asof, 10.0)) / 3.0
+        daily[:, j, 3] = school
+        daily[:, j, 4] = pause
+        daily[:, j, 5] = reopen
+        daily[:, j, 6] = np.cos(doy)
+        daily[:, j, 7] = np.sin(doy)
+        daily[:, j, 8 + j] = 1.0
+    x = np.zeros((W, A, len(names)))
+    cnt = np.bincount(week, minlength=W)
+    np.add.at(x, week, daily)
+    x /= cnt[:, None, None]
+    return torch.tensor(x, dtype=torch.float32), names
+
+
+def _week_index(dates: pd.DatetimeIndex) -> np.ndarray:
+    """Week of each date, weeks running Monday..Sunday, 0 = the week of the first date."""
+    d0 = int(dates[0].day_of_week)
+    return ((np.arange(len(dates)) + d0) // 7).astype(np.int64)
+
+
+def variant_share(dates: pd.DatetimeIndex, asof: str | pd.Timestamp, path: Path = VARIANT_FILE,
+                  prior_slope: float = 0.05) -> np.ndarray:
+    """Share of non-ancestral lineages on ``dates``: logistic curve through the 4-week periods ended by ``asof``.
+
+    With no period known: 0 (the sequenced cases of 2020 were ancestral). With one: its
+    logit at the period's midpoint and ``prior_slope`` per day (the growth of Alpha's logit
+    in England, about 0.05-0.07/day). With two or more: least squares on the logits.
+    """
+    df = pd.read_csv(path)
+    nyc.check_table(df, Path(path).name, ["Period start date", "Period end date", "Other percent"],
+                    nonnegative=["Other percent"])
+    df["start"] = pd.to_datetime(df["Period start date"], format="%m/%d/%Y")
+    df["end"] = pd.to_datetime(df["Period end date"], format="%m/%d/%Y")
+    df = df[df["end"] <= pd.Timestamp(asof)]
+    if not len(df):
+        return np.zeros(len(dates))
+    mid = (df["start"] + (df["end"] - df["start"]) / 2 - DATA_START).dt.days.to_numpy(np.float64)
+    share = np.clip(1.0 - df["Other percent"].to_numpy(np.float64) / 100.0, 0.01, 0.99)
+    logit = np.log(share / (1 - share))
+    if len(df) >= 2:
+        slope, icpt = np.polyfit(mid, logit, 1)
+    else:
+        slope, icpt = prior_slope, logit[0] - prior_slope * mid[0]
+    t = (dates - DATA_START).days.to_numpy(np.float64)
+    return 1.0 / (1.0 + np.exp(-(icpt + slope * t)))
+
+
+def vaccination_coverage(dates: pd.DatetimeIndex, asof: str | pd.Timestamp, areas: Sequence[str] = nyc.BOROUGHS
+                         ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Share with >= 1 dose and fully vaccinated ``[T, B, A]`` per NYC age band and borough; bands.
+
+    Age-band coverage (NYC residents) times the borough's coverage relative to the city's;
+    after ``asof`` each band's coverage grows by its mean daily gain over the last 14 known
+    days (capped at 0.9); before 2020-12-14 zero.
+    """
+    asof = pd.Timestamp(asof)
+    va = pd.read_csv(VACC_AGE_FILE)
+    vb = pd.read_csv(VACC_BORO_FILE)
+    for df, f in ((va, VACC_AGE_FILE), (vb, VACC_BORO_FILE)):
+        nyc.check_table(df, f.name, ["DATE", "CITY_PERC_1PLUS", "CITY_PERC_FULLY"])
+        df["date"] = pd.to_datetime(df["DATE"])
+    va, vb = va[va["date"] <= asof].set_index("date"), vb[vb["date"] <= asof].set_index("date")
+    bands = [c[len("PERC_1PLUS_"):] for c in va.columns if c.startswith("PERC_1PLUS_")]
+    T = len(dates)
+    out = []
+    for kind in ("1PLUS", "FULLY"):
+        cov = np.zeros((T, len(bands), len(areas)))
+        if len(va):
+            city = va[f"CITY_PERC_{kind}"].astype(float).clip(lower=1e-3)
+            ratio = np.stack([(vb[f"{VACC_BORO_PREFIX[a]}_PERC_{kind}"].astype(float) / city.reindex(vb.index)).fillna(1.0)
+                              .clip(0.3, 3.0).reindex(dates).ffill().fillna(1.0).to_numpy() for a in areas], -1)  # [T, A]
+            for b, band in enumerate(bands):
+                s = va[f"PERC_{kind}_{band}"].astype(float) / 100.0
+                v = s.reindex(dates).to_numpy(np.float64, copy=True)
+                after = np.asarray(dates > s.index[-1])
+                gain = float((s.iloc[-1] - s.iloc[max(0, len(s) - 15)]) / max(1, min(14, len(s) - 1)))
+                v[after] = np.minimum(0.9, s.iloc[-1] + gain * (dates[after] - s.index[-1]).days.to_numpy())
+                v = pd.Series(v).ffill().fillna(0.0).to_numpy()
+                cov[:, b, :] = np.clip(v[:, None] * ratio, 0.0, 0.95)
+        out.append(cov)
+    return out[0], out[1], bands
+
+
+def _band_of_age(bands: Sequence[str]) -> np.ndarray:
+    """For each 5-year age code (0..17), the index of the NYC vaccination band containing most of it."""
+    lows = []
+    for b in bands:
+        lo = b.split("_")[0].replace("up", "")
+        lows.append(int(lo))
+    order = np.argsort(lows)
+    lows_sorted = np.asarray(lows)[order]
+    mids = np.asarray(nyc.AGE_LOWER) + 2
+    idx = np.searchsorted(lows_sorted, mids, side="right") - 1
+    return order[np.clip(idx, 0, len(bands) - 1)]
+
+
+def dose_days(age: Tensor, area: Tensor, dates: pd.DatetimeIndex, asof: str | pd.Timestamp, seed: int = 0
+              ) -> tuple[Tensor, Tensor]:
+    """First- and second-dose day index ``[N]`` int16 per agent (NEVER if not by the last date).
+
+    Each agent has one uniform ``u``; it gets dose 1 on the first day its band and borough's
+    >= 1-dose coverage reaches ``u`` and dose 2 when full coverage does (so dose 2 follows dose 1).
+    """
+    c1, c2, bands = vaccination_coverage(dates, asof)
+    band = _band_of_age(bands)[age.long().cpu().numpy()]
+    ar = area.long().cpu().numpy()
+    u = torch.rand(age.shape[0], generator=torch.Generator().manual_seed(seed + 31337), dtype=torch.float64).numpy()
+    out = []
+    for cov in (c1, c2):
+        cmax = np.maximum.accumulate(cov, axis=0)  # [T, B, A] non-decreasing
+        first = np.full(len(u), NEVER, dtype=np.int64)
+        for b in range(cmax.shape[1]):  # one search per band and borough (55 groups), not per agent
+            for a in range(cmax.shape[2]):
+                idx = np.nonzero((band == b) & (ar == a))[0]
+                pos = np.searchsorted(cmax[:, b, a], u[idx], side="left")
+                first[idx] = np.where(pos < len(dates), pos, NEVER)
+        out.append(torch.as_tensor(first.astype(np.int16)))
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------ model
+@dataclass(frozen=True)
+class FitState(nyc.NYCState):
+    """The NYC state plus each agent's vaccination days."""
+
+    dose1_day: Tensor | None = tensor_field(("N",), torch.int16, "day index of the first dose (32767: none)", optional=True)
+    dose2_day: Tensor | None = tensor_field(("N",), torch.int16, "day index of the second dose (32767: none)", optional=True)
+
+
+class ContactNet(nn.Module):
+    """``log m = 2.5 tanh(MLP(x) / 2.5)``: covariates ``[..., F]`` to a bounded log contact multiplier."""
+
+    def __init__(self, features: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(features, hidden)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.normal_(self.out.weight, std=0.01)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Log multiplier ``[...]``."""
+        return 2.5 * torch.tanh(self.out(torch.tanh(self.inp(x))).squeeze(-1) / 2.5)
+
+
+class WindowParams(nn.Module):
+    """Parameters read by the plan: contacts per week and borough, seeding, fixed epi values.
+
+    ``log_contact(t)`` is the network's value in the weeks being fitted and the committed
+    value in earlier weeks (``committed [W, A]``, NaN = not committed yet).
+    """
+
+    def __init__(self, net: ContactNet, x: Tensor, week: Tensor, committed: Tensor, seed_days: int, seed_init: float,
+                 beta: float, import_rate: float, variant: Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("x", x)  # [W, A, F]
+        self.register_buffer("variant", variant.float())  # [T] transmissibility factor of the variant mix
+        self.register_buffer("week", week)  # [T] long
+        self.register_buffer("committed", committed)  # [W, A]
+        self.log_seed = nn.Parameter(torch.full((max(1, (seed_days + 6) // 7),), math.log(seed_init)))
+        # per week and borough residual on top of the network (ridge-penalised; moves fast under Adam)
+        self.delta = nn.Parameter(torch.zeros(committed.shape))
+        self.seed_days = int(seed_days)
+        self.register_buffer("beta", torch.tensor(float(beta)))
+        self.register_buffer("isolation", torch.tensor(0.5))
+        self.register_buffer("ihr_scale", torch.tensor(1.0))
+        self.register_buffer("ifr_scale", torch.tensor(1.0))
+        self.import_rate = float(import_rate)
+
+    def log_contact(self, t: int) -> Tensor:
+        """Log multiplier ``[A]`` on day ``t``."""
+        w = int(self.week[min(t, self.week.shape[0] - 1)])
+        c = self.committed[w]
+        if bool(torch.isfinite(c).all()):
+            return c
+        return self.net(self.x[w]) + self.delta[w]
+
+    def weekly(self) -> Tensor:
+        """Network plus residual: the log multiplier for every week ``[W, A]``."""
+        return self.net(self.x) + self.delta
+
+    def import_prob(self, t: int) -> Tensor:
+        """Per-agent probability of an imported infection on day ``t`` (fitted seeding first)."""
+        base = torch.tensor(self.import_rate, device=self.log_seed.device)
+        if t < self.seed_days:
+            return base + self.log_seed[t // 7].exp()
+        return base
+
+    def require(self, *names: str, owner: str = "model") -> None:
+        """Every name the plan reads exists (checked by attribute access)."""
+        for n in names:
+            getattr(self, n)
+
+
+class FittedContacts(Substep):
+    """``contact_factor_base[i, l] = variant(t) * (school(t) if l is school) * m[week(t), area_i]`` (not household).
+
+    ``m`` and the variant factor ``params.variant [T]`` come from the parameters, so a
+    forecast can swap in values known at its origin.
+    """
+
+    def __init__(self, school: Tensor, name: str = "contacts") -> None:
+        self.school = school.float()  # [T]
+        self.name = name
+        self.reads = ("area",)
+        self.writes = ("contact_factor_base",)
+        self.params = ()
+        L = len(nyc.LAYERS)
+        self.hh = torch.tensor([1.0 if n == "household" else 0.0 for n in nyc.LAYERS])
+        self.sc = torch.tensor([1.0 if n == "school" else 0.0 for n in nyc.LAYERS])
+        self.L = L
+
+    def __call__(self, params: WindowParams, state: FitState, t: int, rng: torch.Generator) -> FitState:
+        dev = state.area.device
+        i = min(t, self.school.shape[0] - 1)
+        m = params.log_contact(t).exp()  # [A]
+        hh, sc = self.hh.to(dev), self.sc.to(dev)
+        layer = hh + (1 - hh) * (1 - sc + sc * self.school[i].to(dev))  # [L]
+        per_area = (hh + (1 - hh) * m[:, None]) * layer * params.variant[i]  # [A, L]
+        return state.replace(contact_factor_base=per_area[state.area.long()])
+
+
+class Vaccinate(Substep):
+    """``susceptibility = base * (1 - e1 [t >= dose1 + 14] - (e2 - e1) [t >= dose2 + 14])``."""
+
+    def __init__(self, efficacy: tuple[float, float], lag: int = 14, name: str = "vaccination") -> None:
+        self.e1, self.e2 = float(efficacy[0]), float(efficacy[1])
+        if not 0 <= self.e1 <= self.e2 <= 1:
+            raise ValueError(f"vaccine_efficacy: expected 0 <= dose1 <= dose2 <= 1, got {efficacy}")
+        self.lag = int(lag)
+        self.name = name
+        self.reads = ("susceptibility_base", "dose1_day", "dose2_day")
+        self.writes = ("susceptibility",)
+        self.params = ()
+
+    def __call__(self, params: Any, state: FitState, t: int, rng: torch.Generator) -> FitState:
+        d1 = (state.dose1_day.long() + self.lag <= t).float()
+        d2 = (state.dose2_day.long() + self.lag <= t).float()
+        return state.replace(susceptibility=state.susceptibility_base * (1 - self.e1 * d1 - (self.e2 - self.e1) * d2))
+
+
+class Importation(Substep):
+    """Susceptible agents are infected from outside with probability ``params.import_prob(t)`` (carrier-weighted)."""
+
+    def __init__(self, disease: Any, name: str = "importation") -> None:
+        self.disease = disease
+        self.name = name
+        self.reads = ("stage", "timer", "carrier")
+        self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
+        self.params = ()
+        self.entry = disease.code(disease.entry)
+        self.sus = disease.code(disease.susceptible)
+        self._cdf: Tensor | None = None
+
+    def __call__(self, params: WindowParams, state: FitState, t: int, rng: torch.Generator) -> FitState:
+        stage = state.stage
+        if self._cdf is None or self._cdf.device != stage.device:
+            self._cdf = self.disease.dwell_table(stage.device)
+        p = params.import_prob(t)
+        u = torch.rand(stage.shape, generator=rng, device=stage.device)
+        at_risk = stage == self.sus
+        hit = at_risk & (u < p.detach())
+        ev = hit.nonzero().squeeze(1)
+        entry_t = torch.tensor(self.entry, dtype=stage.dtype, device=stage.device)
+        timer = _draw_dwell(self._cdf, torch.full((ev.numel(),), self.entry, dtype=stage.dtype, device=stage.device),
+                            u[ev] / p.detach().clamp_min(1e-30))
+        carrier = state.carrier
+        if p.requires_grad:
+            q = torch.where(hit, p.expand_as(carrier), 1 - p.expand_as(carrier))
+            carrier = carrier * event_carrier(q, at_risk)
+        return state.replace(stage=stage.index_put((ev,), entry_t), timer=state.timer.index_put((ev,), timer),
+                             carrier=carrier, entered=_entered_this_step(state, t).index_put((ev,), entry_t),
+                             entered_step=torch.tensor(t, device=stage.device))
+
+
+def _observables(disease: Any, areas: Sequence[str], tables: dict[str, Tensor], adult: Tensor) -> dict[str, Observable]:
+    A = len(areas)
+    E, Is, Ia, H, D = (disease.code(s) for s in ("E", "Is", "Ia", "H", "D"))
+    p_h = tables["p_hosp"]
+    p_d = tables["p_hosp"] * tables["p_death"]
+
+    def by_area(code: int, weight: Tensor | None = None) -> Callable[[FitState], Tensor]:
+        def fn(s: FitState) -> Tensor:
+            v = torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier))
+            if weight is not None:
+                v = v * weight.to(v.device)[s.age.long()]
+            return v.new_zeros(A).index_add(0, s.area.long(), v)
+        return fn
+
+    def testable(s: FitState) -> Tensor:
+        return by_area(Is)(s) + 0.1 * by_area(Ia)(s)
+
+    def adults(s: FitState) -> Tensor:
+        v = torch.where((s.entered == E) & adult.to(s.carrier.device)[s.age.long()], s.carrier, torch.zeros_like(s.carrier))
+        return v.sum().view(1)
+
+    r = ("entered", "carrier", "area", "age")
+    return {
+        "infections": Observable(by_area(E), labels=tuple(areas), reads=r, doc="new infections per area"),
+        "testable": Observable(testable, labels=tuple(areas), reads=r, doc="symptomatic + 0.1 asymptomatic onsets"),
+        "hosp_risk": Observable(by_area(Is, p_h), labels=tuple(areas), reads=r, doc="onsets x P(hospital | onset)"),
+        "death_risk": Observable(by_area(Is, p_d), labels=tuple(areas), reads=r, doc="onsets x P(death | onset)"),
+        "hospitalizations": Observable(by_area(H), labels=tuple(areas), reads=r, doc="agents entering H"),
+        "deaths": Observable(by_area(D), labels=tuple(areas), reads=r, doc="agents entering D"),
+        "adult_infections": Observable(adults, labels=("NYC",), reads=r, doc="new infections among adults (20+)"),
+    }
+
+
+@dataclass
+class Problem:
+    """The assembled model and everything a fit, forecast or replay needs."""
+
+    cfg: FitConfig
+    model: Model
+    state0: FitState
+    params: WindowParams
+    dates: pd.DatetimeIndex  # simulation dates: start .. train_end + horizon
+    train_end: pd.Timestamp
+    areas: tuple[str, ...]
+    scale: float
+    obs: dict[str, np.ndarray]  # series -> [T_train, A] observed daily counts
+    obs_city: dict[str, np.ndarray]  # series -> [T_train] citywide (includes unknown borough)
+    delays: dict[str, Tensor]
+    adults: float
+    feature_names: list[str]
+    blocks: list[tuple[int, int]]
+    week: np.ndarray
+    population: Any
+    segments: list[tuple[int, int]] = field(default_factory=list)  # observation-scale pieces (<= 14 days)
+
+
+def _blocks(start: pd.Timestamp, first_end: pd.Timestamp, train_end: pd.Timestamp, days: int) -> list[tuple[int, int]]:
+    """Day ranges ``[t0, t1)``: the first block to ``first_end``, then ``days``-day blocks to ``train_end``."""
+    T = int((train_end - start).days) + 1
+    t = int((first_end - start).days) + 1
+    out = [(0, min(t, T))]
+    while t < T:
+        t1 = min(T, t + days)
+        if T - t1 < 7 and t1 < T:  # a last piece shorter than a week joins this block
+            t1 = T
+        out.append((t, t1))
+        t = t1
+    return out
+
+
+def _segments(blocks: Sequence[tuple[int, int]], days: int = 14) -> list[tuple[int, int]]:
+    """Blocks cut into pieces of ``days`` counted back from each block's end (the first may be shorter)."""
+    out = []
+    for b0, b1 in blocks:
+        cuts = list(range(b1, b0, -days)) if b1 - b0 > days + 6 else [b1]
+        starts = [max(b0, c - days) for c in cuts] if len(cuts) > 1 else [b0]
+        if len(cuts) > 1:
+            starts[-1] = b0
+        out += sorted(zip(starts, cuts))
+    return out
+
+
+def make_problem(cfg: FitConfig, horizon: int = 0, cache_dir: str | None = None) -> Problem:
+    """Build population, plan, parameters and the observed data up to ``cfg.train_end`` (nothing later is read)."""
+    train_end, start = _check_dates(cfg.train_end, cfg.start)
+    days = int((train_end - start).days) + 1 + int(horizon)
+    setup = nyc.build(scale=cfg.scale, seed=cfg.seed, device="cpu", start=str(start.date()), days=days, llm="off",
+                      initial_prevalence=0.0, cache_dir=cache_dir, beta=cfg.beta)
+    dates = setup.dates
+    areas = setup.areas
+    disease = next(s for s in setup.model.substeps if s.name == "transmission").disease
+    pop = setup.population
+    d1, d2 = dose_days(pop.age, pop.area, dates, train_end, seed=cfg.seed)
+    state = FitState(**dict(setup.state.items()), dose1_day=d1, dose2_day=d2)
+    school = nyc.policies(dates)[0].schedule[:, nyc.LAYERS.index("school")]
+    variant = torch.tensor(1.0 + cfg.variant_advantage * variant_share(dates, train_end), dtype=torch.float32)
+    mid = [(lo + hi) / 2 for lo, hi in zip(nyc.AGE_LOWER, nyc.AGE_UPPER)]
+    tables = age_tables(mid)
+    adult = torch.tensor([lo >= 20 for lo in nyc.AGE_LOWER])
+    subs = {s.name: s for s in setup.model.substeps}
+    plan = [FittedContacts(school), Vaccinate(cfg.vaccine_efficacy), Importation(disease),
+            subs["isolation"], subs["transmission"], subs["progression"]]
+    model = Model(plan, _observables(disease, areas, tables, adult), state_type=FitState, dt=1.0, name="covid-nyc-fitted")
+    x, names = covariates(dates, areas, train_end)
+    week = _week_index(dates)
+    net = ContactNet(x.shape[-1], cfg.hidden)
+    params = WindowParams(net, x, torch.as_tensor(week), torch.full((x.shape[0], len(areas)), float("nan")),
+                          cfg.seed_days, cfg.seed_init, cfg.beta, cfg.import_rate, variant)
+    frame = nyc.load_observed(start, train_end)
+    if pd.to_datetime(frame["date"]).max() > train_end:
+        raise RuntimeError("observed data after train_end")
+    T0 = int((train_end - start).days) + 1
+    obs, obs_city = {}, {}
+    for s in SERIES:
+        f = frame[frame.series == s].pivot(index="date", columns="area", values="value").reindex(dates[:T0]).fillna(0.0)
+        obs[s] = f[list(areas)].to_numpy(np.float64, copy=True)
+        obs_city[s] = f["NYC"].to_numpy(np.float64, copy=True)
+    is_dwell = disease.dwell["Is"].pmf if hasattr(disease.dwell["Is"], "pmf") else None
+    h_dwell = disease.dwell["H"].pmf
+    is_pmf = torch.tensor(is_dwell, dtype=torch.float64)
+    h_pmf = torch.tensor(h_dwell, dtype=torch.float64)
+    death_pmf = torch.nn.functional.conv1d(torch.nn.functional.pad(is_pmf.view(1, 1, -1), (len(h_pmf) - 1, len(h_pmf) - 1)),
+                                           h_pmf.flip(0).view(1, 1, -1)).view(-1)
+    delays = {"cases": cal.gamma_delay(*CASE_DELAY).double(), "hospitalizations": torch.cat([torch.zeros(1), is_pmf]),
+              "deaths": torch.cat([torch.zeros(2), death_pmf / death_pmf.sum()])}
+    n_adult = float(adult[pop.age.long()].sum())
+    blocks = _blocks(start, pd.Timestamp(cfg.first_block_end), train_end, cfg.block_days)
+    return Problem(cfg, model, state.to(cfg.device), params.to(cfg.device), dates, train_end, tuple(areas),
+                   float(cfg.scale), obs, obs_city, delays, n_adult, names, blocks, week, pop, _segments(blocks))
+
+
+# ------------------------------------------------------------------------------- observation
+def _conv(x: Tensor, pmf: Tensor) -> Tensor:
+    return cal.convolve_delay(x.double(), pmf.double())
+
+
+def base_series(p: Problem, hist: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Unscaled expected daily counts ``[T, A]`` in city units: onsets and risks after their delays."""
+    k = 1.0 / p.scale
+    return {"cases": _conv(hist["testable"], p.delays["cases"]) * k,
+            "hospitalizations": _conv(hist["hosp_risk"], p.delays["hospitalizations"]) * k,
+            "deaths": _conv(hist["death_risk"], p.delays["deaths"]) * k}
+
+
+def weekday_factor(p: Problem, t_end: int) -> Tensor:
+    """Day-of-week factor ``[T]`` of reported cases from citywide cases before day ``t_end`` (the last 6 weeks)."""
+    y = torch.tensor(p.obs_city["cases"][:t_end])
+    f = cal.weekday_factors(y, p.dates[:t_end]).double()
+    return f[torch.as_tensor(p.dates.day_of_week.to_numpy().copy())]
+
+
+def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1: int) -> dict[str, Tensor]:
+    """Per day in ``[t0, t1)``: ascertainment ``[A]``, hospital and death scales from their block's observed/expected ratio.
+
+    Pieces are :attr:`Problem.segments` (at most 14 days); each uses its days inside ``[t0, t1)``.
+    """
+    out = {s: torch.zeros(t1 - t0, len(p.areas), dtype=torch.float64) for s in SERIES}
+    for b0, b1 in p.segments:
+        lo, hi = max(b0, t0), min(b1, t1)
+        if lo >= hi:
+            continue
+        sl = slice(lo, hi)
+        e_c = (base["cases"][sl] * dow[sl, None]).detach().sum(0)
+        o_c = torch.tensor(p.obs["cases"][sl].sum(0))
+        asc = ((o_c + 0.5) / (e_c + 1e-6)).clamp(0.01, 1.0)
+        e_h = base["hospitalizations"][sl].detach().sum()
+        hs = ((float(p.obs["hospitalizations"][sl].sum()) + 0.5) / (e_h + 1e-6)).clamp(0.05, 20.0)
+        e_d = base["deaths"][sl].detach().sum()
+        ds = ((float(p.obs["deaths"][sl].sum()) + 0.5) / (e_d + 1e-6)).clamp(0.02, 50.0)
+        out["cases"][lo - t0:hi - t0] = asc
+        out["hospitalizations"][lo - t0:hi - t0] = hs
+        out["deaths"][lo - t0:hi - t0] = ds
+    return out
+
+
+def _cat_hist(hist: dict[str, Tensor], sim: dict[str, Tensor], t0: int) -> dict[str, Tensor]:
+    return {k: torch.cat([hist[k][:t0].to(sim[k].dtype), sim[k]]) for k in sim}
+
+
+# --------------------------------------------------------------------------------- the fit
+@dataclass
+class FitRecord:
+    """What the sequential pass committed: schedules, scales, observables, diagnostics."""
+
+    log_contact: Tensor  # [W, A] committed weekly log multipliers (NaN after the last block)
+    scales: dict[str, Tensor]  # series -> [T0, A] per-day observation scale
+    abm_scales: list[tuple[float, float]]  # per block: ihr_scale, ifr_scale used by the agents
+    variant: Tensor  # [T0] variant factor the committed days used
+    log_seed: list[float]
+    hist: dict[str, Tensor]  # observables [T0, ...]
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    forecasts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    final_state: Any = None
+    final_streams: dict[str, Tensor] | None = None
+    seconds: float = 0.0
+
+
+def _snapshot(params: WindowParams) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in params.state_dict().items()}
+
+
+def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: dict[str, Tensor], t0: int, t1: int,
+               dow: Tensor) -> tuple[Tensor, dict[str, float]]:
+    cfg = p.cfg
+    full = _cat_hist(hist, sim, t0)
+    base = base_series(p, full)
+    sc = profile_scales(p, base, dow, t0, t1)
+    terms: dict[str, Tensor] = {}
+    n = 0
+    for s in SERIES:
+        mu = base[s][t0:t1] * sc[s] * (dow[t0:t1, None] if s == "cases" else 1.0)
+        y = torch.tensor(p.obs[s][t0:t1])
+        terms[s] = cal.negbin_nll(mu, y, cfg.dispersion).sum()
+        n += y.numel()
+    w = torch.as_tensor(p.week[t0:t1])
+    w0, w1 = int(w[0]), int(w[-1]) + 1
+    lm = params.net(params.x[w0:w1]) + params.delta[w0:w1]  # [nw, A]
+    terms["ridge"] = (0.5 * (params.delta[w0:w1] / cfg.delta_sd) ** 2).sum()
+    prev = params.committed[w0 - 1] if w0 > 0 else None
+    chain = lm if prev is None or not bool(torch.isfinite(prev).all()) else torch.cat([prev.view(1, -1), lm])
+    terms["random_walk"] = (0.5 * (chain.diff(dim=0) / cfg.rw_sd) ** 2).sum()
+    ts = int((pd.Timestamp(SERO["date"]) - p.dates[0]).days)
+    if t0 <= ts < t1:
+        share = full["adult_infections"][: ts + 1].sum() / p.adults
+        terms["serosurvey"] = 0.5 * ((share - SERO["value"]) / cfg.sero_sd) ** 2
+    loss = sum(terms.values()) / n
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _run(p: Problem, params: WindowParams, state: Any, rng: dict[str, Tensor], t0: int, t1: int, grad: bool
+         ) -> tuple[dict[str, Tensor], Any, dict[str, Tensor]]:
+    streams = Streams(p.cfg.seed, [s.name for s in p.model.substeps], state.device)
+    streams.set_state(rng)
+    with torch.set_grad_enabled(grad):
+        sim, st = cal.rollout(p.model, params, state, t1 - t0, start=t0, grad=grad, streams=streams)
+    return sim, st, streams.get_state()
+
+
+def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28, progress: bool = True,
+                   log: Callable[[str], None] = print) -> FitRecord:
+    """Fit every block by gradient through the simulation, window by window (module docstring).
+
+    ``origins``: day indices (block starts) at which to forecast ``horizon`` days from the
+    pass's own state (the rolling-origin backtest); results in ``FitRecord.forecasts``.
+    """
+    cfg = p.cfg
+    params = p.params
+    model = p.model
+    t_start = time.perf_counter()
+    T0 = p.blocks[-1][1]
+    A = len(p.areas)
+    hist = {k: torch.zeros(T0, *(() if o.labels is None else (len(o.labels),)), dtype=torch.float64)
+            for k, o in model.observables.items()}
+    scales = {s: torch.full((T0, A), float("nan"), dtype=torch.float64) for s in SERIES}
+    committed_variant = torch.zeros(T0)
+    abm: list[tuple[float, float]] = []
+    state = p.state0
+    rng = Streams(cfg.seed, [s.name for s in model.substeps], state.device).get_state()
+    rec = FitRecord(params.committed, scales, abm, committed_variant, [], hist)
+    opt_net = torch.optim.Adam([{"params": list(params.net.parameters()), "lr": cfg.lr},
+                                {"params": [params.delta], "lr": cfg.delta_lr}])
+    opt_seed = torch.optim.Adam([params.log_seed], lr=cfg.seed_lr)
+    K = len(p.blocks)
+    pairs = [(0, 0)] if K == 1 else [(k - 1, k) for k in range(1, K)]
+
+    total_days = sum(p.blocks[j][1] - p.blocks[i][0] for i, j in pairs)
+    done_days = 0
+    cur_abm = (1.0, 1.0)
+    for i, j in pairs:
+        t0, tm, t1 = p.blocks[i][0], p.blocks[j][0] if j != i else p.blocks[i][1], p.blocks[j][1]
+        asof = p.dates[t1 - 1]
+        x, _ = covariates(p.dates, p.areas, asof)
+        params.x.copy_(x.to(params.x.device))
+        params.variant.copy_(torch.tensor(1.0 + cfg.variant_advantage * variant_share(p.dates, asof),
+                                          dtype=torch.float32, device=params.variant.device))
+        params.ihr_scale.fill_(cur_abm[0])
+        params.ifr_scale.fill_(cur_abm[1])
+        first = t0 == 0
+        params.log_seed.requires_grad_(first)
+        with torch.no_grad():  # new weeks start from the last committed residual (a random walk's forecast)
+            done = torch.isfinite(params.committed).all(1).nonzero()
+            if len(done):
+                wl = int(done.max())
+                new = np.unique(p.week[t0:t1])
+                params.delta[new[new > wl]] = params.delta[wl].clone()
+        dow = weekday_factor(p, t1)
+        iters = cfg.iters_first if first else cfg.iters
+        best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
+        losses = []
+        for it in range(iters):
+            sim, _, _ = _run(p, params, state, rng, t0, t1, grad=True)
+            loss, terms = _objective(p, params, hist, sim, t0, t1, dow)
+            opt_net.zero_grad()
+            opt_seed.zero_grad()
+            loss.backward()
+            gnorm = math.sqrt(sum(float((q.grad ** 2).sum()) for q in [*params.net.parameters(), params.delta]
+                                  if q.grad is not None))
+            if it == 0:
+                info0 = {"loss": float(loss.detach()), "grad_norm": gnorm, **terms}
+                if not gnorm > 0:
+                    raise RuntimeError(f"window {p.dates[t0].date()}..{p.dates[t1 - 1].date()}: the loss is flat "
+                                       f"(gradient norm {gnorm}); refusing to train on it")
+            losses.append(float(loss))
+            if float(loss) < best_loss:
+                best_loss, best = float(loss), _snapshot(params)
+            opt_net.step()
+            if first:
+                opt_seed.step()
+            if progress:
+                frac = (done_days + (t1 - t0) * (it + 1) / iters) / total_days
+                el = time.perf_counter() - t_start
+                print(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  window {p.dates[t0].date()}..{p.dates[t1 - 1].date()}"
+                      f"  iter {it + 1}/{iters}  loss {float(loss):.3f}  {el / 60:.1f} min", end="", flush=True)
+        # the last iterate is evaluated too, then the best is kept
+        sim, _, _ = _run(p, params, state, rng, t0, t1, grad=False)
+        with torch.no_grad():
+            loss, _ = _objective(p, params, hist, sim, t0, t1, dow)
+        if float(loss) < best_loss:
+            best_loss, best = float(loss), _snapshot(params)
+        params.load_state_dict(best)
+        done_days += t1 - t0
+        # final run of the window with the kept parameters: commit block i, keep the state at its end
+        commit_to = t1 if (j == K - 1) else tm
+        wk = np.unique(p.week[t0:commit_to])
+        wk_all = np.unique(p.week[t0:t1])
+        with torch.no_grad():
+            lm = params.weekly().detach()
+            # the final run reads the committed table, so a replay reproduces it bit for bit
+            params.committed[wk_all] = lm[wk_all]
+            sim_a, st_mid, rng_mid = _run(p, params, state, rng, t0, tm, grad=False) if tm > t0 else ({}, state, rng)
+            sim_b, st_end, rng_end = _run(p, params, st_mid, rng_mid, tm, t1, grad=False)
+            sim = {k: torch.cat([sim_a[k], sim_b[k]]) if sim_a else sim_b[k] for k in sim_b}
+            full = _cat_hist(hist, sim, t0)
+            base = base_series(p, full)
+            sc = profile_scales(p, base, dow, t0, t1)
+        params.committed[np.setdiff1d(wk_all, wk)] = float("nan")
+        for k in hist:
+            hist[k][t0:commit_to] = full[k][t0:commit_to].double()
+        for s in SERIES:
+            scales[s][t0:commit_to] = sc[s][: commit_to - t0]
+        committed_variant[t0:commit_to] = params.variant[t0:commit_to].cpu()
+        abm.append(cur_abm)
+        if j == K - 1 and j != i:
+            abm.append(cur_abm)
+        hs_i = float(sc["hospitalizations"][tm - t0 - 1 if tm > t0 else 0, 0])
+        ds_i = float(sc["deaths"][tm - t0 - 1 if tm > t0 else 0, 0])
+        cur_abm = (hs_i, ds_i / hs_i)
+        rec.windows.append({"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()), "iters": iters,
+                            "first": info0, "best_loss": best_loss, "losses": losses,
+                            "seconds": time.perf_counter() - tw})
+        if t1 in set(origins) or j == K - 1:
+            rec.forecasts[t1] = forecast_from(p, t1, st_end, params, full, sc, dow, horizon)
+        if j == K - 1:
+            rec.final_state, rec.final_streams = st_end, rng_end
+        else:
+            state, rng = st_mid, rng_mid
+    if progress:
+        print()
+    rec.log_seed = params.log_seed.detach().cpu().tolist()
+    rec.seconds = time.perf_counter() - t_start
+    return rec
+
+
+# ----------------------------------------------------------------------------------- forecast
+def _fit_k(mu: np.ndarray, y: np.ndarray) -> float:
+    return cal.fit_dispersion(torch.tensor(mu).clamp_min(1e-3), torch.tensor(y), lo=1.0, hi=1000.0)
+
+
+def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
+                  sc: dict[str, Tensor], dow: Tensor, horizon: int, *, replicates: int | None = None,
+                  draws: int | None = None) -> dict[str, Any]:
+    """Predictive draws ``{series: [R * draws, H, A + 1]}`` (last column citywide) from the state at day ``origin``.
+
+    Reads nothing after ``dates[origin - 1]``: covariates, variant share and vaccination are
+    rebuilt as of that day (held or extrapolated beyond it), observation scales are the last
+    block's, and NB dispersions are fitted on the residuals of the window before the origin.
+    """
+    cfg = p.cfg
+    R = int(replicates or cfg.replicates)
+    n = int(draws or cfg.draws)
+    H = int(min(horizon, len(p.dates) - origin))
+    if H <= 0:
+        raise ValueError(f"horizon: the problem's dates end at {p.dates[-1].date()}; nothing to forecast from day {origin}")
+    asof = p.dates[origin - 1]
+    fp = WindowParams(ContactNet(params.x.shape[-1], cfg.hidden), params.x.clone(), params.week.clone(),
+                      params.committed.clone(), cfg.seed_days, cfg.seed_init, cfg.beta, cfg.import_rate,
+                      params.variant.clone()).to(params.x.device)
+    fp.load_state_dict(_snapshot(params))
+    x, _ = covariates(p.dates, p.areas, asof)
+    v = torch.tensor(1.0 + cfg.variant_advantage * variant_share(p.dates, asof), dtype=torch.float32)
+    fp.variant.copy_(v.to(fp.variant.device))
+    with torch.no_grad():
+        lm_now = params.weekly().detach()
+        # future weeks: the network on covariates known at the origin, plus the last fitted residual held
+        wl = int(p.week[origin - 1])
+        lm_future = (fp.net(x.to(fp.x.device)) + params.delta[wl]).detach()
+    d1, d2 = dose_days(p.population.age, p.population.area, p.dates, asof, seed=cfg.seed)
+    st = state.replace(dose1_day=d1.to(state.device), dose2_day=d2.to(state.device))
+    # parameter uncertainty: sd of the fitted week-to-week changes of the log multiplier (after the first wave)
+    comm = params.committed.detach().cpu()
+    ok = torch.isfinite(comm).all(1)
+    diffs = comm[ok].diff(dim=0)[8:] if int(ok.sum()) > 10 else torch.zeros(0, comm.shape[1])
+    rw = float(diffs.std()) if diffs.numel() > 4 else cfg.rw_sd
+    rw = max(0.05, rw)
+    w_origin = int(p.week[origin])
+    weeks = np.arange(w_origin, int(p.week[origin + H - 1]) + 1)
+    # the week of the origin keeps its fitted value when the origin is not a Monday
+    g = torch.Generator().manual_seed(cfg.seed + 7 * origin)
+    T_end = origin + H
+    last = {s: sc[s][-1].cpu() for s in SERIES}
+    past = base_series(p, {k: full[k][:origin].double().cpu() for k in full})
+    if cfg.anchor_days > 0:
+        # observation level at the origin: each borough's observed / expected over the last days (data <= origin - 1)
+        for s in SERIES:
+            days = cfg.anchor_days if s == "cases" else 2 * cfg.anchor_days
+            lo = origin - days
+            e = (past[s][lo:origin] * sc[s][-days:].cpu() * (dow[lo:origin, None] if s == "cases" else 1.0)).sum(0)
+            o = torch.tensor(p.obs[s][lo:origin].sum(0))
+            last[s] = last[s] * ((o + 0.5) / (e + 0.5)).clamp(0.5, 2.0)
+    out: dict[str, list[Tensor]] = {s: [] for s in SERIES}
+    for r in range(R):
+        steps_noise = torch.randn(len(weeks), len(p.areas), generator=g) * rw
+        if p.dates[origin].day_of_week != 0:
+            steps_noise[0] = 0.0
+        path = torch.cumsum(steps_noise, 0)
+        table = fp.committed.clone()
+        for i, w in enumerate(weeks):
+            anchor = lm_now[w] if (p.dates[origin].day_of_week != 0 and i == 0) else lm_future[w]
+            table[w] = anchor + path[i].to(table.device)
+        fp.committed.copy_(table)
+        streams = Streams(cfg.seed + 1000 + r, [s.name for s in p.model.substeps], st.device)
+        with torch.no_grad():
+            sim, _ = cal.rollout(p.model, fp, st, H, start=origin, grad=False, streams=streams)
+            hist_r = {k: torch.cat([full[k][:origin].double().cpu(), sim[k].double().cpu()]) for k in sim}
+            base = base_series(p, hist_r)
+        for s in SERIES:
+            mu = base[s][origin:T_end] * last[s] * (dow[origin:T_end, None] if s == "cases" else 1.0)
+            out[s].append(mu)
+    res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}}
+    t_lo = origin - min(28, sc["cases"].shape[0])
+    for s in SERIES:
+        mu = torch.stack(out[s])  # [R, H, A]
+        fit_mu = (past[s][t_lo:origin] * sc[s][-(origin - t_lo):].cpu()
+                  * (dow[t_lo:origin, None] if s == "cases" else 1.0)).numpy()
+        k = _fit_k(fit_mu, p.obs[s][t_lo:origin])
+        res["dispersion"][s] = k
+        y = cal.sample_counts(mu.float(), k=k, draws=n, seed=cfg.seed + origin).flatten(0, 1)  # [R * n, H, A]
+        res[s] = torch.cat([y, y.sum(-1, keepdim=True)], -1).numpy()
+        res[s + "_mean"] = mu.mean(0).numpy()
+    return res
+
+
+# ------------------------------------------------------------------------------- reporting
+def _weekly(x: np.ndarray, dates: pd.DatetimeIndex) -> tuple[np.ndarray, pd.DatetimeIndex]:
+    """Sums over complete Monday..Sunday weeks of ``x [T, ...]``; the week start dates."""
+    first = int((7 - dates[0].day_of_week) % 7)
+    n = (len(dates) - first) // 7
+    y = x[first:first + 7 * n].reshape(n, 7, *x.shape[1:]).sum(1)
+    return y, dates[first:first + 7 * n:7]
+
+
+def fitted_series(p: Problem, rec: FitRecord) -> dict[str, np.ndarray]:
+    """In-sample expected daily counts ``[T0, A]`` per series from the committed history and scales."""
+    T0 = rec.hist["testable"].shape[0]
+    base = base_series(p, rec.hist)
+    dow = weekday_factor(p, T0)
+    return {s: (base[s] * rec.scales[s] * (dow[:T0, None] if s == "cases" else 1.0)).numpy() for s in SERIES}
+
+
+def insample_metrics(p: Problem, rec: FitRecord) -> dict[str, Any]:
+    """Weekly-case correlation per borough and citywide, totals ratios, share ever infected (adults, all)."""
+    fit = fitted_series(p, rec)
+    T0 = fit["cases"].shape[0]
+    dates = p.dates[:T0]
+    out: dict[str, Any] = {"weekly_case_correlation": {}, "totals": {}}
+    wf, _ = _weekly(fit["cases"], dates)
+    wo, _ = _weekly(p.obs["cases"][:T0], dates)
+    for j, a in enumerate(p.areas):
+        out["weekly_case_correlation"][a] = float(np.corrcoef(wf[:, j], wo[:, j])[0, 1])
+    wc, _ = _weekly(p.obs_city["cases"][:T0], dates)
+    out["weekly_case_correlation"]["NYC"] = float(np.corrcoef(wf.sum(1), wc)[0, 1])
+    for s in SERIES:
+        sim, obs = float(fit[s].sum()), float(p.obs_city[s][:T0].sum())
+        out["totals"][s] = {"fitted": sim, "observed_citywide": obs, "observed_sum_of_boroughs": float(p.obs[s][:T0].sum()),
+                            "ratio_to_citywide": sim / max(obs, 1.0)}
+    cum_adult = np.cumsum(rec.hist["adult_infections"].numpy()[:, 0]) / p.adults
+    cum_all = np.cumsum(rec.hist["infections"].numpy().sum(1)) / float(p.population.num_agents)
+    def at(d: str, c: np.ndarray) -> float | None:
+        t = int((pd.Timestamp(d) - p.dates[0]).days)
+        return float(c[t]) if t < len(c) else None
+    out["ever_infected"] = {"adults_2020-04-16": at(SERO["date"], cum_adult), "adults_2020-04-28": at("2020-04-28", cum_adult),
+                            "all_2020-04-28": at("2020-04-28", cum_all), "all_at_train_end": float(cum_all[-1]),
+                            "adults_at_train_end": float(cum_adult[-1]),
+                            "serosurvey": SERO}
+    vacc = rec.hist  # noqa: F841  (vaccination is in the state, reported below)
+    return out
+
+
+def forecast_frame(p: Problem, fc: dict[str, Any]) -> pd.DataFrame:
+    """Daily model-only forecast: ``date, area, series, median, lower_90, upper_90``."""
+    o, H = fc["origin"], fc["horizon"]
+    rows = []
+    for s in SERIES:
+        q = np.quantile(fc[s], [0.5, 0.05, 0.95], axis=0)  # [3, H, A + 1]
+        for j, a in enumerate((*p.areas, "NYC")):
+            rows.append(pd.DataFrame({"date": p.dates[o:o + H], "area": a, "series": s, "median": q[0, :, j],
+                                      "lower_90": q[1, :, j], "upper_90": q[2, :, j]}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def backtest_rows(p: Problem, fc: dict[str, Any], horizons: Sequence[int] = (1, 2, 3, 4)) -> pd.DataFrame:
+    """Weekly forecasts of the model and both baselines at one origin, with the truth when known (scoring only)."""
+    o = fc["origin"]
+    origin_date = p.dates[o]
+    T0 = p.obs["cases"].shape[0]
+    rows = []
+    qcols = [f"q{lv:g}" for lv in LEVELS]
+    for s in SERIES:
+        obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)  # [T0, A + 1]
+        hist_w, starts = _weekly(obs_all[:o], p.dates[:o])
+        for h in horizons:
+            a0, a1 = 7 * (h - 1), 7 * h
+            if a1 > fc["horizon"]:
+                continue
+            draws = fc[s][:, a0:a1].sum(1)  # [D, A + 1]
+            qm = np.quantile(draws, LEVELS, axis=0)  # [Q, A + 1]
+            t_lo, t_hi = o + a0, o + a1
+            truth = obs_all[t_lo:t_hi].sum(0) if t_hi <= T0 else np.full(obs_all.shape[1], np.nan)
+            for j, a in enumerate((*p.areas, "NYC")):
+                base = {"model": qm[:, j]}
+                for m in ("persistence", "trend"):
+                    base[m] = baseline_quantiles(hist_w[:, j], [h], m)[0]
+                for m, q in base.items():
+                    rows.append({"origin": origin_date, "area": a, "series": s, "horizon": h, "method": m,
+                                 "y": float(truth[j]), **dict(zip(qcols, q))})
+    return pd.DataFrame(rows)
+
+
+def _plot_insample(out: Path, p: Problem, rec: FitRecord) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fit = fitted_series(p, rec)
+    T0 = fit["cases"].shape[0]
+    for s in SERIES:
+        fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex=True)
+        wf, starts = _weekly(fit[s], p.dates[:T0])
+        wo, _ = _weekly(p.obs[s][:T0], p.dates[:T0])
+        wc, _ = _weekly(p.obs_city[s][:T0], p.dates[:T0])
+        for j, ax in enumerate(axes.flat):
+            if j < len(p.areas):
+                ax.plot(starts, wo[:, j], "k.-", ms=3, label="observed (NYC DOHMH)")
+                ax.plot(starts, wf[:, j], color="tab:red", label="calibrated model")
+                ax.set_title(f"{nyc.NAMES[p.areas[j]]}: weekly {s}")
+            else:
+                ax.plot(starts, wc, "k.-", ms=3, label="observed")
+                ax.plot(starts, wf.sum(1), color="tab:red", label="calibrated model")
+                ax.set_title(f"New York City: weekly {s}")
+            ax.tick_params(axis="x", rotation=30)
+        axes.flat[0].legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / f"insample_{s}.png", dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    lm = rec.log_contact.cpu().numpy()
+    ok = np.isfinite(lm).all(1)
+    wk = pd.date_range(p.dates[0] - pd.Timedelta(days=int(p.dates[0].day_of_week)), periods=lm.shape[0], freq="7D")
+    for j, a in enumerate(p.areas):
+        ax[0].plot(wk[ok], np.exp(lm[ok, j]), label=a)
+    ax[0].set_title("fitted weekly contact multiplier (non-household layers)")
+    ax[0].legend(fontsize="small")
+    asc = rec.scales["cases"].numpy()
+    for j, a in enumerate(p.areas):
+        ax[1].plot(p.dates[:T0], asc[:, j], label=a)
+    ax[1].set_title("fitted ascertainment (per 14-day block)")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(out / "fitted_schedules.png", dpi=100)
+    plt.close(fig)
+
+
+def _plot_forecast(out: Path, p: Problem, fdf: pd.DataFrame, rec: FitRecord) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fit = fitted_series(p, rec)
+    T0 = fit["cases"].shape[0]
+    fig, axes = plt.subplots(3, 1, figsize=(10, 10))
+    for ax, s in zip(axes, SERIES):
+        f = fdf[(fdf.area == "NYC") & (fdf.series == s)]
+        lo = max(0, T0 - 120)
+        ax.plot(p.dates[lo:T0], p.obs_city[s][lo:T0], "k.", ms=3, label="observed (training)")
+        ax.plot(p.dates[lo:T0], fit[s][lo:T0].sum(1), color="tab:red", label="calibrated model")
+        ax.fill_between(f["date"], f["lower_90"], f["upper_90"], alpha=0.3, color="tab:blue", label="model 90% interval")
+        ax.plot(f["date"], f["median"], color="tab:blue", label="model median")
+        ax.set_title(f"NYC daily {s}: forecast from {p.dates[T0].date()}")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "forecast_nyc.png", dpi=100)
+    plt.close(fig)
+
+
+def _plot_backtest(out: Path, summ: pd.DataFrame) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for m, g in summ.groupby("method"):
+        ax[0].plot(g["horizon"], g["wis"], "o-", label=m)
+        ax[1].plot(g["horizon"], g["mae"], "o-", label=m)
+        ax[2].plot(g["horizon"], g["cov90"], "o-", label=f"{m} 90%")
+        ax[2].plot(g["horizon"], g["cov50"], "x--", label=f"{m} 50%")
+    ax[0].set_title("mean WIS, weekly cases (boroughs + NYC)")
+    ax[1].set_title("MAE of the median")
+    ax[2].set_title("interval coverage")
+    ax[2].axhspan(0.75, 0.97, color="grey", alpha=0.15)
+    for a in ax:
+        a.set_xlabel("horizon (weeks)")
+        a.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "backtest.png", dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- record / replay
+def record_json(p: Problem, rec: FitRecord, command: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready record of a fit: config, command, schedules and scales per block, diagnostics."""
+    blocks = [{"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()),
+               "agent_ihr_scale": rec.abm_scales[b][0], "agent_ifr_scale": rec.abm_scales[b][1]}
+              for b, (t0, t1) in enumerate(p.blocks)]
+    segments = [{"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()),
+                 "ascertainment": {a: float(rec.scales["cases"][t0, j]) for j, a in enumerate(p.areas)},
+                 "hospital_scale": float(rec.scales["hospitalizations"][t0, 0]),
+                 "death_scale": float(rec.scales["deaths"][t0, 0])} for t0, t1 in p.segments]
+    lm = rec.log_contact.detach().cpu().numpy()
+    return {"command": command, "config": asdict(p.cfg), "train_end": str(p.train_end.date()),
+            "areas": list(p.areas), "week_of_day0": 0, "log_contact": [[None if not np.isfinite(v) else float(v) for v in row]
+                                                                        for row in lm],
+            "log_seed": rec.log_seed, "variant_factor": rec.variant.tolist(), "blocks": blocks, "segments": segments,
+            "windows": [{k: v for k, v in w.items() if k != "losses"} | {"loss_first": w["losses"][0],
+                                                                         "loss_last": w["losses"][-1]}
+                        for w in rec.windows],
+            "seconds": rec.seconds, "metrics": metrics}
+
+
+def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None = None, cache_dir: str | None = None,
+           progress: bool = True) -> tuple[Problem, FitRecord]:
+    """Re-simulate a shipped fit block by block (same scale and seed: the fit's committed history, bit for bit)."""
+    cfg = FitConfig(**{**blob["config"], "vaccine_efficacy": tuple(blob["config"]["vaccine_efficacy"]),
+                       **({"scale": scale} if scale is not None else {}), **({"seed": seed} if seed is not None else {})})
+    p = make_problem(cfg, cache_dir=cache_dir)
+    if list(p.areas) != blob["areas"] or len(blob["blocks"]) != len(p.blocks):
+        raise ValueError("fit record: areas or blocks do not match this problem (re-run the calibration)")
+    params = p.params
+    lm = torch.tensor([[float("nan") if v is None else v for v in row] for row in blob["log_contact"]])
+    params.committed.copy_(lm)
+    params.log_seed.data.copy_(torch.tensor(blob["log_seed"]))
+    T0 = p.blocks[-1][1]
+    params.variant[:T0] = torch.tensor(blob["variant_factor"])
+    A = len(p.areas)
+    hist = {k: [] for k in p.model.observables}
+    state = p.state0
+    streams = Streams(cfg.seed, [s.name for s in p.model.substeps], state.device)
+    scales = {s: torch.zeros(T0, A, dtype=torch.float64) for s in SERIES}
+    for b, (t0, t1) in enumerate(p.blocks):
+        info = blob["blocks"][b]
+        params.ihr_scale.fill_(info["agent_ihr_scale"])
+        params.ifr_scale.fill_(info["agent_ifr_scale"])
+        with torch.no_grad():
+            sim, state = cal.rollout(p.model, params, state, t1 - t0, start=t0, grad=False, streams=streams)
+        for k in hist:
+            hist[k].append(sim[k].double())
+        if progress:
+            print(f"\rreplay {p.dates[t1 - 1].date()}", end="", flush=True)
+    if progress:
+        print()
+    for (t0, t1), info in zip(p.segments, blob["segments"]):
+        scales["cases"][t0:t1] = torch.tensor([info["ascertainment"][a] for a in p.areas], dtype=torch.float64)
+        scales["hospitalizations"][t0:t1] = info["hospital_scale"]
+        scales["deaths"][t0:t1] = info["death_scale"]
+    rec = FitRecord(params.committed, scales, [(b["agent_ihr_scale"], b["agent_ifr_scale"]) for b in blob["blocks"]],
+                    params.variant[:T0].cpu(), blob["log_seed"], {k: torch.cat(v) for k, v in hist.items()})
+    rec.final_state = state
+    return p, rec
+
+
+def run_fitted(argv: Sequence[str], fit_file: Path = FIT_FILE) -> int:
+    """``lpm run covid-nyc``: replay the shipped calibration, write daily.csv, metrics and plots."""
+    ap = argparse.ArgumentParser(prog="lpm run covid-nyc", description="COVID-19 in NYC 2020-03..2021-03, calibrated "
+                                 "(replays the shipped fit; --params prior runs the uncalibrated model)")
+    ap.add_argument("--params", default="fitted", choices=("fitted", "prior"))
+    ap.add_argument("--fit", default=str(fit_file), help="fit record (default: the shipped data/covid_nyc_fit/fit.json)")
+    ap.add_argument("--scale", type=float, default=None, help="agents per resident (default: the fit's scale)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="out/covid_nyc")
+    a = ap.parse_args(list(argv))
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    path = Path(a.fit)
+    if not path.exists():
+        raise SystemExit(f"lpm run covid-nyc: fit record {path} not found; run `lpm calibrate covid-nyc --ship` "
+                         f"or use --params prior")
+    blob = json.loads(path.read_text())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    p, rec = replay(blob, scale=a.scale, seed=a.seed, cache_dir=a.cache_dir)
+    fit = fitted_series(p, rec)
+    T0 = fit["cases"].shape[0]
+    rows = []
+    for s in SERIES:
+        df = pd.DataFrame(fit[s], index=p.dates[:T0], columns=list(p.areas))
+        df["NYC"] = fit[s].sum(1)
+        long = df.rename_axis("date").reset_index().melt("date", var_name="area", value_name="value")
+        long.insert(2, "series", s)
+        rows.append(long)
+    inf = rec.hist["infections"].numpy() / p.scale
+    df = pd.DataFrame(inf, index=p.dates[:T0], columns=list(p.areas))
+    df["NYC"] = inf.sum(1)
+    long = df.rename_axis("date").reset_index().melt("date", var_name="area", value_name="value")
+    long.insert(2, "series", "infections")
+    rows.append(long)
+    pd.concat(rows, ignore_index=True)[["date", "area", "series", "value"]].to_csv(out / "daily.csv", index=False)
+    metrics = insample_metrics(p, rec)
+    _plot_insample(out, p, rec)
+    summary = {"fit": str(path), "fit_command": blob.get("command"), "scale": p.scale, "agents": p.population.num_agents,
+               "seconds": time.perf_counter() - t0, "metrics": metrics,
+               "shipped_metrics": blob.get("metrics", {})}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != "shipped_metrics"}, indent=2, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- CLI
+BACKTEST_FIRST, BACKTEST_LAST = pd.Timestamp("2020-06-01"), pd.Timestamp("2021-02-28")
+
+
+def backtest_origins(p: Problem) -> list[int]:
+    """Block starts on every second Monday from 2020-06-01 to 2021-02-28 (inside the training range)."""
+    out = []
+    for t0, _ in p.blocks[1:]:
+        d = p.dates[t0]
+        if BACKTEST_FIRST <= d <= BACKTEST_LAST and d.day_of_week == 0 and (d - BACKTEST_FIRST).days % 14 == 0:
+            out.append(t0)
+    return out
+
+
+def calibrate(argv: Sequence[str]) -> int:
+    """CLI: ``lpm calibrate covid-nyc --train-end DATE --forecast-days D [--backtest] [--ship] --out DIR``."""
+    ap = argparse.ArgumentParser(prog="lpm calibrate covid-nyc", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = FitConfig()
+    ap.add_argument("--train-end", default=d.train_end, help="last date of data the fit may read (YYYY-MM-DD)")
+    ap.add_argument("--forecast-days", type=int, default=28)
+    ap.add_argument("--out", default="out/covid_nyc_fit")
+    ap.add_argument("--start", default=d.start)
+    ap.add_argument("--scale", type=float, default=d.scale)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--iters", type=int, default=d.iters, help="Adam steps per 28-day window")
+    ap.add_argument("--iters-first", type=int, default=d.iters_first, help="Adam steps in the first window (seeding)")
+    ap.add_argument("--replicates", type=int, default=d.replicates, help="forecast ensemble simulations")
+    ap.add_argument("--draws", type=int, default=d.draws, help="observation-noise draws per simulation")
+    ap.add_argument("--backtest", action="store_true", help="forecast 1-4 weeks from every second Monday "
+                    "2020-06-01..2021-02-28 from the pass's own states and score against persistence and trend")
+    ap.add_argument("--ship", action="store_true", help=f"also write the fit record to {FIT_FILE} (used by lpm run)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache-dir", default=None)
+    a = ap.parse_args(list(argv))
+    if a.forecast_days < 1:
+        ap.error(f"--forecast-days: expected >= 1, got {a.forecast_days}")
+    if a.scale <= 0:
+        ap.error(f"--scale: expected > 0, got {a.scale}")
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    try:
+        _check_dates(a.train_end, a.start)
+    except ValueError as exc:
+        ap.error(str(exc))
+    cfg = replace(d, train_end=a.train_end, start=a.start, scale=a.scale, seed=a.seed, iters=a.iters,
+                  iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t_all = time.perf_counter()
+    horizon = max(a.forecast_days, 28 if a.backtest else 0)
+    p = make_problem(cfg, horizon=horizon, cache_dir=a.cache_dir)
+    print(p.model.plan())
+    print(f"{p.population.num_agents:,} agents; {len(p.blocks)} blocks; {p.dates[0].date()}..{p.train_end.date()}")
+    origins = backtest_origins(p) if a.backtest else []
+    rec = sequential_fit(p, origins=origins, horizon=horizon)
+    T0 = p.blocks[-1][1]
+    fc = rec.forecasts[T0]
+    if fc["horizon"] > a.forecast_days:
+        fc = {k: (v[:, :a.forecast_days] if isinstance(v, np.ndarray) and v.ndim == 3 else v) for k, v in fc.items()}
+        fc["horizon"] = a.forecast_days
+    fdf = forecast_frame(p, fc)
+    fdf.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
+    metrics = insample_metrics(p, rec)
+    metrics["calibration_seconds"] = rec.seconds
+    metrics["forecast_dispersion"] = fc["dispersion"]
+    metrics["forecast_rw_sd"] = fc["rw_sd"]
+    fit = fitted_series(p, rec)
+    ins = []
+    for s in SERIES:
+        for j, ar in enumerate(p.areas):
+            ins.append(pd.DataFrame({"date": p.dates[:T0], "area": ar, "series": s, "observed": p.obs[s][:, j],
+                                     "fitted": fit[s][:, j]}))
+    pd.concat(ins, ignore_index=True).to_csv(out / "insample.csv", index=False, date_format="%Y-%m-%d")
+    if a.backtest:
+        rows = [backtest_rows(p, rec.forecasts[o]) for o in origins]
+        bt = score_table(pd.concat(rows, ignore_index=True))
+        bt.to_csv(out / "backtest_forecasts.csv", index=False, date_format="%Y-%m-%d")
+        cases = bt[bt.series == "cases"]
+        summ = summarize_scores(cases)
+        summ.to_csv(out / "backtest_scores.csv", index=False)
+        by_scope = summarize_scores(cases.assign(scope=np.where(cases.area == "NYC", "NYC", "boroughs")),
+                                    by=("scope", "method", "horizon"))
+        by_scope.to_csv(out / "backtest_scores_by_scope.csv", index=False)
+        other = summarize_scores(bt[bt.series != "cases"], by=("series", "method", "horizon"))
+        other.to_csv(out / "backtest_scores_hosp_deaths.csv", index=False)
+        _plot_backtest(out, summ)
+        metrics["backtest"] = {"origins": [str(p.dates[o].date()) for o in origins],
+                               "weekly_cases": summ.to_dict(orient="records")}
+        print(summ.to_string(index=False))
+    command = "lpm calibrate covid-nyc " + " ".join(argv)
+    blob = record_json(p, rec, command, metrics)
+    (out / "fit.json").write_text(json.dumps(blob, indent=1))
+    if a.ship:
+        FIT_FILE.parent.mkdir(parents=True, exist_ok=True)
+        FIT_FILE.write_text(json.dumps(blob, indent=1))
+    _plot_insample(out, p, rec)
+    _plot_forecast(out, p, fdf, rec)
+    metrics["seconds_total"] = time.perf_counter() - t_all
+    (out / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "backtest"}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(calibrate(sys.argv[1:]))

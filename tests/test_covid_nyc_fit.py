@@ -1,0 +1,162 @@
+"""Calibrated NYC model: inputs against the data files, no look-ahead, synthetic recovery, backtest scoring."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from calibration.backtest import LEVELS, baseline_point, baseline_quantiles, score_table, summarize_scores
+from experiments import covid_nyc as nyc
+from experiments import covid_nyc_fit as fit
+
+
+def test_serosurvey_target_is_the_documented_fact() -> None:
+    text = (fit.DATA / "covid_cases" / "README.md").read_text()
+    m = re.search(r"was (\d+\.\d)%\s+\(95% CI (\d+\.\d)-(\d+\.\d)%\)", text.replace("\n", " "))
+    assert m, "serosurvey sentence not found in data/covid_cases/README.md"
+    assert np.allclose((fit.SERO["value"], fit.SERO["low"], fit.SERO["high"]), [float(g) / 100 for g in m.groups()])
+    assert pd.Timestamp(fit.SERO["date"]) < pd.Timestamp("2020-04-19")  # before the survey: antibodies lag infection
+
+
+def test_vaccination_of_agents_follows_the_coverage_files() -> None:
+    n = 60000
+    g = torch.Generator().manual_seed(1)
+    age = torch.randint(0, 18, (n,), generator=g, dtype=torch.int8)
+    area = torch.randint(0, 5, (n,), generator=g, dtype=torch.int8)
+    dates = pd.date_range("2020-03-01", "2021-03-31")
+    d1, d2 = fit.dose_days(age, area, dates, "2021-03-31", seed=0)
+    assert bool((d2.long() >= d1.long()).all())  # the second dose never precedes the first
+    t_end = len(dates) - 1
+    va = pd.read_csv(fit.VACC_AGE_FILE)
+    last = va[va["DATE"] == "2021-03-31"].iloc[0]
+    # 65-74: our codes 13 (65-69) and 14 (70-74)
+    sel = (age == 13) | (age == 14)
+    share1 = float((d1[sel].long() <= t_end).double().mean())
+    # agents are spread evenly over boroughs here, so the borough factors average out only roughly
+    assert abs(share1 - float(last["PERC_1PLUS_65_74"]) / 100) < 0.06
+    first_day = int((d1.long()).min())
+    assert dates[first_day] >= pd.Timestamp("2020-12-14")  # nobody before the first dose in the files
+    cov1, covf, bands = fit.vaccination_coverage(dates, "2021-03-31")
+    assert cov1.shape == (len(dates), len(bands), 5) and (covf <= cov1 + 1e-9).all()
+    # as of an earlier date, nothing later is read: coverage is extrapolated, not the real rise
+    c_early, _, _ = fit.vaccination_coverage(dates, "2021-02-01")
+    assert np.allclose(c_early[: int((pd.Timestamp("2021-02-01") - dates[0]).days) + 1],
+                       cov1[: int((pd.Timestamp("2021-02-01") - dates[0]).days) + 1])
+
+
+def test_variant_share_uses_only_periods_known_at_the_date() -> None:
+    dates = pd.date_range("2020-03-01", "2021-06-30")
+    assert (fit.variant_share(dates, "2021-01-29") == 0).all()  # no period ended yet
+    s = fit.variant_share(dates, "2021-03-31")
+    i = int((pd.Timestamp("2021-03-13") - dates[0]).days)  # midpoint of the last period
+    assert 0.5 < s[i] < 0.8  # 64% non-ancestral in the 4 weeks to 2021-03-27
+    assert np.all(np.diff(s) >= 0)
+
+
+def test_covariates_after_asof_are_held() -> None:
+    dates = pd.date_range("2020-03-01", "2020-08-31")
+    x_a, names = fit.covariates(dates, nyc.BOROUGHS, "2020-06-30")
+    x_b, _ = fit.covariates(dates, nyc.BOROUGHS, "2020-08-31")
+    wk = fit._week_index(dates)
+    w_cut = int(wk[int((pd.Timestamp("2020-06-28") - dates[0]).days)])  # last complete week before as-of
+    assert torch.allclose(x_a[: w_cut + 1], x_b[: w_cut + 1])
+    j = names.index("log_cli")
+    assert torch.allclose(x_a[-1, :, j], x_a[-2, :, j])  # held after as-of
+    assert not torch.allclose(x_b[-1, :, j], x_a[-1, :, j])
+
+
+def test_baselines_and_scores_by_the_same_code() -> None:
+    hist = np.array([100.0, 200.0, 400.0, 800.0])
+    assert baseline_point(hist, 1, "persistence") == 800.0
+    assert abs(baseline_point(hist, 1, "trend") - 1600.0) < 5.0  # doubling per week (on log(1 + y))
+    q = baseline_quantiles(np.arange(1, 30, dtype=float) * 10, [1, 2], "trend")
+    assert q.shape == (2, len(LEVELS)) and (np.diff(q, axis=1) >= 0).all()
+    rows = pd.DataFrame([{"method": "m", "horizon": 1, "y": 10.0, **{f"q{lv:g}": 10.0 for lv in LEVELS}},
+                         {"method": "m", "horizon": 1, "y": 20.0, **{f"q{lv:g}": 10.0 for lv in LEVELS}}])
+    s = summarize_scores(score_table(rows))
+    assert float(s["mae"].iloc[0]) == 5.0 and float(s["cov90"].iloc[0]) == 0.5
+    assert float(s["wis"].iloc[0]) > 0
+
+
+def _corrupt_after(src, dst, date_col, fmt, train_end) -> None:
+    df = pd.read_csv(src)
+    d = pd.to_datetime(df[date_col], format=fmt)
+    num = [c for c in df.columns if c != date_col and pd.api.types.is_numeric_dtype(df[c])]
+    df.loc[d > pd.Timestamp(train_end), num] = df.loc[d > pd.Timestamp(train_end), num] * 7 + 3
+    df.to_csv(dst, index=False)
+
+
+@pytest.mark.slow
+def test_forecast_reads_nothing_after_train_end(tmp_path, monkeypatch) -> None:
+    train_end = "2020-05-24"
+    args = ["--train-end", train_end, "--forecast-days", "7", "--scale", "0.0005", "--iters", "1",
+            "--iters-first", "1", "--replicates", "2", "--draws", "5"]
+    assert fit.calibrate([*args, "--out", str(tmp_path / "a")]) == 0
+    files = {"cases": (nyc.CASES_FILE, "date_of_interest", "%m/%d/%Y"), "mta": (nyc.MTA_FILE, "Date", "%m/%d/%Y"),
+             "m50": (nyc.M50_FILE, "date", "%Y-%m-%d"), "cli": (fit.CLI_FILE, "Date", "%Y-%m-%d"),
+             "vacc_age": (fit.VACC_AGE_FILE, "DATE", "%Y-%m-%d"), "vacc_boro": (fit.VACC_BORO_FILE, "DATE", "%Y-%m-%d")}
+    bad = {}
+    for k, (src, col, fmt) in files.items():
+        bad[k] = tmp_path / src.name
+        _corrupt_after(src, bad[k], col, fmt, train_end)
+    shutil.copy(fit.VARIANT_FILE, tmp_path / "variants.csv")
+    v = pd.read_csv(tmp_path / "variants.csv")
+    v["Other percent"] = 1
+    v.to_csv(tmp_path / "variants.csv", index=False)
+    real_obs, real_cli, real_var = nyc.load_observed, fit.load_cli, fit.variant_share
+    monkeypatch.setattr(nyc, "load_observed", lambda s, e, b=None: real_obs(s, e, b, path=bad["cases"]))
+    monkeypatch.setattr(nyc, "MTA_FILE", bad["mta"])
+    monkeypatch.setattr(nyc, "M50_FILE", bad["m50"])
+    monkeypatch.setattr(fit, "load_cli", lambda e, a=nyc.BOROUGHS: real_cli(e, a, path=bad["cli"]))
+    monkeypatch.setattr(fit, "VACC_AGE_FILE", bad["vacc_age"])
+    monkeypatch.setattr(fit, "VACC_BORO_FILE", bad["vacc_boro"])
+    monkeypatch.setattr(fit, "variant_share", lambda d, a: real_var(d, a, path=tmp_path / "variants.csv"))
+    assert fit.calibrate([*args, "--out", str(tmp_path / "b")]) == 0
+    a = pd.read_csv(tmp_path / "a" / "forecast.csv")
+    b = pd.read_csv(tmp_path / "b" / "forecast.csv")
+    assert list(a.columns) == ["date", "area", "series", "median", "lower_90", "upper_90"]
+    assert set(a["area"]) == {*nyc.BOROUGHS, "NYC"} and set(a["series"]) == {"cases", "hospitalizations", "deaths"}
+    assert pd.to_datetime(a["date"]).min() == pd.Timestamp("2020-05-25")
+    pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.slow
+def test_replay_reproduces_the_fit_and_synthetic_truth_is_recovered(tmp_path) -> None:
+    """A synthetic city with known weekly transmission and ascertainment: the fit recovers both."""
+    cfg = fit.FitConfig(train_end="2020-05-31", scale=0.002, seed=3, iters_first=30, iters=12)
+    p = fit.make_problem(cfg)
+    T0 = p.blocks[-1][1]
+    W = int(p.week[T0 - 1]) + 1
+    truth_lm = torch.zeros(W, 5)
+    truth_lm[:3] = 0.3
+    truth_lm[3:] = -1.0  # lockdown from the fourth week
+    truth_lm[6:, 1] = -1.3  # Brooklyn stricter
+    truth_asc = torch.tensor([0.1, 0.15, 0.2, 0.25, 0.12], dtype=torch.float64)
+    params = p.params
+    params.committed[:W] = truth_lm
+    params.log_seed.data.fill_(np.log(3e-4))
+    streams = fit.Streams(99, [s.name for s in p.model.substeps], "cpu")
+    with torch.no_grad():
+        sim, _ = fit.cal.rollout(p.model, params, p.state0, T0, grad=False, streams=streams)
+    base = fit.base_series(p, {k: v.double() for k, v in sim.items()})
+    dow = fit.weekday_factor(p, T0)
+    p.obs["cases"] = np.round((base["cases"] * truth_asc * dow[:T0, None]).numpy())
+    p.obs["hospitalizations"] = np.round((base["hospitalizations"] * 1.0).numpy())
+    p.obs["deaths"] = np.round((base["deaths"] * 1.0).numpy())
+    for s in fit.SERIES:
+        p.obs_city[s] = p.obs[s].sum(1)
+    params.committed.fill_(float("nan"))
+    params.log_seed.data.fill_(np.log(cfg.seed_init))
+    rec = fit.sequential_fit(p, progress=False)
+    fitted = torch.exp(rec.log_contact[:W])
+    weeks = slice(4, W - 1)  # after the early weeks with few infections
+    rel = (fitted[weeks] / torch.exp(truth_lm[weeks]) - 1).abs()
+    assert float(rel.median()) < 0.15, rel
+    asc = rec.scales["cases"][60]  # a block in the first wave
+    assert float(((asc / truth_asc) - 1).abs().max()) < 0.15, asc
