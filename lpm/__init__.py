@@ -7,7 +7,7 @@ fitted to real data by gradient descent. The core knows nothing of any domain.
 from lpm.interventions import Intervention, Modulate, group_mean, group_sum
 from lpm.model import DataflowError, Hook, Model, ModelError, Observable, Run
 from lpm.networks import Network
-from lpm.params import Fixed, Interval, Params, ParamsLike, ParamSpec, Positive, Real
+from lpm.params import Fixed, Interval, ParamError, Params, ParamsLike, ParamSpec, Positive, Real
 from lpm.recording import Checkpoint, ProgressBar, TrajectoryRecorder
 from lpm.results import Results
 from lpm.rng import Streams, derive_seed
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "State", "tensor_field", "static_field", "CodeBook", "StateError", "check_tensor",
-    "Params", "ParamsLike", "ParamSpec", "Positive", "Interval", "Real", "Fixed",
+    "Params", "ParamsLike", "ParamSpec", "ParamError", "Positive", "Interval", "Real", "Fixed",
     "Substep", "substep", "FunctionSubstep",
     "Model", "Observable", "Hook", "Run", "ModelError", "DataflowError", "Results",
     "Network", "Streams", "derive_seed",

@@ -25,7 +25,11 @@ from torch import Tensor, nn
 
 from lpm.state import StateError
 
-__all__ = ["Params", "ParamsLike", "Positive", "Interval", "Real", "Fixed", "ParamSpec", "check_params"]
+__all__ = ["ParamError", "Params", "ParamsLike", "Positive", "Interval", "Real", "Fixed", "ParamSpec", "check_params"]
+
+
+class ParamError(StateError):
+    """A parameter is undefined, not fittable or outside its domain (a :class:`StateError` for old callers)."""
 
 
 def check_params(params: nn.Module, where: str = "") -> None:
@@ -35,7 +39,7 @@ def check_params(params: nn.Module, where: str = "") -> None:
         for name, t in items:
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
                 bad = int((~torch.isfinite(t.detach())).sum())
-                raise StateError(f"{kind} {name}: {bad} of {t.numel()} values are NaN/inf{at}; "
+                raise ParamError(f"{kind} {name}: {bad} of {t.numel()} values are NaN/inf{at}; "
                                  f"values: {t.detach().flatten()[:5].tolist()}")
     for module_name, m in params.named_modules():
         if isinstance(m, Params):
@@ -45,7 +49,7 @@ def check_params(params: nn.Module, where: str = "") -> None:
 def _as_tensor(name: str, value: Any) -> Tensor:
     t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
     if not bool(torch.isfinite(t).all()):
-        raise StateError(f"parameter {name}: expected finite values, got {value!r}")
+        raise ParamError(f"parameter {name}: expected finite values, got {value!r}")
     return t
 
 
@@ -63,7 +67,7 @@ class ParamSpec:
         lo_ok = bool((t > self.low).all()) if self.low > -math.inf else True
         hi_ok = bool((t < self.high).all()) if self.high < math.inf else True
         if not (lo_ok and hi_ok):
-            raise StateError(
+            raise ParamError(
                 f"parameter {name}: expected values in ({self.low}, {self.high}), got {t.tolist()}"
             )
 
@@ -100,7 +104,7 @@ def Positive(value: Any) -> ParamSpec:
 def Interval(value: Any, low: float, high: float) -> ParamSpec:
     """A parameter constrained to (low, high) by a scaled sigmoid."""
     if not low < high:
-        raise StateError(f"Interval: expected low < high, got ({low}, {high})")
+        raise ParamError(f"Interval: expected low < high, got ({low}, {high})")
     return ParamSpec(value, low, high)
 
 
@@ -155,7 +159,7 @@ class Params(nn.Module):
         if not isinstance(spec, ParamSpec):
             spec = Fixed(spec)
         if name in self._specs:
-            raise StateError(f"parameter {name}: already defined")
+            raise ParamError(f"parameter {name}: already defined")
         t = _as_tensor(name, spec.value)
         if spec.trainable:
             spec.check(name, t)
@@ -191,7 +195,7 @@ class Params(nn.Module):
         """The unconstrained tensor the optimizer steps for fitted parameter ``name``."""
         self.require(name, owner="Params.raw")
         if not self._specs[name].trainable:
-            raise StateError(f"parameter {name}: Fixed (a buffer), has no unconstrained storage")
+            raise ParamError(f"parameter {name}: Fixed (a buffer), has no unconstrained storage")
         return self._parameters["raw_" + name]
 
     def freeze(self, *names: str) -> Self:
@@ -214,7 +218,7 @@ class Params(nn.Module):
         """Raise if any of ``names`` is not defined, naming the one missing and its user."""
         for n in names:
             if n not in self._specs:
-                raise StateError(f"{owner}: needs parameter {n!r}; defined: {sorted(self._specs)}")
+                raise ParamError(f"{owner}: needs parameter {n!r}; defined: {sorted(self._specs)}")
 
     def values(self) -> dict[str, Tensor]:
         """Constrained values, detached, keyed by name."""
@@ -225,7 +229,7 @@ class Params(nn.Module):
         with torch.no_grad():
             for name, value in values.items():
                 if name not in self._specs:
-                    raise StateError(f"parameter {name}: unknown; defined: {sorted(self._specs)}")
+                    raise ParamError(f"parameter {name}: unknown; defined: {sorted(self._specs)}")
                 spec = self._specs[name]
                 current = getattr(self, name)
                 t = _as_tensor(name, value).to(current.device).expand_as(current).clone()

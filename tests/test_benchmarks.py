@@ -25,7 +25,7 @@ from benchmarks.run import markdown, summarize
 from lpm import Network
 from lpm.kernels import frontier_edges, mark_indices, push_compact, stage_mask
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 REPO = Path(__file__).resolve().parent.parent
 
 

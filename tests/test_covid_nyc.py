@@ -41,10 +41,11 @@ def test_one_borough_end_to_end_aligned_with_observed(cache):
     obs_dates = pd.DatetimeIndex(sorted(obs["date"].unique()))
     assert obs_dates.equals(setup.dates)
     assert set(obs["area"]) == {"SI"} and {"cases", "hospitalizations", "deaths"} <= set(obs["series"])
-    # simulated daily counts, rescaled to the borough, are within two orders of magnitude of the observed
+    # simulated hospitalisations, rescaled to the borough, within a factor 2 of the observed
+    # (measured: 1600 simulated vs 1620 observed over these 45 days)
     sim = float(res["hospitalizations"].sum()) / setup.scale
     o = float(obs[obs.series == "hospitalizations"]["value"].sum())
-    assert o / 100 < sim < o * 100
+    assert o / 2 < sim < o * 2
 
 
 def test_stay_at_home_lowers_incidence_from_its_date(cache):

@@ -1,7 +1,6 @@
 """Information spread: Maki-Thompson limit, interventions, roles, judgement, gradients."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from substeps.information import (
     top_spreaders,
 )
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 
 
 def _params(q: float, stifle: float = 1.0, prebunk: float = 0.0) -> Params:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -16,7 +15,7 @@ from llm_archetypes import (
 )
 from llm_archetypes.examples import isolation_question, isolation_rule
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 
 AGE = ("18-29", "30-49", "50-64", "65+")
 SEX = ("male", "female")

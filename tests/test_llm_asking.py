@@ -24,7 +24,7 @@ from llm_archetypes.examples import isolation_question, isolation_rule
 
 from test_llm_archetypes import BOOKS, population, town
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 REPO = Path(__file__).resolve().parents[1]
 CACHE_PY = str(REPO / "llm_archetypes" / "cache.py")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from llm_archetypes import (
 )
 from llm_archetypes.examples import isolation_question
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 
 WORDS = ("a person aged young old in the city cases are low high very this week will they stay home "
          "answer with exactly one of yes no maybe question : , . ( ) to under over 10 50 100 200 per 100,000 "

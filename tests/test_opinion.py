@@ -1,6 +1,5 @@
 """Opinion dynamics: conservation/consensus, clusters vs confidence, gradients, feeds, rewiring, ANES."""
 
-import os
 
 import pandas as pd
 import pytest
@@ -26,7 +25,7 @@ from substeps.opinion import (
     variance,
 )
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 
 
 def _params(eps: float, mu: float = 0.5, **extra) -> Params:

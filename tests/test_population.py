@@ -8,7 +8,6 @@ with the Mistry et al. 2021 matrices above 0.5 (household), 0.9 (school, work), 
 
 from __future__ import annotations
 
-import os
 
 import pandas as pd
 import pytest
@@ -18,7 +17,7 @@ from experiments import covid_nyc as nyc
 from lpm.population import (Constraint, PopulationError, integerise, ipf, marginal_errors, matrix_correlation,
                             mixing_matrix, synthesize, unit_sbm, ztp_pmf)
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 
 
 def test_ipf_matches_every_margin_and_known_independence_solution():

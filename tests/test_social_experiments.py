@@ -1,13 +1,12 @@
 """Both social experiments run end to end through the CLI with tiny arguments."""
 
 import json
-import os
 
 import h5py
 
 from lpm.cli import main
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 
 
 def test_polarization_cli(tmp_path):
@@ -38,6 +37,7 @@ def test_misinformation_cli(tmp_path):
     for kind, net in s["networks"].items():
         sc = net["scenarios"]
         assert sc["all"]["final_reach"] < sc["none"]["final_reach"], kind
-        assert sc["fact_check"]["final_reach"] <= sc["none"]["final_reach"], kind
+        # measured (6000 agents, seed 0): -38% scale-free, -22% small-world
+        assert sc["fact_check"]["final_reach"] < 0.9 * sc["none"]["final_reach"], kind
     # the small-world network is the high-clustering one
     assert s["networks"]["small-world"]["clustering"]["transitivity"] > 10 * s["networks"]["scale-free"]["clustering"]["transitivity"]

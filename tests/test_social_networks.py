@@ -1,6 +1,5 @@
 """Social-network generators and diagnostics: analytic identities and cross-checks."""
 
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from lpm.networks import (
     small_world,
 )
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
+from conftest import DEVICE  # one source: the device fixture's value
 
 
 def _simple_undirected(ei: torch.Tensor, n: int) -> None:
