@@ -74,8 +74,8 @@ if [ "$QUICK" = 1 ]; then
   BENCH_ARGS=(--quick --sizes 2000 --days 3 --repeats 1 --budget 60 --cases seir)
   BENCH_LIMIT=90
 else
-  BENCH_ARGS=(--sizes 1e5 1e6 1e7 3e7 --days 100 --repeats 2 --budget 180 --grad-max-n 1e7 --layered-n 1e7
-              --cases seir layered llm)
+  BENCH_ARGS=(--sizes 1e5 1e6 1e7 --days 50 --repeats 2 --budget 180 --grad-max-n 1e7 --layered-n 1e7
+              --numpy-max-n 1e6 --cases sir seir layered llm)
   BENCH_LIMIT=200
 fi
 skip bench || { timeout "$BENCH_LIMIT" "$PY" -m benchmarks.run --device "$DEVICE" --out "$OUTDIR" --name scaling "${BENCH_ARGS[@]}" \

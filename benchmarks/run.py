@@ -72,7 +72,8 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
 def run_case(case: str, n: int, a: argparse.Namespace, days: int, repeats: int, timeout: float, **extra: Any) -> dict[str, Any]:
     """Run one case in a fresh process; its JSON record (or why it has none)."""
     cmd = [sys.executable, "-m", "benchmarks.cases", case, "--n", str(n), "--days", str(days), "--repeats", str(repeats),
-           "--device", a.device, "--threads", str(a.threads), "--grad-max-n", str(a.grad_max_n)]
+           "--device", a.device, "--threads", str(a.threads), "--grad-max-n", str(a.grad_max_n),
+           "--torch-max-n", str(a.torch_max_n), "--numpy-max-n", str(a.numpy_max_n), "--scatter-max-n", str(a.scatter_max_n)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ)
@@ -246,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--nyc-days", type=int, default=None)
     ap.add_argument("--grad-max-n", type=parse_size, default=10**6)
     ap.add_argument("--layered-n", type=parse_size, default=None)
+    ap.add_argument("--torch-max-n", type=parse_size, default=10**6, help="largest N for the engine's torch forward (sir case)")
+    ap.add_argument("--numpy-max-n", type=parse_size, default=10**7, help="largest N for the NumPy frontier reference")
+    ap.add_argument("--scatter-max-n", type=parse_size, default=10**7, help="largest N for the torch scatter reference")
     ap.add_argument("--name", default="results")
     a = ap.parse_args(argv)
     sizes = a.sizes or ([10**4, 10**5] if a.quick else [10**5, 10**6, 10**7])
@@ -300,11 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in sizes:
         if "sir" in a.cases:
             go("sir", n, sir_days, 1 if n >= 10**7 else repeats)
+    if "layered" in a.cases:
+        go("layered", layered_n, days, 1 if layered_n >= 10**7 else repeats)
     for n in sizes:
         if "seir" in a.cases:
             go("seir", n, days, 1 if n >= 10**7 else repeats)
-    if "layered" in a.cases:
-        go("layered", layered_n, days, 1 if layered_n >= 10**7 else repeats)
     if "nyc" in a.cases:
         go("nyc", 0, a.nyc_days or (10 if a.quick else 30), 1, scale=nyc_scale)
     for case in ("opinion", "information"):

@@ -114,12 +114,34 @@ def test_seir_case_record(capsys: pytest.CaptureFixture[str]) -> None:
     assert "| seir | 2e+03 |" in markdown({"cpu_count": 1}, summarize([rec]), [rec])
 
 
+def test_sir_case_record_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared-workload case in-process: engine paths, references, attack rates, ratios and the table."""
+    case_main(["sir", "--n", "3000", "--days", "30", "--repeats", "1", "--device", DEVICE, "--threads", "1"])
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "error" not in rec, rec.get("traceback")
+    eng, refs = rec["engine"], rec["reference"]
+    assert {"lpm_forward", "lpm_differentiable"} <= set(eng) and eng["lpm_differentiable"]["grad_finite"]
+    assert {"numba_csr", "numpy_frontier", "torch_scatter"} <= set(refs)
+    # every path of the engine simulates the same trajectory (same seed, same counter-based draws)
+    rates = {k: v["attack_rate"] for k, v in eng.items()}
+    assert len(set(rates.values())) == 1 and 0.3 < rates["lpm_forward"] <= 1
+    assert set(rec["equal_work"]["attack_rates"]) == set(eng) | {k for k, v in refs.items() if "attack_rate" in v}
+    rows = summarize([rec])["sir_rows"]
+    fwd = next(r for r in rows if r["engine"] == "lpm_forward")
+    assert fwd["x_numba_csr"] == pytest.approx(eng["lpm_forward"]["agent_days_per_s"] / refs["numba_csr"]["agent_days_per_s"])
+    assert "| lpm_forward | 3e+03 |" in markdown({"cpu_count": 1}, summarize([rec]), [rec])
+
+
 def test_target_checks() -> None:
-    """Targets are judged from the rows: met and missed both reported."""
-    recs = [{"case": "seir", "n": 10**6, "days": 10, "seir": {"forward_agent_days_per_s": 6e7, "grad_agent_days_per_s": 5e6,
-                                                            "retained_bytes_per_agent_day": 12.0}}]
-    checks = summarize(recs)["checks"]
+    """Targets are judged from the shared-workload rows: met and missed both reported."""
+    rec = {"case": "sir", "n": 10**6, "days": 50, "equal_work": {"ok": True},
+           "engine": {"lpm_forward": {"agent_days_per_s": 6e7, "attack_rate": 0.84},
+                      "lpm_differentiable": {"agent_days_per_s": 5e6, "attack_rate": 0.84}},
+           "reference": {"numba_csr": {"agent_days_per_s": 5e7, "attack_rate": 0.84}}}
+    seir = {"case": "seir", "n": 10**6, "days": 10, "seir": {"forward_agent_days_per_s": 6e7, "retained_bytes_per_agent_day": 12.0}}
+    checks = summarize([rec, seir])["checks"]
     assert checks["forward_1e6"]["met"] and not checks["grad_1e6"]["met"] and checks["bytes_per_agent_day_1e6"]["met"]
+    assert checks["forward_vs_numba_1e+06"]["value"] == pytest.approx(1.2) and checks["equal_work_1e+06"]["met"]
 
 
 @pytest.mark.skipif(os.environ.get("LPM_GPU_CHECK") == "1", reason="already inside gpu_check.sh")
@@ -141,6 +163,7 @@ def test_gpu_check_cpu_quick(tmp_path: Path) -> None:
 def _dense_transmission_cls():
     """Transmission evaluated densely over all N agents and all edges: the specification the compact path must match."""
     from substeps.epidemic import Transmission
+    from lpm.kernels import counter_uniform, stream_key
     from substeps.epidemic.substeps import _TINY, _draw_dwell, event_carrier
 
     class DenseTransmission(Transmission):
@@ -164,7 +187,7 @@ def _dense_transmission_cls():
             if self.use_susceptibility:
                 lam = lam * state.susceptibility
             p = -torch.expm1(-lam)
-            u = torch.rand(state.stage.shape, generator=rng, device=state.stage.device)
+            u = counter_uniform(stream_key(rng, t), torch.arange(state.stage.numel(), device=state.stage.device))
             at_risk = state.stage == d.code(d.susceptible)
             event = at_risk & (u < p)
             entry = torch.tensor(d.code(d.entry), dtype=torch.int8, device=state.stage.device)
