@@ -40,9 +40,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from llm_archetypes.archetypes import Archetypes
 from lpm.errors import LPMError
 
+from llm_archetypes.archetypes import Archetypes
 from llm_archetypes.backends import Backend, BackendError, stable_hash
 from llm_archetypes.cache import AnswerCache, CacheMiss
 from llm_archetypes.questions import ParseError, Prompt, Question

@@ -74,6 +74,7 @@ def test_cuda_on_a_cpu_build_is_one_line_exit_2(capsys) -> None:
     assert rc == 2 and "CUDA is not available" in one_line_error(err)
 
 
+@pytest.mark.slow  # a fresh interpreter (~10 s of imports); the in-process tests cover the same path
 def test_library_error_is_one_line_exit_2_from_the_console(tmp_path: Path) -> None:
     """End to end through a real process: an unknown borough (a library error) prints ``lpm: error:``, exits 2."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
