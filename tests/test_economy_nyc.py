@@ -85,3 +85,36 @@ def test_cli_planner_small(tmp_path):
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())["planner"]
     assert s["utilitarian"]["planner_welfare_ce_week"] > s["utilitarian"]["current_law_welfare_ce_week"]
+
+
+@pytest.mark.slow
+def test_long_horizon_gradient_of_fitted_model_vs_finite_differences():
+    """d(mean 2020 Bronx unemployment, points)/d(find_rate[BX], shock_sep[BX]) over 130 weeks, full model."""
+    fitted = json.loads(E.FITTED_FILE.read_text())
+    model, params, state, dates = E.build(boroughs=E.FITTED_BOROUGHS, agents=8000, fitted=fitted,
+                                          observables=["unemployment_area"])
+    w = torch.tensor((dates >= "2020-01-01") & (dates < "2021-01-01"))
+
+    def obj(grad: bool, seed: int) -> torch.Tensor:
+        r = model.simulate(params, state, len(dates), seed=seed, grad=grad, progress=False)["unemployment_area"]
+        return r[w, 0, 0].mean() * 100
+
+    for name, h, tol in (("find_rate", 0.01, 0.2), ("shock_sep", 3.0, 0.45)):
+        spec = params._specs[name]
+        auto, fd = 0.0, 0.0
+        for seed in (0, 1):
+            (g,) = torch.autograd.grad(obj(True, seed), getattr(params, "raw_" + name))
+            val = getattr(params, name).detach()
+            z = (val[0] - spec.low) / (spec.high - spec.low)
+            auto += float(g[0]) / float((spec.high - spec.low) * z * (1 - z)) / 2
+            with torch.no_grad():
+                up, dn = val.clone(), val.clone()
+                up[0] += h
+                dn[0] -= h
+                params.set(**{name: up})
+                a = float(obj(False, seed))
+                params.set(**{name: dn})
+                b = float(obj(False, seed))
+                params.set(**{name: val})
+            fd += (a - b) / (2 * h) / 2
+        assert auto * fd > 0 and abs(auto - fd) / abs(fd) < tol, (name, auto, fd)
