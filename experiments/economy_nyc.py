@@ -155,7 +155,8 @@ def build(*, boroughs: Sequence[str] = BOROUGHS, agents: int = 20_000, replicate
         state = state.replace(ubi=on.float() * float(ubi_month) * 12.0 / 52.0)
     params = default_params(len(areas), rates)
     if fitted is not None:
-        apply_fitted(params, fitted, areas, {a: float(v) for a, v in zip(dp.areas, dp.civ_lf)})
+        src = load_dp03(DP03_FILE, {b: GEO[b] for b in fitted["areas"]})
+        apply_fitted(params, fitted, areas, {b: float(v) for b, v in zip(src.areas, src.civ_lf)})
     return _assemble(state, params, dates, llm, device, observables)
 
 

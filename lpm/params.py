@@ -184,7 +184,7 @@ class Params(nn.Module):
                 continue
             v = getattr(self, n).detach()
             if bool((v < spec.low).any()) or bool((v > spec.high).any()) or not bool(torch.isfinite(v).all()):
-                raise StateError(f"parameter {prefix}{n}: expected values in [{spec.low}, {spec.high}], got "
+                raise ParamError(f"parameter {prefix}{n}: expected values in [{spec.low}, {spec.high}], got "
                                  f"{v.flatten()[:5].tolist()}" + (f" ({where})" if where else ""))
 
     def names(self) -> tuple[str, ...]:

@@ -17,6 +17,9 @@ One step is one week. In order (see :func:`substeps.economy.economy_model`):
        h_find = find_rate[a] (1 - shock_find closed[j]) accept + recall temp_layoff (1 - closed[j])
        P(separate) = 1 - exp(-h_sep),  P(find) = 1 - exp(-h_find)
 
+   Workers separated while their industry is closed are on temporary layoff (recall-eligible)
+   until they find a job.
+
    With constant rates the unemployment rate tends to ``s / (s + f)`` (tested).
 5. :class:`Fiscal`: earnings, tax ``T`` from the piecewise-linear schedule, UI
    (``min(ui_rr wage, ui_cap) + supplement`` while ``unemp_weeks <= ui_max_weeks``), UBI,
@@ -32,11 +35,13 @@ spending every step (the budget identity, tested).
 
 Gradients: employment events are exact Bernoulli draws forward; backward uses the
 *conditional-mean straight-through* estimator: ``e' = hard + (m - sg(m))`` with
-``m = e (1 - s) + (1 - e) f`` where ``e`` itself carries the previous step's gradient.
-Because an agent's chain is linear in ``e`` when its rates do not depend on its own past,
-``E[de_T/dtheta]`` equals ``dE[e_T]/dtheta`` exactly (unbiased at any horizon, unlike plain
-straight-through on ``p``); feedback through aggregate demand adds a small bias, measured
-against finite differences in tests/test_economy.py.
+``m = e (1 - s) + (1 - e) ((1 - l) f0 + l f1)`` where ``e`` and the temporary-layoff flag
+``l`` (same estimator) carry the previous step's gradient. Because an agent's chain over
+(employed, temporary layoff, other unemployed) is linear in its indicators when its rates do
+not depend on its own past, ``E[de_T/dtheta]`` equals ``dE[e_T]/dtheta`` exactly (unbiased at
+any horizon, unlike plain straight-through on ``p``, which tests/test_economy.py shows to be
+7x too small at 40 weeks); feedback through aggregate demand and labour supply adds a
+bias, measured against finite differences.
 """
 
 from __future__ import annotations
@@ -125,8 +130,8 @@ class LabourFlows(Substep):
     writes = ("employed", "temp_layoff", "unemp_weeks")
     params = ("sep_rate", "find_rate", "shock_sep", "shock_find", "recall", "season", "quit_rate", "demand_sep")
 
-    def rates(self, params: Params, state: EconState, t: int) -> tuple[Tensor, Tensor]:
-        """Weekly separation and finding probabilities ``[N]`` this step."""
+    def rates(self, params: Params, state: EconState, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Weekly probabilities ``[N]``: separation, finding without recall, finding with recall (temporary layoffs)."""
         a = state.area.long()
         closed = state.closed[state.industry.long()]
         dem = state.demand.reshape(-1)[state.rep_ind]
@@ -134,26 +139,32 @@ class LabourFlows(Substep):
         h_sep = (params.sep_rate[a] * season * (1 + params.shock_sep[a] * closed)
                  * (1 + params.demand_sep * (1 - dem).clamp_min(0))
                  + params.quit_rate * (1 - state.accept))
-        h_find = (params.find_rate[a] * (1 - params.shock_find * closed) * state.accept
-                  + params.recall * state.temp_layoff * (1 - closed))
-        return -torch.expm1(-h_sep), -torch.expm1(-h_find)
+        h_find = params.find_rate[a] * (1 - params.shock_find * closed) * state.accept
+        h_recall = h_find + params.recall * (1 - closed)
+        return -torch.expm1(-h_sep), -torch.expm1(-h_find), -torch.expm1(-h_recall)
 
     def __call__(self, params: Params, state: EconState, t: int, rng: torch.Generator) -> EconState:
-        s, f = self.rates(params, state, t)
-        e = state.employed
+        s, f0, f1 = self.rates(params, state, t)
+        e, tl = state.employed, state.temp_layoff
         lf = state.in_lf
         u = torch.rand(e.shape, generator=rng, device=e.device, dtype=s.dtype)
         was = e.detach() > 0.5
-        stay = u >= s.detach()
-        found = u < f.detach()
-        now = torch.where(was, stay, found) & lf
-        mean = lf.to(s.dtype) * (e * (1 - s) + (1 - e) * f)
-        employed = conditional_mean_st(now, mean).to(e.dtype) if mean.requires_grad else now.to(e.dtype)
+        temp = tl.detach() > 0.5
+        f = torch.where(temp, f1, f0)
+        now = torch.where(was, u >= s.detach(), u < f.detach()) & lf
         separated = was & ~now
         closed = state.closed[state.industry.long()]
-        temp = torch.where(separated, (closed > 0).to(e.dtype), torch.where(now, torch.zeros_like(e), state.temp_layoff))
+        shut = closed > 0
+        new_temp = (separated & shut) | (~was & ~now & temp & lf)
+        # the chain over (employed, temporary layoff, permanent) is linear in the indicators:
+        # conditional means written that way carry unbiased gradients through both
+        lff = lf.to(s.dtype)
+        mean_e = lff * (e * (1 - s) + (1 - e) * ((1 - tl) * f0 + tl * f1))
+        mean_t = lff * (e * s * shut.to(s.dtype) + (1 - e) * tl * (1 - f1))
+        employed = conditional_mean_st(now, mean_e).to(e.dtype)
+        temp_layoff = conditional_mean_st(new_temp, mean_t).to(tl.dtype)
         weeks = torch.where(now | ~lf, torch.zeros_like(state.unemp_weeks), (state.unemp_weeks + 1).clamp_max(32000))
-        return state.replace(employed=employed, temp_layoff=temp.detach(), unemp_weeks=weeks)
+        return state.replace(employed=employed, temp_layoff=temp_layoff, unemp_weeks=weeks)
 
 
 class Fiscal(Substep):

@@ -92,8 +92,9 @@ def gini(x: Tensor, group: Tensor | None = None, num_groups: int = 1) -> Tensor:
     if group is None:
         group = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     group = group.long()
-    order = torch.argsort(x.detach(), stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
+    # one sort on (group, value): values are offset by group * (max + 1), exact in float64
+    xd = x.detach().double()
+    order = torch.argsort(group.double() * (float(xd.max()) + 1.0) + xd)
     xs, gs = x[order], group[order]
     n = torch.bincount(group, minlength=num_groups)
     start = torch.cumsum(n, 0) - n
