@@ -826,7 +826,7 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         rec.windows.append({"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()), "iters": iters,
                             "first": info0, "best_loss": best_loss, "losses": losses,
                             "seconds": time.perf_counter() - tw})
-        if t1 in set(origins) or j == K - 1:
+        if (t1 in set(origins) or j == K - 1) and t1 < len(p.dates):
             rec.forecasts[t1] = forecast_from(p, t1, st_end, params, full, sc, dow, horizon)
         if j == K - 1:
             rec.final_state, rec.final_streams = st_end, rng_end
