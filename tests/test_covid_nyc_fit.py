@@ -167,3 +167,18 @@ def test_replay_reproduces_the_fit_and_synthetic_truth_is_recovered(tmp_path) ->
     print("contact multiplier relative error by week and borough:", rel, "ascertainment:", asc)
     assert float(rel.median()) < 0.15, rel
     assert float(((asc / truth_asc) - 1).abs().max()) < 0.15, asc
+
+
+def test_blocks_and_segments_tile_the_history() -> None:
+    start, te = pd.Timestamp("2020-03-01"), pd.Timestamp("2021-03-31")
+    blocks = fit._blocks(start, pd.Timestamp("2020-05-03"), te, 14)
+    T = int((te - start).days) + 1
+    assert blocks[0] == (0, 64) and blocks[-1][1] == T
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(t1 - t0 == 14 for t0, t1 in blocks[1:-1]) and 7 <= blocks[-1][1] - blocks[-1][0] < 21
+    seg = fit._segments(blocks)
+    assert seg[0][0] == 0 and seg[-1][1] == T and all(a[1] == b[0] for a, b in zip(seg, seg[1:]))
+    assert max(t1 - t0 for t0, t1 in seg) <= 20 and {t1 for _, t1 in blocks} <= {t1 for _, t1 in seg}
+    dates = pd.date_range(start, te)
+    origins = [dates[t0] for t0, _ in blocks[1:] if dates[t0] >= pd.Timestamp("2020-06-01")]
+    assert pd.Timestamp("2020-06-01") in origins and pd.Timestamp("2021-02-22") in origins  # backtest origins are block starts
