@@ -132,7 +132,7 @@ class FitConfig:
     vaccine_efficacy: tuple[float, float] = (0.5, 0.9)
     beta: float = 0.25
     replicates: int = 8
-    anchor_days: int = 7  # forecasts rescale each borough's level to its last week's observed/expected (0: off)
+    anchor_days: int = 0  # > 0: forecasts rescale each borough's level to its last days' observed/expected
     draws: int = 40
 
 
@@ -826,7 +826,7 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         rec.windows.append({"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()), "iters": iters,
                             "first": info0, "best_loss": best_loss, "losses": losses,
                             "seconds": time.perf_counter() - tw})
-        if t1 in set(origins) or j == K - 1:
+        if (t1 in set(origins) or j == K - 1) and t1 < len(p.dates):
             rec.forecasts[t1] = forecast_from(p, t1, st_end, params, full, sc, dow, horizon)
         if j == K - 1:
             rec.final_state, rec.final_streams = st_end, rng_end
@@ -1246,6 +1246,9 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--iters-first", type=int, default=d.iters_first, help="Adam steps in the first window (seeding)")
     ap.add_argument("--replicates", type=int, default=d.replicates, help="forecast ensemble simulations")
     ap.add_argument("--draws", type=int, default=d.draws, help="observation-noise draws per simulation")
+    ap.add_argument("--anchor-days", type=int, default=d.anchor_days,
+                    help="rescale the forecast level per borough to the observed/expected ratio of the last N days "
+                         "before the origin (default 0: off; an option, not used for the shipped numbers)")
     ap.add_argument("--backtest", action="store_true", help="forecast 1-4 weeks from every second Monday "
                     "2020-06-01..2021-02-28 from the pass's own states and score against persistence and trend")
     ap.add_argument("--ship", action="store_true", help=f"also write the fit record to {FIT_FILE} (used by lpm run)")
@@ -1253,6 +1256,8 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args(list(argv))
+    if a.anchor_days < 0 or a.anchor_days > 14:
+        ap.error(f"--anchor-days: expected 0..14, got {a.anchor_days}")
     if a.forecast_days < 1:
         ap.error(f"--forecast-days: expected >= 1, got {a.forecast_days}")
     if a.scale <= 0:
@@ -1264,7 +1269,8 @@ def calibrate(argv: Sequence[str]) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     cfg = replace(d, train_end=a.train_end, start=a.start, scale=a.scale, seed=a.seed, iters=a.iters,
-                  iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device)
+                  iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device,
+                  anchor_days=a.anchor_days)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
