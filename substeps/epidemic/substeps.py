@@ -149,29 +149,30 @@ class Transmission(Substep):
 
     def _presence(self, params: Params, state: EpiState, iota: Tensor, cand: Tensor, hit: Tensor, lam: Tensor,
                   acted: Tensor) -> Tensor:
-        """Factor ``[C]`` with value 1 that turns, for newly infected candidates, each infector's linear
-        coupling into the likelihood ratio of the agent's path with and without that infector.
+        """Factor ``[C]`` with value 1 that turns each infector's linear coupling into a presence/absence
+        likelihood ratio (the *presence* estimator).
 
-        For an edge ``l -> k`` with hazard ``h`` per step, ``l`` infectious for ``n`` earlier steps
-        (``A = n h`` of accumulated hazard) and ``k`` infected now with total hazard ``lam``, the
-        carrier has so far credited ``d log P_k / d c_l = -A + h e^-lam / (1 - e^-lam)``; the
-        presence/absence credit is ``1 - R`` with ``R = P(k's path | no l) / P(k's path | l) =
-        e^A (1 - e^-(lam - h)) / (1 - e^-lam)``. The difference multiplies ``c_l - sg(c_l)``.
+        For an edge ``l -> k`` with hazard ``h`` this step and ``A = n h`` accumulated over the ``n``
+        earlier steps ``l`` transmitted, the linear carrier credits ``d log P_k / d c_l`` with ``-h``
+        for a survival and ``h e^-L / (1 - e^-L)`` for an infection (``L``: total hazard on ``k``).
+        The presence credit of ``k``'s whole path is ``1 - R``, ``R = P(path | no l) / P(path | l)``:
+        survival steps add ``-e^A (e^h - 1)`` (so a survived window totals ``1 - e^A``) and the
+        infection step ``e^A (1 - (1 - e^-(L - h)) / (1 - e^-L))``. The difference from the linear
+        credit multiplies ``c_l - sg(c_l)`` (value 0).
         """
         d = self.disease
-        new = cand[hit]
-        ones = torch.ones(cand.shape, dtype=lam.dtype, device=lam.device)
-        if new.numel() == 0:
-            return ones
         net = state.network
         idx = stage_mask(state.stage, self._infectious_codes).nonzero().squeeze(1)
         pos, local = frontier_edges(net.rowptr, idx)
-        dst = net.edge_index[1].index_select(0, pos)
-        is_new = mark_indices(new, state.stage.numel())
-        keep = is_new.index_select(0, dst.long()).nonzero().squeeze(1)
+        dst = net.edge_index[1].index_select(0, pos).long()
+        N = state.stage.numel()
+        # position of each candidate in `cand` (-1: not a candidate), to keep edges into at-risk agents
+        slot = torch.full((N,), -1, dtype=torch.int64, device=cand.device).index_put_((cand,), torch.arange(cand.numel(), device=cand.device))
+        where = slot.index_select(0, dst)
+        keep = (where >= 0).nonzero().squeeze(1)
         if keep.numel() == 0:
-            return ones
-        pos, local, dst = pos[keep], local[keep].long(), dst[keep].long()
+            return torch.ones(cand.shape, dtype=lam.dtype, device=lam.device)
+        pos, local, dst, where = pos[keep], local[keep].long(), dst[keep], where[keep]
         src = idx.index_select(0, local)
         with torch.no_grad():
             h = getattr(params, self.beta).detach() * d.dt * net.weight.index_select(0, pos).to(lam.dtype)
@@ -183,17 +184,16 @@ class Transmission(Substep):
                 h = h * state.contact_factor.detach()[src, lay]
             if self.use_susceptibility:
                 h = h * state.susceptibility.detach().index_select(0, dst)
-            # total hazard on each newly infected target, gathered per edge
-            lam_full = torch.zeros(state.stage.shape, dtype=lam.dtype, device=lam.device).index_put((cand,), lam)
-            L = lam_full.index_select(0, dst)
-            A = h * acted.index_select(0, src).to(lam.dtype)
-            pL = -torch.expm1(-L)
-            ratio = torch.exp(A) * (-torch.expm1(-(L - h).clamp_min(0))) / pL.clamp_min(_TINY)
-            linear = -A + h * torch.exp(-L) / pL.clamp_min(_TINY)
-            delta = (1 - ratio) - linear
+            L = lam.index_select(0, where)
+            infected = hit.index_select(0, where)
+            eA = torch.exp(h * acted.index_select(0, src).to(lam.dtype))
+            pL = (-torch.expm1(-L)).clamp_min(_TINY)
+            on_infection = eA * (1 - (-torch.expm1(-(L - h).clamp_min(0))) / pL) - h * torch.exp(-L) / pL
+            on_survival = h - eA * torch.expm1(h)
+            delta = torch.where(infected, on_infection, on_survival)
         c = state.carrier.index_select(0, src)
-        corr = torch.zeros(state.stage.shape, dtype=c.dtype, device=c.device).index_add(0, dst, delta.to(c.dtype) * (c - c.detach()))
-        return 1 + corr.index_select(0, cand)
+        corr = torch.zeros(cand.shape, dtype=c.dtype, device=c.device).index_add(0, where, delta.to(c.dtype) * (c - c.detach()))
+        return 1 + corr
 
     def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
         d = self.disease
