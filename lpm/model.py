@@ -283,6 +283,12 @@ class Model:
             for h in hooks:
                 h.on_end(run)
         obs = {k: (torch.stack(v) if v else torch.empty(0)) for k, v in run.records.items()}
+        if grad:
+            # an observable without a gradient path must fail loudly on backward, never give a silent zero
+            from lpm.sampling import guard_no_gradient
+
+            anchor = next((p for p in params.parameters() if p.requires_grad), None)
+            obs = {k: guard_no_gradient(k, v, anchor) for k, v in obs.items()}
         labels = {k: (tuple(o.labels) if o.labels is not None else None) for k, o in self.observables.items()}
         meta: dict[str, Any] = {"seed": seed, "steps": steps, "resumed_from": start}
         if check:

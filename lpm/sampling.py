@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["bernoulli_st", "categorical_st", "gumbel_softmax", "gumbel_noise", "categorical_sample"]
+__all__ = ["bernoulli_st", "categorical_st", "gumbel_softmax", "gumbel_noise", "categorical_sample",
+           "NoGradientError", "guard_no_gradient"]
 
 
 def bernoulli_st(p: Tensor, u: Tensor) -> Tensor:
@@ -75,3 +76,34 @@ def gumbel_softmax(logits: Tensor, gumbel: Tensor, tau: float = 0.5, hard: bool 
     if not soft.requires_grad:
         return one_hot
     return one_hot + (soft - soft.detach())
+
+
+class NoGradientError(RuntimeError):
+    """A loss was differentiated through an observable that carries no gradient."""
+
+
+class _NoGradient(torch.autograd.Function):
+    """Identity forward; backward raises, naming the observable (never a silent zero)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, anchor: Tensor, name: str) -> Tensor:  # type: ignore[override]
+        ctx.name = name
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        raise NoGradientError(
+            f"observable {ctx.name!r} carries no gradient with respect to the parameters: its value does not "
+            "depend on them through any differentiable path of this model (its substeps use no gradient "
+            "estimator for it). Differentiate a differentiable observable instead, or detach this one.")
+
+
+def guard_no_gradient(name: str, value: Tensor, anchor: Tensor | None) -> Tensor:
+    """``value`` unchanged if it carries a gradient; otherwise a copy whose backward raises :class:`NoGradientError`.
+
+    ``anchor`` is any tensor that requires grad (a parameter); with none, nothing can be differentiated
+    and ``value`` is returned as is.
+    """
+    if value.requires_grad or anchor is None or not value.is_floating_point():
+        return value
+    return _NoGradient.apply(value, anchor, name)

@@ -162,7 +162,7 @@ class EpiState(State):
     """State of an epidemic on a population of N agents (time unit: one step of dt days)."""
 
     stage: Tensor = tensor_field(("N",), torch.int8, "disease stage code (DiseaseModel.codebook)")
-    timer: Tensor = tensor_field(("N",), torch.int16, "steps left in the current stage; 0 = no timed exit")
+    timer: Tensor = tensor_field(("N",), torch.int16, "steps left in the current stage; 0 = no timed exit; -k = k steps, starting at the next progression")
     carrier: Tensor = tensor_field(("N",), (torch.float32, torch.float64), "gradient carrier: value 1, accumulates d log P of the agent's events")
     entered: Tensor = tensor_field(("N",), torch.int8, "stage code entered during the last step, -1 if none")
     susceptibility: Tensor | None = tensor_field(("N",), (torch.float32, torch.float64), "relative susceptibility (1 = baseline)", optional=True)
@@ -173,6 +173,7 @@ class EpiState(State):
     group: Tensor | None = tensor_field(("N",), (torch.int8, torch.int16, torch.int32, torch.int64), "mixing group code for well-mixed transmission", optional=True)
     mixing: Tensor | None = tensor_field(("G", "G"), (torch.float32, torch.float64), "contacts per day of a g-member with group h (well-mixed)", optional=True)
     entered_step: Tensor | None = tensor_field((), (torch.int64,), "step at which `entered` was last reset (None: never)", optional=True)
+    acted: Tensor | None = tensor_field(("N",), torch.int16, "steps the agent has transmitted so far (written by gradient runs of the presence estimator)", optional=True)
     stages: tuple[str, ...] = static_field("stage names by code", default=())
 
 

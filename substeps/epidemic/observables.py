@@ -1,4 +1,10 @@
-"""Observables of epidemic states: counts per stage, incidence, prevalence."""
+"""Observables of epidemic states: counts per stage, incidence, prevalence.
+
+Every observable sums the agents' gradient carriers (value exactly 1) rather than counting
+booleans, so its value is the exact count and its gradient is the estimator's (see
+:mod:`substeps.epidemic.substeps`): stage counts and prevalence are differentiable like
+incidence.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ def stage_counts(disease: DiseaseModel) -> dict[str, Observable]:
     """One observable per stage: the number of agents in it after each step."""
 
     def make(code: int) -> Observable:
-        return Observable(lambda s: (s.stage == code).sum().float(), reads=("stage",), doc=f"agents in {disease.stages[code]}")
+        return Observable(lambda s: torch.where(s.stage == code, s.carrier, torch.zeros_like(s.carrier)).sum(),
+                          reads=("stage", "carrier"), doc=f"agents in {disease.stages[code]}")
 
     return {name: make(c) for c, name in enumerate(disease.stages)}
 
@@ -41,6 +48,11 @@ def incidence(disease: DiseaseModel, stage: str | None = None, group: str | None
 
 
 def prevalence(disease: DiseaseModel, stages: tuple[str, ...]) -> Observable:
-    """Agents in any of ``stages`` after each step."""
+    """Agents in any of ``stages`` after each step (carries gradients)."""
     codes = torch.tensor([disease.code(s) for s in stages])
-    return Observable(lambda s: torch.isin(s.stage, codes.to(s.stage.device)).sum().float(), reads=("stage",))
+
+    def fn(s: EpiState) -> Tensor:
+        inside = torch.isin(s.stage, codes.to(s.stage.device))
+        return torch.where(inside, s.carrier, torch.zeros_like(s.carrier)).sum()
+
+    return Observable(fn, reads=("stage", "carrier"))

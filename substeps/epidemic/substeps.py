@@ -34,16 +34,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lpm.kernels import counter_uniform, mark_indices, push_compact, stage_mask, stream_key
+from lpm.kernels import counter_uniform, frontier_edges, mark_indices, push_compact, stage_mask, stream_key
 from lpm.params import Params
 from lpm.state import StateError
 from lpm.substep import Substep
 from substeps.epidemic.disease import DiseaseModel, EpiState
 from substeps.epidemic.fast import fused_progression, fused_transmission
 
-__all__ = ["Transmission", "Progression", "initial_state", "event_carrier", "compartment_counts"]
+__all__ = ["Transmission", "Progression", "initial_state", "event_carrier", "compartment_counts", "ESTIMATORS"]
 
 _TINY = 1e-30
+
+#: gradient estimators of :class:`Transmission` (see the module docstring)
+ESTIMATORS = ("presence", "linear")
 
 
 def event_carrier(q: Tensor, mask: Tensor) -> Tensor:
@@ -85,7 +88,11 @@ class Transmission(Substep):
     """Infection of susceptible agents over a layered network or by well-mixed contact."""
 
     def __init__(self, disease: DiseaseModel, *, network: bool = True, beta: str = "beta", name: str = "transmission",
-                 use_layer_scale: bool = False, use_contact_factor: bool = False, use_susceptibility: bool = False) -> None:
+                 use_layer_scale: bool = False, use_contact_factor: bool = False, use_susceptibility: bool = False,
+                 estimator: str = "presence") -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"Transmission estimator: expected one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
         self.disease = disease
         self.name = name
         self.network = network
@@ -106,6 +113,8 @@ class Transmission(Substep):
             reads.append("susceptibility")
         self.reads = tuple(reads)
         self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
+        if network and estimator == "presence":
+            self.writes += ("acted",)
         self.params = (beta,)
         self._infectious_codes = [c for c, s in enumerate(disease.stages) if disease.infectiousness.get(s, 0.0) > 0]
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -139,6 +148,59 @@ class Transmission(Substep):
         prevalence = value.new_zeros(G).index_add(0, g, value) / sizes
         return (state.mixing.to(value.dtype) @ prevalence)[g], None
 
+    def _count_acting(self, state: EpiState, acted: Tensor) -> Tensor:
+        """``acted`` plus one for every agent that transmits this step (int16)."""
+        src = stage_mask(state.stage, self._infectious_codes)
+        return torch.where(src, acted + 1, acted)
+
+    def _presence(self, params: Params, state: EpiState, iota: Tensor, cand: Tensor, hit: Tensor, lam: Tensor,
+                  acted: Tensor) -> Tensor:
+        """Factor ``[C]`` with value 1 that turns each infector's linear coupling into a presence/absence
+        likelihood ratio (the *presence* estimator).
+
+        For an edge ``l -> k`` with hazard ``h`` this step and ``A = n h`` accumulated over the ``n``
+        earlier steps ``l`` transmitted, the linear carrier credits ``d log P_k / d c_l`` with ``-h``
+        for a survival and ``h e^-L / (1 - e^-L)`` for an infection (``L``: total hazard on ``k``).
+        The presence credit of ``k``'s whole path is ``1 - R``, ``R = P(path | no l) / P(path | l)``:
+        survival steps add ``-e^A (e^h - 1)`` (so a survived window totals ``1 - e^A``) and the
+        infection step ``e^A (1 - (1 - e^-(L - h)) / (1 - e^-L))``. The difference from the linear
+        credit multiplies ``c_l - sg(c_l)`` (value 0).
+        """
+        d = self.disease
+        net = state.network
+        idx = stage_mask(state.stage, self._infectious_codes).nonzero().squeeze(1)
+        pos, local = frontier_edges(net.rowptr, idx)
+        dst = net.edge_index[1].index_select(0, pos).long()
+        N = state.stage.numel()
+        # position of each candidate in `cand` (-1: not a candidate), to keep edges into at-risk agents
+        slot = torch.full((N,), -1, dtype=torch.int64, device=cand.device).index_put_((cand,), torch.arange(cand.numel(), device=cand.device))
+        where = slot.index_select(0, dst)
+        keep = (where >= 0).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return torch.ones(cand.shape, dtype=lam.dtype, device=lam.device)
+        pos, local, dst, where = pos[keep], local[keep].long(), dst[keep], where[keep]
+        src = idx.index_select(0, local)
+        with torch.no_grad():
+            h = getattr(params, self.beta).detach() * d.dt * net.weight.index_select(0, pos).to(lam.dtype)
+            h = h * iota.index_select(0, state.stage.index_select(0, src).long())
+            lay = net.layer.index_select(0, pos).long()
+            if self.use_layer_scale:
+                h = h * state.layer_scale.detach().to(lam.dtype).index_select(0, lay)
+            if self.use_contact_factor:
+                h = h * state.contact_factor.detach()[src, lay]
+            if self.use_susceptibility:
+                h = h * state.susceptibility.detach().index_select(0, dst)
+            L = lam.index_select(0, where)
+            infected = hit.index_select(0, where)
+            eA = torch.exp(h * acted.index_select(0, src).to(lam.dtype))
+            pL = (-torch.expm1(-L)).clamp_min(_TINY)
+            on_infection = eA * (1 - (-torch.expm1(-(L - h).clamp_min(0))) / pL) - h * torch.exp(-L) / pL
+            on_survival = h - eA * torch.expm1(h)
+            delta = torch.where(infected, on_infection, on_survival)
+        c = state.carrier.index_select(0, src)
+        corr = torch.zeros(cand.shape, dtype=c.dtype, device=c.device).index_add(0, where, delta.to(c.dtype) * (c - c.detach()))
+        return 1 + corr
+
     def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
         d = self.disease
         stage = state.stage
@@ -166,13 +228,20 @@ class Transmission(Substep):
         entry = d.code(d.entry)
         entry_t = torch.tensor(entry, dtype=stage.dtype, device=stage.device)
         u_dwell = u_c[hit] / p.detach()[hit].clamp_min(_TINY)
-        timer = _draw_dwell(cdf, torch.full((ev.numel(),), entry, dtype=stage.dtype, device=stage.device), u_dwell)
+        # pending (negative) timer: the dwell starts counting at the next progression, whatever the order
+        timer = -_draw_dwell(cdf, torch.full((ev.numel(),), entry, dtype=stage.dtype, device=stage.device), u_dwell)
         carrier = state.carrier
+        extra = {}
         if lam.requires_grad:
             # survival (1 - p = exp(-lambda)) and infection both enter the agent's path likelihood
             factor = event_carrier(torch.where(hit, p, torch.exp(-lam)), torch.ones_like(hit))
+            if targets is not None and self.estimator == "presence":
+                acted = state.acted if state.acted is not None else torch.zeros(stage.shape, dtype=torch.int16, device=stage.device)
+                factor = factor * self._presence(params, state, iota, cand, hit, lam.detach(), acted)
+                extra["acted"] = self._count_acting(state, acted)
             carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
         return state.replace(
+            **extra,
             stage=stage.index_put((ev,), entry_t),
             timer=state.timer.index_put((ev,), timer),
             carrier=carrier,
@@ -184,10 +253,12 @@ class Transmission(Substep):
 class Progression(Substep):
     """Timed exits from stages, with optional branching (e.g. recovery vs death).
 
-    Agents that entered their stage earlier in the same step (e.g. infected by a
-    transmission substep placed before this one) neither move nor count down this step,
-    so an agent infected at step t with a dwell of k steps leaves at step t + k whatever
-    the order of the substeps.
+    A call closes one day: agents that acted in their stage on it count down, those whose
+    dwell is used up move on. Agents infected since the last progression hold a pending
+    (negative) timer and only start counting (no move, no count-down), so an agent infected
+    on day t with a dwell of k acts on days t + 1 .. t + k whatever the order of the
+    substeps (see the within-day convention in :mod:`substeps.epidemic`). Placed before
+    transmission, the call on the first step has no previous day to close and does nothing.
     """
 
     def __init__(self, disease: DiseaseModel, name: str = "progression") -> None:
@@ -219,7 +290,11 @@ class Progression(Substep):
         to, cdf = self.tables(state.stage.device)
         stage, timer = state.stage, state.timer
         earlier = _entered_this_step(state, t)
-        fresh = earlier >= 0
+        # entered earlier in this step (positive timer, as a dense reference writes it) or pending
+        fresh = (earlier >= 0) | (timer < 0)
+        if state.entered_step is None:
+            # progression before anything else on the first step: no day has been lived yet
+            fresh = torch.ones_like(fresh)
         # only agents whose timer runs out move: everything but the countdown is O(movers)
         mv = ((timer == 1) & ~fresh).nonzero().squeeze(1)
         old = stage.index_select(0, mv)
@@ -241,8 +316,8 @@ class Progression(Substep):
                 factor = f if factor is None else factor * f
         if factor is not None:
             carrier = carrier.index_put((mv,), carrier.index_select(0, mv) * factor)
-        # agents that entered earlier in this step do not count down until the next step
-        new_timer = torch.where(fresh, timer, (timer - 1).clamp_min_(0)).index_put_((mv,), _draw_dwell(cdf, new_stage, u_dwell))
+        # fresh agents start their dwell (pending timers become positive) and count down from the next day
+        new_timer = torch.where(fresh, timer.abs(), (timer - 1).clamp_min_(0)).index_put_((mv,), _draw_dwell(cdf, new_stage, u_dwell))
         return state.replace(
             stage=stage.index_put((mv,), new_stage),
             timer=new_timer,
