@@ -51,7 +51,8 @@ def experiments() -> dict[str, Experiment]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lpm`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: lpm {list | run NAME [options] | calibrate NAME [options]}  (NAME --help for options)"
+    usage = ("usage: lpm {list | run NAME [options] | calibrate NAME [options] | fidelity NAME [options]}"
+             "  (NAME --help for options)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -62,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             kinds = "run" + (", calibrate" if e.calibrate else "")
             print(f"{name:<20} {e.description}  [{kinds}]")
         return 0
+    if cmd == "fidelity":
+        return _fidelity(rest)
     if cmd not in ("run", "calibrate"):
         print(f"lpm: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         return 2
@@ -78,6 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lpm calibrate: experiment {name!r} has no calibration", file=sys.stderr)
         return 2
     return int(fn(rest[1:]) or 0)
+
+
+def _fidelity(argv: list[str]) -> int:
+    """``lpm fidelity NAME [options]``: a survey-fidelity benchmark from the ``lpm.fidelity`` entry points."""
+    found = {ep.name: ep for ep in entry_points(group="lpm.fidelity")}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: lpm fidelity NAME [options]  (NAME --help for options); known: {', '.join(sorted(found))}")
+        return 0 if argv else 2
+    if argv[0] not in found:
+        print(f"lpm fidelity: unknown benchmark {argv[0]!r}; known: {', '.join(sorted(found))}", file=sys.stderr)
+        return 2
+    return int(found[argv[0]].load()(argv[1:]) or 0)
 
 
 if __name__ == "__main__":
