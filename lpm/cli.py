@@ -65,7 +65,8 @@ def experiments() -> dict[str, Experiment]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lpm`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: lpm {list | " + " | ".join(f"{c} NAME [options]" for c in COMMANDS) + "}  (NAME --help for options)")
+    usage = ("usage: lpm {list | " + " | ".join(f"{c} NAME [options]" for c in (*COMMANDS, "fidelity"))
+             + "}  (NAME --help for options)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -76,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             kinds = "run" + (", calibrate" if e.calibrate else "")
             print(f"{name:<20} {e.description}  [{kinds}]")
         return 0
+    if cmd == "fidelity":
+        try:
+            return _fidelity(rest)
+        except LPMError as exc:
+            print(f"lpm: error: {exc}", file=sys.stderr)
+            return 2
     if cmd not in COMMANDS:
         print(f"lpm: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         return 2
@@ -173,6 +180,18 @@ def add_output_args(ap: argparse.ArgumentParser, default: str) -> None:
                     help="replace the outputs of an earlier run in --out (default: refuse a non-empty --out)")
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from the checkpoint in --out (the arguments must match)")
+
+
+def _fidelity(argv: list[str]) -> int:
+    """``lpm fidelity NAME [options]``: a survey-fidelity benchmark from the ``lpm.fidelity`` entry points."""
+    found = {ep.name: ep for ep in entry_points(group="lpm.fidelity")}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: lpm fidelity NAME [options]  (NAME --help for options); known: {', '.join(sorted(found))}")
+        return 0 if argv else 2
+    if argv[0] not in found:
+        print(f"lpm fidelity: unknown benchmark {argv[0]!r}; known: {', '.join(sorted(found))}", file=sys.stderr)
+        return 2
+    return int(found[argv[0]].load()(argv[1:]) or 0)
 
 
 if __name__ == "__main__":
