@@ -1137,7 +1137,8 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
         raise ValueError("fit record: areas or blocks do not match this problem (re-run the calibration)")
     params = p.params
     lm = torch.tensor([[float("nan") if v is None else v for v in row] for row in blob["log_contact"]])
-    params.committed.copy_(lm)
+    n = min(lm.shape[0], params.committed.shape[0])  # the fit's problem may have had forecast weeks beyond
+    params.committed[:n] = lm[:n]
     params.log_seed.data.copy_(torch.tensor(blob["log_seed"]))
     T0 = p.blocks[-1][1]
     params.variant[:T0] = torch.tensor(blob["variant_factor"])
