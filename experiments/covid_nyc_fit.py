@@ -755,12 +755,13 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         params.ifr_scale.fill_(cur_abm[1])
         first = t0 == 0
         params.log_seed.requires_grad_(first)
-        with torch.no_grad():  # new weeks start from the last committed residual (a random walk's forecast)
+        with torch.no_grad():  # new weeks start at the last committed value (a random walk's forecast)
             done = torch.isfinite(params.committed).all(1).nonzero()
             if len(done):
                 wl = int(done.max())
                 new = np.unique(p.week[t0:t1])
-                params.delta[new[new > wl]] = params.delta[wl].clone()
+                new = torch.as_tensor(new[new > wl])
+                params.delta[new] = params.committed[wl] - params.net(params.x[new])
         dow = weekday_factor(p, t1)
         iters = cfg.iters_first if first else cfg.iters
         best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
@@ -1137,7 +1138,8 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
         raise ValueError("fit record: areas or blocks do not match this problem (re-run the calibration)")
     params = p.params
     lm = torch.tensor([[float("nan") if v is None else v for v in row] for row in blob["log_contact"]])
-    params.committed.copy_(lm)
+    n = min(lm.shape[0], params.committed.shape[0])  # the fit's problem may have had forecast weeks beyond
+    params.committed[:n] = lm[:n]
     params.log_seed.data.copy_(torch.tensor(blob["log_seed"]))
     T0 = p.blocks[-1][1]
     params.variant[:T0] = torch.tensor(blob["variant_factor"])

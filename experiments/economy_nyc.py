@@ -509,7 +509,7 @@ def plan_taxes(state: EconState, a: argparse.Namespace, out: Path) -> dict:
             ax.plot(x, d["planner"], "C0o-", label="gradient planner (piecewise-linear)")
             ax.plot(x, d["saez"], "C3s--", label="Saez (2002) formula")
             ax.set_xticks(x, INCOME_BANDS, rotation=60, fontsize="small")
-            ax.set_ylabel("participation tax rate (T(w)+b-b)/w")
+            ax.set_ylabel("participation tax rate T(w)/w")
             ax.set_title(kind)
             ax.legend(fontsize="small")
         fig.tight_layout()

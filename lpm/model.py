@@ -141,7 +141,7 @@ class Model:
 
     def _check_fields(self, available: set[str], type_name: str) -> None:
         for s in self.substeps:
-            for f in (*s.reads, *s.optional_reads):
+            for f in (*s.reads, *getattr(s, "optional_reads", ())):
                 if f not in available:
                     raise ModelError(
                         f"substep {s.name!r} reads field {f!r}, which {type_name} does not provide; "
@@ -201,7 +201,7 @@ class Model:
             log = seen.setdefault(s.name, {"reads": set(), "writes": set()})
             log["reads"] |= reads
             log["writes"] |= writes
-            for f in sorted(reads - set(s.reads) - set(s.optional_reads)):
+            for f in sorted(reads - set(s.reads) - set(getattr(s, "optional_reads", ()))):
                 raise DataflowError(f"check: substep {s.name!r} read field {f!r} at step {t} but does not declare it "
                                     f"in reads {s.reads}")
             for f in sorted(writes - set(s.writes)):

@@ -31,7 +31,12 @@ import torch
 from lpm.errors import CheckpointError
 from lpm.model import ModelError, Run
 
-__all__ = ["ProgressBar", "TrajectoryRecorder", "Checkpoint", "run_fingerprint", "fingerprint_diff"]
+__all__ = ["ProgressBar", "TrajectoryRecorder", "Checkpoint", "ResumeError", "run_fingerprint", "fingerprint_diff"]
+
+
+class ResumeError(CheckpointError, ModelError):
+    """A checkpoint or trajectory file does not belong to this run, or is damaged (names the file and the difference)."""
+
 
 _SMALL = 16  # parameters with at most this many values are stored as values (named in differences), others hashed
 
@@ -120,11 +125,11 @@ def _check_fingerprint(path: Path, what: str, saved_json: str, run: Run) -> None
     try:
         saved = json.loads(saved_json)
     except (TypeError, json.JSONDecodeError):
-        raise CheckpointError(f"{what} {path}: has no readable fingerprint; it was not written by this version "
+        raise ResumeError(f"{what} {path}: has no readable fingerprint; it was not written by this version "
                               f"(move it away to start afresh)") from None
     diff = fingerprint_diff(saved, run_fingerprint(run))
     if diff:
-        raise CheckpointError(f"{what} {path}: written by a different run; cannot resume: " + "; ".join(diff[:6])
+        raise ResumeError(f"{what} {path}: written by a different run; cannot resume: " + "; ".join(diff[:6])
                               + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
                               + " (use another path, or delete the file to start afresh)")
 
@@ -135,7 +140,7 @@ def _open_h5(path: Path, mode: str, what: str) -> Any:
     try:
         return h5py.File(path, mode)
     except OSError as exc:
-        raise CheckpointError(f"{what} {path}: cannot be opened as HDF5 ({exc}); the file is damaged or not a "
+        raise ResumeError(f"{what} {path}: cannot be opened as HDF5 ({exc}); the file is damaged or not a "
                               f"{what} (killed during a write?); delete it to start afresh") from None
 
 
@@ -210,7 +215,7 @@ class TrajectoryRecorder:
                 _check_fingerprint(self.path, "trajectory file", f.attrs.get("fingerprint"), run)
                 have = int(f.attrs.get("steps", 0))
                 if have < first_step:
-                    raise CheckpointError(f"trajectory file {self.path}: holds {have} steps but the run resumes at "
+                    raise ResumeError(f"trajectory file {self.path}: holds {have} steps but the run resumes at "
                                           f"step {first_step}; steps {have}..{first_step - 1} would be missing "
                                           f"(delete the file, or resume from an earlier checkpoint)")
                 keep = first_step // self.every
@@ -219,7 +224,7 @@ class TrajectoryRecorder:
                 f.attrs["steps"] = first_step
         else:
             if first_step > 0:
-                raise CheckpointError(f"trajectory file {self.path}: missing, but the run resumes at step {first_step}; "
+                raise ResumeError(f"trajectory file {self.path}: missing, but the run resumes at step {first_step}; "
                                       f"steps 0..{first_step - 1} would be missing (start afresh without the "
                                       f"checkpoint, or restore the file)")
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -346,43 +351,43 @@ def load_checkpoint(path: str | os.PathLike, run: Run) -> None:
     path = Path(path)
     with _open_h5(path, "r", "checkpoint") as f:
         if "sha256" not in f.attrs or "fingerprint" not in f.attrs:
-            raise CheckpointError(f"checkpoint {path}: has no fingerprint or checksum (written by an older version); "
+            raise ResumeError(f"checkpoint {path}: has no fingerprint or checksum (written by an older version); "
                                   f"delete it to start afresh")
         if _content_hash(f) != f.attrs["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: content does not match its SHA-256 checksum (the file was "
+            raise ResumeError(f"checkpoint {path}: content does not match its SHA-256 checksum (the file was "
                                   f"changed or damaged); delete it to start afresh")
         if f.attrs["signature"] != _signature(run):
-            raise CheckpointError(f"checkpoint {path}: written by a different model plan ({f.attrs['signature']!r})")
+            raise ResumeError(f"checkpoint {path}: written by a different model plan ({f.attrs['signature']!r})")
         if int(f.attrs["seed"]) != run.seed:
-            raise CheckpointError(f"checkpoint {path}: seed {int(f.attrs['seed'])} differs from this run's seed {run.seed}")
+            raise ResumeError(f"checkpoint {path}: seed {int(f.attrs['seed'])} differs from this run's seed {run.seed}")
         _check_fingerprint(path, "checkpoint", f.attrs["fingerprint"], run)
         step = int(f.attrs["step"])
         if not 0 <= step <= run.steps:
-            raise CheckpointError(f"checkpoint {path}: step {step} outside 0..{run.steps}")
+            raise ResumeError(f"checkpoint {path}: step {step} outside 0..{run.steps}")
         current = run.state.flat_tensors()
         flat = {}
         f["state"].visititems(lambda name, obj: flat.__setitem__(name, torch.from_numpy(np.asarray(obj))) if hasattr(obj, "shape") else None)
         if set(current) - set(flat):
-            raise CheckpointError(f"checkpoint {path}: state fields {sorted(set(current) - set(flat))} are missing")
+            raise ResumeError(f"checkpoint {path}: state fields {sorted(set(current) - set(flat))} are missing")
         restored = run.state.with_flat_tensors(flat).flat_tensors()
         if set(flat) != set(restored):  # a saved field this state type cannot hold
-            raise CheckpointError(f"checkpoint {path}: state fields {sorted(set(flat) - set(restored))} are not on "
+            raise ResumeError(f"checkpoint {path}: state fields {sorted(set(flat) - set(restored))} are not on "
                                   f"{type(run.state).__name__}")
         for k, v in flat.items():
             if k not in current:
                 continue
             if tuple(v.shape) != tuple(current[k].shape) or v.dtype != current[k].dtype:
-                raise CheckpointError(f"checkpoint {path}: state field {k} has shape {tuple(v.shape)} {v.dtype}, this "
+                raise ResumeError(f"checkpoint {path}: state field {k} has shape {tuple(v.shape)} {v.dtype}, this "
                                       f"run {tuple(current[k].shape)} {current[k].dtype}")
         state = run.state.with_flat_tensors(flat)
         try:
             run.model.check(run.params, state)  # restored state is validated like fresh state
         except ValueError as exc:
-            raise CheckpointError(f"checkpoint {path}: restored state is invalid: {exc}") from None
+            raise ResumeError(f"checkpoint {path}: restored state is invalid: {exc}") from None
         records = {k: list(torch.from_numpy(np.asarray(f["observables"][k])).to(state.device).unbind(0)) if step else []
                    for k in f["observables"]}
         if set(records) != set(run.model.observables) or any(len(v) != step for v in records.values()):
-            raise CheckpointError(f"checkpoint {path}: observables do not match {step} steps of this model")
+            raise ResumeError(f"checkpoint {path}: observables do not match {step} steps of this model")
         run.state = state
         run.streams.set_state({k: torch.from_numpy(np.asarray(f["rng"][k])) for k in f["rng"]})
         run.step = step
