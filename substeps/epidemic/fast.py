@@ -152,12 +152,13 @@ def _kernels() -> dict[str, object]:
                 if u < p:
                     stage[j] = entry
                     entered[j] = entry
-                    timer[j] = inverse_cdf(cdf, entry, u / max(p, tiny))
+                    # pending (negative) timer: the dwell starts at the next progression (the torch path's convention)
+                    timer[j] = -inverse_cdf(cdf, entry, u / max(p, tiny))
                     events += 1
             return events
 
         @numba.njit(cache=True, error_model="numpy")
-        def progression(stage, timer, entered_in, fresh_valid, to, cdf, alt_src, alt_dst, q, k1, k2,
+        def progression(stage, timer, entered_in, fresh_valid, first, to, cdf, alt_src, alt_dst, q, k1, k2,
                         stage_out, timer_out, entered_out):  # pragma: no cover - compiled
             n = stage.shape[0]
             per_agent = q.shape[1] > 1
@@ -167,8 +168,9 @@ def _kernels() -> dict[str, object]:
                 tm = timer[i]
                 entered_out[i] = e
                 stage_out[i] = s
-                if e >= 0:
-                    timer_out[i] = tm
+                if first or e >= 0 or tm < 0:
+                    # entered this step, pending, or no day lived yet: start the dwell, no count-down
+                    timer_out[i] = tm if tm >= 0 else -tm
                     continue
                 if tm != 1:
                     timer_out[i] = tm - 1 if tm > 0 else 0
@@ -309,7 +311,8 @@ def fused_progression(sub: "Progression", params: "Params", state: "EpiState", t
     fresh_valid = state.entered_step is not None and int(state.entered_step) == t
     stage, timer, entered = torch.empty_like(state.stage), torch.empty_like(state.timer), torch.empty_like(state.entered)
     k1, k2 = stream_key(rng, t)
-    _kernels()["progression"](_np(state.stage), _np(state.timer), _np(state.entered), fresh_valid, _np(to), _np(cdf),
+    first = state.entered_step is None
+    _kernels()["progression"](_np(state.stage), _np(state.timer), _np(state.entered), fresh_valid, first, _np(to), _np(cdf),
                               alt_src, alt_dst, _np(qarr.contiguous()), k1, k2, _np(stage), _np(timer), _np(entered))
     return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered,
                          entered_step=torch.tensor(t, device=stage.device))
