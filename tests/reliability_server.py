@@ -65,7 +65,7 @@ def _handler(srv: Misbehaving) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
             self.wfile.flush()
 
-        def _ok_body(self, body: dict) -> bytes:
+        def _ok_body(self, body: dict, answer: str | None = None) -> bytes:
             chat = self.path.endswith("/chat/completions")
             if body.get("logprobs"):
                 top = {" yes": math.log(0.6), " no": math.log(0.4)}
@@ -76,7 +76,8 @@ def _handler(srv: Misbehaving) -> type[BaseHTTPRequestHandler]:
                 else:
                     choice = {"text": " yes", "logprobs": {"top_logprobs": [top]}}
             else:
-                choice = {"message": {"role": "assistant", "content": srv.answer}} if chat else {"text": srv.answer}
+                text = srv.answer if answer is None else answer
+                choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             return json.dumps({"choices": [choice], "usage": {"total_tokens": 7}}).encode()
 
         def do_POST(self) -> None:
@@ -100,11 +101,7 @@ def _handler(srv: Misbehaving) -> type[BaseHTTPRequestHandler]:
             if mode == "empty_choices":
                 return self._raw(200, b'{"choices": []}')
             if mode == "out_of_range":
-                old, srv.answer = srv.answer, " 150"
-                try:
-                    return self._raw(200, self._ok_body(body))
-                finally:
-                    srv.answer = old
+                return self._raw(200, self._ok_body(body, " 150"))
             if mode == "hang":
                 srv.stop.wait(30)
                 return
