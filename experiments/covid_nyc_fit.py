@@ -755,13 +755,12 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         params.ifr_scale.fill_(cur_abm[1])
         first = t0 == 0
         params.log_seed.requires_grad_(first)
-        with torch.no_grad():  # new weeks start at the last committed value (a random walk's forecast)
+        with torch.no_grad():  # new weeks start from the last committed residual (a random walk's forecast)
             done = torch.isfinite(params.committed).all(1).nonzero()
             if len(done):
                 wl = int(done.max())
                 new = np.unique(p.week[t0:t1])
-                new = torch.as_tensor(new[new > wl])
-                params.delta[new] = params.committed[wl] - params.net(params.x[new])
+                params.delta[new[new > wl]] = params.delta[wl].clone()
         dow = weekday_factor(p, t1)
         iters = cfg.iters_first if first else cfg.iters
         best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
