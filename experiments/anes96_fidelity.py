@@ -239,7 +239,7 @@ def _backend(a: argparse.Namespace) -> Backend:
     if a.llm == "rule":
         return make_backend("rule", rule=anes_rule, version="anes96-1")
     if a.llm == "local":
-        return make_backend("local", device=a.device)
+        return make_backend("local", device=a.device, max_new_tokens=4)
     return make_backend("http", url=a.url, model=a.model, chat=a.chat, max_tokens=4)
 
 
