@@ -122,10 +122,15 @@ class SurveyQuestion:
 
 @dataclass(frozen=True)
 class FidelitySpec:
-    """Which attributes define the archetypes and which question they answer."""
+    """Which attributes define the archetypes, which question they answer, and who is asked (``setting``).
+
+    ``setting`` completes "A ..." / "You are a ..." (e.g. "survey respondent in the United
+    States in 1996"), so the place and time live in the study, not in this module.
+    """
 
     attributes: tuple[Attribute, ...]
     question: SurveyQuestion
+    setting: str = "survey respondent"
 
     def __post_init__(self) -> None:
         cols = [a.column for a in self.attributes]
@@ -139,10 +144,10 @@ class FidelitySpec:
         q = self.question.text
         if style == "plain":
             lines = "\n".join(f"- {a.title}: {{{a.column}}}" for a in self.attributes)
-            return f"A survey respondent in the United States in 1996.\n{lines}\nQuestion: {q}"
+            return f"A {self.setting}.\n{lines}\nQuestion: {q}"
         if style == "persona":
             you = " ".join(a.you.format("{" + a.column + "}") for a in self.attributes)
-            return f"You are a survey respondent in the United States in 1996. {you}\nQuestion: {q}"
+            return f"You are a {self.setting}. {you}\nQuestion: {q}"
         if style == "backstory":
             me = " ".join(a.me.format("{" + a.column + "}") for a in self.attributes)
             return f"Interviewer: Please tell me a little about yourself.\nMe: {me}\nInterviewer: {q}"

