@@ -73,10 +73,11 @@ VOTE = SurveyQuestion(
     "vote", "vote", ("Clinton", "Dole"), (0, 1),
     "In the 1996 presidential election, did you vote for Bill Clinton or Bob Dole?", ordinal=False)
 
+SETTING = "survey respondent in the United States in 1996"
 SPECS: dict[str, FidelitySpec] = {
-    "selfLR": FidelitySpec((PARTY3, AGE, EDUC), SELF_LR),
-    "PID": FidelitySpec((IDEOLOGY, AGE, EDUC), PID),
-    "vote": FidelitySpec((PARTY7, EDUC), VOTE),
+    "selfLR": FidelitySpec((PARTY3, AGE, EDUC), SELF_LR, SETTING),
+    "PID": FidelitySpec((IDEOLOGY, AGE, EDUC), PID, SETTING),
+    "vote": FidelitySpec((PARTY7, EDUC), VOTE, SETTING),
 }
 
 
@@ -239,7 +240,7 @@ def _backend(a: argparse.Namespace) -> Backend:
     if a.llm == "rule":
         return make_backend("rule", rule=anes_rule, version="anes96-1")
     if a.llm == "local":
-        return make_backend("local", device=a.device)
+        return make_backend("local", device=a.device, max_new_tokens=4)
     return make_backend("http", url=a.url, model=a.model, chat=a.chat, max_tokens=4)
 
 

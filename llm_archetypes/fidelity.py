@@ -122,10 +122,15 @@ class SurveyQuestion:
 
 @dataclass(frozen=True)
 class FidelitySpec:
-    """Which attributes define the archetypes and which question they answer."""
+    """Which attributes define the archetypes, which question they answer, and who is asked (``setting``).
+
+    ``setting`` completes "A ..." / "You are a ..." (e.g. "survey respondent in the United
+    States in 1996"), so the place and time live in the study, not in this module.
+    """
 
     attributes: tuple[Attribute, ...]
     question: SurveyQuestion
+    setting: str = "survey respondent"
 
     def __post_init__(self) -> None:
         cols = [a.column for a in self.attributes]
@@ -139,14 +144,13 @@ class FidelitySpec:
         q = self.question.text
         if style == "plain":
             lines = "\n".join(f"- {a.title}: {{{a.column}}}" for a in self.attributes)
-            return f"A survey respondent in the United States in 1996.\n{lines}\nQuestion: {q}"
+            return f"A {self.setting}.\n{lines}\nQuestion: {q}"
         if style == "persona":
             you = " ".join(a.you.format("{" + a.column + "}") for a in self.attributes)
-            return f"You are a survey respondent in the United States in 1996. {you}\nQuestion: {q}"
+            return f"You are a {self.setting}. {you}\nQuestion: {q}"
         if style == "backstory":
             me = " ".join(a.me.format("{" + a.column + "}") for a in self.attributes)
-            return (f"Interviewer: Please tell me a little about yourself.\nMe: {me}\n"
-                    f"Interviewer: {q}\nMe (one option only):")
+            return f"Interviewer: Please tell me a little about yourself.\nMe: {me}\nInterviewer: {q}"
         raise ValueError(f"style: expected one of {STYLES}, got {style!r}")
 
     def prompt_question(self, style: str, mode: str) -> Question:
@@ -155,10 +159,19 @@ class FidelitySpec:
             raise ValueError(f"mode: expected 'score' or 'generate', got {mode!r}")
         opts = self.question.options
         answer = Distribution(opts) if mode == "score" else Choice(opts)
-        cue = "" if style == "backstory" else "Answer:"
-        # The backstory ends in the respondent's own voice; no separate instruction line.
-        return Question(f"{self.question.name}:{style}", self.template(style), answer, cue=cue or " ",
+        # The backstory ends in the respondent's own voice, with no instruction line. Digit
+        # options follow a space, as in running text ("Answer: 3"): sentencepiece vocabularies
+        # split " 3" into a space token and the digit, so the digit must be the next token.
+        cue = "Me (one option only):" if style == "backstory" else "Answer:"
+        if self.digit_options:
+            cue += " "
+        return Question(f"{self.question.name}:{style}", self.template(style), answer, cue=cue,
                         instruct=style != "backstory")
+
+    @property
+    def digit_options(self) -> bool:
+        """Whether every option is a digit string (scored right after a space, see :meth:`prompt_question`)."""
+        return all(o.isdigit() for o in self.question.options)
 
 
 @dataclass(frozen=True)
@@ -274,8 +287,10 @@ def bootstrap_metrics(pred: Tensor, answers: Tensor, group: Tensor, *, n_boot: i
         # Basic (reverse-percentile) interval: resampled TV is biased upward like the estimate itself,
         # so reflecting the bootstrap quantiles about the estimate cancels that shift.
         lo, hi = 2 * v - qs[1], 2 * v - qs[0]
-        if name != "score":
-            lo = lo.clamp_min(0.0)
+        if name != "score":  # distances are non-negative (a perfect model's interval is [0, 0])
+            lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
+        else:
+            lo, hi = lo.clamp_max(100.0), hi.clamp_max(100.0)
         out[name] = torch.stack([v, lo, hi], dim=-1)
     return out
 
@@ -394,7 +409,15 @@ class FidelityStudy:
     def ask(self, asker: Asker, style: str = "plain", mode: str = "score") -> Tensor:
         """Model answer distribution ``[K, O]`` per archetype (generation gives one-hot rows)."""
         question = self.spec.prompt_question(style, mode)
-        ans = asker.ask_archetypes(self.archetypes, question, {})
+        backend = asker.backend
+        old = getattr(backend, "option_prefix", None)
+        if old is not None:  # local models score the option's first token: no leading space after "Answer: "
+            backend.option_prefix = "" if self.spec.digit_options else " "
+        try:
+            ans = asker.ask_archetypes(self.archetypes, question, {})
+        finally:
+            if old is not None:
+                backend.option_prefix = old
         opts = self.spec.question.options
         if mode == "score":
             return ans.probs.to(torch.float64)
