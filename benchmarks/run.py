@@ -195,6 +195,13 @@ def markdown(info: dict[str, Any], summary: dict[str, Any], records: list[dict[s
                 "-" if r.get("attack_rate") is None else f"{r['attack_rate']:.4f}",
                 {True: "ok", False: "NO", None: "-"}[r.get("equal_work")]]) + " |")
         out.append("")
+        for r in records:
+            if r.get("case") == "sir" and "engine" in r:
+                out.append(f"- N={r['n']:.0e}: state {_fmt(r.get('state_bytes_per_agent'))} B/agent, network "
+                           f"{_fmt(r.get('bytes_per_edge'))} B/edge + {_fmt(r.get('network_bytes_per_agent'))} B/agent "
+                           f"(CSR pointer), {r.get('edges')} edges; graph build {_fmt(r.get('build_s'))} s, "
+                           f"peak RSS {_fmt(r.get('build_peak_rss_bytes'), 'GiB')} GiB")
+        out.append("")
     out += ["## Network SEIR scaling (agent-days per second; ratios: engine SIR twin / reference kernel, same graph, same run)", "",
             "| case | N | days | forward | differentiable | bytes/agent-day retained | peak RSS GiB | state B/agent | B/edge | "
             "engine SIR | x torch scatter | x numpy frontier | x numba CSR |",
