@@ -78,6 +78,9 @@ import calibration as cal
 from calibration.backtest import LEVELS, baseline_quantiles, score_table, summarize_scores
 from experiments import covid_nyc as nyc
 from lpm import Model, Observable, tensor_field
+from lpm.cli import add_output_args, date_arg, device_arg, positive_float, positive_int
+from lpm.errors import ConfigError
+from lpm.outputs import OutputDir
 from lpm.rng import Streams
 from lpm.substep import Substep
 from substeps.epidemic.covid import age_tables
@@ -141,11 +144,11 @@ def _check_dates(train_end: str | pd.Timestamp, start: str | pd.Timestamp) -> tu
     try:
         te, st = pd.Timestamp(train_end), pd.Timestamp(start)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"--train-end/--start: expected YYYY-MM-DD dates, got {train_end!r}, {start!r}") from exc
+        raise ConfigError(f"--train-end/--start: expected YYYY-MM-DD dates, got {train_end!r}, {start!r}") from exc
     if st != DATA_START:
-        raise ValueError(f"--start: the calibration starts on {DATA_START.date()} (first day of the data), got {st.date()}")
+        raise ConfigError(f"--start: the calibration starts on {DATA_START.date()} (first day of the data), got {st.date()}")
     if not (pd.Timestamp("2020-05-17") <= te <= DATA_END):
-        raise ValueError(f"--train-end: expected a date in 2020-05-17..{DATA_END.date()} (data end), got {te.date()}")
+        raise ConfigError(f"--train-end: expected a date in 2020-05-17..{DATA_END.date()} (data end), got {te.date()}")
     return te, st
 
 
@@ -1169,27 +1172,38 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
     return p, rec
 
 
+#: every file ``lpm run covid-nyc`` (the fitted replay) writes into --out
+RUN_FILES = ("daily.csv", "summary.json", "fitted_schedules.png", *(f"insample_{s}.png" for s in SERIES))
+#: every file ``lpm calibrate covid-nyc`` may write into --out
+CALIBRATE_FILES = ("forecast.csv", "insample.csv", "backtest_forecasts.csv", "backtest_scores.csv",
+                   "backtest_scores_by_scope.csv", "backtest_scores_hosp_deaths.csv", "backtest.png", "fit.json",
+                   "summary.json", "fitted_schedules.png", "forecast_nyc.png", *(f"insample_{s}.png" for s in SERIES))
+
+
 def run_fitted(argv: Sequence[str], fit_file: Path = FIT_FILE) -> int:
     """``lpm run covid-nyc``: replay the shipped calibration, write daily.csv, metrics and plots."""
     ap = argparse.ArgumentParser(prog="lpm run covid-nyc", description="COVID-19 in NYC 2020-03..2021-03, calibrated "
                                  "(replays the shipped fit; --params prior runs the uncalibrated model)")
     ap.add_argument("--params", default="fitted", choices=("fitted", "prior"))
     ap.add_argument("--fit", default=str(fit_file), help="fit record (default: the shipped data/covid_nyc_fit/fit.json)")
-    ap.add_argument("--scale", type=float, default=None, help="agents per resident (default: the fit's scale)")
+    ap.add_argument("--scale", type=positive_float, default=None, help="agents per resident (default: the fit's scale)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="out/covid_nyc")
+    add_output_args(ap, "out/covid_nyc")
     a = ap.parse_args(list(argv))
+    if a.resume:
+        ap.error("--resume: a replay of the fit is short and has no checkpoint; use --overwrite")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     path = Path(a.fit)
     if not path.exists():
-        raise SystemExit(f"lpm run covid-nyc: fit record {path} not found; run `lpm calibrate covid-nyc --ship` "
-                         f"or use --params prior")
+        raise ConfigError(f"--fit {path}: fit record not found; run `lpm calibrate covid-nyc --ship` "
+                          f"or use --params prior")
     blob = json.loads(path.read_text())
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # outputs are checked before the replay and moved into place only when every file is written
+    od = OutputDir(a.out, RUN_FILES, overwrite=a.overwrite)
+    out = od.staging
     t0 = time.perf_counter()
     p, rec = replay(blob, scale=a.scale, seed=a.seed, cache_dir=a.cache_dir)
     fit = fitted_series(p, rec)
@@ -1214,6 +1228,7 @@ def run_fitted(argv: Sequence[str], fit_file: Path = FIT_FILE) -> int:
                "seconds": time.perf_counter() - t0, "metrics": metrics,
                "shipped_metrics": blob.get("metrics", {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    od.commit()
     print(json.dumps({k: v for k, v in summary.items() if k != "shipped_metrics"}, indent=2, default=str))
     return 0
 
@@ -1237,11 +1252,12 @@ def calibrate(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="lpm calibrate covid-nyc", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = FitConfig()
-    ap.add_argument("--train-end", default=d.train_end, help="last date of data the fit may read (YYYY-MM-DD)")
-    ap.add_argument("--forecast-days", type=int, default=28)
-    ap.add_argument("--out", default="out/covid_nyc_fit")
-    ap.add_argument("--start", default=d.start)
-    ap.add_argument("--scale", type=float, default=d.scale)
+    ap.add_argument("--train-end", type=date_arg, default=d.train_end,
+                    help="last date of data the fit may read (YYYY-MM-DD)")
+    ap.add_argument("--forecast-days", type=positive_int, default=28)
+    add_output_args(ap, "out/covid_nyc_fit")
+    ap.add_argument("--start", type=date_arg, default=d.start)
+    ap.add_argument("--scale", type=positive_float, default=d.scale)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--iters", type=int, default=d.iters, help="Adam steps per 28-day window")
     ap.add_argument("--iters-first", type=int, default=d.iters_first, help="Adam steps in the first window (seeding)")
@@ -1253,10 +1269,16 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--backtest", action="store_true", help="forecast 1-4 weeks from every second Monday "
                     "2020-06-01..2021-02-28 from the pass's own states and score against persistence and trend")
     ap.add_argument("--ship", action="store_true", help=f"also write the fit record to {FIT_FILE} (used by lpm run)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args(list(argv))
+    if a.resume:
+        ap.error("--resume: the sequential fit has no checkpoint yet; use --overwrite to rerun")
+    # the train end must lie within the data, with enough days behind it, before anything is built
+    from experiments.covid_nyc_calibrate import observed_until
+
+    cal.check_train_end(observed_until(a.start, a.train_end), a.start, a.train_end, min_days=14)
     if a.anchor_days < 0 or a.anchor_days > 14:
         ap.error(f"--anchor-days: expected 0..14, got {a.anchor_days}")
     if a.forecast_days < 1:
@@ -1265,15 +1287,12 @@ def calibrate(argv: Sequence[str]) -> int:
         ap.error(f"--scale: expected > 0, got {a.scale}")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    try:
-        _check_dates(a.train_end, a.start)
-    except ValueError as exc:
-        ap.error(str(exc))
+    _check_dates(a.train_end, a.start)
     cfg = replace(d, train_end=a.train_end, start=a.start, scale=a.scale, seed=a.seed, iters=a.iters,
                   iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device,
                   anchor_days=a.anchor_days)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    od = OutputDir(a.out, CALIBRATE_FILES, overwrite=a.overwrite)
+    out = od.staging
     torch.manual_seed(cfg.seed)
     t_all = time.perf_counter()
     horizon = max(a.forecast_days, 28 if a.backtest else 0)
@@ -1321,11 +1340,14 @@ def calibrate(argv: Sequence[str]) -> int:
     (out / "fit.json").write_text(json.dumps(blob, indent=1))
     if a.ship:
         FIT_FILE.parent.mkdir(parents=True, exist_ok=True)
-        FIT_FILE.write_text(json.dumps(blob, indent=1))
+        tmp = FIT_FILE.with_suffix(".json.tmp")  # atomic: a killed run never leaves half a record
+        tmp.write_text(json.dumps(blob, indent=1))
+        tmp.replace(FIT_FILE)
     _plot_insample(out, p, rec)
     _plot_forecast(out, p, fdf, rec)
     metrics["seconds_total"] = time.perf_counter() - t_all
     (out / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
+    od.commit()
     print(json.dumps({k: v for k, v in metrics.items() if k != "backtest"}, indent=2, default=str))
     return 0
 

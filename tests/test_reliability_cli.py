@@ -54,14 +54,14 @@ def one_line_error(err: str) -> str:
 
 # ----------------------------------------------------------------- probe 17.4: argument errors are one line, exit 2
 @pytest.mark.parametrize("args,message", [
-    (["run", "covid-nyc", "--scale", "0"], "argument --scale: expected a finite number > 0, got 0"),
-    (["run", "covid-nyc", "--days", "0"], "argument --days: expected an integer > 0, got 0"),
-    (["run", "covid-nyc", "--start", "2020-13-45"], "argument --start: expected a date YYYY-MM-DD"),
-    (["run", "covid-nyc", "--device", "nonsense"], "argument --device: expected a device such as cpu, cuda"),
+    (["run", "covid-nyc", "--params", "prior", "--scale", "0"], "argument --scale: expected a finite number > 0, got 0"),
+    (["run", "covid-nyc", "--params", "prior", "--days", "0"], "argument --days: expected an integer > 0, got 0"),
+    (["run", "covid-nyc", "--params", "prior", "--start", "2020-13-45"], "argument --start: expected a date YYYY-MM-DD"),
+    (["run", "covid-nyc", "--params", "prior", "--device", "nonsense"], "argument --device: expected a device such as cpu, cuda"),
     (["calibrate", "covid-nyc", "--train-end", "notadate"], "argument --train-end: expected a date YYYY-MM-DD, got 'notadate'"),
     (["calibrate", "covid-nyc", "--train-end", "2020-05-01", "--initial-prevalence", "1.5"],
      "argument --initial-prevalence: expected a number in [0, 1], got 1.5"),
-    (["run", "covid-nyc", "--llm-fallback", "2"], "argument --llm-fallback: expected a number in [0, 1]"),
+    (["run", "covid-nyc", "--params", "prior", "--llm-fallback", "2"], "argument --llm-fallback: expected a number in [0, 1]"),
 ])
 def test_bad_arguments_are_one_line_exit_2(args: list[str], message: str, capsys) -> None:
     rc, _, err = run(args, capsys)
@@ -70,7 +70,7 @@ def test_bad_arguments_are_one_line_exit_2(args: list[str], message: str, capsys
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
 def test_cuda_on_a_cpu_build_is_one_line_exit_2(capsys) -> None:
-    rc, _, err = run(["run", "covid-nyc", "--device", "cuda"], capsys)
+    rc, _, err = run(["run", "covid-nyc", "--params", "prior", "--device", "cuda"], capsys)
     assert rc == 2 and "CUDA is not available" in one_line_error(err)
 
 
@@ -78,7 +78,7 @@ def test_cuda_on_a_cpu_build_is_one_line_exit_2(capsys) -> None:
 def test_library_error_is_one_line_exit_2_from_the_console(tmp_path: Path) -> None:
     """End to end through a real process: an unknown borough (a library error) prints ``lpm: error:``, exits 2."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "lpm.cli", "run", "covid-nyc", "--boroughs", "XX", "--out",
+    p = subprocess.run([sys.executable, "-m", "lpm.cli", "run", "covid-nyc", "--params", "prior", "--boroughs", "XX", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 2, p.stderr
     assert one_line_error(p.stderr).startswith("lpm: error: boroughs: expected distinct codes")
@@ -89,7 +89,7 @@ def test_unexpected_exceptions_keep_their_traceback(monkeypatch) -> None:
 
     monkeypatch.setattr(nyc, "build", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        main(["run", "covid-nyc", "--out", "/tmp/lpm-never-written-" + str(os.getpid())])
+        main(["run", "covid-nyc", "--params", "prior", "--out", "/tmp/lpm-never-written-" + str(os.getpid())])
 
 
 # ----------------------------------------------------------------- probe 17.3 / 19: dates within the data
@@ -110,7 +110,7 @@ def test_calibrate_train_end_before_enough_data_is_an_error(tmp_path: Path, caps
 
 @pytest.mark.parametrize("args", [["--start", "2024-01-01", "--days", "10"], ["--days", "2000"]])
 def test_run_dates_outside_the_covariates_are_an_error(args: list[str], tmp_path: Path, capsys) -> None:
-    rc, _, err = run(["run", "covid-nyc", "--boroughs", "SI", "--out", str(tmp_path / "o"), *args], capsys)
+    rc, _, err = run(["run", "covid-nyc", "--params", "prior", "--boroughs", "SI", "--out", str(tmp_path / "o"), *args], capsys)
     assert rc == 2 and "outside the covariate data 2020-03-01..2021-03-31" in one_line_error(err)
     assert "--extrapolate" in err
 
@@ -152,7 +152,7 @@ def test_case_data_is_validated_before_the_simulation(tmp_path: Path, monkeypatc
     monkeypatch.setattr(nyc, "CASES_FILE", bad)
     monkeypatch.setattr(nyc.load_observed, "__defaults__", (None, bad))
     monkeypatch.setattr(nyc.NYCSetup, "simulate", lambda *a, **k: pytest.fail("simulated before validating the data"))
-    rc, _, err = run(["run", "covid-nyc", *TINY, "--out", str(tmp_path / "o"), "--cache-dir", str(cache)], capsys)
+    rc, _, err = run(["run", "covid-nyc", "--params", "prior", *TINY, "--out", str(tmp_path / "o"), "--cache-dir", str(cache)], capsys)
     assert rc == 2 and "cases.csv" in one_line_error(err) and "SI_CASE_COUNT" in err
 
 
@@ -161,14 +161,14 @@ def test_output_in_the_way_fails_before_any_work(tmp_path: Path, capsys) -> None
     out = tmp_path / "o"
     (out / "results.h5").mkdir(parents=True)
     t0 = time.perf_counter()
-    rc, _, err = run(["run", "covid-nyc", *TINY, "--out", str(out), "--overwrite"], capsys)
+    rc, _, err = run(["run", "covid-nyc", "--params", "prior", *TINY, "--out", str(out), "--overwrite"], capsys)
     assert rc == 2 and "'results.h5' exists and is not a regular file" in one_line_error(err)
     assert time.perf_counter() - t0 < 5
 
 
 def test_non_empty_out_is_refused_unless_overwrite_and_resume_matches(tmp_path: Path, cache: Path, capsys) -> None:
     out = tmp_path / "o"
-    base = ["run", "covid-nyc", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm-cache",
+    base = ["run", "covid-nyc", "--params", "prior", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm-cache",
             str(tmp_path / "a.sqlite")]
     rc, stdout, _ = run(base, capsys)
     assert rc == 0 and "llm: 0 of 48 answers were fallbacks (0.0%)" in stdout  # the share, printed every run
@@ -194,7 +194,7 @@ def test_study_against_401_server_stops_at_once_exit_2(server, tmp_path: Path, c
     monkeypatch.setenv("LPM_LLM_API_KEY", KEY)
     out = tmp_path / "o"
     t0 = time.perf_counter()
-    rc, _, err = run(["run", "covid-nyc", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm", "http",
+    rc, _, err = run(["run", "covid-nyc", "--params", "prior", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm", "http",
                       "--llm-url", url, "--llm-model", "m", "--llm-cache", str(tmp_path / "a.sqlite")], capsys)
     assert rc == 2 and "HTTP 401" in err and "API key" in one_line_error(err)
     assert time.perf_counter() - t0 < 60
@@ -208,7 +208,7 @@ def test_study_fallback_share_above_bound_stops_naming_the_error(server, tmp_pat
     srv.default = "invalid_json"
     monkeypatch.setenv("LPM_LLM_MAX_RETRIES", "0")
     out = tmp_path / "o"
-    rc, stdout, err = run(["run", "covid-nyc", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm", "http",
+    rc, stdout, err = run(["run", "covid-nyc", "--params", "prior", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm", "http",
                            "--llm-url", url, "--llm-model", "m", "--llm-cache", str(tmp_path / "a.sqlite"),
                            "--llm-fallback", "0.5", "--llm-max-fallback-share", "0.05"], capsys)
     line = one_line_error(err)
@@ -222,7 +222,7 @@ def test_http_study_run_keeps_the_key_out_of_every_file(server, tmp_path: Path, 
     url, srv = server
     monkeypatch.setenv("LPM_LLM_API_KEY", KEY)
     out = tmp_path / "o"
-    rc, stdout, err = run(["run", "covid-nyc", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm", "http",
+    rc, stdout, err = run(["run", "covid-nyc", "--params", "prior", *TINY, "--out", str(out), "--cache-dir", str(cache), "--llm", "http",
                            "--llm-url", url, "--llm-model", "m", "--llm-cache", str(tmp_path / "a.sqlite")], capsys)
     assert rc == 0, err
     assert all(r["headers"].get("Authorization") == f"Bearer {KEY}" for r in srv.requests) and srv.requests
@@ -230,3 +230,21 @@ def test_http_study_run_keeps_the_key_out_of_every_file(server, tmp_path: Path, 
     assert any(p.name == "summary.json" for p in files) and any(p.suffix == ".sqlite" for p in files)
     assert not [p for p in files if KEY.encode() in p.read_bytes()]
     assert KEY not in stdout + err
+
+
+# ----------------------------------------------------------------- the fitted replay (the default `lpm run covid-nyc`)
+def test_fitted_replay_refuses_bad_arguments_and_outputs_in_the_way(tmp_path: Path, capsys) -> None:
+    rc, _, err = run(["run", "covid-nyc", "--scale", "0", "--out", str(tmp_path / "a")], capsys)
+    assert rc == 2 and "argument --scale: expected a finite number > 0, got 0" in one_line_error(err)
+    rc, _, err = run(["run", "covid-nyc", "--fit", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b")], capsys)
+    assert rc == 2 and "fit record not found" in one_line_error(err)
+    out = tmp_path / "c"
+    (out / "daily.csv").mkdir(parents=True)
+    t0 = time.perf_counter()
+    rc, _, err = run(["run", "covid-nyc", "--out", str(out), "--overwrite"], capsys)
+    assert rc == 2 and "'daily.csv' exists and is not a regular file" in one_line_error(err)
+    assert time.perf_counter() - t0 < 30  # refused before the replay
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "old.txt").write_text("an earlier run")
+    rc, _, err = run(["run", "covid-nyc", "--out", str(tmp_path / "d")], capsys)
+    assert rc == 2 and "not empty" in one_line_error(err)
