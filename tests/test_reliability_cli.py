@@ -59,8 +59,9 @@ def one_line_error(err: str) -> str:
     (["run", "covid-nyc", "--params", "prior", "--start", "2020-13-45"], "argument --start: expected a date YYYY-MM-DD"),
     (["run", "covid-nyc", "--params", "prior", "--device", "nonsense"], "argument --device: expected a device such as cpu, cuda"),
     (["calibrate", "covid-nyc", "--train-end", "notadate"], "argument --train-end: expected a date YYYY-MM-DD, got 'notadate'"),
-    (["calibrate", "covid-nyc", "--train-end", "2020-05-01", "--initial-prevalence", "1.5"],
-     "argument --initial-prevalence: expected a number in [0, 1], got 1.5"),
+    (["calibrate", "covid-nyc", "--train-end", "2020-05-01", "--forecast-days", "0"],
+     "argument --forecast-days: expected an integer > 0, got 0"),
+    (["calibrate", "covid-nyc", "--scale", "-1"], "argument --scale: expected a finite number > 0, got -1"),
     (["run", "covid-nyc", "--params", "prior", "--llm-fallback", "2"], "argument --llm-fallback: expected a number in [0, 1]"),
 ])
 def test_bad_arguments_are_one_line_exit_2(args: list[str], message: str, capsys) -> None:
