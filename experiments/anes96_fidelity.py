@@ -188,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--url", default=None, help="OpenAI-compatible server (http), e.g. http://127.0.0.1:8080")
     ap.add_argument("--model", default=None, help="model name on the server (http)")
     ap.add_argument("--chat", action="store_true", help="use /v1/chat/completions (http)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (http)")
+    ap.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight (http)")
     ap.add_argument("--cache", default=None, help="answer cache file (default: OUT/llm_cache.sqlite)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", default=str(DATA))
@@ -241,7 +243,8 @@ def _backend(a: argparse.Namespace) -> Backend:
         return make_backend("rule", rule=anes_rule, version="anes96-1")
     if a.llm == "local":
         return make_backend("local", device=a.device, max_new_tokens=4)
-    return make_backend("http", url=a.url, model=a.model, chat=a.chat, max_tokens=4)
+    return make_backend("http", url=a.url, model=a.model, chat=a.chat, max_tokens=4, timeout=a.timeout,
+                        concurrency=a.concurrency)
 
 
 BENCHMARK: Callable[[Sequence[str]], int] = main
