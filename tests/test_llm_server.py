@@ -29,7 +29,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from llm_archetypes import AnswerCache, Asker, BackendError, Distribution, OpenAIHTTPBackend, Question
+from llm_archetypes import AnswerCache, AnswerError, Asker, BackendError, Distribution, OpenAIHTTPBackend, Question
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -103,8 +103,8 @@ def test_completions_with_logprobs_score_and_generate(server: str) -> None:
     texts = b.complete(prompts)
     assert len(texts) == 2 and all(isinstance(t, str) and t.strip() for t in texts)
     assert b.tokens > 0
-    # scoring is deterministic (temperature 0): the same prompt gives the same probabilities
-    assert torch.allclose(b.score(prompts[:1], ["Clinton", "Dole"]), probs[:1], atol=1e-6)
+    # the same prompt gives the same probabilities, up to llama.cpp's batching and prompt-cache reuse
+    assert torch.allclose(b.score(prompts[:1], ["Clinton", "Dole"]), probs[:1], atol=5e-3)
 
 
 @needs
@@ -162,7 +162,7 @@ def test_retries_then_the_real_answer(server: str) -> None:
         direct = OpenAIHTTPBackend(server, MODEL, timeout=TIMEOUT)
         prompt = [_question().render({"party": "Democrat"}, {})]
         assert torch.allclose(b.score(prompt, ["Clinton", "Dole"]), direct.score(prompt, ["Clinton", "Dole"]),
-                              atol=1e-6)
+                              atol=5e-3)
         assert b.http_retries == 2 and proxy.seen == 3
     finally:
         proxy.httpd.shutdown()
@@ -180,7 +180,7 @@ def test_cache_replays_without_the_server(server: str, tmp_path: Path) -> None:
     replay = Asker(dead, cache=cache, mode="replay")
     again = replay.ask(q, prompts)
     assert torch.equal(first.probs, again.probs) and replay.stats.cache_hits == 2 and replay.stats.calls == 0
-    with pytest.raises(BackendError):
+    with pytest.raises(AnswerError, match="Connection refused|gave up"):   # no cache: the dead server is reached
         Asker(dead, mode="off").ask(q, prompts)
 
 
