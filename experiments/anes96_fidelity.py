@@ -151,7 +151,8 @@ def run_question(spec: FidelitySpec, frame: pd.DataFrame, asker: Asker, *, style
     info = {"question": spec.question.name, "K": study.K, "n_train": int(study.split.train.size),
             "n_test": int(study.split.test.size), "chosen_on_train": best, "best_raw_on_train": best_raw,
             "default": f"{tag}:plain/score" if "plain" in styles and "score" in modes else next(iter(preds)),
-            "train_nll": train_nll, "ask_seconds": timing}
+            "train_nll": train_nll, "ask_seconds": timing,
+            "invalid_generations": {f"{st}/{m}": n for (st, m), n in study.invalid.items()}}
     return table, out_preds, info
 
 
