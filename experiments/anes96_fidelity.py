@@ -151,7 +151,8 @@ def run_question(spec: FidelitySpec, frame: pd.DataFrame, asker: Asker, *, style
     info = {"question": spec.question.name, "K": study.K, "n_train": int(study.split.train.size),
             "n_test": int(study.split.test.size), "chosen_on_train": best, "best_raw_on_train": best_raw,
             "default": f"{tag}:plain/score" if "plain" in styles and "score" in modes else next(iter(preds)),
-            "train_nll": train_nll, "ask_seconds": timing}
+            "train_nll": train_nll, "ask_seconds": timing,
+            "invalid_generations": {f"{st}/{m}": n for (st, m), n in study.invalid.items()}}
     return table, out_preds, info
 
 
@@ -188,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--url", default=None, help="OpenAI-compatible server (http), e.g. http://127.0.0.1:8080")
     ap.add_argument("--model", default=None, help="model name on the server (http)")
     ap.add_argument("--chat", action="store_true", help="use /v1/chat/completions (http)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (http)")
+    ap.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight (http)")
     ap.add_argument("--cache", default=None, help="answer cache file (default: OUT/llm_cache.sqlite)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", default=str(DATA))
@@ -241,7 +244,8 @@ def _backend(a: argparse.Namespace) -> Backend:
         return make_backend("rule", rule=anes_rule, version="anes96-1")
     if a.llm == "local":
         return make_backend("local", device=a.device, max_new_tokens=4)
-    return make_backend("http", url=a.url, model=a.model, chat=a.chat, max_tokens=4)
+    return make_backend("http", url=a.url, model=a.model, chat=a.chat, max_tokens=4, timeout=a.timeout,
+                        concurrency=a.concurrency)
 
 
 BENCHMARK: Callable[[Sequence[str]], int] = main

@@ -358,6 +358,7 @@ class FidelityStudy:
     split: Split
     archetypes: Archetypes = field(init=False)
     answers: Tensor = field(init=False)
+    invalid: dict[tuple[str, str], int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         q = self.spec.question
@@ -407,22 +408,39 @@ class FidelityStudy:
         return self.archetypes.K
 
     def ask(self, asker: Asker, style: str = "plain", mode: str = "score") -> Tensor:
-        """Model answer distribution ``[K, O]`` per archetype (generation gives one-hot rows)."""
+        """Model answer distribution ``[K, O]`` per archetype (generation gives one-hot rows).
+
+        A generated answer that stays invalid after the asker's corrective retries gives a
+        uniform row (the model expressed no choice); how many did is counted in
+        ``self.invalid[(style, mode)]`` and in ``asker.stats.fallbacks``, never hidden.
+        """
         question = self.spec.prompt_question(style, mode)
+        opts = self.spec.question.options
         backend = asker.backend
         old = getattr(backend, "option_prefix", None)
         if old is not None:  # local models score the option's first token: no leading space after "Answer: "
             backend.option_prefix = "" if self.spec.digit_options else " "
+        # Generation may never produce a valid option: ask through a twin asker whose explicit,
+        # counted fallback marks those archetypes, then give them a uniform row below.
+        use = asker
+        if mode == "generate" and asker.fallback is None:
+            use = Asker(backend, cache=asker.cache, mode=asker.mode, max_attempts=asker.max_attempts,
+                        fallback=opts[0], max_calls=asker.max_calls, max_tokens=asker.max_tokens)
+            use.stats = asker.stats
         try:
-            ans = asker.ask_archetypes(self.archetypes, question, {})
+            ans = use.ask_archetypes(self.archetypes, question, {})
         finally:
             if old is not None:
                 backend.option_prefix = old
-        opts = self.spec.question.options
         if mode == "score":
+            self.invalid[(style, mode)] = 0
             return ans.probs.to(torch.float64)
         idx = torch.tensor([opts.index(v) for v in ans.values])
-        return nn.functional.one_hot(idx, len(opts)).to(torch.float64)
+        rows = nn.functional.one_hot(idx, len(opts)).to(torch.float64)
+        bad = torch.tensor([st == "fallback" for st in ans.status])
+        self.invalid[(style, mode)] = int(bad.sum())
+        rows[bad] = 1.0 / len(opts)
+        return rows
 
     def _part(self, which: str) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(getattr(self.split, which)).long()

