@@ -114,8 +114,47 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+class ReplicatedKey(tuple):
+    """A stream key of a replicate batch: one ``(k1, k2)`` per replicate and the replicates' agent blocks.
+
+    :func:`counter_uniform` gives agent ``i`` of replicate ``r`` the uniform that agent
+    ``i - start[r]`` gets in a single run with replicate ``r``'s stream, so a batched run
+    reproduces its single runs (:mod:`lpm.replicates`).
+    """
+
+    keys: list[tuple[int, int]]
+    agents: list[int]
+
+    def __new__(cls, keys: list[tuple[int, int]], agents: list[int]) -> "ReplicatedKey":
+        obj = super().__new__(cls, keys[0])
+        obj.keys, obj.agents = keys, agents
+        return obj
+
+
+#: token generator id -> (the replicates' generators, agents per replicate), while a replicate batch runs a substep
+_REPLICATED: dict[int, tuple[list[torch.Generator], list[int]]] = {}
+
+
+def register_replicated(token: torch.Generator, gens: Sequence[torch.Generator], agents: Sequence[int]) -> None:
+    """Make :func:`stream_key` of ``token`` a :class:`ReplicatedKey` over ``gens`` (see :mod:`lpm.replicates`)."""
+    _REPLICATED[id(token)] = (list(gens), [int(a) for a in agents])
+
+
+def unregister_replicated(token: torch.Generator) -> None:
+    """Undo :func:`register_replicated`."""
+    _REPLICATED.pop(id(token), None)
+
+
+def is_replicated(rng: torch.Generator | int) -> bool:
+    """Whether ``rng`` is the token of a replicate batch (its keys differ per replicate)."""
+    return isinstance(rng, torch.Generator) and id(rng) in _REPLICATED
+
+
 def stream_key(rng: torch.Generator | int, t: int, draw: int = 0) -> tuple[int, int]:
     """Two 32-bit keys for draw number ``draw`` of step ``t`` of a stream (its generator or seed)."""
+    if is_replicated(rng):
+        gens, agents = _REPLICATED[id(rng)]
+        return ReplicatedKey([stream_key(g, t, draw) for g in gens], agents)
     seed = rng.initial_seed() if isinstance(rng, torch.Generator) else int(rng)
     z = _splitmix64(_splitmix64(seed & _MASK64) ^ (int(t) * 0xD1B54A32D192ED03 & _MASK64) ^ (int(draw) * 0x8CB92BA72F3D8DD7 & _MASK64))
     return z & _MASK32, (z >> 32) & _MASK32
@@ -133,6 +172,19 @@ def _mix32(x: Tensor) -> Tensor:
 
 def counter_uniform(key: tuple[int, int], index: Tensor) -> Tensor:
     """``float32 [K]`` uniforms in ``[0, 1)`` (24-bit) for the agents ``index`` under ``key``."""
+    if isinstance(key, ReplicatedKey):
+        # each agent draws as agent (index - block start) of its replicate's single run
+        dev = index.device
+        ends = torch.tensor(key.agents, dtype=torch.int64, device=dev).cumsum(0)
+        r = torch.searchsorted(ends, index.to(torch.int64), right=True)
+        start = (ends - torch.tensor(key.agents, dtype=torch.int64, device=dev)).index_select(0, r)
+        k = torch.tensor(key.keys, dtype=torch.int64, device=dev)
+        x = (index.to(torch.int64) - start) ^ k[:, 0].index_select(0, r)
+        x.bitwise_and_(_MASK32)
+        x = _mix32(x)
+        x ^= k[:, 1].index_select(0, r)
+        x = _mix32(x)
+        return (x >> 8).to(torch.float32).mul_(1.0 / (1 << 24))
     x = index.to(torch.int64) ^ key[0]
     x.bitwise_and_(_MASK32)
     x = _mix32(x)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from lpm.kernels import register_replicated, unregister_replicated
 from lpm.rng import Streams
 from lpm.state import State, StateError
 
@@ -182,6 +183,15 @@ class ReplicateDraws(TorchFunctionMode):
     def __init__(self, owner: str, token: torch.Generator, gens: Sequence[torch.Generator], layout: Layout) -> None:
         super().__init__()
         self.owner, self.token, self.gens, self.layout = owner, token, list(gens), layout
+
+    def __enter__(self) -> "ReplicateDraws":
+        # counter-based draws (lpm.kernels.counter_uniform) key each agent by its replicate's own stream
+        register_replicated(self.token, self.gens, self.layout.agents)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        unregister_replicated(self.token)
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})

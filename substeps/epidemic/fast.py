@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lpm.kernels import compiled_available, stream_key
+from lpm.kernels import compiled_available, is_replicated, stream_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from lpm.params import Params
@@ -246,8 +246,8 @@ _F32 = torch.float32
 def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState", t: int,
                        rng: torch.Generator) -> "EpiState | None":
     """Transmission's forward step by the compiled kernel, or ``None`` where the torch path must run."""
-    if not sub.network or state.network is None or not applies(state):
-        return None
+    if not sub.network or state.network is None or not applies(state) or is_replicated(rng):
+        return None  # a replicate batch keys draws per replicate: the torch path handles it
     beta = getattr(params, sub.beta)
     if beta.numel() != 1:
         return None  # the torch path reports the error
@@ -290,7 +290,7 @@ def fused_progression(sub: "Progression", params: "Params", state: "EpiState", t
     Progression's only differentiable output is the branch factor on the carrier, so the
     kernel also runs under autograd when no branch probability carries a gradient.
     """
-    if not applies(state):
+    if not applies(state) or is_replicated(rng):
         return None
     n = state.stage.numel()
     qs = []
