@@ -31,7 +31,9 @@ fidelity experienced by an average member); the aggregate score is
 Intervals: a basic (reverse-percentile) bootstrap over test respondents (resampled with
 replacement, model answers held fixed), so they show the survey's sampling noise, not the
 model's. Distances from a finite sample are biased upward (a perfect model still scores
-TV > 0 on a small group); compare methods on the same respondents, as the table does.
+TV > 0 on a small group), so the interval, which targets the distance to the population
+distribution, can lie below the sample estimate; compare methods on the same respondents,
+as the table does.
 
 Baselines, computed by the same code: ``uniform`` (every option equally likely) and
 ``marginal`` (every archetype answers the *training* respondents' overall distribution:
