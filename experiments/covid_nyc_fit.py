@@ -565,8 +565,10 @@ def make_problem(cfg: FitConfig, horizon: int = 0, cache_dir: str | None = None)
     """Build population, plan, parameters and the observed data up to ``cfg.train_end`` (nothing later is read)."""
     train_end, start = _check_dates(cfg.train_end, cfg.start)
     days = int((train_end - start).days) + 1 + int(horizon)
+    # the forecast horizon may run past the covariate data: the fit reads its covariates only as of
+    # train_end (held flat after it, `covariates`), so the prior's extended schedules are never used for contacts
     setup = nyc.build(scale=cfg.scale, seed=cfg.seed, device="cpu", start=str(start.date()), days=days, llm="off",
-                      initial_prevalence=0.0, cache_dir=cache_dir, beta=cfg.beta)
+                      initial_prevalence=0.0, cache_dir=cache_dir, beta=cfg.beta, extrapolate=horizon > 0)
     dates = setup.dates
     areas = setup.areas
     disease = next(s for s in setup.model.substeps if s.name == "transmission").disease
