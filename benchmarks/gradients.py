@@ -84,6 +84,60 @@ def _epi_case(name: str, n: int, kind: str, beta: float, horizons: tuple[int, ..
     return Case(name, n, beta, run, horizons, "d cum. infections(H) / d beta")
 
 
+def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14) -> Case:
+    """The calibrated NYC model: d (citywide cases-to-be in the week ending at day H) / d (contact multiplier of week j).
+
+    ``theta`` multiplies the non-household contacts of every borough in week ``j`` (the week of
+    day ``week_day``, 2020-03-15); the outcome is the week's symptomatic onsets (``testable``,
+    which reported cases are a linear image of: ascertainment times a delay), summed over the
+    boroughs. The contact network of the fit (zero-initialised) gives a multiplier of 1 elsewhere.
+    """
+    from experiments import covid_nyc_fit as nf
+    from lpm.rng import Streams
+
+    T = max(horizons)
+    end = (pd_timestamp("2020-03-01") + pd_timedelta(days=T)).date()
+    cfg = nf.FitConfig(train_end=str(max(end, pd_timestamp("2020-05-17").date())), scale=scale)
+    p = nf.make_problem(cfg)
+    wk = int(p.week[week_day])
+    names = [s.name for s in p.model.substeps]
+    base = p.params.delta.detach().clone()
+    del p.params.delta  # replaced per run by a tensor that carries theta's gradient
+
+    def run(theta: float, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
+        tr = next(s for s in p.model.substeps if s.name == "transmission")
+        tr.estimator = estimator
+        raw = torch.tensor(math.log(math.expm1(theta)), dtype=torch.float64, requires_grad=grad)
+        log_m = torch.log(_constrained(raw)).to(torch.float32)
+        delta = base.clone()
+        delta = torch.cat([delta[:wk], (delta[wk] + log_m).unsqueeze(0), delta[wk + 1:]])
+        p.params.delta = delta
+        with torch.set_grad_enabled(grad):
+            from calibration import rollout
+
+            sim, _ = rollout(p.model, p.params, p.state0, T, grad=grad, streams=Streams(seed, names, p.state0.device))
+        onsets = sim["testable"].sum(1)
+        out = torch.stack([onsets[h - 7:h].sum() for h in horizons])
+        return out, (raw if grad else None)
+
+    return Case(f"NYC (scale {scale}, {p.population.num_agents:,} agents)", p.population.num_agents, 1.0, run, horizons,
+                "d onsets(week ending H) / d contact multiplier(week of 2020-03-15)")
+
+
+def pd_timestamp(text: str):
+    """``pandas.Timestamp`` (imported on use: pandas is only needed by the NYC case)."""
+    import pandas as pd
+
+    return pd.Timestamp(text)
+
+
+def pd_timedelta(**kw):
+    """``pandas.Timedelta`` (imported on use)."""
+    import pandas as pd
+
+    return pd.Timedelta(**kw)
+
+
 def _constrained(raw: Tensor) -> Tensor:
     """``softplus(raw)``: the Positive transform of :mod:`lpm.params` (checked by the tests)."""
     return torch.nn.functional.softplus(raw)
@@ -141,9 +195,9 @@ def cases(names: list[str], quick: bool) -> list[Case]:
         elif name == "household":
             out.append(_epi_case("household+community SEIR", n, "household", 0.05, hz))
         elif name == "nyc":
-            raise SystemExit("--cases nyc: the NYC case (d weekly cases / d weekly contact multiplier) is not wired yet")
+            out.append(_nyc_case((14, 30, 60, 150) if not quick else (14, 30, 60)))
         else:
-            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household")
+            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household, nyc")
     return out
 
 
