@@ -92,12 +92,14 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
     which reported cases are a linear image of: ascertainment times a delay), summed over the
     boroughs. The contact network of the fit (zero-initialised) gives a multiplier of 1 elsewhere.
     """
+    import pandas as pd
+
     from experiments import covid_nyc_fit as nf
     from lpm.rng import Streams
 
     T = max(horizons)
-    end = (pd_timestamp("2020-03-01") + pd_timedelta(days=T)).date()
-    cfg = nf.FitConfig(train_end=str(max(end, pd_timestamp("2020-05-17").date())), scale=scale)
+    end = max(pd.Timestamp("2020-03-01") + pd.Timedelta(days=T), pd.Timestamp("2020-05-17"))
+    cfg = nf.FitConfig(train_end=str(end.date()), scale=scale)
     p = nf.make_problem(cfg)
     wk = int(p.week[week_day])
     names = [s.name for s in p.model.substeps]
@@ -122,20 +124,6 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
 
     return Case(f"NYC (scale {scale}, {p.population.num_agents:,} agents)", p.population.num_agents, 1.0, run, horizons,
                 "d onsets(week ending H) / d contact multiplier(week of 2020-03-15)")
-
-
-def pd_timestamp(text: str):
-    """``pandas.Timestamp`` (imported on use: pandas is only needed by the NYC case)."""
-    import pandas as pd
-
-    return pd.Timestamp(text)
-
-
-def pd_timedelta(**kw):
-    """``pandas.Timedelta`` (imported on use)."""
-    import pandas as pd
-
-    return pd.Timedelta(**kw)
 
 
 def _constrained(raw: Tensor) -> Tensor:

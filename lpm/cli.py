@@ -17,7 +17,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from lpm.errors import LPMError
 
@@ -108,37 +108,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- argument types
 
 
+def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str) -> Any:
+    """Parse ``text`` as ``kind`` and check it with ``ok``; an argparse error saying what was ``expected``."""
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return v
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {v}")
-    return v
+    return _number(text, int, lambda v: v > 0, "an integer > 0")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return v
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
 def probability(text: str) -> float:
     """argparse type: a number in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return v
+    return _number(text, float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def date_arg(text: str) -> str:
