@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lpm.params import Params
-from lpm.state import State, StateError, check_tensor
+from lpm.state import State, StateError, System, check_tensor, lookup
 from lpm.substep import Substep
 
 __all__ = ["Intervention", "Modulate", "group_sum", "group_mean"]
@@ -60,7 +60,11 @@ class Intervention:
 
 
 class Modulate(Substep):
-    """``target = base * prod_i multiplier_i(t)``; recomputed each step (no compounding)."""
+    """``target = base * prod_i multiplier_i(t)``; recomputed each step (no compounding).
+
+    ``base`` is a field of the system (usually: a constant, e.g. ``layer_scale_base``) or of
+    the state; ``target`` is a state field.
+    """
 
     def __init__(self, name: str, target: str, base: str, interventions: Sequence[Intervention]) -> None:
         self.name = name
@@ -70,8 +74,8 @@ class Modulate(Substep):
         self.base = base
         self.interventions = tuple(interventions)
 
-    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
-        value = getattr(state, self.base)
+    def __call__(self, params: Params, system: System, state: State, t: int, rng: torch.Generator) -> State:
+        value = lookup(system, state, self.base)
         for iv in self.interventions:
             m = iv.at(t).to(value.device, value.dtype)
             if iv.group is not None:

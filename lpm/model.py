@@ -1,6 +1,8 @@
 """A model is a checked, printable plan of substeps plus named observables.
 
-``Model.simulate`` runs the plan T times. The loop itself is trivial; recording,
+``Model.simulate(params, system, state, steps)`` runs the plan T times: each substep maps
+``(params, system, state, t, rng)`` to a new state; the system (what never changes during
+a run) is read, never written. The loop itself is trivial; recording,
 checkpointing and progress are hooks that wrap it (see :mod:`lpm.recording`).
 """
 
@@ -17,7 +19,7 @@ from lpm.errors import LPMError
 from lpm.params import ParamsLike, check_params
 from lpm.results import Results
 from lpm.rng import Streams
-from lpm.state import State
+from lpm.state import State, Struct, System
 from lpm.substep import Substep
 
 __all__ = ["Model", "Observable", "Hook", "Run", "ModelError", "DataflowError"]
@@ -53,8 +55,8 @@ def _recording_type(cls: type) -> type:
     return _RECORDING_TYPES[cls]
 
 
-def recording(state: State) -> tuple[State, set[str]]:
-    """A view of ``state`` (same type, ``isinstance`` holds) and the set of fields read through it."""
+def recording(state: Struct) -> tuple[Struct, set[str]]:
+    """A view of ``state`` or a system (same type, ``isinstance`` holds) and the set of fields read through it."""
     reads: set[str] = set()
     view = object.__new__(_recording_type(type(state)))
     object.__setattr__(view, "_lpm_state", state)
@@ -69,9 +71,9 @@ def changed_fields(before: State, after: State) -> set[str]:
 
 @dataclass(frozen=True)
 class Observable:
-    """A named measurement of the state after each step: ``fn(state) -> [] or [G]``."""
+    """A named measurement after each step: ``fn(system, state) -> [] or [G]``; ``reads`` from either."""
 
-    fn: Callable[[State], Tensor]
+    fn: Callable[[System, State], Tensor]
     labels: Sequence[str] | None = None
     reads: tuple[str, ...] = ()
     doc: str = ""
@@ -83,6 +85,7 @@ class Run:
 
     model: "Model"
     params: ParamsLike
+    system: System
     state: State
     steps: int
     seed: int
@@ -103,19 +106,22 @@ class Hook(Protocol):
 
 
 class Model:
-    """An ordered plan of substeps over a state type, with named observables.
+    """An ordered plan of substeps over a system and a state type, with named observables.
 
-    The plan is checked when the model is built (``state_type`` given) and again against
-    the actual state when it runs: every field a substep reads or writes must exist on the
-    state, and a read field may not be ``None``; errors name the field and the substep.
+    The plan is checked when the model is built (``state_type`` and ``system_type`` given)
+    and again against the actual system and state when it runs: every field a substep reads
+    must exist on the system or the state (names are resolved against the system first), every
+    field it writes on the state (writing a system field is an error), a read field may not be
+    ``None``, and no name may be a field of both; errors name the field and the substep.
     """
 
     def __init__(
         self,
         substeps: Sequence[Substep],
-        observables: Mapping[str, Observable | Callable[[State], Tensor]] | None = None,
+        observables: Mapping[str, Observable | Callable[[System, State], Tensor]] | None = None,
         *,
         state_type: type[State] | None = None,
+        system_type: type[System] | None = None,
         dt: float = 1.0,
         time_unit: str = "day",
         name: str = "model",
@@ -133,39 +139,60 @@ class Model:
             k: (v if isinstance(v, Observable) else Observable(v)) for k, v in (observables or {}).items()
         }
         self.state_type = state_type
+        self.system_type = system_type
         self.dt = float(dt)
         self.time_unit = time_unit
         self.name = name
         if state_type is not None:
-            self._check_fields(set(state_type.field_names()), state_type.__name__)
+            self._check_fields(state_type, system_type)
 
-    def _check_fields(self, available: set[str], type_name: str) -> None:
+    def _check_fields(self, state_type: type[State], system_type: type[System] | None) -> None:
+        """Check declarations against the types; reads only when the system type is known."""
+        state_fields = set(state_type.field_names())
+        system_fields = set(system_type.field_names()) if system_type is not None else set()
+        both = sorted(state_fields & system_fields)
+        if both:
+            raise ModelError(f"field(s) {both} are on both the system {system_type.__name__} and the state "
+                             f"{state_type.__name__}; a field is either constant during a run (system) or not (state)")
+        available = state_fields | system_fields
+        where = f"{getattr(system_type, '__name__', '-')} (system) or {state_type.__name__} (state)"
         for s in self.substeps:
             for f in (*s.reads, *getattr(s, "optional_reads", ())):
-                if f not in available:
-                    raise ModelError(
-                        f"substep {s.name!r} reads field {f!r}, which {type_name} does not provide; "
-                        f"fields: {sorted(available)}"
-                    )
+                if system_type is not None and f not in available:
+                    raise ModelError(f"substep {s.name!r} reads field {f!r}, which neither {where} provides; "
+                                     f"system fields: {sorted(system_fields)}; state fields: {sorted(state_fields)}")
             for f in s.writes:
-                if f not in available:
-                    raise ModelError(f"substep {s.name!r} writes field {f!r}, which {type_name} does not have")
+                if f in system_fields:
+                    raise ModelError(f"substep {s.name!r} writes field {f!r}, which is a field of the system "
+                                     f"{where.split(' ')[0]} (constant during a run), not of the state "
+                                     f"{state_type.__name__}; move it to the state or stop writing it")
+                if f not in state_fields:
+                    raise ModelError(f"substep {s.name!r} writes field {f!r}, which {state_type.__name__} does not have")
         for name, obs in self.observables.items():
             for f in obs.reads:
-                if f not in available:
-                    raise ModelError(f"observable {name!r} reads field {f!r}, which {type_name} does not provide")
+                if system_type is not None and f not in available:
+                    raise ModelError(f"observable {name!r} reads field {f!r}, which neither {where} provides")
 
-    def check(self, params: ParamsLike, state: State) -> dict[str, int]:
-        """Validate the state and parameters against the plan; return symbolic dims (N, E...)."""
-        self._check_fields(set(state.field_names()), type(state).__name__)
+    def check(self, params: ParamsLike, system: System, state: State) -> dict[str, int]:
+        """Validate the system, state and parameters against the plan; return symbolic dims (N, E...)."""
+        if not isinstance(system, System):
+            raise ModelError(f"system: expected a System (what never changes during a run), got {type(system).__name__}")
+        if not isinstance(state, State):
+            raise ModelError(f"state: expected a State, got {type(state).__name__}")
+        if self.system_type is not None and not isinstance(system, self.system_type):
+            raise ModelError(f"system: model {self.name!r} expects a {self.system_type.__name__}, got {type(system).__name__}")
+        self._check_fields(type(state), type(system))
+        system_fields = set(system.field_names())
         for s in self.substeps:
             for f in s.reads:
                 # a field the substep also writes may start as None: the substep initialises it
-                if getattr(state, f) is None and f not in s.writes:
-                    raise ModelError(f"substep {s.name!r} reads field {f!r}, which is None in this state")
+                value = getattr(system, f) if f in system_fields else getattr(state, f)
+                if value is None and f not in s.writes:
+                    where = "system" if f in system_fields else "state"
+                    raise ModelError(f"substep {s.name!r} reads field {f!r}, which is None in this {where}")
             params.require(*s.params, owner=f"substep {s.name!r}")
         check_params(params, "checked before simulating")
-        return state.validate()
+        return system.validate(state.validate())
 
     def plan(self) -> str:
         """Printable plan: one line per substep and the observables."""
@@ -179,24 +206,29 @@ class Model:
     def __repr__(self) -> str:
         return self.plan()
 
-    def step(self, params: ParamsLike, state: State, t: int, streams: Streams) -> State:
+    def step(self, params: ParamsLike, system: System, state: State, t: int, streams: Streams) -> State:
         """Apply every substep once, in order."""
         for s in self.substeps:
-            state = s(params, state, t, streams[s.name])
+            state = s(params, system, state, t, streams[s.name])
         return state
 
-    def observe(self, state: State) -> dict[str, Tensor]:
-        """Evaluate every observable on ``state``."""
-        return {k: o.fn(state) for k, o in self.observables.items()}
+    def observe(self, system: System, state: State) -> dict[str, Tensor]:
+        """Evaluate every observable on ``system`` and ``state``."""
+        return {k: o.fn(system, state) for k, o in self.observables.items()}
 
-    def step_checked(self, params: ParamsLike, state: State, t: int, streams: Streams,
+    def step_checked(self, params: ParamsLike, system: System, state: State, t: int, streams: Streams,
                      seen: dict[str, dict[str, set[str]]]) -> State:
-        """:meth:`step` that records each substep's reads and writes and fails on undeclared ones."""
+        """:meth:`step` that records each substep's reads (of system and state) and writes and fails on undeclared ones."""
         for s in self.substeps:
+            sys_view, sys_reads = recording(system)
             view, reads = recording(state)
-            out = s(params, view, t, streams[s.name])
+            out = s(params, sys_view, view, t, streams[s.name])
             if out is view:
                 out = state
+            if isinstance(out, System) or not isinstance(out, type(state)):
+                raise DataflowError(f"check: substep {s.name!r} returned a {type(out).__name__} at step {t}; expected "
+                                    f"the state ({type(state).__name__})")
+            reads = reads | sys_reads
             writes = changed_fields(state, out)
             log = seen.setdefault(s.name, {"reads": set(), "writes": set()})
             log["reads"] |= reads
@@ -210,12 +242,14 @@ class Model:
             state = out
         return state
 
-    def observe_checked(self, state: State, seen: dict[str, dict[str, set[str]]]) -> dict[str, Tensor]:
+    def observe_checked(self, system: System, state: State, seen: dict[str, dict[str, set[str]]]) -> dict[str, Tensor]:
         """:meth:`observe` that fails when an observable declaring reads touches an undeclared field."""
         out = {}
         for k, o in self.observables.items():
+            sys_view, sys_reads = recording(system)
             view, reads = recording(state)
-            out[k] = o.fn(view)
+            out[k] = o.fn(sys_view, view)
+            reads = reads | sys_reads
             seen.setdefault(f"observable:{k}", {"reads": set(), "writes": set()})["reads"] |= reads
             # observables built from a bare function declare nothing; only declared ones are held to it
             extra = sorted(reads - set(o.reads)) if o.reads else []
@@ -227,6 +261,7 @@ class Model:
     def simulate(
         self,
         params: ParamsLike,
+        system: System,
         state: State,
         steps: int,
         *,
@@ -239,7 +274,8 @@ class Model:
     ) -> Results:
         """Run ``steps`` steps and return the observables.
 
-        ``grad=False`` runs under ``torch.no_grad`` (fast path); ``grad=True`` keeps the
+        ``system`` holds what never changes during the run (read, never written); ``state``
+        the initial values of what does. ``grad=False`` runs under ``torch.no_grad`` (fast path); ``grad=True`` keeps the
         autograd graph through the same code so observables can be differentiated with
         respect to ``params``. ``seed`` seeds one independent stream per substep.
         ``hooks`` wrap the loop (recording, checkpoints); ``progress`` shows a bar
@@ -252,11 +288,10 @@ class Model:
         if not isinstance(steps, int) or steps < 0:
             raise ModelError(f"steps: expected a non-negative int, got {steps!r}")
         if device is not None:
-            state = state.to(device)
-            params = params.to(device)
-        self.check(params, state)
-        streams = Streams(seed, [s.name for s in self.substeps], state.device)
-        run = Run(self, params, state, steps, seed, streams, 0, {k: [] for k in self.observables}, grad)
+            system, state, params = system.to(device), state.to(device), params.to(device)
+        self.check(params, system, state)
+        streams = Streams(seed, [s.name for s in self.substeps], _device(system, state))
+        run = Run(self, params, system, state, steps, seed, streams, 0, {k: [] for k in self.observables}, grad)
         hooks = list(hooks)
         if progress is not False:
             from lpm.recording import ProgressBar
@@ -270,11 +305,11 @@ class Model:
             seen: dict[str, dict[str, set[str]]] = {}
             while run.step < steps:
                 if check:
-                    run.state = self.step_checked(params, run.state, run.step, streams, seen)
-                    observed = self.observe_checked(run.state, seen)
+                    run.state = self.step_checked(params, system, run.state, run.step, streams, seen)
+                    observed = self.observe_checked(system, run.state, seen)
                 else:
-                    run.state = self.step(params, run.state, run.step, streams)
-                    observed = self.observe(run.state)
+                    run.state = self.step(params, system, run.state, run.step, streams)
+                    observed = self.observe(system, run.state)
                 for k, v in observed.items():
                     run.records[k].append(v)
                 run.step += 1
@@ -298,6 +333,7 @@ class Model:
     def replicate(
         self,
         params: ParamsLike,
+        systems: System | Sequence[System],
         states: State | Sequence[State],
         steps: int,
         *,
@@ -308,9 +344,10 @@ class Model:
     ) -> Results:
         """Run R replicates or counterfactual arms as one batch; observables ``[T, R, ...]``.
 
-        ``states``: one state (repeated R times) or one per replicate (arms that differ in
-        agent or edge fields); ``seeds[r]`` seeds replicate ``r``'s streams, so replicate ``r``
-        equals ``simulate(params, states[r], steps, seed=seeds[r])`` for block-local substeps
+        ``systems`` and ``states``: one each (repeated R times) or one per replicate (arms that
+        differ in agent or edge fields, networks included); both are batched as one disjoint
+        union; ``seeds[r]`` seeds replicate ``r``'s streams, so replicate ``r`` equals
+        ``simulate(params, systems[r], states[r], steps, seed=seeds[r])`` for block-local substeps
         (see :mod:`lpm.replicates` for the exact statement). ``shared`` names written fields
         without an agent axis whose value is the same in every replicate (e.g. a schedule's
         ``layer_scale``); any other such write would mix replicates and is an error.
@@ -321,31 +358,39 @@ class Model:
             raise ModelError(f"steps: expected a non-negative int, got {steps!r}")
         seeds = [int(s) for s in seeds]
         states = [states] * len(seeds) if isinstance(states, State) else list(states)
-        batch, layout = batch_states(states)
+        systems = [systems] * len(states) if isinstance(systems, System) else list(systems)
+        if len(systems) != len(states):
+            raise ModelError(f"systems: expected one system or {len(states)} (one per state), got {len(systems)}")
+        (system, batch), layout = batch_states(systems, states)
         fields = {f.name: f for f in dataclasses.fields(batch)}
         for s in self.substeps:
             for f in s.writes:
                 meta = fields[f].metadata if f in fields else {}
-                agent_axis = any(d in ("N", "E") for d in meta.get("shape", ())) or isinstance(getattr(batch, f, None), State)
+                agent_axis = any(d in ("N", "E") for d in meta.get("shape", ())) or isinstance(getattr(batch, f, None), Struct)
                 if not agent_axis and f not in shared:
                     raise ModelError(f"replicate: substep {s.name!r} writes field {f!r}, which has no agent axis and "
                                      f"would be shared by all replicates; pass shared=({f!r}, ...) if its value does "
                                      "not depend on the replicate")
         if device is not None:
-            batch, params = batch.to(device), params.to(device)
-        self.check(params, batch)
-        streams = ReplicateStreams(seeds, [s.name for s in self.substeps], batch.device, layout)
+            system, batch, params = system.to(device), batch.to(device), params.to(device)
+        self.check(params, system, batch)
+        streams = ReplicateStreams(seeds, [s.name for s in self.substeps], _device(system, batch), layout)
         records: dict[str, list[Tensor]] = {k: [] for k in self.observables}
         state = batch
         with torch.enable_grad() if grad else torch.no_grad():
             for t in range(steps):
                 for s in self.substeps:
                     with streams.mode(s.name):
-                        state = s(params, state, t, streams.tokens[s.name])
-                parts = [layout.part(state, r) for r in range(layout.num_replicates)]
+                        state = s(params, system, state, t, streams.tokens[s.name])
+                parts = [(layout.part(system, r), layout.part(state, r)) for r in range(layout.num_replicates)]
                 for k, o in self.observables.items():
-                    records[k].append(torch.stack([o.fn(p) for p in parts]))
+                    records[k].append(torch.stack([o.fn(y, p) for y, p in parts]))
         obs = {k: (torch.stack(v) if v else torch.empty(0)) for k, v in records.items()}
         labels = {k: (tuple(o.labels) if o.labels is not None else None) for k, o in self.observables.items()}
         meta = {"seeds": seeds, "steps": steps, "replicates": layout.num_replicates, "layout": layout}
         return Results(obs, labels, self.dt, 0, state, meta)
+
+
+def _device(system: System, state: State) -> torch.device:
+    """The run's device: the state's, or the system's when the state holds no tensor."""
+    return state.device if state.flat_tensors() else system.device

@@ -67,7 +67,9 @@ def run_fingerprint(run: Run) -> dict[str, Any]:
     """What produced a run, computed once per run from its *initial* state (JSON-ready).
 
     Keys: ``plan``, ``substep_data``, ``params`` (small tensors by value, others by hash),
-    ``state_shapes``, ``state`` (content hash), ``steps``, ``seed``, ``code_version``.
+    ``state_shapes``, ``state`` (content hash), ``system_shapes``, ``system`` (content hash: the
+    system is never checkpointed, so resuming against a different one must fail here),
+    ``steps``, ``seed``, ``code_version``.
     """
     cached = run.__dict__.get("_fingerprint")
     if cached is not None:
@@ -83,13 +85,15 @@ def run_fingerprint(run: Run) -> dict[str, Any]:
             h = hashlib.sha256()
             _tensor_digest(h, name, v)
             params[name] = "sha256:" + h.hexdigest()[:16]
-    flat = run.state.flat_tensors()
-    h = hashlib.sha256()
-    for k in sorted(flat):
-        _tensor_digest(h, k, flat[k])
-    fp = {"plan": run.model.plan(), "substep_data": _substep_data_hash(run.model), "params": params,
-          "state_shapes": {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in sorted(flat.items())},
-          "state": h.hexdigest()[:16], "steps": int(run.steps), "seed": int(run.seed), "code_version": __version__}
+    fp = {"plan": run.model.plan(), "substep_data": _substep_data_hash(run.model), "params": params}
+    for key, struct in (("state", run.state), ("system", run.system)):
+        flat = struct.flat_tensors()
+        h = hashlib.sha256()
+        for k in sorted(flat):
+            _tensor_digest(h, k, flat[k])
+        fp[f"{key}_shapes"] = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in sorted(flat.items())}
+        fp[key] = h.hexdigest()[:16]
+    fp.update({"steps": int(run.steps), "seed": int(run.seed), "code_version": __version__})
     run.__dict__["_fingerprint"] = fp
     return fp
 
@@ -97,7 +101,8 @@ def run_fingerprint(run: Run) -> dict[str, Any]:
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (empty when they match)."""
     out = []
-    order = ["steps", "seed", "params", "state_shapes", "code_version", "plan", "substep_data", "state"]
+    order = ["steps", "seed", "params", "state_shapes", "system_shapes", "code_version", "plan", "substep_data", "state",
+             "system"]
     for key in sorted(set(saved) | set(current), key=lambda k: (order.index(k) if k in order else len(order), k)):
         a, b = saved.get(key), current.get(key)
         if a == b:
@@ -106,14 +111,16 @@ def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str
             for n in sorted(set(a) | set(b)):
                 if a.get(n) != b.get(n):
                     out.append(f"parameter {n}: saved {a.get(n)}, now {b.get(n)}")
-        elif key == "state_shapes" and isinstance(a, dict) and isinstance(b, dict):
+        elif key in ("state_shapes", "system_shapes") and isinstance(a, dict) and isinstance(b, dict):
             for n in sorted(set(a) | set(b)):
                 if a.get(n) != b.get(n):
-                    out.append(f"state field {n}: saved shape/dtype {a.get(n)}, now {b.get(n)}")
+                    out.append(f"{key.split('_')[0]} field {n}: saved shape/dtype {a.get(n)}, now {b.get(n)}")
         elif key == "plan":
             out.append("model plan differs (substeps or observables)")
         elif key == "state":
-            out.append("initial state content differs (population, network or seeding)")
+            out.append("initial state content differs (seeding or initial values)")
+        elif key == "system":
+            out.append("system content differs (network, agent attributes, schedules or tables)")
         elif key == "substep_data":
             out.append("substep data differ (schedules, tables or covariates)")
         else:
@@ -381,7 +388,7 @@ def load_checkpoint(path: str | os.PathLike, run: Run) -> None:
                                       f"run {tuple(current[k].shape)} {current[k].dtype}")
         state = run.state.with_flat_tensors(flat)
         try:
-            run.model.check(run.params, state)  # restored state is validated like fresh state
+            run.model.check(run.params, run.system, state)  # restored state is validated like fresh state
         except ValueError as exc:
             raise ResumeError(f"checkpoint {path}: restored state is invalid: {exc}") from None
         records = {k: list(torch.from_numpy(np.asarray(f["observables"][k])).to(state.device).unbind(0)) if step else []

@@ -1,6 +1,7 @@
 """A replicate axis: R replicates or counterfactual arms run as one batch.
 
-The batch is the *disjoint union* of R states: agent fields (a ``"N"`` axis) and edge fields
+The batch is the *disjoint union* of R systems and R states (each batched the same way, with
+one layout): agent fields (a ``"N"`` axis) and edge fields
 (an ``"E"`` axis) are concatenated, replicate-major, so agent ``i`` of replicate ``r`` is row
 ``offset_N[r] + i``; integer ``(2, "E")`` fields are agent ids and are shifted by the agent
 offset; a CSR pointer (``"N+1"``) is shifted by the edge offset. Every other field (scalars,
@@ -15,7 +16,8 @@ that axis. Hence, **the equivalence**: replicate ``r`` of a batched run equals, 
 on CPU, the single run with ``seed=seeds[r]`` and state ``states[r]``, for every substep that
 is *block-local* (an agent's update depends only on agents and edges of its own replicate:
 per-agent updates, gathers and scatters over edges) and whose written non-agent fields are
-the same in every replicate (``shared``: e.g. ``layer_scale`` set from a schedule). On CUDA
+the same in every replicate (``shared``: e.g. ``layer_scale`` set from a schedule). The
+networks live in the system, so the union of the systems holds the union of the networks. On CUDA
 the same holds up to the order of floating-point sums in scatter kernels. A draw with no agent
 or edge axis (e.g. ``randint(0, E, (m,))`` or ``randperm``) cannot be split and raises
 :class:`ReplicateError` naming the substep. Substeps that couple all agents (a global test
@@ -37,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from lpm.kernels import register_replicated, unregister_replicated
 from lpm.rng import Streams
-from lpm.state import State, StateError
+from lpm.state import State, StateError, Struct, System
 
 __all__ = ["Layout", "ReplicateError", "batch_states", "ReplicateDraws"]
 
@@ -66,15 +68,16 @@ class Layout:
             out.append(out[-1] + s)
         return out
 
-    def part(self, state: State, r: int) -> State:
-        """Replicate ``r`` of a batched state as a state of its own (views, no copies)."""
+    def part(self, state: Struct, r: int) -> Struct:
+        """Replicate ``r`` of a batched state or system as one of its own (views, no copies)."""
         return _map_state(state, lambda name, f, v: _slice(name, f, v, self, r), self, r)
 
 
-def _sizes(state: State) -> tuple[int, int]:
-    dims = state.validate()
+def _sizes(system: System, state: State) -> tuple[int, int]:
+    dims = system.validate(state.validate())
     if "N" not in dims:
-        raise ReplicateError(f"{type(state).__name__}: no field with an agent axis 'N'; nothing to batch")
+        raise ReplicateError(f"{type(system).__name__}, {type(state).__name__}: no field with an agent axis 'N'; "
+                             "nothing to batch")
     return dims["N"], dims.get("E", 0)
 
 
@@ -93,11 +96,11 @@ def _axis(shape: tuple) -> tuple[str, int] | None:
     return None
 
 
-def _map_state(state: State, fn: Callable[[str, dataclasses.Field, Any], Any], layout: Layout, r: int | None) -> State:
+def _map_state(state: Struct, fn: Callable[[str, dataclasses.Field, Any], Any], layout: Layout, r: int | None) -> Struct:
     changes = {}
     for f in dataclasses.fields(state):
         v = getattr(state, f.name)
-        if isinstance(v, State):
+        if isinstance(v, Struct):
             changes[f.name] = _map_state(v, fn, layout, r)
         else:
             changes[f.name] = fn(f.name, f, v)
@@ -120,19 +123,22 @@ def _slice(name: str, f: dataclasses.Field, v: Any, layout: Layout, r: int) -> A
     return part
 
 
-def batch_states(states: Sequence[State]) -> tuple[State, Layout]:
-    """The disjoint union of ``states`` (same type) and its :class:`Layout`; see the module doc."""
+def batch_states(systems: Sequence[System], states: Sequence[State]) -> tuple[tuple[System, State], Layout]:
+    """The disjoint unions of ``systems`` and of ``states`` (one type each) and their :class:`Layout`; see the module doc."""
     if not states:
         raise ReplicateError("states: expected at least one state")
-    kinds = {type(s) for s in states}
-    if len(kinds) != 1:
-        raise ReplicateError(f"states: expected one state type, got {sorted(k.__name__ for k in kinds)}")
-    sizes = [_sizes(s) for s in states]
+    if len(systems) != len(states):
+        raise ReplicateError(f"systems: expected {len(states)} (one per state), got {len(systems)}")
+    for what, group in (("systems", systems), ("states", states)):
+        kinds = {type(s) for s in group}
+        if len(kinds) != 1:
+            raise ReplicateError(f"{what}: expected one type, got {sorted(k.__name__ for k in kinds)}")
+    sizes = [_sizes(y, s) for y, s in zip(systems, states)]
     layout = Layout(tuple(n for n, _ in sizes), tuple(e for _, e in sizes))
-    return _union(list(states), layout, ""), layout
+    return (_union(list(systems), layout, ""), _union(list(states), layout, "")), layout
 
 
-def _union(states: list[State], layout: Layout, prefix: str) -> State:
+def _union(states: list[Struct], layout: Layout, prefix: str) -> Struct:
     first = states[0]
     changes: dict[str, Any] = {}
     n_off, e_off = layout.offsets("N"), layout.offsets("E")
@@ -140,7 +146,7 @@ def _union(states: list[State], layout: Layout, prefix: str) -> State:
         name = prefix + f.name
         vals = [getattr(s, f.name) for s in states]
         v0 = vals[0]
-        if isinstance(v0, State):
+        if isinstance(v0, Struct):
             changes[f.name] = _union(vals, layout, name + ".")
             continue
         if f.metadata.get("static"):

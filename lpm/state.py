@@ -1,6 +1,10 @@
-"""Frozen, typed dataclasses of tensors: the population's state.
+"""Frozen, typed dataclasses of tensors: a run's *system* (constant) and *state* (changing).
 
-A state is a ``@dataclass(frozen=True)`` subclass of :class:`State`. Each tensor field
+Two kinds share one machinery (:class:`Struct`): a :class:`System` holds what never changes
+during a run (networks, agent attributes such as age and area, schedules, dwell and age
+tables, capacities, mixing matrices); a :class:`State` holds only what changes (stages,
+timers, opinions, recent counts). Substeps read both and return a new state; both move with
+one ``.to(device)``. Each is a ``@dataclass(frozen=True)`` subclass. Each tensor field
 declares its shape and dtype with :func:`tensor_field` so that the model can validate a
 state before running it and the error names the field. Shapes use symbols: ``"N"``
 (agents), ``"E"`` (edges), ``"L"`` (network layers), ``"G"`` (groups) or integers.
@@ -25,12 +29,15 @@ from torch import Tensor
 from lpm.errors import LPMError
 
 __all__ = [
+    "Struct",
     "State",
+    "System",
     "tensor_field",
     "static_field",
     "CodeBook",
     "StateError",
     "check_tensor",
+    "lookup",
 ]
 
 
@@ -112,7 +119,7 @@ def check_tensor(
 
 
 @dataclass(frozen=True)
-class State:
+class Struct:
     """Base class of frozen tensor dataclasses with ``replace``, ``to`` and validation."""
 
     def replace(self, **changes: Any) -> Self:
@@ -143,7 +150,7 @@ class State:
                 if dtype is not None and v.is_floating_point():
                     return v.to(device=device, dtype=dtype)
                 return v.to(device=device)
-            if isinstance(v, State):
+            if isinstance(v, Struct):
                 return v.to(device, dtype)
             return v
 
@@ -155,7 +162,7 @@ class State:
         for _, v in self.items():
             if isinstance(v, Tensor):
                 return v.device
-            if isinstance(v, State):
+            if isinstance(v, Struct):
                 return v.device
         return torch.device("cpu")
 
@@ -171,7 +178,7 @@ class State:
                 if f.metadata.get("optional"):
                     continue
                 raise StateError(f"{name}: required field is None")
-            if isinstance(value, State):
+            if isinstance(value, Struct):
                 dims = value.validate(dims, prefix=f"{name}.")
                 continue
             if "shape" in f.metadata:
@@ -184,7 +191,7 @@ class State:
         for name, value in self.items():
             if isinstance(value, Tensor):
                 out[prefix + name] = value
-            elif isinstance(value, State):
+            elif isinstance(value, Struct):
                 out.update(value.flat_tensors(prefix + name + "/"))
         return out
 
@@ -197,7 +204,7 @@ class State:
                 changes[name] = flat[key].to(value.device)
             elif value is None and key in flat:  # an optional field set during the run (e.g. from a checkpoint)
                 changes[name] = flat[key].to(self.device)
-            elif isinstance(value, State):
+            elif isinstance(value, Struct):
                 changes[name] = value.with_flat_tensors(flat, key + "/")
         return dataclasses.replace(self, **changes)
 
@@ -213,11 +220,32 @@ class State:
             doc = f.metadata.get("doc", "")
             if isinstance(v, Tensor):
                 lines.append(f"  {f.name:<20} {str(tuple(v.shape)):<16} {str(v.dtype)[6:]:<8} {doc}")
-            elif isinstance(v, State):
+            elif isinstance(v, Struct):
                 lines.append(f"  {f.name:<20} {type(v).__name__:<25} {doc}")
             else:
                 lines.append(f"  {f.name:<20} {type(v).__name__:<25} {doc}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class State(Struct):
+    """What changes during a run (stages, timers, opinions, counts): substeps return a new one each step."""
+
+
+@dataclass(frozen=True)
+class System(Struct):
+    """What never changes during a run (networks, agent attributes, schedules, tables, capacities).
+
+    Substeps read it and never write it; it is moved to the device once, fingerprinted but
+    not checkpointed. ``System()`` itself is the empty system of a model whose every field changes.
+    """
+
+
+def lookup(system: System, state: State, name: str) -> Any:
+    """Field ``name`` of the system if it has one, else of the state (how reads are resolved)."""
+    if name in type(system).field_names():
+        return getattr(system, name)
+    return getattr(state, name)
 
 
 @dataclass(frozen=True)
