@@ -171,26 +171,28 @@ def layered_network(n: int, seed: int, device: torch.device):
 def seir_model(disease, use_layer_scale: bool = False):
     """Transmission + progression with the incidence observable (the differentiated scalar)."""
     from lpm import Model
-    from substeps.epidemic import EpiState, Progression, Transmission, incidence
+    from substeps.epidemic import EpiState, EpiSystem, Progression, Transmission, incidence
 
     return Model([Transmission(disease, use_layer_scale=use_layer_scale), Progression(disease)],
-                 {"incidence": incidence(disease)}, state_type=EpiState, dt=disease.dt, name="bench-seir")
+                 {"incidence": incidence(disease)}, state_type=EpiState, system_type=EpiSystem, dt=disease.dt,
+                 name="bench-seir")
 
 
 def engine_case(disease, net, n: int, days: int, repeats: int, device: torch.device, grad: bool,
                 layered: bool = False) -> dict[str, Any]:
     """Forward (and optionally differentiable) agent-days/s of the engine on ``net``."""
     from lpm import Params, Positive
-    from substeps.epidemic import initial_state
+    from substeps.epidemic import epi_system, initial_state
 
     extra = {"layer_scale": torch.ones(net.num_layers)} if layered else {}
-    state = initial_state(disease, n, max(1, n // 1000), seed=0, network=net, device=device, **extra)
+    state = initial_state(disease, n, max(1, n // 1000), seed=0, device=device, **extra)
+    system = epi_system(disease, network=net, device=device)
     model = seir_model(disease, use_layer_scale=layered)
     params = Params(beta=Positive(BETA)).to(device)
     out: dict[str, Any] = {"state_bytes_per_agent": tensor_bytes(state, 0, n) / n, **network_bytes(net)}
 
     def fwd():
-        return model.simulate(params, state, days, seed=1, progress=False)
+        return model.simulate(params, system, state, days, seed=1, progress=False)
 
     fwd()  # warm-up (allocator, lazy imports)
     sec, times, res = median_time(fwd, repeats, device)
@@ -199,14 +201,14 @@ def engine_case(disease, net, n: int, days: int, repeats: int, device: torch.dev
     if grad:
         def diff():
             params.zero_grad(set_to_none=True)
-            r = model.simulate(params, state, days, seed=1, grad=True, progress=False)
+            r = model.simulate(params, system, state, days, seed=1, grad=True, progress=False)
             r.observables["incidence"].sum().backward()
             return next(iter(params.parameters())).grad
 
         gsec, gtimes, gr = median_time(diff, repeats, device)
         saved = SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            r = model.simulate(params, state, days, seed=1, grad=True, progress=False)
+            r = model.simulate(params, system, state, days, seed=1, grad=True, progress=False)
         del r
         out.update(grad_s=gsec, grad_times=gtimes, grad_agent_days_per_s=n * days / gsec,
                    retained_bytes=saved.total, retained_bytes_per_agent_day=saved.total / (n * days),
@@ -241,7 +243,7 @@ def case_sir(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from benchmarks import reference as ref
     from lpm import Params, Positive
     from lpm.kernels import compiled_available, compiled_kernels
-    from substeps.epidemic import Dwell, initial_state, sir
+    from substeps.epidemic import Dwell, epi_system, initial_state, sir
 
     n, days = a.n, a.days
     seeded = max(1, int(round(n * SIR_SEEDED)))
@@ -252,7 +254,8 @@ def case_sir(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                            "beta": SIR_BETA, "gamma": SIR_GAMMA, **network_bytes(net)}
     disease = sir(recovery=Dwell.geometric(-math.log(1 - SIR_GAMMA)))  # recovery probability SIR_GAMMA per day
     state0 = ref.seeds_mask(n, seeded, seed=0)
-    state = initial_state(disease, n, torch.from_numpy(state0 == 1), network=net, device=device)
+    state = initial_state(disease, n, torch.from_numpy(state0 == 1), device=device)
+    system = epi_system(disease, network=net, device=device)
     out["state_bytes_per_agent"] = tensor_bytes(state, 0, n) / n
     model = seir_model(disease)
     params = Params(beta=Positive(SIR_BETA)).to(device)
@@ -260,7 +263,7 @@ def case_sir(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     def forward(label: str, compiled: bool) -> None:
         with compiled_kernels(compiled):
-            run = lambda: model.simulate(params, state, days, seed=1, progress=False)  # noqa: E731
+            run = lambda: model.simulate(params, system, state, days, seed=1, progress=False)  # noqa: E731
             run()  # warm-up: compiles or loads the kernels, touches the allocator
             reset_peak_rss()
             sec, times, res = median_time(run, a.repeats, device)
@@ -277,7 +280,7 @@ def case_sir(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if n <= a.grad_max_n:
         def diff():
             params.zero_grad(set_to_none=True)
-            r = model.simulate(params, state, days, seed=1, grad=True, progress=False)
+            r = model.simulate(params, system, state, days, seed=1, grad=True, progress=False)
             r.observables["incidence"].sum().backward()
             return r, next(iter(params.parameters())).grad
 
@@ -349,7 +352,8 @@ def case_nyc(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     setup = covid_nyc.build(scale=a.scale, days=a.days, device=str(device))
     n = int(setup.state.stage.numel())
     out: dict[str, Any] = {"build_s": time.perf_counter() - t0, "agents": n, "scale": a.scale,
-                           "state_bytes_per_agent": tensor_bytes(setup.state, 0, n) / n, **network_bytes(setup.state.network)}
+                           "state_bytes_per_agent": tensor_bytes(setup.state, 0, n) / n,
+                           "system_bytes_per_agent": tensor_bytes(setup.system, 0, n) / n, **network_bytes(setup.system.network)}
     sec, times, _ = median_time(lambda: setup.simulate(seed=1, progress=False), a.repeats, device)
     out.update(forward_s=sec, seconds_per_day=sec / a.days, forward_agent_days_per_s=n * a.days / sec)
     if n <= a.grad_max_n:
@@ -413,7 +417,7 @@ def case_information(a: argparse.Namespace, device: torch.device) -> dict[str, A
 def case_llm(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Per-step cost of the archetype decision layer (K fixed) for N agents, deterministic backend."""
     try:
-        from lpm import State
+        from lpm import State, System
         from lpm.state import tensor_field
         from llm_archetypes.archetypes import Archetypes
         from llm_archetypes.asking import Asker
@@ -444,11 +448,11 @@ def case_llm(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     group_s = time.perf_counter() - t0
     asker = Asker(RuleBackend(isolation_rule), mode="off")
     sub = ArchetypeDecision("isolation", archetypes=arch, question=isolation_question(), asker=asker,
-                            context=lambda s, t: {"cases": 150.0}, target="compliance", store="scores", every=1)
+                            context=lambda y, s, t: {"cases": 150.0}, target="compliance", store="scores", every=1)
     state = DecisionState(torch.zeros(n, device=device), sub.initial_scores(device=device))
     rng = torch.Generator(device=device)
-    sub(None, state, 0, rng)
-    sec, _, _ = median_time(lambda: sub(None, state, 0, rng), a.repeats, device)
+    sub(None, System(), state, 0, rng)
+    sec, _, _ = median_time(lambda: sub(None, System(), state, 0, rng), a.repeats, device)
     return {"K": int(arch.K), "grouping_s": group_s, "step_s": sec}
 
 

@@ -53,18 +53,19 @@ def _seir():
 def _epi_case(name: str, n: int, kind: str, beta: float, horizons: tuple[int, ...]) -> Case:
     from lpm import Model, Network, Params, Positive
     from lpm.networks import erdos_renyi, household_cliques
-    from substeps.epidemic import EpiState, Progression, Transmission, incidence, initial_state
+    from substeps.epidemic import EpiState, Progression, Transmission, epi_system, incidence, initial_state
 
     disease = _seir()
     g = torch.Generator().manual_seed(11)
+    state = initial_state(disease, n, max(5, n // 100), seed=3)
     if kind == "well-mixed":
-        state = initial_state(disease, n, max(5, n // 100), seed=3, group=torch.zeros(n, dtype=torch.int8), mixing=torch.ones(1, 1))
+        system = epi_system(disease, group=torch.zeros(n, dtype=torch.int8), mixing=torch.ones(1, 1))
     elif kind == "er":
-        state = initial_state(disease, n, max(5, n // 100), seed=3, network=Network.from_layers({"community": erdos_renyi(n, 10.0, seed=1)}, n))
+        system = epi_system(disease, network=Network.from_layers({"community": erdos_renyi(n, 10.0, seed=1)}, n))
     else:
         hh = torch.randint(0, max(1, n // 3), (n,), generator=g)
         net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=1)}, n)
-        state = initial_state(disease, n, max(5, n // 100), seed=3, network=net)
+        system = epi_system(disease, network=net)
     T = max(horizons)
     models: dict[str, Model] = {}
 
@@ -76,7 +77,7 @@ def _epi_case(name: str, n: int, kind: str, beta: float, horizons: tuple[int, ..
 
     def run(theta: float, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
         params = Params(beta=Positive(theta))
-        res = model(estimator).simulate(params, state, T, seed=seed, grad=grad, progress=False)
+        res = model(estimator).simulate(params, system, state, T, seed=seed, grad=grad, progress=False)
         cum = res["incidence"].cumsum(0)
         out = torch.stack([cum[h - 1] for h in horizons])
         return out, (params.raw_beta if grad else None)
@@ -117,7 +118,7 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
         with torch.set_grad_enabled(grad):
             from calibration import rollout
 
-            sim, _ = rollout(p.model, p.params, p.state0, T, grad=grad, streams=Streams(seed, names, p.state0.device))
+            sim, _ = rollout(p.model, p.params, p.system0, p.state0, T, grad=grad, streams=Streams(seed, names, p.state0.device))
         onsets = sim["testable"].sum(1)
         out = torch.stack([onsets[h - 7:h].sum() for h in horizons])
         return out, (raw if grad else None)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lpm.errors import CheckpointError
 from lpm.model import Model
 from lpm.params import check_params
-from lpm.state import State, StateError
+from lpm.state import State, StateError, System
 from calibration.losses import Loss
 from calibration.observation import ObservationModel, Observed
 from calibration.rollout import rollout
@@ -44,9 +44,10 @@ __all__ = ["Problem", "FitResult", "fit", "nelder_mead", "random_search", "raw_v
 
 @dataclass
 class Problem:
-    """What a calibration simulates and compares: model, initial state, steps, observation model, data, loss."""
+    """What a calibration simulates and compares: model, system, initial state, steps, observation model, data, loss."""
 
     model: Model
+    system: System
     state: State
     steps: int
     obs_model: ObservationModel
@@ -59,7 +60,7 @@ class Problem:
 
     def predict(self, params: Any, seed: int, grad: bool = True) -> dict[str, Tensor]:
         """Expected data on the data grid from one simulation."""
-        sim, _ = rollout(self.model, params, self.state, self.steps, seed=int(seed), chunk=self.chunk, grad=grad,
+        sim, _ = rollout(self.model, params, self.system, self.state, self.steps, seed=int(seed), chunk=self.chunk, grad=grad,
                          grad_from=self.grad_from)
         return self.obs_model.predict(params, sim, self.data)
 
@@ -158,7 +159,7 @@ def _limit_step(trainable: Sequence[Tensor], before: Sequence[Tensor], max_step:
             opt.state.clear()
 
 
-def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int, *, state: State,
+def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int, *, system: System, state: State,
         obs_model: ObservationModel, sim_steps: int | None = None, seeds: Sequence[int] = (0,),
         optimizer: str = "adam", lr: float = 0.05, chunk: int | None = None,
         checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1, progress: bool = True,
@@ -186,7 +187,7 @@ def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int,
     """
     require_observed(data, 1, what="fit: data")
     T = sim_steps or (data.agg.shape[1] if data.agg is not None else len(data.dates))
-    prob = Problem(model, state, T, obs_model, data, loss, tuple(seeds), chunk, average, grad_from)
+    prob = Problem(model, system, state, T, obs_model, data, loss, tuple(seeds), chunk, average, grad_from)
     trainable = [p for p in params.parameters() if p.requires_grad]
     if not trainable:
         raise StateError("fit: params has no trainable tensors")

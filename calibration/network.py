@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lpm.params import Params
-from lpm.state import State, StateError
+from lpm.state import State, StateError, System, lookup
 from lpm.substep import Substep
 
 __all__ = ["CovariateNet", "NetworkParams", "ParamSchedule", "covariates"]
@@ -149,7 +149,7 @@ class NetworkParams(nn.Module):
 
 
 class ParamSchedule(Substep):
-    """``target = base * params.<param>[t - start]`` each step.
+    """``target = base * params.<param>[t - start]`` each step (``base``: a system or state field; ``target``: a state field).
 
     Before ``start`` the target is ``base`` (multiplier 1); after the schedule's end its last
     value is held (a forecast uses no future covariates).
@@ -163,8 +163,8 @@ class ParamSchedule(Substep):
         self.target, self.base, self.param = target, base, param
         self.start = int(start)
 
-    def __call__(self, params: Any, state: State, t: int, rng: torch.Generator) -> State:
-        value = getattr(state, self.base)
+    def __call__(self, params: Any, system: System, state: State, t: int, rng: torch.Generator) -> State:
+        value = lookup(system, state, self.base)
         if t < self.start:
             return state.replace(**{self.target: value})
         sched = getattr(params, self.param)

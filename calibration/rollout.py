@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lpm.model import Model
 from lpm.rng import Streams
-from lpm.state import State
+from lpm.state import State, System
 
 __all__ = ["rollout", "make_streams"]
 
@@ -33,7 +33,7 @@ def make_streams(model: Model, seed: int, device: torch.device | str) -> Streams
     return Streams(int(seed), [s.name for s in model.substeps], device)
 
 
-def _run_steps(model: Model, params: Any, state: State, t0: int, t1: int, streams: Streams,
+def _run_steps(model: Model, params: Any, system: System, state: State, t0: int, t1: int, streams: Streams,
                rng_state: dict[str, Tensor] | None) -> tuple[State, dict[str, Tensor], dict[str, Tensor] | None]:
     if rng_state is not None:
         # a private copy: the recomputation in backward must not disturb the caller's streams
@@ -41,16 +41,16 @@ def _run_steps(model: Model, params: Any, state: State, t0: int, t1: int, stream
         streams.set_state(rng_state)
     records: dict[str, list[Tensor]] = {k: [] for k in model.observables}
     for t in range(t0, t1):
-        state = model.step(params, state, t, streams)
-        for k, v in model.observe(state).items():
+        state = model.step(params, system, state, t, streams)
+        for k, v in model.observe(system, state).items():
             records[k].append(v)
     return state, {k: torch.stack(v) for k, v in records.items()}, (streams.get_state() if rng_state is not None else None)
 
 
-def rollout(model: Model, params: Any, state: State, steps: int, *, seed: int = 0, start: int = 0,
+def rollout(model: Model, params: Any, system: System, state: State, steps: int, *, seed: int = 0, start: int = 0,
             chunk: int | None = None, grad: bool = True, streams: Streams | None = None,
             grad_from: int = 0) -> tuple[dict[str, Tensor], State]:
-    """Run steps ``start .. start + steps - 1``; return observables ``{name: [steps, ...]}`` and the final state.
+    """Run steps ``start .. start + steps - 1`` over ``system``; return observables ``{name: [steps, ...]}`` and the final state.
 
     ``chunk``: steps per checkpointed chunk (None: keep the whole graph). ``streams``:
     continue from existing random streams (default: fresh ones from ``seed``).
@@ -64,7 +64,7 @@ def rollout(model: Model, params: Any, state: State, steps: int, *, seed: int = 
     if grad and grad_from > start:
         with torch.no_grad():
             stop = min(end, grad_from)
-            state, obs, _ = _run_steps(model, params, state, t, stop, streams, None)
+            state, obs, _ = _run_steps(model, params, system, state, t, stop, streams, None)
             parts.append(obs)
             t = stop
     with ctx:
@@ -72,11 +72,11 @@ def rollout(model: Model, params: Any, state: State, steps: int, *, seed: int = 
             t1 = end if not chunk else min(end, t + chunk)
             if grad and chunk and torch.is_grad_enabled():
                 saved = streams.get_state()
-                state, obs, after = checkpoint(_run_steps, model, params, state, t, t1, streams, saved,
+                state, obs, after = checkpoint(_run_steps, model, params, system, state, t, t1, streams, saved,
                                                use_reentrant=False, preserve_rng_state=False)
                 streams.set_state(after)
             else:
-                state, obs, _ = _run_steps(model, params, state, t, t1, streams, None)
+                state, obs, _ = _run_steps(model, params, system, state, t, t1, streams, None)
             parts.append(obs)
             t = t1
     if not parts:

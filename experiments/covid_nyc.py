@@ -25,7 +25,7 @@ Python API (used by calibration)::
 
     from experiments.covid_nyc import build, load_observed
     setup = build(scale=0.01, seed=0, device="cpu", start="2020-03-01", days=None, boroughs=None)
-    res = setup.model.simulate(setup.params, setup.state, len(setup.dates), seed=0, grad=True)
+    res = setup.model.simulate(setup.params, setup.system, setup.state, len(setup.dates), seed=0, grad=True)
     res["cases"]                  # [T, A] reported cases per day and borough (labels = setup.areas)
     obs = load_observed("2020-03-01", "2021-03-31")   # tidy: date, area, series, value
 
@@ -99,7 +99,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm import CodeBook, Intervention, Model, Network, Observable, Params, State, check_tensor, tensor_field
+from lpm import CodeBook, Intervention, Model, Network, Observable, Params, State, System, check_tensor, tensor_field
 from lpm.cli import Experiment, add_output_args, date_arg, device_arg, positive_float, positive_int, probability
 from lpm.data import data_path
 from lpm.errors import ConfigError, DataError
@@ -109,7 +109,7 @@ from lpm.networks import household_cliques
 from lpm.population import (Marginals, Population, PopulationError, check_table, marginal_errors, matrix_correlation,
                             mixing_matrix, synthesize, unit_sbm)
 from substeps.epidemic import initial_state
-from substeps.epidemic.covid import CovidState, age_tables, covid_disease, covid_model, covid_params
+from substeps.epidemic.covid import CovidState, CovidSystem, age_tables, covid_disease, covid_model, covid_params, covid_system
 from llm_archetypes import AnswerCache, ArchetypeDecision, Archetypes, Asker, Backend, Link, Question, make_backend
 from llm_archetypes.examples import CASES_BUCKET, isolation_question, isolation_rule
 
@@ -532,25 +532,25 @@ class WeeklyCases:
     def __init__(self, archetypes: Archetypes) -> None:
         self.borough = archetypes.codes[:, archetypes.attributes.index("borough")].long()  # [K] area codes
 
-    def per_area(self, state: State) -> torch.Tensor:
+    def per_area(self, system: System, state: State) -> torch.Tensor:
         """Reported cases per 100,000 per area over the window ``[A]`` (population counted from ``area``)."""
         window = state.recent_cases
-        n = torch.bincount(state.area.long(), minlength=window.shape[1]).to(window.dtype)
+        n = torch.bincount(system.area.long(), minlength=window.shape[1]).to(window.dtype)
         return window.sum(0) / n.clamp_min(1.0) * 1e5
 
-    def __call__(self, state: State, t: int) -> list[dict[str, float]]:
-        rate = self.per_area(state).detach().cpu()[self.borough]
+    def __call__(self, system: System, state: State, t: int) -> list[dict[str, float]]:
+        rate = self.per_area(system, state).detach().cpu()[self.borough]
         return [{"cases": float(r)} for r in rate.tolist()]
 
 
 class BoroughDecision(ArchetypeDecision):
-    """:class:`ArchetypeDecision` whose context is per archetype (``context(state, t) -> K dicts``): its own borough's cases."""
+    """:class:`ArchetypeDecision` whose context is per archetype (``context(system, state, t) -> K dicts``): its own borough's cases."""
 
-    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
+    def __call__(self, params: Params, system: System, state: State, t: int, rng: torch.Generator) -> State:
         scores = getattr(state, self.store)
         check_tensor(f"{self.name}: {self.store}", scores, (self.archetypes.K,))
         if self.is_decision_step(t):
-            contexts = self.context(state, t)
+            contexts = self.context(system, state, t)
             if len(contexts) != self.archetypes.K:
                 raise ValueError(f"{self.name}: context returned {len(contexts)} dicts, expected one per archetype "
                                  f"(K={self.archetypes.K})")
@@ -615,10 +615,11 @@ def survey_table(setup: "NYCSetup", answers: torch.Tensor, cases_per_100k: torch
 # ------------------------------------------------------------------------------ the setup
 @dataclass
 class NYCSetup:
-    """Everything a run or a calibration needs: model, parameters, initial state, dates, areas."""
+    """Everything a run or a calibration needs: model, parameters, system, initial state, dates, areas."""
 
     model: Model
     params: Params
+    system: CovidSystem
     state: CovidState
     dates: pd.DatetimeIndex
     areas: tuple[str, ...]
@@ -636,8 +637,8 @@ class NYCSetup:
         return len(self.dates)
 
     def simulate(self, seed: int = 0, **kwargs: Any):
-        """``model.simulate`` over all dates with the setup's parameters and state."""
-        return self.model.simulate(self.params, self.state, self.steps, seed=seed, **kwargs)
+        """``model.simulate`` over all dates with the setup's parameters, system and state."""
+        return self.model.simulate(self.params, self.system, self.state, self.steps, seed=seed, **kwargs)
 
 
 def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", start: str = "2020-03-01",
@@ -691,15 +692,18 @@ def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", star
     params = covid_params(**overrides)
     pop, net, marg, info = build_population(scale, seed, areas, cache_dir, use_cache)
     mid = [(lo + hi) / 2 for lo, hi in zip(AGE_LOWER, AGE_UPPER)]
-    disease = covid_disease(mid)
+    disease = covid_disease()
     tables = age_tables(mid)
     age = pop.age.long()
     N = pop.num_agents
     g = torch.Generator().manual_seed(seed + 104729)
-    seeds = torch.rand(N, generator=g) < prevalence
+    infected = torch.rand(N, generator=g) < prevalence
     L = len(LAYERS)
-    epi = initial_state(disease, N, seeds, seed=seed, network=net, susceptibility=tables["susceptibility"][age],
-                        layer_scale=torch.ones(L), layer_scale_base=torch.ones(L), contact_factor=torch.ones(N, L))
+    system = covid_system(disease, age_mid=mid, area=pop.area, age=pop.age, area_schedule=area_schedule(dates, areas),
+                          test_capacity=test_capacity(dates), reduced_layers=[name != "household" for name in LAYERS],
+                          network=net, layer_scale_base=torch.ones(L), susceptibility_base=tables["susceptibility"][age])
+    epi = initial_state(disease, N, infected, seed=seed, susceptibility=tables["susceptibility"][age],
+                        layer_scale=torch.ones(L), contact_factor=torch.ones(N, L))
     if not isinstance(llm, Backend) and llm not in LLM_KINDS:
         raise ValueError(f"llm: expected one of {LLM_KINDS} or a Backend, got {llm!r}")
     asker, decide, behaviour, extra = None, None, [], {}
@@ -717,30 +721,29 @@ def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", star
         behaviour = [decide]
         cases = WeeklyCases(arch)
         extra = {"isolation_answers": decide.observable(),
-                 "weekly_cases_per_100k": Observable(lambda s: cases.per_area(s).detach().clone(), labels=areas,
+                 "weekly_cases_per_100k": Observable(lambda y, s: cases.per_area(y, s).detach().clone(), labels=areas,
                                                      reads=("recent_cases", "area"),
                                                      doc="reported cases per 100k per borough over the last 7 days")}
         state_kw = {"isolation": torch.ones(N), "isolation_score": decide.initial_scores(),
                     "recent_cases": torch.zeros(CASE_WINDOW, len(areas))}
-    state = NYCState(**dict(epi.items()), area=pop.area, age=pop.age, susceptibility_base=tables["susceptibility"][age],
-                     contact_factor_base=torch.ones(N, L), reported=torch.zeros(N), **state_kw)
+    state = NYCState(**dict(epi.items()), contact_factor_base=torch.ones(N, L), reported=torch.zeros(N), **state_kw)
     vacc = [] if "vaccination" in disable else [vaccination(dates, pop.age.to(device))]
-    model = covid_model(disease, areas=areas, age_labels=AGE_LABELS, area_schedule=area_schedule(dates, areas),
-                        test_capacity=test_capacity(dates), policies=[iv.to(device) for iv in policies(dates, disable)],
-                        vaccination=vacc, reduced_layers=[name != "household" for name in LAYERS], name="covid-nyc",
+    model = covid_model(disease, areas=areas, age_labels=AGE_LABELS,
+                        policies=[iv.to(device) for iv in policies(dates, disable)], vaccination=vacc, name="covid-nyc",
                         behaviour=behaviour, individual_isolation=decide is not None,
                         case_window=CASE_WINDOW if decide is not None else 0, observables=extra, state_type=NYCState)
     info.update(agents=N, edges=net.num_edges, **{k: v for k, v in net.summary().items() if k.startswith("mean_degree")})
     if decide is not None:
         info.update(llm=asker.backend.name, llm_model=asker.backend.model, archetypes=decide.archetypes.K,
                     llm_cache=str(asker.cache.path) if asker.cache is not None else None)
-    return NYCSetup(model, params.to(device), state.to(device), dates, areas, float(scale), pop, marg, AGE_LABELS, info,
+    return NYCSetup(model, params.to(device), system.to(device), state.to(device), dates, areas, float(scale), pop, marg,
+                    AGE_LABELS, info,
                     asker, decide)
 
 
 def validate_setup(setup: NYCSetup) -> dict[str, Any]:
     """Synthesized marginals vs census, household sizes, and per-layer age mixing vs Mistry matrices."""
-    pop, net = setup.population, setup.state.network.to("cpu")
+    pop, net = setup.population, setup.system.network.to("cpu")
     C = load_contact_matrices()
     age = pop.age.long()
     out: dict[str, Any] = {"marginals": marginal_errors(pop, setup.marginals)}

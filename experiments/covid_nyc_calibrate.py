@@ -119,7 +119,7 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
     at = [s.name for s in subs].index("policies") + 1
     subs.insert(at, cal.ParamSchedule("calibrated_contacts", "layer_scale", "layer_scale", "contact_mult",
                                       start=grad_from))
-    model = Model(subs, setup.model.observables, state_type=type(setup.state), dt=setup.model.dt, name="covid-nyc-cal")
+    model = Model(subs, setup.model.observables, state_type=type(setup.state), system_type=type(setup.system), dt=setup.model.dt, name="covid-nyc-cal")
     areas = setup.areas
     obs_model = cal.ObservationModel([
         cal.Stream("cases", "cases", 1.0 / setup.scale, cal.gamma_delay(*CASE_DELAY)),
@@ -163,7 +163,7 @@ def choose_prevalence(train_end: str, *, start: str = "2020-03-01", scale: float
         setup = covid_nyc.build(scale=scale, seed=seed, device=device, start=start, days=days, llm=llm,
                                 initial_prevalence=float(prev))
         with torch.no_grad():
-            sim, _ = cal.rollout(setup.model, setup.params, setup.state, days, seed=int(seed), grad=False)
+            sim, _ = cal.rollout(setup.model, setup.params, setup.system, setup.state, days, seed=int(seed), grad=False)
         cases = cal.convolve_delay(sim["cases"].double().sum(-1), cal.gamma_delay(*CASE_DELAY)).cpu().numpy()
         b = np.log1p(cases[:7 * W].reshape(W, 7).sum(1) / setup.scale)
         d = a - b
@@ -179,7 +179,7 @@ def data_init(p: dict[str, Any], seed: int) -> dict[str, float]:
     params, data = p["params"], p["data"]
     T = len(p["train_dates"])
     with torch.no_grad():
-        sim, _ = cal.rollout(p["model"], params, p["setup"].state, T, seed=int(seed), grad=False)
+        sim, _ = cal.rollout(p["model"], params, p["setup"].system, p["setup"].state, T, seed=int(seed), grad=False)
         pred = p["obs_model"].predict(params, sim, data)
     out = {}
     for series, name, lo, hi in (("cases", "ascertainment", 0.02, 0.95), ("deaths", "ifr_scale", 0.1, 10.0)):
@@ -219,7 +219,7 @@ def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed:
     mus = {s: [] for s in SERIES}
     with torch.no_grad():
         for s in seeds:
-            sim, _ = cal.rollout(model, params, setup.state, T, seed=int(s), grad=False)
+            sim, _ = cal.rollout(model, params, setup.system, setup.state, T, seed=int(s), grad=False)
             daily = p["obs_model"].expected_daily(params, sim)
             for name in SERIES:
                 mus[name].append(torch.cat([daily[name], daily[name].sum(-1, keepdim=True)], -1).cpu())  # [T, A+1]
@@ -379,7 +379,7 @@ def calibrate(argv: Sequence[str]) -> int:
     steps = a.steps if a.steps is not None else default_steps(days_train, a.window)
     init = data_init(p, a.seed) if not (a.resume and state_file.exists()) else {}
     loss = cal.Loss("negbin", dispersion=a.dispersion)
-    res = cal.fit(p["model"], p["params"], p["data"], loss, steps, state=p["setup"].state, obs_model=p["obs_model"],
+    res = cal.fit(p["model"], p["params"], p["data"], loss, steps, system=p["setup"].system, state=p["setup"].state, obs_model=p["obs_model"],
                   seeds=tuple(a.seed + i for i in range(a.fit_replicates)), lr=a.lr, lr_min=a.lr / 10, chunk=a.chunk,
                   checkpoint=state_file, progress=True,
                   grad_from=p["grad_from"], keep_best=True, lr_scale={"nets.": 0.2},

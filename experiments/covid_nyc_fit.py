@@ -416,14 +416,14 @@ class FittedContacts(Substep):
         self.sc = torch.tensor([1.0 if n == "school" else 0.0 for n in nyc.LAYERS])
         self.L = L
 
-    def __call__(self, params: WindowParams, state: FitState, t: int, rng: torch.Generator) -> FitState:
-        dev = state.area.device
+    def __call__(self, params: WindowParams, system: Any, state: FitState, t: int, rng: torch.Generator) -> FitState:
+        dev = system.area.device
         i = min(t, self.school.shape[0] - 1)
         m = params.log_contact(t).exp()  # [A]
         hh, sc = self.hh.to(dev), self.sc.to(dev)
         layer = hh + (1 - hh) * (1 - sc + sc * self.school[i].to(dev))  # [L]
         per_area = (hh + (1 - hh) * m[:, None]) * layer * params.variant[i]  # [A, L]
-        return state.replace(contact_factor_base=per_area[state.area.long()])
+        return state.replace(contact_factor_base=per_area[system.area.long()])
 
 
 class Vaccinate(Substep):
@@ -439,10 +439,10 @@ class Vaccinate(Substep):
         self.writes = ("susceptibility",)
         self.params = ()
 
-    def __call__(self, params: Any, state: FitState, t: int, rng: torch.Generator) -> FitState:
+    def __call__(self, params: Any, system: Any, state: FitState, t: int, rng: torch.Generator) -> FitState:
         d1 = (state.dose1_day.long() + self.lag <= t).float()
         d2 = (state.dose2_day.long() + self.lag <= t).float()
-        return state.replace(susceptibility=state.susceptibility_base * (1 - self.e1 * d1 - (self.e2 - self.e1) * d2))
+        return state.replace(susceptibility=system.susceptibility_base * (1 - self.e1 * d1 - (self.e2 - self.e1) * d2))
 
 
 class Importation(Substep):
@@ -451,24 +451,21 @@ class Importation(Substep):
     def __init__(self, disease: Any, name: str = "importation") -> None:
         self.disease = disease
         self.name = name
-        self.reads = ("stage", "timer", "carrier")
+        self.reads = ("stage", "timer", "carrier", "dwell_cdf")
         self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
         self.params = ()
         self.entry = disease.code(disease.entry)
         self.sus = disease.code(disease.susceptible)
-        self._cdf: Tensor | None = None
 
-    def __call__(self, params: WindowParams, state: FitState, t: int, rng: torch.Generator) -> FitState:
+    def __call__(self, params: WindowParams, system: Any, state: FitState, t: int, rng: torch.Generator) -> FitState:
         stage = state.stage
-        if self._cdf is None or self._cdf.device != stage.device:
-            self._cdf = self.disease.dwell_table(stage.device)
         p = params.import_prob(t)
         u = torch.rand(stage.shape, generator=rng, device=stage.device)
         at_risk = stage == self.sus
         hit = at_risk & (u < p.detach())
         ev = hit.nonzero().squeeze(1)
         entry_t = torch.tensor(self.entry, dtype=stage.dtype, device=stage.device)
-        timer = _draw_dwell(self._cdf, torch.full((ev.numel(),), self.entry, dtype=stage.dtype, device=stage.device),
+        timer = _draw_dwell(system.dwell_cdf, torch.full((ev.numel(),), self.entry, dtype=stage.dtype, device=stage.device),
                             u[ev] / p.detach().clamp_min(1e-30))
         carrier = state.carrier
         if p.requires_grad:
@@ -485,19 +482,19 @@ def _observables(disease: Any, areas: Sequence[str], tables: dict[str, Tensor], 
     p_h = tables["p_hosp"]
     p_d = tables["p_hosp"] * tables["p_death"]
 
-    def by_area(code: int, weight: Tensor | None = None) -> Callable[[FitState], Tensor]:
-        def fn(s: FitState) -> Tensor:
+    def by_area(code: int, weight: Tensor | None = None) -> Callable[[Any, FitState], Tensor]:
+        def fn(y: Any, s: FitState) -> Tensor:
             v = torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier))
             if weight is not None:
-                v = v * weight.to(v.device)[s.age.long()]
-            return v.new_zeros(A).index_add(0, s.area.long(), v)
+                v = v * weight.to(v.device)[y.age.long()]
+            return v.new_zeros(A).index_add(0, y.area.long(), v)
         return fn
 
-    def testable(s: FitState) -> Tensor:
-        return by_area(Is)(s) + 0.1 * by_area(Ia)(s)
+    def testable(y: Any, s: FitState) -> Tensor:
+        return by_area(Is)(y, s) + 0.1 * by_area(Ia)(y, s)
 
-    def adults(s: FitState) -> Tensor:
-        v = torch.where((s.entered == E) & adult.to(s.carrier.device)[s.age.long()], s.carrier, torch.zeros_like(s.carrier))
+    def adults(y: Any, s: FitState) -> Tensor:
+        v = torch.where((s.entered == E) & adult.to(s.carrier.device)[y.age.long()], s.carrier, torch.zeros_like(s.carrier))
         return v.sum().view(1)
 
     r = ("entered", "carrier", "area", "age")
@@ -518,6 +515,7 @@ class Problem:
 
     cfg: FitConfig
     model: Model
+    system0: Any  # the NYC CovidSystem: network, attributes, tables
     state0: FitState
     params: WindowParams
     dates: pd.DatetimeIndex  # simulation dates: start .. train_end + horizon
@@ -583,7 +581,8 @@ def make_problem(cfg: FitConfig, horizon: int = 0, cache_dir: str | None = None)
     subs = {s.name: s for s in setup.model.substeps}
     plan = [FittedContacts(school), Vaccinate(cfg.vaccine_efficacy), Importation(disease),
             subs["isolation"], subs["transmission"], subs["progression"]]
-    model = Model(plan, _observables(disease, areas, tables, adult), state_type=FitState, dt=1.0, name="covid-nyc-fitted")
+    model = Model(plan, _observables(disease, areas, tables, adult), state_type=FitState, system_type=type(setup.system),
+                  dt=1.0, name="covid-nyc-fitted")
     x, names = covariates(dates, areas, train_end)
     week = _week_index(dates)
     net = ContactNet(x.shape[-1], cfg.hidden)
@@ -608,7 +607,7 @@ def make_problem(cfg: FitConfig, horizon: int = 0, cache_dir: str | None = None)
               "deaths": torch.cat([torch.zeros(2), death_pmf / death_pmf.sum()])}
     n_adult = float(adult[pop.age.long()].sum())
     blocks = _blocks(start, pd.Timestamp(cfg.first_block_end), train_end, cfg.block_days)
-    return Problem(cfg, model, state.to(cfg.device), params.to(cfg.device), dates, train_end, tuple(areas),
+    return Problem(cfg, model, setup.system.to(cfg.device), state.to(cfg.device), params.to(cfg.device), dates, train_end, tuple(areas),
                    float(cfg.scale), obs, obs_city, delays, n_adult, names, blocks, week, pop, _segments(blocks))
 
 
@@ -715,7 +714,7 @@ def _run(p: Problem, params: WindowParams, state: Any, rng: dict[str, Tensor], t
     streams = Streams(p.cfg.seed, [s.name for s in p.model.substeps], state.device)
     streams.set_state(rng)
     with torch.set_grad_enabled(grad):
-        sim, st = cal.rollout(p.model, params, state, t1 - t0, start=t0, grad=grad, streams=streams)
+        sim, st = cal.rollout(p.model, params, p.system0, state, t1 - t0, start=t0, grad=grad, streams=streams)
     return sim, st, streams.get_state()
 
 
@@ -913,7 +912,7 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         fp.committed.copy_(table)
         streams = Streams(cfg.seed + 1000 + r, [s.name for s in p.model.substeps], st.device)
         with torch.no_grad():
-            sim, _ = cal.rollout(p.model, fp, st, H, start=origin, grad=False, streams=streams)
+            sim, _ = cal.rollout(p.model, fp, p.system0, st, H, start=origin, grad=False, streams=streams)
             hist_r = {k: torch.cat([full[k][:origin].double().cpu(), sim[k].double().cpu()]) for k in sim}
             base = base_series(p, hist_r)
         for s in SERIES:
@@ -1157,7 +1156,7 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
         params.ihr_scale.fill_(info["agent_ihr_scale"])
         params.ifr_scale.fill_(info["agent_ifr_scale"])
         with torch.no_grad():
-            sim, state = cal.rollout(p.model, params, state, t1 - t0, start=t0, grad=False, streams=streams)
+            sim, state = cal.rollout(p.model, params, p.system0, state, t1 - t0, start=t0, grad=False, streams=streams)
         for k in hist:
             hist[k].append(sim[k].double())
         if progress:

@@ -17,18 +17,19 @@ from lpm import Intervention, Model, Modulate, Network, Params, Positive
 from lpm.cli import Experiment
 from lpm.outputs import OutputDir
 from lpm.networks import erdos_renyi, household_cliques
-from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seir, stage_counts
+from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
+                               seir, stage_counts)
 
 
 def build(agents: int = 100_000, mean_degree: float = 10.0, lockdown: tuple[int, int] | None = (40, 80),
-          seed: int = 0, device: str = "cpu") -> tuple[Model, Params, EpiState]:
-    """Model, parameters and initial state of the demo (households + random community)."""
+          seed: int = 0, device: str = "cpu") -> tuple[Model, Params, EpiSystem, EpiState]:
+    """Model, parameters, system and initial state of the demo (households + random community)."""
     disease = seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
     household = torch.randint(0, max(1, agents // 3), (agents,), generator=torch.Generator().manual_seed(seed))
     net = Network.from_layers({"household": household_cliques(household),
                                "community": erdos_renyi(agents, mean_degree, seed=seed + 1)}, agents)
-    state = initial_state(disease, agents, max(1, agents // 10_000), seed=seed, network=net,
-                          layer_scale=torch.ones(2), layer_scale_base=torch.ones(2))
+    system = epi_system(disease, network=net, layer_scale_base=torch.ones(2), device=device)
+    state = initial_state(disease, agents, max(1, agents // 10_000), seed=seed, layer_scale=torch.ones(2))
     days = 400
     schedule = torch.ones(days, 2)
     if lockdown is not None:
@@ -37,9 +38,9 @@ def build(agents: int = 100_000, mean_degree: float = 10.0, lockdown: tuple[int,
         [Modulate("lockdown", "layer_scale", "layer_scale_base", [Intervention("community_lockdown", schedule)]),
          Progression(disease), Transmission(disease, use_layer_scale=True)],
         {"incidence": incidence(disease), **stage_counts(disease)},
-        state_type=EpiState, dt=disease.dt, name="sir-demo",
+        state_type=EpiState, system_type=EpiSystem, dt=disease.dt, name="sir-demo",
     )
-    return model, Params(beta=Positive(0.06)), state.to(device)
+    return model, Params(beta=Positive(0.06)), system, state.to(device)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -56,10 +57,10 @@ def run(argv: Sequence[str]) -> int:
     # every output is checked before any work, and staged: a failed run leaves no partial files
     od = OutputDir(a.out, ("results.h5", "daily.csv", "epidemic.png", "summary.json"), overwrite=a.overwrite)
     out = od.staging
-    model, params, state = build(a.agents, lockdown=None if a.no_lockdown else (40, 80), seed=a.seed, device=a.device)
+    model, params, system, state = build(a.agents, lockdown=None if a.no_lockdown else (40, 80), seed=a.seed, device=a.device)
     print(model.plan())
     t0 = time.perf_counter()
-    res = model.simulate(params, state, a.days, seed=a.seed, progress=True)
+    res = model.simulate(params, system, state, a.days, seed=a.seed, progress=True)
     secs = time.perf_counter() - t0
     res.to_hdf5(str(out / "results.h5"), mode="w")
     res.to_pandas(start_date="2020-03-01").to_csv(out / "daily.csv", index=False)

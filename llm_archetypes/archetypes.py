@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lpm import CodeBook, State, StateError, check_tensor
+from lpm import CodeBook, StateError, Struct, check_tensor
 
 __all__ = ["Archetypes", "bin_labels"]
 
@@ -57,7 +57,7 @@ class Archetypes:
     @classmethod
     def from_attributes(
         cls,
-        source: State | Mapping[str, Tensor],
+        source: Struct | Mapping[str, Tensor],
         attributes: Sequence[str],
         codebooks: Mapping[str, CodeBook | Sequence[str]] | None = None,
         bins: Mapping[str, Sequence[float]] | None = None,
@@ -79,7 +79,7 @@ class Archetypes:
         decoders: list[tuple[str, ...] | None] = []
         n: int | None = None
         for name in attributes:
-            if isinstance(source, State):
+            if isinstance(source, Struct):
                 if name not in source.field_names():
                     raise StateError(f"attribute {name!r}: not a field of {type(source).__name__}; "
                                      f"fields: {list(source.field_names())}")

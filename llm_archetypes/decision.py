@@ -34,7 +34,7 @@ this week?") with age band x sex x borough x employment archetypes::
     params = Params(beta=Positive(0.05)); params.add_module("isolation_link", link)
     decide = ArchetypeDecision(
         "isolation_decision", archetypes=arch, question=isolation_question(), asker=asker,
-        context=lambda s, t: {"cases": float(s.weekly_cases_per_100k)},
+        context=lambda system, s, t: {"cases": float(s.weekly_cases_per_100k)},
         context_reads=("weekly_cases_per_100k",),
         target="isolation", store="isolation_score", every=7, link=link)
     state = state.replace(isolation_score=decide.initial_scores(),
@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lpm import Observable, Params, State, Substep, check_tensor
+from lpm import Observable, Params, State, Substep, System, check_tensor
 
 from llm_archetypes.archetypes import Archetypes
 from llm_archetypes.asking import Asker
@@ -66,14 +66,14 @@ __all__ = ["ArchetypeDecision"]
 class ArchetypeDecision(Substep):
     """Every ``every`` steps ask the K archetypes ``question``; write ``link(scores)[archetype_id]`` to ``target``.
 
-    ``context(state, t) -> {name: value}`` computes the prompt's context from the state
-    (numeric values are bucketed by the question); ``context_reads`` names the fields it
-    reads. ``store`` is a ``[K]`` float field holding the last raw scores, so the substep
+    ``context(system, state, t) -> {name: value}`` computes the prompt's context from the
+    system and state (numeric values are bucketed by the question); ``context_reads`` names
+    the fields it reads. ``store`` is a ``[K]`` float field holding the last raw scores, so the substep
     stays a pure function of the state. Decisions happen at ``t = offset, offset + every, ...``.
     """
 
     def __init__(self, name: str, *, archetypes: Archetypes, question: Question, asker: Asker,
-                 context: Callable[[State, int], Mapping[str, Any]], target: str, store: str,
+                 context: Callable[[System, State, int], Mapping[str, Any]], target: str, store: str,
                  every: int = 7, offset: int = 0, link: Link | None = None,
                  context_reads: Sequence[str] = ()) -> None:
         if every < 1:
@@ -99,11 +99,11 @@ class ArchetypeDecision(Substep):
         """A ``[K]`` store to put in the initial state (replaced at the first decision step)."""
         return torch.full((self.archetypes.K,), float(value), dtype=torch.float32, device=device)
 
-    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
+    def __call__(self, params: Params, system: System, state: State, t: int, rng: torch.Generator) -> State:
         scores = getattr(state, self.store)
         check_tensor(f"{self.name}: {self.store}", scores, (self.archetypes.K,))
         if self.is_decision_step(t):
-            ctx = self.context(state, t)
+            ctx = self.context(system, state, t)
             ans = self.asker.ask_archetypes(self.archetypes, self.question, ctx)
             scores = ans.scores.to(device=scores.device, dtype=scores.dtype)
         value = self.link(scores) if self.link is not None else scores
@@ -119,5 +119,5 @@ class ArchetypeDecision(Substep):
         """Observable of the stored archetype scores ``[K]`` per step, labelled by archetype."""
         labels = [" / ".join(d.values()) for d in self.archetypes.labels]
         store = self.store
-        return Observable(lambda s: getattr(s, store).detach().clone(), labels=labels, reads=(store,),
+        return Observable(lambda y, s: getattr(s, store).detach().clone(), labels=labels, reads=(store,),
                           doc=f"raw answer scores of {self.question.name!r} per archetype")

@@ -169,15 +169,15 @@ def _dense_transmission_cls():
     class DenseTransmission(Transmission):
         """Every agent, every edge, every step (no frontier, no candidates)."""
 
-        def __call__(self, params, state, t, rng):  # type: ignore[override]
+        def __call__(self, params, system, state, t, rng):  # type: ignore[override]
             d = self.disease
-            iota, cdf = self.tables(state.stage.device)
+            iota, cdf = system.infectiousness, system.dwell_cdf
             beta = getattr(params, self.beta)
             inf = iota[state.stage.long()]
             value = inf * state.carrier
             if self.use_contact_factor:
                 value = value.unsqueeze(1) * state.contact_factor
-            net = state.network
+            net = system.network
             src, dst, lay = net.edge_index[0].long(), net.edge_index[1].long(), net.layer.long()
             v = (value[src, lay] if value.dim() == 2 else value[src]) * net.weight * (inf[src] > 0)
             if self.use_layer_scale:
@@ -207,25 +207,26 @@ def test_compact_transmission_matches_dense(contact_factor: bool) -> None:
     including the gradient with respect to a closed (zero) layer."""
     from lpm import Interval, Model, Params, Positive
     from lpm.networks import erdos_renyi, household_cliques
-    from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seirm
+    from substeps.epidemic import Dwell, EpiState, Progression, Transmission, epi_system, incidence, initial_state, seirm
 
     n = 1500
     hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(0))
     net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=1)}, n)
-    d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=lambda p, s: p.ifr * s.susceptibility,
+    d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=lambda p, y, s: p.ifr * s.susceptibility,
               fatality_reads=("susceptibility",), fatality_params=("ifr",))
     # the dense reference implements the linear carrier coupling
     kw = dict(use_layer_scale=True, use_contact_factor=contact_factor, use_susceptibility=True, estimator="linear")
     outs = []
     for cls in (Transmission, _dense_transmission_cls()):
         scale = torch.tensor([0.0, 1.0], device=DEVICE, requires_grad=True)  # households closed
-        st = initial_state(d, n, 20, network=net, device=DEVICE, layer_scale_base=torch.ones(2),
+        sy = epi_system(d, network=net, device=DEVICE, layer_scale_base=torch.ones(2))
+        st = initial_state(d, n, 20, device=DEVICE,
                            susceptibility=torch.rand(n, generator=torch.Generator().manual_seed(5)) + 0.5,
                            contact_factor=torch.rand(n, 2, generator=torch.Generator().manual_seed(6)),
                            layer_scale=torch.ones(2)).replace(layer_scale=scale)
         params = Params(beta=Positive(0.1), ifr=Interval(0.1, 0, 1)).to(DEVICE)
         m = Model([cls(d, **kw), Progression(d)], {"inc": incidence(d), "deaths": incidence(d, stage="M")}, state_type=EpiState)
-        r = m.simulate(params, st, 25, seed=3, grad=True, progress=False)
+        r = m.simulate(params, sy, st, 25, seed=3, grad=True, progress=False)
         loss = r.observables["inc"].sum() + 3 * r.observables["deaths"].sum()
         grads = torch.autograd.grad(loss, [*params.parameters(), scale])
         fs = r.final_state

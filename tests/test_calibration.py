@@ -11,20 +11,22 @@ import pytest
 import torch
 
 import calibration as cal
-from lpm import Interval, Model, Params, Positive
-from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seirm
+from lpm import Interval, Model, Params, Positive, System
+from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
+                               seirm)
 
 DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
 AREAS = ("A", "B", "C")
 TRUE = {"beta": 0.5, "ascertainment": 0.3, "ifr": 0.05}
 
 
-def build(N: int = 3000, init: int = 30, **values: float) -> tuple[Model, Params, EpiState]:
+def build(N: int = 3000, init: int = 30, **values: float) -> tuple[Model, Params, EpiSystem, EpiState]:
     """Three-area well-mixed SEIR-M (fast at small N): infections and deaths per area."""
-    disease = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(4.0, 2.0), lambda p, s: p.ifr, fatality_params=("ifr",))
+    disease = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(4.0, 2.0), lambda p, y, s: p.ifr, fatality_params=("ifr",))
     area = (torch.arange(N) % 3).to(torch.int8)
     mixing = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
-    state = initial_state(disease, N, init, seed=0, group=area, mixing=mixing)
+    state = initial_state(disease, N, init, seed=0)
+    system = epi_system(disease, group=area, mixing=mixing, device=DEVICE)
     model = Model([Transmission(disease, network=False), Progression(disease)],
                   {"infections": incidence(disease, group="group", labels=AREAS),
                    "deaths": incidence(disease, stage="M", group="group", labels=AREAS)},
@@ -32,20 +34,20 @@ def build(N: int = 3000, init: int = 30, **values: float) -> tuple[Model, Params
     v = {**TRUE, **values}
     params = Params(beta=Positive(v["beta"]), ascertainment=Interval(v["ascertainment"], 0.0, 1.0),
                     ifr=Interval(v["ifr"], 0.0, 1.0))
-    return model, params.to(DEVICE), state.to(DEVICE)
+    return model, params.to(DEVICE), system, state.to(DEVICE)
 
 
 OBS = cal.ObservationModel([cal.Stream("cases", "infections", "ascertainment", cal.gamma_delay(4, 2)),
                             cal.Stream("deaths", "deaths", 1.0, cal.gamma_delay(3, 1.5))], AREAS)
 
 
-def synthetic_frame(model: Model, params: Params, state: EpiState, T: int, seeds=(100, 101, 102, 103)) -> tuple[pd.DataFrame, pd.DatetimeIndex]:
+def synthetic_frame(model: Model, params: Params, system: System, state: EpiState, T: int, seeds=(100, 101, 102, 103)) -> tuple[pd.DataFrame, pd.DatetimeIndex]:
     """Expected data at the true parameters (mean over held-out seeds), tidy."""
     dates = pd.date_range("2020-03-01", periods=T)
     acc = None
     with torch.no_grad():
         for s in seeds:
-            sim, _ = cal.rollout(model, params, state, T, seed=s, grad=False)
+            sim, _ = cal.rollout(model, params, system, state, T, seed=s, grad=False)
             d = OBS.expected_daily(params, sim)
             acc = d if acc is None else {k: acc[k] + d[k] for k in d}
     rows = []
@@ -132,17 +134,17 @@ def test_losses_are_minimised_at_the_data_and_match_torch() -> None:
 
 # ------------------------------------------------------------------ rollout and gradients
 def test_chunked_checkpointed_rollout_equals_plain_values_and_gradients() -> None:
-    model, params, state = build(N=1500)
-    sim, _ = cal.rollout(model, params, state, 16, seed=3)
+    model, params, system, state = build(N=1500)
+    sim, _ = cal.rollout(model, params, system, state, 16, seed=3)
     L = (sim["infections"].sum() + 7 * sim["deaths"].sum())
     g1 = torch.autograd.grad(L, list(params.parameters()), allow_unused=True)
-    sim2, _ = cal.rollout(model, params, state, 16, seed=3, chunk=5)
+    sim2, _ = cal.rollout(model, params, system, state, 16, seed=3, chunk=5)
     L2 = (sim2["infections"].sum() + 7 * sim2["deaths"].sum())
     g2 = torch.autograd.grad(L2, list(params.parameters()), allow_unused=True)
     assert torch.equal(sim["infections"], sim2["infections"])
     for a, b in zip(g1, g2):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    ref = model.simulate(params, state, 16, seed=3, progress=False)
+    ref = model.simulate(params, system, state, 16, seed=3, progress=False)
     assert torch.equal(ref["infections"], sim["infections"].detach())
 
 
@@ -151,11 +153,11 @@ def test_gradient_of_expected_observables_matches_finite_differences() -> None:
 
     Tolerance: |autograd - FD| <= 3 FD standard errors + 15% of |FD| (FD with common random numbers).
     """
-    model, params, state = build(N=4000, init=40, beta=0.35)
+    model, params, system, state = build(N=4000, init=40, beta=0.35)
     w = torch.linspace(0.5, 1.5, 18, device=DEVICE).view(18, 1)
 
     def objective(p: Params, seed: int) -> torch.Tensor:
-        sim, _ = cal.rollout(model, p, state, 18, seed=seed, grad=torch.is_grad_enabled())
+        sim, _ = cal.rollout(model, p, system, state, 18, seed=seed, grad=torch.is_grad_enabled())
         return (w * sim["infections"]).sum() + 20 * sim["deaths"].sum()
 
     for c in cal.gradient_check(objective, params, seeds=range(6), h=0.1, names=["beta", "ifr"]):
@@ -168,8 +170,8 @@ def test_gradient_of_weekly_poisson_loss_matches_finite_differences() -> None:
 
     Tolerance: 3 FD standard errors + 25% of |FD| (the estimator is biased for nonlinear losses, small here).
     """
-    model, params, state = build(N=4000, init=40, beta=0.35)
-    df, dates = synthetic_frame(model, params, state, 21, seeds=(100, 101))
+    model, params, system, state = build(N=4000, init=40, beta=0.35)
+    df, dates = synthetic_frame(model, params, system, state, 21, seeds=(100, 101))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cal.DataWarning)
         obs = cal.align(df, dates, areas=AREAS + ("NYC",), freq="W-SAT", device=DEVICE)
@@ -177,7 +179,7 @@ def test_gradient_of_weekly_poisson_loss_matches_finite_differences() -> None:
     loss = cal.Loss("poisson")
 
     def objective(p: Params, seed: int) -> torch.Tensor:
-        sim, _ = cal.rollout(model, p, state, 21, seed=seed, grad=torch.is_grad_enabled())
+        sim, _ = cal.rollout(model, p, system, state, 21, seed=seed, grad=torch.is_grad_enabled())
         return loss(OBS.predict(p, sim, obs), obs, p)
 
     checks = cal.gradient_check(objective, params, seeds=range(5), h=0.1, names=["beta", "ascertainment"])
@@ -191,27 +193,27 @@ def test_gradient_at_high_attack_rate_matches_finite_differences() -> None:
     """Most of the population is infected (depletion, strong coupling between agents): the regime
     where the agent-local estimator's bias shows. Tolerance: 3 FD standard errors + 30% of |FD|
     (measured bias: see calibration/gradcheck.py)."""
-    model, params, state = build(N=2000, init=40, beta=0.8)
+    model, params, system, state = build(N=2000, init=40, beta=0.8)
 
     def objective(p: Params, seed: int) -> torch.Tensor:
-        sim, _ = cal.rollout(model, p, state, 30, seed=seed, grad=torch.is_grad_enabled())
+        sim, _ = cal.rollout(model, p, system, state, 30, seed=seed, grad=torch.is_grad_enabled())
         return sim["infections"].sum() + 20 * sim["deaths"].sum()
 
     with torch.no_grad():
-        attack = float(cal.rollout(model, params, state, 30, seed=0, grad=False)[0]["infections"].sum()) / 2000
+        attack = float(cal.rollout(model, params, system, state, 30, seed=0, grad=False)[0]["infections"].sum()) / 2000
     assert attack > 0.6, attack
     for c in cal.gradient_check(objective, params, seeds=range(8), h=0.1, names=["beta", "ifr"]):
         assert abs(c.autograd - c.finite_diff) <= 3 * c.fd_stderr + 0.3 * abs(c.finite_diff), c
 
 
 # ------------------------------------------------------------------ fitting
-def _problem(T: int = 28, N: int = 3000, seeds=(0, 1)) -> tuple[Model, Params, EpiState, cal.Observed]:
-    model, params, state = build(N=N)
-    df, dates = synthetic_frame(model, params, state, T)
+def _problem(T: int = 28, N: int = 3000, seeds=(0, 1)) -> tuple[Model, Params, EpiSystem, EpiState, cal.Observed]:
+    model, params, system, state = build(N=N)
+    df, dates = synthetic_frame(model, params, system, state, T)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cal.DataWarning)
         obs = cal.align(df, dates, areas=AREAS, freq="D", device=DEVICE)
-    return model, params, state, obs
+    return model, params, system, state, obs
 
 
 def test_parameter_recovery_from_a_distant_start() -> None:
@@ -222,10 +224,10 @@ def test_parameter_recovery_from_a_distant_start() -> None:
     0.5), ascertainment 0.295-0.306 (true 0.3); without the L-BFGS trust region one set in
     four diverged to beta -> 0.
     """
-    model, params, state, obs = _problem(T=56, N=3000)
+    model, params, system, state, obs = _problem(T=56, N=3000)
     params.set(beta=0.3, ascertainment=0.6)
     params.raw_ifr.requires_grad_(False)
-    res = cal.fit(model, params, obs, cal.Loss("poisson"), 10, state=state, obs_model=OBS, seeds=(0, 1), lr=1.0,
+    res = cal.fit(model, params, obs, cal.Loss("poisson"), 10, system=system, state=state, obs_model=OBS, seeds=(0, 1), lr=1.0,
                   optimizer="lbfgs", progress=False)
     got = params.values()
     err = {k: abs(float(got[k]) - TRUE[k]) / TRUE[k] for k in ("beta", "ascertainment")}
@@ -234,9 +236,9 @@ def test_parameter_recovery_from_a_distant_start() -> None:
 
 
 def test_resume_equals_uninterrupted(tmp_path) -> None:
-    model, params, state, obs = _problem(T=14, N=1000, seeds=(0,))
+    model, params, system, state, obs = _problem(T=14, N=1000, seeds=(0,))
     start = {"beta": 0.3, "ascertainment": 0.6, "ifr": 0.1}
-    kw = dict(state=state, obs_model=OBS, seeds=(0,), lr=0.1, lr_min=0.01, lr_steps=4, keep_best=True, grad_from=3,
+    kw = dict(system=system, state=state, obs_model=OBS, seeds=(0,), lr=0.1, lr_min=0.01, lr_steps=4, keep_best=True, grad_from=3,
               progress=False)
     params.set(**start)
     full = cal.fit(model, params, obs, cal.Loss("negbin"), 4, **kw)
@@ -255,7 +257,7 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
 def test_network_calibrator_learns_a_time_varying_multiplier() -> None:
     """Data made with a mid-run 60% transmission drop; the net (on a policy-date covariate) finds it."""
     T = 28
-    model, params, state = build(N=2000)
+    model, params, system, state = build(N=2000)
     dates = pd.date_range("2020-03-01", periods=T)
     # time-varying transmission through the mixing matrix: mixing = base * m(t)
     x = cal.covariates(dates, policy_dates=["2020-03-15"], n_basis=0)
@@ -265,15 +267,25 @@ def test_network_calibrator_learns_a_time_varying_multiplier() -> None:
 
     from lpm.state import tensor_field
 
+    # a time-varying mixing matrix is state, not system: the epidemic's constants minus mixing, plus its base
+    @dataclass(frozen=True)
+    class TVSystem(System):
+        infectiousness: torch.Tensor = tensor_field(("C",), torch.float32)
+        dwell_cdf: torch.Tensor = tensor_field(("C", "D"), torch.float64)
+        next_stage: torch.Tensor = tensor_field(("C",), torch.int8)
+        group: torch.Tensor = tensor_field(("N",), torch.int8)
+        mixing_base: torch.Tensor = tensor_field(("G", "G"), torch.float32, "mixing before the multiplier")
+
     @dataclass(frozen=True)
     class TVState(EpiState):
-        mixing_base: torch.Tensor = tensor_field(("G", "G"), torch.float32, "mixing before the multiplier", optional=True)
+        mixing: torch.Tensor = tensor_field(("G", "G"), torch.float32, "mixing this step", optional=True)
 
-    st = TVState(**dict(state.items()), mixing_base=state.mixing)
+    sy = TVSystem(system.infectiousness, system.dwell_cdf, system.next_stage, system.group, system.mixing)
+    st = TVState(**dict(state.items()))
     tv = Model([cal.ParamSchedule("contacts", "mixing", "mixing_base", "contact_mult"), *model.substeps],
-               model.observables, state_type=TVState)
+               model.observables, state_type=TVState, system_type=TVSystem)
     truth = Params(beta=Positive(0.5), ascertainment=Interval(0.3, 0.0, 1.0), ifr=Interval(0.05, 0, 1), contact_mult=true_m)
-    df, _ = synthetic_frame(tv, truth, st, T)
+    df, _ = synthetic_frame(tv, truth, sy, st, T)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cal.DataWarning)
         obs = cal.align(df, dates, areas=AREAS, series=("cases",))
@@ -281,17 +293,17 @@ def test_network_calibrator_learns_a_time_varying_multiplier() -> None:
     for p in (base.raw_ascertainment, base.raw_ifr):
         p.requires_grad_(False)
     net = cal.NetworkParams(base, {"contact_mult": (cal.CovariateNet(x.shape[1], hidden=8), x)})
-    before = float(cal.Problem(tv, st, T, OBS, obs, cal.Loss("poisson"), (0,)).objective(net, grad=False))
-    res = cal.fit(tv, net, obs, cal.Loss("poisson"), 25, state=st, obs_model=OBS, seeds=(0,), lr=0.1, progress=False)
+    before = float(cal.Problem(tv, sy, st, T, OBS, obs, cal.Loss("poisson"), (0,)).objective(net, grad=False))
+    res = cal.fit(tv, net, obs, cal.Loss("poisson"), 25, system=sy, state=st, obs_model=OBS, seeds=(0,), lr=0.1, progress=False)
     m = net.contact_mult.detach()
     assert res.losses[-1] < before
     assert float(m[20:].mean()) < 0.75 * float(m[:10].mean()), m  # it learned the drop
 
 
 def test_gradient_free_baseline_uses_the_same_budget() -> None:
-    model, params, state, obs = _problem(T=14, N=1000, seeds=(0,))
+    model, params, system, state, obs = _problem(T=14, N=1000, seeds=(0,))
     params.set(beta=0.3, ascertainment=0.6)
-    prob = cal.Problem(model, state, 14, OBS, obs, cal.Loss("poisson"), (0, 1))
+    prob = cal.Problem(model, system, state, 14, OBS, obs, cal.Loss("poisson"), (0, 1))
     res = cal.nelder_mead(prob, params, budget=20)
     assert res.sims[-1] <= 20 and res.sims[-1] >= 18
     assert all(b <= a for a, b in zip(res.losses, res.losses[1:]))  # best-so-far is monotone
@@ -349,9 +361,9 @@ def test_anchored_draws_match_the_last_week_widen_with_horizon_and_fall_back_fla
 
 
 def test_grad_from_truncates_the_graph_but_not_the_values() -> None:
-    model, params, state = build(N=1000)
-    full, _ = cal.rollout(model, params, state, 12, seed=2)
-    part, _ = cal.rollout(model, params, state, 12, seed=2, grad_from=6, chunk=4)
+    model, params, system, state = build(N=1000)
+    full, _ = cal.rollout(model, params, system, state, 12, seed=2)
+    part, _ = cal.rollout(model, params, system, state, 12, seed=2, grad_from=6, chunk=4)
     assert torch.equal(full["infections"], part["infections"])
     (g0,) = torch.autograd.grad(part["infections"][:6].sum(), params.raw_beta, retain_graph=True)
     (g,) = torch.autograd.grad(part["infections"][6:].sum(), params.raw_beta)
@@ -374,6 +386,6 @@ def test_weekly_blocks_align_to_the_end_and_schedule_starts_late() -> None:
     st = type("St", (), {})()
     st.mixing = torch.ones(2, 2)
     st.replace = lambda **kw: kw
-    assert torch.equal(sched(p, st, 4, None)["mixing"], torch.ones(2, 2))
-    assert torch.allclose(sched(p, st, 5, None)["mixing"], m[0] * torch.ones(2, 2))
-    assert torch.allclose(sched(p, st, 500, None)["mixing"], m[-1] * torch.ones(2, 2))  # held after the window
+    assert torch.equal(sched(p, System(), st, 4, None)["mixing"], torch.ones(2, 2))
+    assert torch.allclose(sched(p, System(), st, 5, None)["mixing"], m[0] * torch.ones(2, 2))
+    assert torch.allclose(sched(p, System(), st, 500, None)["mixing"], m[-1] * torch.ones(2, 2))  # held after the window

@@ -149,7 +149,7 @@ def test_synthetic_truth_is_recovered(tmp_path, monkeypatch) -> None:
     params.log_seed.data.fill_(np.log(3e-4))
     streams = fit.Streams(99, [s.name for s in p.model.substeps], "cpu")
     with torch.no_grad():
-        sim, _ = fit.cal.rollout(p.model, params, p.state0, T0, grad=False, streams=streams)
+        sim, _ = fit.cal.rollout(p.model, params, p.system0, p.state0, T0, grad=False, streams=streams)
     base = fit.base_series(p, {k: v.double() for k, v in sim.items()})
     dow = fit.weekday_factor(p, T0)
     p.obs["cases"] = np.round((base["cases"] * truth_asc * dow[:T0, None]).numpy())

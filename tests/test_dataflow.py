@@ -1,14 +1,15 @@
-"""Check mode: every library substep and every study reads and writes only what it declares."""
+"""Check mode: every library substep and every study reads (system and state) and writes only what it declares."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lpm import Fixed, Intervention, Interval, Model, Modulate, Network, Params, Positive, substep
+from lpm import Fixed, Intervention, Interval, Model, Modulate, Network, Params, Positive, System, substep
 from lpm.model import DataflowError
 from lpm.networks import erdos_renyi, preferential_attachment
-from substeps.epidemic import Dwell, EpiState, Progression, Transmission, epidemic_model, initial_state, seir, seirm
+from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, epidemic_model,
+                               initial_state, seir, seirm)
 
 
 def _all_steps(res, model: Model) -> None:
@@ -16,10 +17,10 @@ def _all_steps(res, model: Model) -> None:
     assert set(res.meta["dataflow"]) >= {s.name for s in model.substeps}
 
 
-def _checked(model: Model, params: Params, state, steps: int, seed: int = 0):
+def _checked(model: Model, params: Params, system: System, state, steps: int, seed: int = 0):
     """Run with and without check mode; the results must be identical."""
-    res = model.simulate(params, state, steps, seed=seed, check=True, progress=False)
-    plain = model.simulate(params, state, steps, seed=seed, progress=False)
+    res = model.simulate(params, system, state, steps, seed=seed, check=True, progress=False)
+    plain = model.simulate(params, system, state, steps, seed=seed, progress=False)
     for k in plain.names:
         assert torch.equal(res[k], plain[k]), k
     _all_steps(res, model)
@@ -28,44 +29,55 @@ def _checked(model: Model, params: Params, state, steps: int, seed: int = 0):
 
 def test_check_mode_names_substep_and_undeclared_field(device: str) -> None:
     disease = seir(Dwell.fixed(2), Dwell.fixed(3))
-    state = initial_state(disease, 200, 5, network=Network.from_layers({"r": erdos_renyi(200, 4.0)}, 200), device=device)
+    state = initial_state(disease, 200, 5, device=device)
+    system = epi_system(disease, network=Network.from_layers({"r": erdos_renyi(200, 4.0)}, 200), device=device)
 
     @substep(reads=("stage",), writes=("stage",))
-    def peeks_timer(params, state, t, rng):
+    def peeks_timer(params, system, state, t, rng):
         return state.replace(stage=torch.where(state.timer > 99, state.stage, state.stage))
 
     @substep(reads=("stage", "timer"), writes=("stage",))
-    def sneaks_write(params, state, t, rng):
+    def sneaks_write(params, system, state, t, rng):
         return state.replace(timer=state.timer.clone())
+
+    @substep(reads=("stage",), writes=("stage",))
+    def peeks_network(params, system, state, t, rng):
+        return state.replace(stage=state.stage[: system.network.num_nodes])
 
     params = Params(beta=Positive(0.1)).to(device)
     with pytest.raises(DataflowError, match="substep 'peeks_timer' read field 'timer'"):
-        Model([peeks_timer], state_type=EpiState).simulate(params, state, 1, check=True)
+        Model([peeks_timer], state_type=EpiState).simulate(params, system, state, 1, check=True)
     with pytest.raises(DataflowError, match="substep 'sneaks_write' wrote field 'timer'"):
-        Model([sneaks_write], state_type=EpiState).simulate(params, state, 1, check=True)
+        Model([sneaks_write], state_type=EpiState).simulate(params, system, state, 1, check=True)
+    # reads of the system are recorded and checked like reads of the state
+    with pytest.raises(DataflowError, match="substep 'peeks_network' read field 'network'"):
+        Model([peeks_network], state_type=EpiState, system_type=EpiSystem).simulate(params, system, state, 1, check=True)
     # without check mode the wrong declarations go unnoticed
-    Model([peeks_timer, sneaks_write], state_type=EpiState).simulate(params, state, 1)
+    Model([peeks_timer, sneaks_write, peeks_network], state_type=EpiState).simulate(params, system, state, 1)
 
 
 def test_library_epidemic_substeps(device: str) -> None:
     n = 1500
     net = Network.from_layers({"a": erdos_renyi(n, 6.0, seed=1), "b": erdos_renyi(n, 3.0, seed=2)}, n)
     disease = seirm(Dwell.gamma(2.0, 1.0), Dwell.gamma(3.0, 1.0), fatality=0.1)
-    st = initial_state(disease, n, 20, seed=0, network=net, device=device, layer_scale=torch.ones(2, device=device),
-                       layer_scale_base=torch.ones(2, device=device), contact_factor=torch.ones(n, 2, device=device),
-                       susceptibility=torch.full((n,), 0.8, device=device))
+    st = initial_state(disease, n, 20, seed=0, device=device, layer_scale=torch.ones(2, device=device),
+                       contact_factor=torch.ones(n, 2, device=device), susceptibility=torch.full((n,), 0.8, device=device))
+    system = epi_system(disease, network=net, layer_scale_base=torch.ones(2), device=device)
     sched = torch.ones(30, 2)
     sched[5:, 0] = 0.5
     model = Model([Modulate("npi", "layer_scale", "layer_scale_base", [Intervention("half", sched)]),
                    Transmission(disease, use_layer_scale=True, use_contact_factor=True, use_susceptibility=True),
-                   Progression(disease)], epidemic_model(disease).observables, state_type=EpiState)
-    res = _checked(model, Params(beta=Positive(0.1)).to(device), st, 25)
+                   Progression(disease)], epidemic_model(disease).observables, state_type=EpiState, system_type=EpiSystem)
+    res = _checked(model, Params(beta=Positive(0.1)).to(device), system, st, 25)
     # the hidden coupling of the two epidemic substeps is now declared and observed
     assert "entered_step" in res.meta["dataflow"]["transmission"]["reads"]
     assert "entered" in res.meta["dataflow"]["progression"]["reads"]
-    mixed = initial_state(disease, n, 20, seed=0, group=(torch.arange(n) % 3).to(torch.int8), mixing=torch.eye(3) + 0.1,
-                          device=device)
-    _checked(epidemic_model(disease, network=False), Params(beta=Positive(0.2)).to(device), mixed, 15)
+    # the disease's tables and the network are read from the system
+    assert {"network", "infectiousness", "dwell_cdf"} <= set(res.meta["dataflow"]["transmission"]["reads"])
+    assert {"next_stage", "dwell_cdf"} <= set(res.meta["dataflow"]["progression"]["reads"])
+    mixed = epi_system(disease, group=(torch.arange(n) % 3).to(torch.int8), mixing=torch.eye(3) + 0.1, device=device)
+    _checked(epidemic_model(disease, network=False), Params(beta=Positive(0.2)).to(device), mixed,
+             initial_state(disease, n, 20, seed=0, device=device), 15)
 
 
 def test_library_opinion_and_information_substeps(device: str) -> None:
@@ -92,8 +104,8 @@ def test_library_opinion_and_information_substeps(device: str) -> None:
 def test_study_sir_demo(device: str) -> None:
     from experiments import sir_demo
 
-    model, params, state = sir_demo.build(3000, device=device)
-    _checked(model, params.to(device), state, 60)
+    model, params, system, state = sir_demo.build(3000, device=device)
+    _checked(model, params.to(device), system, state, 60)
 
 
 def test_study_polarization(device: str) -> None:
@@ -127,6 +139,9 @@ def test_study_covid_nyc(llm: str, device: str, tmp_path) -> None:
 
     setup = nyc.build(scale=0.002, seed=0, device=device, days=16, boroughs=["SI"], cache_dir=tmp_path, llm=llm,
                       llm_cache=False)
-    res = _checked(setup.model, setup.params, setup.state, setup.steps)
+    res = _checked(setup.model, setup.params, setup.system, setup.state, setup.steps)
     flow = res.meta["dataflow"]
     assert "entered" in flow["testing"]["reads"] and "reported" in flow["testing"]["writes"]
+    assert {"test_capacity", "test_rate"} <= set(flow["testing"]["reads"])
+    assert {"area", "area_schedule"} <= set(flow["area_contacts"]["reads"])
+    assert {"age", "p_hosp", "p_death"} <= set(flow["progression"]["reads"])

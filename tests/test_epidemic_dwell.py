@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from lpm import Model, Network, Params, Positive
-from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seir, sir, stage_counts
+from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
+                               seir, sir, stage_counts)
 
 AUDIENCE = 1500
 
 
-def _known_contacts(disease, device: str) -> EpiState:
+def _known_contacts(disease, device: str) -> tuple[EpiSystem, EpiState]:
     """Agent 0 (seed) -> agent 1 (strong edge); 0 -> group A, 1 -> group B (weak edges)."""
     n = 2 + 2 * AUDIENCE
     a = torch.arange(2, 2 + AUDIENCE)
@@ -30,11 +31,11 @@ def _known_contacts(disease, device: str) -> EpiState:
     group = torch.cat([torch.tensor([0, 0]), torch.ones(AUDIENCE), 2 * torch.ones(AUDIENCE)]).to(torch.int8)
     seeds = torch.zeros(n, dtype=torch.bool)
     seeds[0] = True
-    return initial_state(disease, n, seeds, network=net, group=group, device=device)
+    return epi_system(disease, network=net, group=group, device=device), initial_state(disease, n, seeds, device=device)
 
 
-def _transmitting_days(model: Model, state: EpiState, steps: int, device: str) -> tuple[list[int], list[int]]:
-    res = model.simulate(Params(beta=Positive(0.06)).to(device), state, steps, seed=4, progress=False)
+def _transmitting_days(model: Model, pair: tuple[EpiSystem, EpiState], steps: int, device: str) -> tuple[list[int], list[int]]:
+    res = model.simulate(Params(beta=Positive(0.06)).to(device), *pair, steps, seed=4, progress=False)
     inc = res["by_group"].cpu()
     return [int(d) for d in (inc[:, 1] > 0).nonzero().squeeze(1)], [int(d) for d in (inc[:, 2] > 0).nonzero().squeeze(1)]
 

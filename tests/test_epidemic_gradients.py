@@ -17,13 +17,13 @@ import torch
 from lpm import Model, Network, Params, Positive
 from lpm.networks import erdos_renyi
 from lpm.sampling import NoGradientError
-from substeps.epidemic import (Dwell, EpiState, Progression, Transmission, epidemic_model, incidence, initial_state,
-                               prevalence, seir, sir, stage_counts)
+from substeps.epidemic import (Dwell, EpiState, Progression, Transmission, epi_system, epidemic_model, incidence,
+                               initial_state, prevalence, seir, sir, stage_counts)
 
 
-def mean_total(model, state, beta: float, seeds, steps: int, grad: bool, device: str):
+def mean_total(model, world, beta: float, seeds, steps: int, grad: bool, device: str):
     params = Params(beta=Positive(beta)).to(device)
-    total = sum(model.simulate(params, state, steps, seed=s, grad=grad, progress=False)["incidence"].sum() for s in seeds) / len(seeds)
+    total = sum(model.simulate(params, *world, steps, seed=s, grad=grad, progress=False)["incidence"].sum() for s in seeds) / len(seeds)
     if not grad:
         return float(total), None
     (g,) = torch.autograd.grad(total, params.raw_beta)
@@ -31,10 +31,10 @@ def mean_total(model, state, beta: float, seeds, steps: int, grad: bool, device:
     return float(total.detach()), float(g / dbeta_draw)
 
 
-def central_fd(model, state, beta: float, seeds, steps: int, device: str, rel: float = 0.05) -> float:
+def central_fd(model, world, beta: float, seeds, steps: int, device: str, rel: float = 0.05) -> float:
     h = rel * beta
-    up, _ = mean_total(model, state, beta + h, seeds, steps, False, device)
-    dn, _ = mean_total(model, state, beta - h, seeds, steps, False, device)
+    up, _ = mean_total(model, world, beta + h, seeds, steps, False, device)
+    dn, _ = mean_total(model, world, beta - h, seeds, steps, False, device)
     return (up - dn) / (2 * h)
 
 
@@ -58,7 +58,7 @@ def _forest(device: str, trees: int = 40, M: int = 200, D: int = 4, w0: float = 
         p1 = 1 - math.exp(-b * w0 * D)
         return trees * p1 * (1 + M * (1 - math.exp(-b * w * D)))
 
-    return d, initial_state(d, n, seeds, network=net, device=device), expected
+    return d, (epi_system(d, network=net, device=device), initial_state(d, n, seeds, device=device)), expected
 
 
 @pytest.mark.parametrize("estimator", ["presence", "linear"])
@@ -66,10 +66,10 @@ def test_two_generation_tree_gradient(estimator: str, device: str) -> None:
     """Strong per-edge hazards against the exact derivative: unbiased with the presence
     coupling, about 22% low with the linear one (which this test shows, so it can fail)."""
     beta = 3.0
-    d, state, expected = _forest(device)
+    d, world, expected = _forest(device)
     exact = (expected(beta + 1e-5) - expected(beta - 1e-5)) / 2e-5
     model = Model([Transmission(d, estimator=estimator), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
-    _, grad = mean_total(model, state, beta, range(8), 14, True, device)
+    _, grad = mean_total(model, world, beta, range(8), 14, True, device)
     # 320 trees: s.e. ~ 4%; measured presence 0.95-0.97, linear 0.76-0.78
     if estimator == "presence":
         assert abs(grad / exact - 1) < 0.12, (grad, exact)
@@ -80,11 +80,12 @@ def test_two_generation_tree_gradient(estimator: str, device: str) -> None:
 def test_well_mixed_final_size_gradient_matches_finite_difference(device: str) -> None:
     n = 5000
     disease = sir(0.2)
-    state = initial_state(disease, n, 20, seed=3, group=torch.zeros(n, dtype=torch.int8), mixing=torch.ones(1, 1), device=device)
+    world = (epi_system(disease, group=torch.zeros(n, dtype=torch.int8), mixing=torch.ones(1, 1), device=device),
+             initial_state(disease, n, 20, seed=3, device=device))
     model = epidemic_model(disease, network=False)
     seeds = range(24)
-    value, grad = mean_total(model, state, 0.3, seeds, 80, True, device)
-    fd = central_fd(model, state, 0.3, seeds, 80, device)
+    value, grad = mean_total(model, world, 0.3, seeds, 80, True, device)
+    fd = central_fd(model, world, 0.3, seeds, 80, device)
     assert value > 500
     # measured ratio 0.90-0.97 across beta in [0.25, 0.4]; MC error of the FD with 24 seeds ~ 6%
     assert abs(grad / fd - 1) < 0.2, (grad, fd)
@@ -93,17 +94,17 @@ def test_well_mixed_final_size_gradient_matches_finite_difference(device: str) -
 def _er_seir(n: int, device: str):
     disease = seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
     net = Network.from_layers({"community": erdos_renyi(n, 10.0, seed=1)}, n)
-    return disease, initial_state(disease, n, n // 100, seed=3, network=net, device=device)
+    return disease, (epi_system(disease, network=net, device=device), initial_state(disease, n, n // 100, seed=3, device=device))
 
 
 @pytest.mark.parametrize("days", [8, 60])
 def test_network_gradient_matches_finite_difference(days: int, device: str) -> None:
     """Erdős–Rényi SEIR (mean degree 10, beta 0.05 per contact-day, 1% seeded) at 8 and 60 days."""
-    disease, state = _er_seir(2000, device)
+    disease, world = _er_seir(2000, device)
     model = epidemic_model(disease)
     seeds = range(16 if days == 8 else 10)
-    _, grad = mean_total(model, state, 0.05, seeds, days, True, device)
-    fd = central_fd(model, state, 0.05, seeds, days, device, rel=0.1)
+    _, grad = mean_total(model, world, 0.05, seeds, days, True, device)
+    fd = central_fd(model, world, 0.05, seeds, days, device, rel=0.1)
     # benchmark (N = 5000, 16 seeds): 1.06 +- 0.08 at 8 days, 1.02 +- 0.06 at 60; the linear
     # coupling gives 0.78 at 60 days. Here s.e. ~ 8%.
     assert abs(grad / fd - 1) < 0.25, (grad, fd)
@@ -111,21 +112,21 @@ def test_network_gradient_matches_finite_difference(days: int, device: str) -> N
 
 @pytest.mark.slow
 def test_network_gradient_matches_finite_difference_150_days(device: str) -> None:
-    disease, state = _er_seir(5000, device)
+    disease, world = _er_seir(5000, device)
     model = epidemic_model(disease)
-    _, grad = mean_total(model, state, 0.05, range(24), 150, True, device)
-    fd = central_fd(model, state, 0.05, range(24), 150, device, rel=0.1)
+    _, grad = mean_total(model, world, 0.05, range(24), 150, True, device)
+    fd = central_fd(model, world, 0.05, range(24), 150, device, rel=0.1)
     assert abs(grad / fd - 1) < 0.15, (grad, fd)
 
 
 @pytest.mark.parametrize("name", ["incidence", "S", "E", "I", "R", "prevalence"])
 def test_every_epidemic_observable_carries_gradient(name: str, device: str) -> None:
     """Each observable's gradient in beta is finite and non-zero where the truth is (more beta: fewer S, more E/I/R)."""
-    disease, state = _er_seir(1500, device)
+    disease, world = _er_seir(1500, device)
     obs = {"incidence": incidence(disease), **stage_counts(disease), "prevalence": prevalence(disease, ("E", "I"))}
     model = Model([Transmission(disease), Progression(disease)], obs, state_type=EpiState)
     params = Params(beta=Positive(0.05)).to(device)
-    res = model.simulate(params, state, 20, seed=0, grad=True, progress=False)
+    res = model.simulate(params, *world, 20, seed=0, grad=True, progress=False)
     (g,) = torch.autograd.grad(res[name][-8:].sum(), params.raw_beta)
     assert bool(torch.isfinite(g)) and float(g) != 0.0
     expected_sign = -1.0 if name == "S" else 1.0
@@ -135,10 +136,10 @@ def test_every_epidemic_observable_carries_gradient(name: str, device: str) -> N
 def test_observable_without_gradient_raises(device: str) -> None:
     from lpm.model import Observable
 
-    disease, state = _er_seir(300, device)
-    obs = {"incidence": incidence(disease), "flagged": Observable(lambda s: (s.stage == 1).sum().float(), reads=("stage",))}
+    disease, world = _er_seir(300, device)
+    obs = {"incidence": incidence(disease), "flagged": Observable(lambda y, s: (s.stage == 1).sum().float(), reads=("stage",))}
     params = Params(beta=Positive(0.05)).to(device)
-    res = Model([Transmission(disease), Progression(disease)], obs, state_type=EpiState).simulate(params, state, 5, grad=True, progress=False)
+    res = Model([Transmission(disease), Progression(disease)], obs, state_type=EpiState).simulate(params, *world, 5, grad=True, progress=False)
     torch.autograd.grad(res["incidence"].sum(), params.raw_beta)  # fine
     with pytest.raises(NoGradientError, match="'flagged'"):
         torch.autograd.grad(res["flagged"].sum() + res["incidence"].sum(), params.raw_beta)
@@ -147,10 +148,11 @@ def test_observable_without_gradient_raises(device: str) -> None:
 def test_gradients_finite_through_100_step_rollout(device: str) -> None:
     n = 3000
     disease = seir(Dwell.gamma(3.0, 1.0), Dwell.gamma(5.0, 2.0))
-    state = initial_state(disease, n, 10, network=Network.from_layers({"r": erdos_renyi(n, 8.0, seed=2)}, n), device=device)
+    state = initial_state(disease, n, 10, device=device)
+    system = epi_system(disease, network=Network.from_layers({"r": erdos_renyi(n, 8.0, seed=2)}, n), device=device)
     model = epidemic_model(disease)
     params = Params(beta=Positive(0.06)).to(device)
-    res = model.simulate(params, state, 100, seed=0, grad=True, progress=False)
+    res = model.simulate(params, system, state, 100, seed=0, grad=True, progress=False)
     loss = ((res["incidence"] - 10.0) ** 2).mean()
     loss.backward()
     g = params.raw_beta.grad

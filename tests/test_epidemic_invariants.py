@@ -6,8 +6,8 @@ import torch
 
 from lpm import Model, Network, Params, Positive
 from lpm.networks import erdos_renyi, household_cliques
-from substeps.epidemic import (DiseaseModel, Dwell, EpiState, Progression, Transition, Transmission, epidemic_model,
-                               incidence, initial_state, seir, seirm, stage_counts)
+from substeps.epidemic import (DiseaseModel, Dwell, EpiState, Progression, Transition, Transmission, epi_system,
+                               epidemic_model, incidence, initial_state, seir, seirm, stage_counts)
 
 N = 4000
 
@@ -16,8 +16,8 @@ def setup(device: str, seed: int = 0):
     disease = seirm(Dwell.gamma(3.0, 1.0), Dwell.gamma(5.0, 2.0), fatality=0.05)
     hh = torch.randint(0, N // 3, (N,), generator=torch.Generator().manual_seed(seed))
     net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(N, 6.0, seed=seed + 1)}, N)
-    state = initial_state(disease, N, 20, seed=seed, network=net, device=device)
-    return disease, epidemic_model(disease), state
+    state = initial_state(disease, N, 20, seed=seed, device=device)
+    return disease, epidemic_model(disease), epi_system(disease, network=net, device=device), state
 
 
 def attack(res, n: int = N) -> float:
@@ -25,8 +25,8 @@ def attack(res, n: int = N) -> float:
 
 
 def test_conservation_and_non_negativity(device: str) -> None:
-    disease, model, state = setup(device)
-    res = model.simulate(Params(beta=Positive(0.06)).to(device), state, 80, seed=1)
+    disease, model, system, state = setup(device)
+    res = model.simulate(Params(beta=Positive(0.06)).to(device), system, state, 80, seed=1)
     total = sum(res[s] for s in disease.stages)
     assert bool((total == N).all())
     for s in disease.stages:
@@ -39,23 +39,23 @@ def test_conservation_and_non_negativity(device: str) -> None:
 
 
 def test_beta_zero_means_no_infections(device: str) -> None:
-    _, model, state = setup(device)
-    res = model.simulate(Params(beta=Positive(1e-30)).to(device), state, 40, seed=1)
+    _, model, system, state = setup(device)
+    res = model.simulate(Params(beta=Positive(1e-30)).to(device), system, state, 40, seed=1)
     assert int(res["incidence"].sum()) == 0 and int(res["S"][-1]) == N - 20
 
 
 def test_higher_beta_higher_attack_rate(device: str) -> None:
-    _, model, state = setup(device)
+    _, model, system, state = setup(device)
     rates = []
     for beta in (0.02, 0.05, 0.1):
-        runs = [attack(model.simulate(Params(beta=Positive(beta)).to(device), state, 120, seed=s)) for s in range(4)]
+        runs = [attack(model.simulate(Params(beta=Positive(beta)).to(device), system, state, 120, seed=s)) for s in range(4)]
         rates.append(sum(runs) / len(runs))
     assert rates[0] < rates[1] < rates[2], rates
 
 
 def test_fatality_branch_share(device: str) -> None:
-    _, model, state = setup(device)
-    res = model.simulate(Params(beta=Positive(0.1)).to(device), state, 160, seed=3)
+    _, model, system, state = setup(device)
+    res = model.simulate(Params(beta=Positive(0.1)).to(device), system, state, 160, seed=3)
     dead, rec = float(res["M"][-1]), float(res["R"][-1])
     share = dead / (dead + rec)
     # binomial sd with ~3000 resolved cases is ~0.004
@@ -66,8 +66,9 @@ def test_fixed_dwell_is_exact(device: str) -> None:
     disease = DiseaseModel(("S", "E", "I", "R"), {"I": 1.0}, "E", {"E": Dwell.fixed(3), "I": Dwell.fixed(4)},
                            {"E": Transition("I"), "I": Transition("R")})
     n = 50
-    state = initial_state(disease, n, torch.ones(n, dtype=torch.bool), network=Network.from_layers({"r": erdos_renyi(n, 2.0)}, n), device=device)
-    res = epidemic_model(disease).simulate(Params(beta=Positive(0.1)).to(device), state, 10)
+    state = initial_state(disease, n, torch.ones(n, dtype=torch.bool), device=device)
+    system = epi_system(disease, network=Network.from_layers({"r": erdos_renyi(n, 2.0)}, n), device=device)
+    res = epidemic_model(disease).simulate(Params(beta=Positive(0.1)).to(device), system, state, 10)
     # all start in E (dwell 3) -> I at step 3 -> R at step 7
     assert res["E"].tolist() == [n, n, 0, 0, 0, 0, 0, 0, 0, 0]
     assert res["I"].tolist() == [0, 0, n, n, n, n, 0, 0, 0, 0]
@@ -77,10 +78,11 @@ def test_order_of_substeps_does_not_change_dwell_semantics(device: str) -> None:
     disease = seir(Dwell.fixed(2), Dwell.fixed(3))
     n = 2000
     net = Network.from_layers({"r": erdos_renyi(n, 6.0, seed=2)}, n)
-    state = initial_state(disease, n, 10, network=net, device=device)
+    state = initial_state(disease, n, 10, device=device)
+    system = epi_system(disease, network=net, device=device)
     obs = {"incidence": incidence(disease), **stage_counts(disease)}
-    a = Model([Progression(disease), Transmission(disease)], obs, state_type=EpiState).simulate(Params(beta=Positive(0.1)).to(device), state, 30, seed=1)
-    b = Model([Transmission(disease), Progression(disease)], obs, state_type=EpiState).simulate(Params(beta=Positive(0.1)).to(device), state, 30, seed=1)
+    a = Model([Progression(disease), Transmission(disease)], obs, state_type=EpiState).simulate(Params(beta=Positive(0.1)).to(device), system, state, 30, seed=1)
+    b = Model([Transmission(disease), Progression(disease)], obs, state_type=EpiState).simulate(Params(beta=Positive(0.1)).to(device), system, state, 30, seed=1)
     assert int(a["incidence"].sum()) > 100
     # the same streams are drawn; only who sees whose infectiousness within a step differs
     for res in (a, b):
@@ -99,9 +101,11 @@ def test_permuting_agent_labels_leaves_aggregates_unchanged_in_distribution(devi
     seeds_mask[:15] = True
     model = epidemic_model(disease)
     params = Params(beta=Positive(0.07)).to(device)
-    s1 = initial_state(disease, n, seeds_mask, network=Network.from_layers({"r": ei}, n), device=device)
-    s2 = initial_state(disease, n, seeds_mask[inv], network=Network.from_layers({"r": perm[ei]}, n), device=device)
-    a = torch.tensor([float(model.simulate(params, s1, 100, seed=k)["incidence"].sum()) for k in range(12)])
-    b = torch.tensor([float(model.simulate(params, s2, 100, seed=100 + k)["incidence"].sum()) for k in range(12)])
+    s1 = initial_state(disease, n, seeds_mask, device=device)
+    s2 = initial_state(disease, n, seeds_mask[inv], device=device)
+    y1 = epi_system(disease, network=Network.from_layers({"r": ei}, n), device=device)
+    y2 = epi_system(disease, network=Network.from_layers({"r": perm[ei]}, n), device=device)
+    a = torch.tensor([float(model.simulate(params, y1, s1, 100, seed=k)["incidence"].sum()) for k in range(12)])
+    b = torch.tensor([float(model.simulate(params, y2, s2, 100, seed=100 + k)["incidence"].sum()) for k in range(12)])
     se = ((a.var() + b.var()) / 12).sqrt()
     assert abs(float(a.mean() - b.mean())) < 4 * float(se) + 20, (a.mean(), b.mean(), se)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lpm import Params, Positive
-from substeps.epidemic import epidemic_model, initial_state, sir
+from substeps.epidemic import epi_system, epidemic_model, initial_state, sir
 
 BETA, GAMMA, N, I0, DT, DAYS = 0.3, 0.1, 100_000, 100, 0.1, 120
 
@@ -49,11 +49,11 @@ def final_size(r0: float) -> float:
 
 def test_well_mixed_sir_matches_ode(device: str) -> None:
     disease = sir(GAMMA, dt=DT)
-    state = initial_state(disease, N, I0, seed=1, group=torch.zeros(N, dtype=torch.int8),
-                          mixing=torch.ones(1, 1), device=device)
+    state = initial_state(disease, N, I0, seed=1, device=device)
+    system = epi_system(disease, group=torch.zeros(N, dtype=torch.int8), mixing=torch.ones(1, 1), device=device)
     model = epidemic_model(disease, network=False)
     gamma = 1.0 / (disease.dwell["I"].mean * DT)  # the stated mean stay, in days
-    res = model.simulate(Params(beta=Positive(BETA)).to(device), state, int(DAYS / DT), seed=2)
+    res = model.simulate(Params(beta=Positive(BETA)).to(device), system, state, int(DAYS / DT), seed=2)
     infected = res["I"].cpu().numpy() / N
     t = res.time.numpy()
     t_ode, y = ode_sir(BETA, gamma, I0 / N, DAYS)
@@ -78,9 +78,9 @@ def test_daily_steps_final_size_uses_the_stated_mean_stay(device: str) -> None:
     of 3.15 and a final size 0.02 lower, four times the tolerance.
     """
     disease = sir(GAMMA, dt=1.0)
-    state = initial_state(disease, N, I0, seed=1, group=torch.zeros(N, dtype=torch.int8),
-                          mixing=torch.ones(1, 1), device=device)
-    res = epidemic_model(disease, network=False).simulate(Params(beta=Positive(BETA)).to(device), state, 200, seed=2)
+    state = initial_state(disease, N, I0, seed=1, device=device)
+    system = epi_system(disease, group=torch.zeros(N, dtype=torch.int8), mixing=torch.ones(1, 1), device=device)
+    res = epidemic_model(disease, network=False).simulate(Params(beta=Positive(BETA)).to(device), system, state, 200, seed=2)
     z_sim = float(N - res["S"][-1]) / N
     r0 = BETA * disease.dwell["I"].mean
     assert abs(z_sim - final_size(r0)) < 0.005, (z_sim, final_size(r0), r0)

@@ -16,7 +16,7 @@ import torch
 from lpm import Interval, Model, Network, Params, Positive
 from lpm.kernels import _hash_uniform_py, compiled_available, compiled_kernels, counter_uniform, stream_key
 from lpm.networks import erdos_renyi, household_cliques
-from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seir, seirm, sir
+from substeps.epidemic import Dwell, EpiState, Progression, Transmission, epi_system, incidence, initial_state, seir, seirm, sir
 
 DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
 needs_numba = pytest.mark.skipif(not compiled_available(), reason="numba not installed (pip install lpm[fast])")
@@ -55,9 +55,9 @@ def test_numba_uniform_is_the_torch_uniform() -> None:
     assert np.array_equal(uniforms(idx, *key), counter_uniform(key, torch.from_numpy(idx)).numpy())
 
 
-def _run(model: Model, params: Params, state: EpiState, steps: int, compiled: bool, grad: bool = False):
+def _run(model: Model, params: Params, state: tuple, steps: int, compiled: bool, grad: bool = False):
     with compiled_kernels(compiled):
-        return model.simulate(params, state, steps, seed=4, grad=grad, progress=False)
+        return model.simulate(params, *state, steps, seed=4, grad=grad, progress=False)
 
 
 def _same(a, b) -> None:
@@ -74,7 +74,7 @@ def test_compiled_forward_equals_torch_on_er(disease: str) -> None:
     n = 4000
     d = sir(0.1) if disease == "sir" else seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
     net = Network.from_layers({"community": erdos_renyi(n, 10.0, seed=2)}, n, coalesce=False)
-    state = initial_state(d, n, 40, seed=1, network=net)
+    state = epi_system(d, network=net), initial_state(d, n, 40, seed=1)
     model = Model([Transmission(d), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
     params = Params(beta=Positive(0.03 if disease == "sir" else 0.06))
     a, b = _run(model, params, state, 50, True), _run(model, params, state, 50, False)
@@ -90,12 +90,12 @@ def test_compiled_forward_equals_torch_layered(per_agent_fatality: bool) -> None
     hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(0))
     net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=1)}, n)
     if per_agent_fatality:
-        d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=lambda p, s: p.ifr * s.susceptibility,
+        d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=lambda p, y, s: p.ifr * s.susceptibility,
                   fatality_reads=("susceptibility",), fatality_params=("ifr",))
     else:
         d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=0.2)
     g = torch.Generator().manual_seed(5)
-    state = initial_state(d, n, 30, network=net, layer_scale=torch.tensor([0.5, 1.5]),
+    state = epi_system(d, network=net), initial_state(d, n, 30, layer_scale=torch.tensor([0.5, 1.5]),
                           susceptibility=torch.rand(n, generator=g) + 0.5, contact_factor=torch.rand(n, 2, generator=g))
     params = Params(beta=Positive(0.08), ifr=Interval(0.3, 0, 1))
     kw = dict(use_layer_scale=True, use_contact_factor=True, use_susceptibility=True)
@@ -113,7 +113,7 @@ def test_compiled_progression_under_autograd_keeps_gradients() -> None:
     n = 2000
     d = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), fatality=0.1)
     net = Network.from_layers({"community": erdos_renyi(n, 8.0, seed=3)}, n, coalesce=False)
-    state = initial_state(d, n, 20, network=net)
+    state = epi_system(d, network=net), initial_state(d, n, 20)
     model = Model([Transmission(d), Progression(d)], {"inc": incidence(d)}, state_type=EpiState)
     grads = []
     for compiled in (True, False):
@@ -132,13 +132,13 @@ def test_torch_fallback_without_compiled_kernels() -> None:
     d = sir(0.1)
     n = 100
     net = Network.from_layers({"community": erdos_renyi(n, 4.0, seed=2)}, n, coalesce=False)
-    state = initial_state(d, n, 5, network=net)
+    system, state = epi_system(d, network=net), initial_state(d, n, 5)
     params = Params(beta=Positive(0.03))
     g = torch.Generator().manual_seed(0)
     with compiled_kernels(False), torch.no_grad():
-        assert fused_transmission(Transmission(d), params, state, 0, g) is None
-        assert fused_progression(Progression(d), params, state, 0, g) is None
-        out = Transmission(d)(params, state, 0, g)
+        assert fused_transmission(Transmission(d), params, system, state, 0, g) is None
+        assert fused_progression(Progression(d), params, system, state, 0, g) is None
+        out = Transmission(d)(params, system, state, 0, g)
     assert out.stage.shape == (n,)
 
 
@@ -162,7 +162,7 @@ def test_compiled_forward_equals_torch_weights_and_hubs(graph: str) -> None:
         net = Network.from_layers({"c": ei}, n, coalesce=False)
         seeded = 300
     d = sir(0.2)
-    state = initial_state(d, n, seeded, seed=2, network=net)
+    state = epi_system(d, network=net), initial_state(d, n, seeded, seed=2)
     model = Model([Transmission(d), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
     params = Params(beta=Positive(0.06 if graph == "weighted" else 0.0005))
     a, b = _run(model, params, state, 30, True), _run(model, params, state, 30, False)

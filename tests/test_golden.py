@@ -22,8 +22,8 @@ def sir_demo_summary() -> dict:
     from experiments import sir_demo
 
     torch.set_num_threads(1)
-    model, params, state = sir_demo.build(ARGS["agents"], seed=ARGS["seed"])
-    res = model.simulate(params, state, ARGS["days"], seed=ARGS["seed"], progress=False)
+    model, params, system, state = sir_demo.build(ARGS["agents"], seed=ARGS["seed"])
+    res = model.simulate(params, system, state, ARGS["days"], seed=ARGS["seed"], progress=False)
     inc = res["incidence"].double()
     return {"args": ARGS, "total_infections": float(inc.sum()), "peak_incidence": float(inc.max()),
             "peak_day": int(inc.argmax()) + 1, "final": {k: float(res[k][-1]) for k in ("S", "E", "I", "R")},

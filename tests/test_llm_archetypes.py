@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lpm import Model, Params, Positive, State, StateError, tensor_field
+from lpm import Model, Params, Positive, State, StateError, System, tensor_field
 from llm_archetypes import (
     Archetypes, ArchetypeDecision, AnswerCache, Asker, Bucket, Choice, Link, Number, ParseError,
     Question, RuleBackend, survey,
@@ -138,43 +138,49 @@ def test_survey_table_varies_with_age_and_cases() -> None:
 
 
 @dataclass(frozen=True)
-class TownState(State):
-    """Toy population for the decision substep."""
+class TownSystem(System):
+    """Toy population for the decision substep (attributes: constant during a run)."""
 
     age_band: Tensor = tensor_field(("N",), torch.int8, "age band code")
     sex: Tensor = tensor_field(("N",), torch.int8, "sex code")
     borough: Tensor = tensor_field(("N",), torch.int8, "borough code")
     employment: Tensor = tensor_field(("N",), torch.int8, "employment code")
+
+
+@dataclass(frozen=True)
+class TownState(State):
+    """What the toy town's run changes."""
+
     cases: Tensor = tensor_field((), torch.float32, "weekly cases per 100k")
     isolation: Tensor = tensor_field(("N",), torch.float32, "P(isolate | symptoms)")
     isolation_score: Tensor = tensor_field(("K",), torch.float32, "raw archetype answers")
 
 
-def town(asker: Asker, every: int = 7, link: Link | None = None) -> tuple[Model, TownState, ArchetypeDecision]:
+def town(asker: Asker, every: int = 7, link: Link | None = None) -> tuple[Model, TownSystem, TownState, ArchetypeDecision]:
     """A model whose case level rises each day and an isolation decision every ``every`` days."""
     pop = population(800)
     arch = Archetypes.from_attributes(pop, list(BOOKS), codebooks=BOOKS)
     decide = ArchetypeDecision("isolation_decision", archetypes=arch, question=isolation_question(), asker=asker,
-                               context=lambda s, t: {"cases": float(s.cases)}, context_reads=("cases",),
+                               context=lambda y, s, t: {"cases": float(s.cases)}, context_reads=("cases",),
                                target="isolation", store="isolation_score", every=every, link=link)
 
     class Rise:
         name, reads, writes, params = "rise", ("cases",), ("cases",), ()
 
-        def __call__(self, params: Params, state: TownState, t: int, rng: torch.Generator) -> TownState:
+        def __call__(self, params: Params, system: TownSystem, state: TownState, t: int, rng: torch.Generator) -> TownState:
             return state.replace(cases=state.cases + 10.0)
 
-    state = TownState(**pop, cases=torch.tensor(0.0, device=DEVICE),
+    state = TownState(cases=torch.tensor(0.0, device=DEVICE),
                       isolation=torch.zeros(800, device=DEVICE), isolation_score=decide.initial_scores(device=DEVICE))
-    model = Model([Rise(), decide], {"isolation": lambda s: s.isolation.mean(), "scores": decide.observable()},
-                  state_type=TownState)
-    return model, state, decide
+    model = Model([Rise(), decide], {"isolation": lambda y, s: s.isolation.mean(), "scores": decide.observable()},
+                  state_type=TownState, system_type=TownSystem)
+    return model, TownSystem(**pop), state, decide
 
 
 def test_decision_calls_equal_archetypes_times_decisions() -> None:
     asker = Asker(RuleBackend(isolation_rule), mode="off")
-    model, state, decide = town(asker, every=7)
-    res = model.simulate(Params(), state, 21, progress=False)
+    model, system, state, decide = town(asker, every=7)
+    res = model.simulate(Params(), system, state, 21, progress=False)
     K = decide.archetypes.K
     assert asker.stats.calls == K * 3 and asker.stats.decisions == 3
     scores = res["scores"]
@@ -192,9 +198,9 @@ def test_decision_gradient_reaches_link_params(tmp_path) -> None:
     params.add_module("isolation_link", link)
     assert any(p is link.bias for p in params.parameters())
     asker = Asker(RuleBackend(isolation_rule), cache=AnswerCache(tmp_path / "c.sqlite"))
-    model, state, decide = town(asker, every=7, link=link)
+    model, system, state, decide = town(asker, every=7, link=link)
     params = params.to(DEVICE)
-    res = model.simulate(params, state, 10, grad=True, progress=False)
+    res = model.simulate(params, system, state, 10, grad=True, progress=False)
     res["isolation"].sum().backward()
     assert link.bias.grad is not None and float(link.bias.grad.abs().sum()) > 0
     # analytic: d/d bias of mean_i 0.95 * sigmoid(logit(s_k(i)) + b) summed over steps

@@ -111,19 +111,19 @@ class Raising(RuleBackend):
 def test_record_then_replay_with_raising_backend_gives_identical_tensors(tmp_path: Path) -> None:
     path = tmp_path / "cache.sqlite"
     rec = Asker(RuleBackend(isolation_rule), cache=AnswerCache(path), mode="record")
-    model, state, decide = town(rec, every=7)
-    first = model.simulate(Params(), state, 21, seed=3, progress=False)
+    model, system, state, decide = town(rec, every=7)
+    first = model.simulate(Params(), system, state, 21, seed=3, progress=False)
     K = decide.archetypes.K
     assert rec.stats.calls == 3 * K and rec.stats.cache_hits == 0
 
     rerun = Asker(RuleBackend(isolation_rule), cache=AnswerCache(path), mode="record")
-    model, state, _ = town(rerun, every=7)
-    again = model.simulate(Params(), state, 21, seed=3, progress=False)
+    model, system, state, _ = town(rerun, every=7)
+    again = model.simulate(Params(), system, state, 21, seed=3, progress=False)
     assert rerun.stats.calls == 0 and rerun.stats.cache_hits == 3 * K and rerun.stats.cache_hit_rate == 1.0
 
     rep = Asker(Raising(isolation_rule), cache=AnswerCache(path), mode="replay")
-    model, state, _ = town(rep, every=7)
-    replayed = model.simulate(Params(), state, 21, seed=3, progress=False)
+    model, system, state, _ = town(rep, every=7)
+    replayed = model.simulate(Params(), system, state, 21, seed=3, progress=False)
     for name in first.observables:
         assert torch.equal(first[name], replayed[name]) and torch.equal(first[name], again[name])
     assert torch.equal(first.final_state.isolation, replayed.final_state.isolation)

@@ -321,9 +321,9 @@ def test_planted_pickle_as_calibration_checkpoint_is_refused_not_executed(tmp_pa
     marker = tmp_path / "pwned"
     ck = tmp_path / "state.pt"
     torch.save({"params": Exploit(marker), "optimizer": {}, "seeds": [0], "iteration": 0}, ck)
-    model, params, state = build(N=300, init=5)
-    frame, dates = synthetic_frame(model, params, state, 10, seeds=(1,))
+    model, params, system, state = build(N=300, init=5)
+    frame, dates = synthetic_frame(model, params, system, state, 10, seeds=(1,))
     data = cal.align(frame, dates, areas=AREAS)
     with pytest.raises(CheckpointError, match="refused"):
-        cal.fit(model, params, data, cal.Loss("poisson"), 1, state=state, obs_model=OBS, checkpoint=ck, progress=False)
+        cal.fit(model, params, data, cal.Loss("poisson"), 1, system=system, state=state, obs_model=OBS, checkpoint=ck, progress=False)
     assert not marker.exists()

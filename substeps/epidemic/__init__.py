@@ -15,12 +15,12 @@ counting), so who transmits on which day is the same in distribution; only the e
 stage counts then show each day's exits one step later.
 """
 
-from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, Transition, seir, seirm, sir
+from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, EpiSystem, Transition, epi_system, seir, seirm, sir
 from substeps.epidemic.observables import incidence, prevalence, stage_counts
 from substeps.epidemic.substeps import Progression, Transmission, compartment_counts, event_carrier, initial_state
 
 __all__ = [
-    "DiseaseModel", "Dwell", "EpiState", "Transition", "sir", "seir", "seirm",
+    "DiseaseModel", "Dwell", "EpiState", "EpiSystem", "epi_system", "Transition", "sir", "seir", "seirm",
     "Transmission", "Progression", "initial_state", "event_carrier", "compartment_counts",
     "incidence", "prevalence", "stage_counts", "epidemic_model",
 ]
@@ -32,4 +32,4 @@ def epidemic_model(disease: DiseaseModel, *, network: bool = True, name: str = "
 
     obs = {"incidence": incidence(disease), **stage_counts(disease)}
     return Model([Transmission(disease, network=network, **transmission_kwargs), Progression(disease)],
-                 obs, state_type=EpiState, dt=disease.dt, name=name)
+                 obs, state_type=EpiState, system_type=EpiSystem, dt=disease.dt, name=name)

@@ -7,7 +7,7 @@ Stages (one step = ``dt`` days, default 1 day)::
               |            \\-> D       Is: symptomatic;  H: hospitalised (isolated, not infectious)
               \\-> Ia -> R              Ia: asymptomatic (relative infectiousness ``rel_inf_asymptomatic``)
 
-Branches, by age band (tables from :func:`age_tables`):
+Branches, by age band (tables from :func:`age_tables`, held by the system, :class:`CovidSystem`):
 
 * ``E -> Ia`` with probability ``1 - p_symptomatic(age)``;
 * ``Is -> H`` with probability ``min(1, ihr_scale * IHR(age) / p_symptomatic(age))``;
@@ -30,7 +30,8 @@ Published defaults (``ihr_scale = ifr_scale = 1`` reproduce them; calibration fi
   PLoS Med 17:e1003346 (2020) (~0.35) and CDC planning scenarios (0.75).
 
 Isolation (:class:`Isolation`): symptomatic agents reduce their non-household contacts by
-the fitted fraction ``isolation`` by writing ``contact_factor [N, L]`` (a differentiable path).
+the fitted fraction ``isolation`` (on the system's ``reduced_layers``) by writing
+``contact_factor [N, L]`` (a differentiable path).
 With ``individual=True`` the state also carries a per-agent compliance ``isolation [N]``
 (P(an agent isolates when symptomatic), e.g. written weekly by a behaviour substep) and the
 parameter ``isolation`` becomes the effectiveness of isolating (share of non-household
@@ -41,7 +42,7 @@ stays differentiable in both). Compliance 1 everywhere gives back the plain mode
 so behaviour can react to what residents saw on the dashboards without breaking purity.
 Testing (:class:`Testing`): an agent entering ``Is`` (or ``Ia``, at relative rate
 ``asymptomatic_testing``) is tested and *reported* with probability
-``ascertainment * capacity[t]``; ``reported [N]`` holds the event's gradient carrier, so
+``ascertainment * test_capacity[t]`` (system tables); ``reported [N]`` holds the event's gradient carrier, so
 reported cases are differentiable in ``ascertainment`` and, through the carrier, in every
 upstream parameter. Nothing here knows a city.
 """
@@ -49,7 +50,7 @@ upstream parameter. Nothing here knows a city.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -57,12 +58,13 @@ from torch import Tensor
 from lpm.interventions import Intervention, Modulate
 from lpm.model import Model, Observable
 from lpm.params import Interval, Params, Positive
-from lpm.state import State, StateError, tensor_field
+from lpm.kernels import stage_mask
+from lpm.state import State, StateError, System, tensor_field
 from lpm.substep import Substep
-from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, Transition
+from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, EpiSystem, Transition, epi_system
 from substeps.epidemic.substeps import Progression, Transmission, event_carrier
 
-__all__ = ["CovidState", "age_tables", "covid_disease", "covid_params", "AreaContacts", "Isolation",
+__all__ = ["CovidState", "CovidSystem", "covid_system", "age_tables", "covid_disease", "covid_params", "AreaContacts", "Isolation",
            "ReportedWindow", "Testing", "covid_model", "covid_observables", "STAGES", "PARAM_DOCS"]
 
 STAGES = ("S", "E", "Ip", "Ia", "Is", "H", "R", "D")
@@ -97,12 +99,50 @@ def age_tables(age_mid: Sequence[float] | Tensor) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True)
-class CovidState(EpiState):
-    """:class:`EpiState` plus the attributes the COVID-19 substeps read."""
+class CovidSystem(EpiSystem):
+    """:class:`EpiSystem` plus the attributes, schedules and tables the COVID-19 substeps read.
+
+    ``B`` age bands, ``A`` areas, ``L`` layers, ``T`` (``Tc``) days of mobility (testing) schedules; the last value holds after.
+    """
 
     area: Tensor = tensor_field(("N",), torch.int8, "home area code", default=None)
     age: Tensor = tensor_field(("N",), torch.int8, "age band code (rows of the age tables)", default=None)
     susceptibility_base: Tensor | None = tensor_field(("N",), torch.float32, "susceptibility before vaccination", optional=True)
+    p_asymptomatic: Tensor = tensor_field(("B",), torch.float32, "P(E -> Ia) per age band (1 - Davies clinical fraction)", default=None)
+    p_hosp: Tensor = tensor_field(("B",), torch.float32, "P(Is -> H) per age band at ihr_scale 1", default=None)
+    p_death: Tensor = tensor_field(("B",), torch.float32, "P(H -> D) per age band at ifr_scale 1", default=None)
+    area_schedule: Tensor = tensor_field(("T", "A", "L"), torch.float32, "contact multiplier by day, area and layer (mobility)", default=None)
+    test_capacity: Tensor = tensor_field(("Tc",), torch.float32, "testing capacity by day (1 = full)", default=None)
+    test_rate: Tensor = tensor_field(("C+1",), torch.float32, "relative testing rate on entering each stage (last: entered nothing)", default=None)
+    reduced_layers: Tensor = tensor_field(("L",), torch.float32, "1 for layers a symptomatic agent reduces when isolating", default=None)
+
+
+def covid_system(disease: DiseaseModel, *, age_mid: Sequence[float] | Tensor, area: Tensor, age: Tensor,
+                 area_schedule: Tensor, test_capacity: Tensor, reduced_layers: Sequence[bool],
+                 test_rates: Mapping[str, float] | None = None, system_type: type[CovidSystem] = CovidSystem,
+                 device: torch.device | str = "cpu", **fields: Any) -> CovidSystem:
+    """The constants of a COVID-19 run: disease and age tables (bands with mid ages ``age_mid``), schedules, attributes.
+
+    ``test_rates``: relative testing rate of agents entering each stage (default ``Is`` 1,
+    ``Ia`` 0.1); ``fields``: the network, ``layer_scale_base`` and other system fields.
+    """
+    if area_schedule.dim() != 3:
+        raise StateError(f"area_schedule: expected [T, A, L], got shape {tuple(area_schedule.shape)}")
+    t = age_tables(age_mid)
+    rates = dict(test_rates or {"Is": 1.0, "Ia": 0.1})
+    table = torch.zeros(len(disease.stages) + 1)
+    for st, r in rates.items():
+        table[disease.code(st)] = float(r)
+    return epi_system(disease, system_type=system_type, device=device, area=area, age=age,
+                      p_asymptomatic=1.0 - t["p_symptomatic"], p_hosp=t["p_hosp"], p_death=t["p_death"],
+                      area_schedule=area_schedule.float(), test_capacity=test_capacity.float(), test_rate=table,
+                      reduced_layers=torch.tensor([float(r) for r in reduced_layers]), **fields)
+
+
+@dataclass(frozen=True)
+class CovidState(EpiState):
+    """:class:`EpiState` plus what the COVID-19 substeps change (see :class:`CovidSystem` for the constants)."""
+
     contact_factor_base: Tensor | None = tensor_field(("N", "L"), torch.float32, "per-agent layer multiplier before isolation (area mobility)", optional=True)
     reported: Tensor | None = tensor_field(("N",), torch.float32, "carrier of agents reported (tested positive) this step, 0 otherwise", optional=True)
     isolation: Tensor | None = tensor_field(("N",), torch.float32, "P(isolates | symptomatic) per agent (compliance); None: everyone complies", optional=True)
@@ -110,27 +150,22 @@ class CovidState(EpiState):
 
 
 class _AgeProb:
-    """Branch probability ``clamp(params[scale] * table[age])`` (a picklable closure)."""
+    """Branch probability ``clamp(params[scale] * system.<table>[system.age])`` (a picklable closure)."""
 
-    def __init__(self, table: Tensor, scale: str | None, cap: float) -> None:
+    def __init__(self, table: str, scale: str | None, cap: float) -> None:
         self.table, self.scale, self.cap = table, scale, cap
-        self._dev: dict[torch.device, Tensor] = {}
 
-    def __call__(self, params: Params, state: State) -> Tensor:
-        dev = state.age.device
-        if dev not in self._dev:
-            self._dev[dev] = self.table.to(dev)
-        p = self._dev[dev][state.age.long()]
+    def __call__(self, params: Params, system: System, state: State) -> Tensor:
+        p = getattr(system, self.table)[system.age.long()]
         if self.scale is not None:
             p = p * getattr(params, self.scale)
         return p.clamp(0.0, self.cap)
 
 
-def covid_disease(age_mid: Sequence[float] | Tensor, *, dt: float = 1.0, rel_inf_asymptomatic: float = 0.5,
+def covid_disease(*, dt: float = 1.0, rel_inf_asymptomatic: float = 0.5,
                   latent: Dwell | None = None, presymptomatic: Dwell | None = None, symptomatic: Dwell | None = None,
                   asymptomatic: Dwell | None = None, hospital: Dwell | None = None) -> DiseaseModel:
-    """The stage graph above with age-specific branches for the given age bands."""
-    t = age_tables(age_mid)
+    """The stage graph above with age-specific branches (their tables are on the system: :func:`covid_system`)."""
     lat = latent or Dwell.gamma(3.0, 1.5, dt)
     # the latent dwell is at least 2 steps, so an infection is never overwritten in ``entered`` by a
     # progression in the same step (Transmission runs before Progression)
@@ -142,11 +177,11 @@ def covid_disease(age_mid: Sequence[float] | Tensor, *, dt: float = 1.0, rel_inf
         dwell={"E": lat, "Ip": presymptomatic or Dwell.gamma(2.0, 1.0, dt), "Ia": asymptomatic or Dwell.gamma(5.0, 2.0, dt),
                "Is": symptomatic or Dwell.gamma(6.0, 2.5, dt), "H": hospital or Dwell.gamma(10.0, 5.0, dt)},
         transitions={
-            "E": Transition("Ip", "Ia", _AgeProb(1.0 - t["p_symptomatic"], None, 1.0), ("age",), ()),
+            "E": Transition("Ip", "Ia", _AgeProb("p_asymptomatic", None, 1.0), ("age", "p_asymptomatic"), ()),
             "Ip": Transition("Is"),
             "Ia": Transition("R"),
-            "Is": Transition("R", "H", _AgeProb(t["p_hosp"], "ihr_scale", 1.0), ("age",), ("ihr_scale",)),
-            "H": Transition("R", "D", _AgeProb(t["p_death"], "ifr_scale", 0.95), ("age",), ("ifr_scale",)),
+            "Is": Transition("R", "H", _AgeProb("p_hosp", "ihr_scale", 1.0), ("age", "p_hosp"), ("ihr_scale",)),
+            "H": Transition("R", "D", _AgeProb("p_death", "ifr_scale", 0.95), ("age", "p_death"), ("ifr_scale",)),
         },
         dt=dt,
     )
@@ -176,42 +211,34 @@ def _respec(spec: object, value: float) -> object:
 
 
 class AreaContacts(Substep):
-    """``contact_factor_base[i, l] = schedule[t, area_i, l]``: area- and layer-specific mobility."""
+    """``contact_factor_base[i, l] = area_schedule[t, area_i, l]``: area- and layer-specific mobility."""
 
-    def __init__(self, schedule: Tensor, name: str = "area_contacts") -> None:
-        if schedule.dim() != 3:
-            raise StateError(f"{name}: schedule must be [T, A, L], got {tuple(schedule.shape)}")
-        self.schedule = schedule.float()
+    def __init__(self, name: str = "area_contacts") -> None:
         self.name = name
-        self.reads = ("area",)
+        self.reads = ("area", "area_schedule")
         self.writes = ("contact_factor_base",)
-        self._dev: dict[torch.device, Tensor] = {}
 
-    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
-        dev = state.area.device
-        if dev not in self._dev:
-            self._dev[dev] = self.schedule.to(dev)
-        s = self._dev[dev]
-        return state.replace(contact_factor_base=s[min(t, s.shape[0] - 1)][state.area.long()])
+    def __call__(self, params: Params, system: CovidSystem, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+        s = system.area_schedule
+        return state.replace(contact_factor_base=s[min(t, s.shape[0] - 1)][system.area.long()])
 
 
 class Isolation(Substep):
-    """Symptomatic agents keep ``1 - isolation`` (``individual``: ``1 - isolation * compliance``) of ``reduced`` layers' contacts."""
+    """Symptomatic agents keep ``1 - isolation`` (``individual``: ``1 - isolation * compliance``) of the system's ``reduced_layers``' contacts."""
 
-    def __init__(self, disease: DiseaseModel, reduced: Sequence[bool], stages: Sequence[str] = ("Is",), name: str = "isolation",
+    def __init__(self, disease: DiseaseModel, stages: Sequence[str] = ("Is",), name: str = "isolation",
                  individual: bool = False) -> None:
         self.name = name
-        self.codes = torch.tensor([disease.code(s) for s in stages], dtype=torch.int8)
-        self.mask = torch.tensor([float(r) for r in reduced])
+        self.codes = [disease.code(s) for s in stages]
         self.individual = bool(individual)
-        self.reads = ("stage", "contact_factor_base") + (("isolation",) if individual else ())
+        self.reads = ("stage", "contact_factor_base", "reduced_layers") + (("isolation",) if individual else ())
         self.writes = ("contact_factor",)
         self.params = ("isolation",)
 
-    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+    def __call__(self, params: Params, system: CovidSystem, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
         base = state.contact_factor_base
-        iso = torch.isin(state.stage, self.codes.to(base.device))
-        drop = params.isolation * self.mask.to(base.device)  # [L]
+        iso = stage_mask(state.stage, self.codes)
+        drop = params.isolation * system.reduced_layers  # [L]
         if self.individual:
             drop = state.isolation.to(base.dtype)[:, None] * drop  # [N, L]: expected drop over compliance
         keep = 1.0 - drop
@@ -234,34 +261,28 @@ class ReportedWindow(Substep):
         """An all-zero ``[W, A]`` window for the initial state."""
         return torch.zeros(self.window, self.num_areas, device=device)
 
-    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+    def __call__(self, params: Params, system: CovidSystem, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
         # counts only: the window feeds discrete (bucketed) decisions, not a gradient path
-        today = state.reported.detach().new_zeros(self.num_areas).index_add(0, state.area.long(), state.reported.detach())
+        today = state.reported.detach().new_zeros(self.num_areas).index_add(0, system.area.long(), state.reported.detach())
         window = state.recent_cases.clone()
         window[t % self.window] = today
         return state.replace(recent_cases=window)
 
 
 class Testing(Substep):
-    """Agents entering ``stage_rates``' stages are reported with prob ``ascertainment * capacity[t] * rate``."""
+    """Agents entering a stage are reported with prob ``ascertainment * test_capacity[t] * test_rate[stage]`` (system tables)."""
 
-    def __init__(self, disease: DiseaseModel, capacity: Tensor, stage_rates: Mapping[str, float] | None = None,
-                 name: str = "testing") -> None:
-        rates = dict(stage_rates or {"Is": 1.0, "Ia": 0.1})
-        table = torch.zeros(len(disease.stages) + 1)
-        for s, r in rates.items():
-            table[disease.code(s)] = float(r)
-        self.table = table  # last entry: "entered nothing" (-1)
-        self.capacity = capacity.float()
+    def __init__(self, name: str = "testing") -> None:
         self.name = name
-        self.reads = ("entered", "carrier")
+        self.reads = ("entered", "carrier", "test_capacity", "test_rate")
         self.writes = ("reported",)
         self.params = ("ascertainment",)
 
-    def __call__(self, params: Params, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
+    def __call__(self, params: Params, system: CovidSystem, state: CovidState, t: int, rng: torch.Generator) -> CovidState:
         dev = state.entered.device
-        cap = self.capacity[min(t, self.capacity.shape[0] - 1)].to(dev)
-        rate = self.table.to(dev)[state.entered.long()]
+        capacity = system.test_capacity
+        cap = capacity[min(t, capacity.shape[0] - 1)]
+        rate = system.test_rate[state.entered.long()]  # last entry: "entered nothing" (-1)
         q = (params.ascertainment * cap * rate).clamp(0.0, 1.0)
         u = torch.rand(state.entered.shape, generator=rng, device=dev)
         event = (rate > 0) & (u < q)
@@ -277,14 +298,14 @@ def covid_observables(disease: DiseaseModel, areas: Sequence[str], age_labels: S
     def entries(stage: str, by: str, n: int, labels: Sequence[str]) -> Observable:
         code = disease.code(stage)
 
-        def fn(s: CovidState) -> Tensor:
+        def fn(y: CovidSystem, s: CovidState) -> Tensor:
             v = torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier))
-            return v.new_zeros(n).index_add(0, getattr(s, by).long(), v)
+            return v.new_zeros(n).index_add(0, getattr(y, by).long(), v)
 
         return Observable(fn, labels=tuple(labels), reads=("entered", "carrier", by), doc=f"new entries into {stage} by {by}")
 
     def reported(by: str, n: int, labels: Sequence[str]) -> Observable:
-        return Observable(lambda s: s.reported.new_zeros(n).index_add(0, getattr(s, by).long(), s.reported),
+        return Observable(lambda y, s: s.reported.new_zeros(n).index_add(0, getattr(y, by).long(), s.reported),
                           labels=tuple(labels), reads=("reported", by), doc=f"reported cases by {by}")
 
     return {
@@ -299,27 +320,29 @@ def covid_observables(disease: DiseaseModel, areas: Sequence[str], age_labels: S
     }
 
 
-def covid_model(disease: DiseaseModel, *, areas: Sequence[str], age_labels: Sequence[str], area_schedule: Tensor,
-                test_capacity: Tensor, policies: Sequence[Intervention] = (), vaccination: Sequence[Intervention] = (),
-                reduced_layers: Sequence[bool], name: str = "covid", behaviour: Sequence[Substep] = (),
+def covid_model(disease: DiseaseModel, *, areas: Sequence[str], age_labels: Sequence[str],
+                policies: Sequence[Intervention] = (), vaccination: Sequence[Intervention] = (),
+                name: str = "covid", behaviour: Sequence[Substep] = (),
                 individual_isolation: bool = False, case_window: int = 0,
-                observables: Mapping[str, Observable] | None = None, state_type: type[CovidState] = CovidState) -> Model:
+                observables: Mapping[str, Observable] | None = None, state_type: type[CovidState] = CovidState,
+                system_type: type[CovidSystem] = CovidSystem) -> Model:
     """Assemble the plan: mobility -> policies -> vaccination -> behaviour -> isolation -> transmission -> progression -> testing.
 
     ``behaviour`` substeps (e.g. a weekly compliance decision writing ``isolation``) run just
     before :class:`Isolation`, which reads per-agent compliance when ``individual_isolation``;
     ``case_window > 0`` appends a :class:`ReportedWindow` of that many days; ``observables``
-    are added to :func:`covid_observables`.
+    are added to :func:`covid_observables`. Schedules, capacities and tables come with the
+    system (:func:`covid_system`).
     """
-    steps: list[Substep] = [AreaContacts(area_schedule)]
+    steps: list[Substep] = [AreaContacts()]
     steps.append(Modulate("policies", "layer_scale", "layer_scale_base", list(policies)))
     steps.append(Modulate("vaccination", "susceptibility", "susceptibility_base", list(vaccination)))
     steps += list(behaviour)
-    steps += [Isolation(disease, reduced_layers, individual=individual_isolation),
+    steps += [Isolation(disease, individual=individual_isolation),
               Transmission(disease, use_layer_scale=True, use_contact_factor=True, use_susceptibility=True),
               Progression(disease),
-              Testing(disease, test_capacity)]
+              Testing()]
     if case_window > 0:
         steps.append(ReportedWindow(len(areas), case_window))
     obs = {**covid_observables(disease, areas, age_labels), **dict(observables or {})}
-    return Model(steps, obs, state_type=state_type, dt=disease.dt, name=name)
+    return Model(steps, obs, state_type=state_type, system_type=system_type, dt=disease.dt, name=name)

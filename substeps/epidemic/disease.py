@@ -1,4 +1,4 @@
-"""Compartments, dwell-time distributions and the epidemic state.
+"""Compartments, dwell-time distributions, the epidemic system (constant) and state (changing).
 
 Time unit: one model step of ``dt`` days. Dwell times are probability mass functions
 over whole steps (1, 2, ..., D), drawn by inverse CDF when an agent enters a stage; the
@@ -18,9 +18,9 @@ from torch import Tensor
 
 from lpm.networks import Network
 from lpm.params import Params
-from lpm.state import CodeBook, State, StateError, static_field, tensor_field
+from lpm.state import CodeBook, State, StateError, System, static_field, tensor_field
 
-__all__ = ["Dwell", "Transition", "DiseaseModel", "EpiState", "sir", "seir", "seirm"]
+__all__ = ["Dwell", "Transition", "DiseaseModel", "EpiState", "EpiSystem", "epi_system", "sir", "seir", "seirm"]
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,13 @@ class Dwell:
 class Transition:
     """When the dwell in a stage ends: go to ``to``, or to ``alt`` with probability ``alt_prob``.
 
-    ``alt_prob(params, state) -> [N] or []`` gives the per-agent branch probability (e.g.
-    age-specific fatality); ``alt_reads`` names the state fields it reads, for the plan.
+    ``alt_prob(params, system, state) -> [N] or []`` gives the per-agent branch probability
+    (e.g. age-specific fatality); ``alt_reads`` names the fields it reads, for the plan.
     """
 
     to: str
     alt: str | None = None
-    alt_prob: Callable[[Params, State], Tensor] | None = None
+    alt_prob: Callable[[Params, System, State], Tensor] | None = None
     alt_reads: tuple[str, ...] = ()
     alt_params: tuple[str, ...] = ()
 
@@ -137,6 +137,13 @@ class DiseaseModel:
         """Integer code of a stage."""
         return self.codebook.code(stage)
 
+    def next_stage_table(self, device: torch.device | str = "cpu") -> Tensor:
+        """Destination code of each stage's timed exit ``[C]`` (int8; -1: absorbing)."""
+        to = [-1] * len(self.stages)
+        for src, tr in self.transitions.items():
+            to[self.code(src)] = self.code(tr.to)
+        return torch.tensor(to, dtype=torch.int8, device=device)
+
     def infectiousness_table(self, device: torch.device | str = "cpu") -> Tensor:
         """Relative infectiousness per stage code ``[C]`` (float32)."""
         return torch.tensor([float(self.infectiousness.get(s, 0.0)) for s in self.stages], dtype=torch.float32, device=device)
@@ -158,27 +165,52 @@ class DiseaseModel:
 
 
 @dataclass(frozen=True)
+class EpiSystem(System):
+    """What an epidemic run never changes: the disease's tables and the contact structure of N agents.
+
+    ``C`` stage codes, ``D`` steps of the longest dwell, ``L`` network layers, ``G`` mixing groups.
+    Built by :func:`epi_system` from a :class:`DiseaseModel`, whose substeps read these tables.
+    """
+
+    infectiousness: Tensor = tensor_field(("C",), torch.float32, "relative infectiousness per stage code")
+    dwell_cdf: Tensor = tensor_field(("C", "D"), torch.float64, "dwell CDF per stage code over steps 1..D (-1: no dwell)")
+    next_stage: Tensor = tensor_field(("C",), torch.int8, "destination code of each stage's timed exit (-1: absorbing)")
+    network: Network | None = tensor_field((), None, "contact network (None: well-mixed)", optional=True)
+    layer_scale_base: Tensor | None = tensor_field(("L",), (torch.float32, torch.float64), "per-layer contact multiplier before interventions", optional=True)
+    group: Tensor | None = tensor_field(("N",), (torch.int8, torch.int16, torch.int32, torch.int64), "mixing group code for well-mixed transmission", optional=True)
+    mixing: Tensor | None = tensor_field(("G", "G"), (torch.float32, torch.float64), "contacts per day of a g-member with group h (well-mixed)", optional=True)
+    stages: tuple[str, ...] = static_field("stage names by code", default=())
+
+
+def epi_system(disease: DiseaseModel, *, system_type: type[EpiSystem] = EpiSystem, device: torch.device | str = "cpu",
+               **fields: object) -> EpiSystem:
+    """The system of ``disease`` (its tables) plus ``fields`` (network, mixing, agent attributes...), on ``device``."""
+    names = set(system_type.field_names())
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise StateError(f"epi_system: {system_type.__name__} has no field(s) {unknown}; fields: {sorted(names)}")
+    system = system_type(infectiousness=disease.infectiousness_table(), dwell_cdf=disease.dwell_table(),
+                         next_stage=disease.next_stage_table(), stages=disease.stages, **fields)
+    return system.to(device)
+
+
+@dataclass(frozen=True)
 class EpiState(State):
-    """State of an epidemic on a population of N agents (time unit: one step of dt days)."""
+    """What changes in an epidemic on N agents (time unit: one step of dt days); see :class:`EpiSystem`."""
 
     stage: Tensor = tensor_field(("N",), torch.int8, "disease stage code (DiseaseModel.codebook)")
     timer: Tensor = tensor_field(("N",), torch.int16, "steps left in the current stage; 0 = no timed exit; -k = k steps, starting at the next progression")
     carrier: Tensor = tensor_field(("N",), (torch.float32, torch.float64), "gradient carrier: value 1, accumulates d log P of the agent's events")
     entered: Tensor = tensor_field(("N",), torch.int8, "stage code entered during the last step, -1 if none")
     susceptibility: Tensor | None = tensor_field(("N",), (torch.float32, torch.float64), "relative susceptibility (1 = baseline)", optional=True)
-    network: Network | None = tensor_field((), None, "contact network (None: well-mixed)", optional=True)
     layer_scale: Tensor | None = tensor_field(("L",), (torch.float32, torch.float64), "per-layer contact multiplier this step", optional=True)
-    layer_scale_base: Tensor | None = tensor_field(("L",), (torch.float32, torch.float64), "per-layer contact multiplier before interventions", optional=True)
     contact_factor: Tensor | None = tensor_field(("N", "L"), (torch.float32, torch.float64), "per-agent, per-layer multiplier of onward contacts (isolation)", optional=True)
-    group: Tensor | None = tensor_field(("N",), (torch.int8, torch.int16, torch.int32, torch.int64), "mixing group code for well-mixed transmission", optional=True)
-    mixing: Tensor | None = tensor_field(("G", "G"), (torch.float32, torch.float64), "contacts per day of a g-member with group h (well-mixed)", optional=True)
     entered_step: Tensor | None = tensor_field((), (torch.int64,), "step at which `entered` was last reset (None: never)", optional=True)
     acted: Tensor | None = tensor_field(("N",), torch.int16, "steps the agent has transmitted so far (written by gradient runs of the presence estimator)", optional=True)
-    stages: tuple[str, ...] = static_field("stage names by code", default=())
 
 
-def _const(value: float) -> Callable[[Params, State], Tensor]:
-    return lambda params, state: torch.tensor(value, device=state.stage.device)
+def _const(value: float) -> Callable[[Params, System, State], Tensor]:
+    return lambda params, system, state: torch.tensor(value, device=state.stage.device)
 
 
 def sir(recovery_rate: float = 0.1, dt: float = 1.0, recovery: Dwell | None = None) -> DiseaseModel:
@@ -205,7 +237,7 @@ def seir(latent: Dwell, infectious: Dwell, dt: float = 1.0) -> DiseaseModel:
     )
 
 
-def seirm(latent: Dwell, infectious: Dwell, fatality: float | Callable[[Params, State], Tensor],
+def seirm(latent: Dwell, infectious: Dwell, fatality: float | Callable[[Params, System, State], Tensor],
           dt: float = 1.0, fatality_reads: Sequence[str] = (), fatality_params: Sequence[str] = ()) -> DiseaseModel:
     """S -> E -> I -> R or M (mortality) with probability ``fatality`` at the end of I."""
     prob = _const(float(fatality)) if isinstance(fatality, (int, float)) else fatality

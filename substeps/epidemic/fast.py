@@ -26,7 +26,7 @@ from lpm.kernels import compiled_available, is_replicated, stream_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from lpm.params import Params
-    from substeps.epidemic.disease import EpiState
+    from substeps.epidemic.disease import EpiState, EpiSystem
     from substeps.epidemic.substeps import Progression, Transmission
 
 __all__ = ["fused_transmission", "fused_progression", "applies"]
@@ -243,10 +243,10 @@ def _np(x: Tensor) -> np.ndarray:
 _F32 = torch.float32
 
 
-def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState", t: int,
+def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem", state: "EpiState", t: int,
                        rng: torch.Generator) -> "EpiState | None":
     """Transmission's forward step by the compiled kernel, or ``None`` where the torch path must run."""
-    if not sub.network or state.network is None or not applies(state) or is_replicated(rng):
+    if not sub.network or system.network is None or not applies(state) or is_replicated(rng):
         return None  # a replicate batch keys draws per replicate: the torch path handles it
     beta = getattr(params, sub.beta)
     if beta.numel() != 1:
@@ -254,13 +254,13 @@ def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState",
     scale = state.layer_scale if sub.use_layer_scale else None
     cf = state.contact_factor if sub.use_contact_factor else None
     susc = state.susceptibility if sub.use_susceptibility else None
-    net = state.network
+    net = system.network
     if _needs_grad(beta, state.carrier, scale, cf, susc):
         return None
     if any(x is not None and x.dtype != _F32 for x in (state.carrier, net.weight, scale, cf, susc)):
         return None
     d = sub.disease
-    iota, cdf = sub.tables(state.stage.device)
+    iota, cdf = system.infectiousness, system.dwell_cdf
     n = state.stage.numel()
     stage, timer = state.stage.clone(), state.timer.clone()
     # what an earlier substep of this step wrote stays (as in the torch path's _entered_this_step)
@@ -283,7 +283,7 @@ def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState",
                          entered_step=torch.tensor(t, device=stage.device))
 
 
-def fused_progression(sub: "Progression", params: "Params", state: "EpiState", t: int,
+def fused_progression(sub: "Progression", params: "Params", system: "EpiSystem", state: "EpiState", t: int,
                       rng: torch.Generator) -> "EpiState | None":
     """Progression's step by the compiled kernel, or ``None`` where the torch path must run.
 
@@ -295,7 +295,7 @@ def fused_progression(sub: "Progression", params: "Params", state: "EpiState", t
     n = state.stage.numel()
     qs = []
     for _, _, prob_fn in sub._alts:
-        q = torch.as_tensor(prob_fn(params, state), device=state.stage.device).to(_F32)
+        q = torch.as_tensor(prob_fn(params, system, state), device=state.stage.device).to(_F32)
         if _needs_grad(q) or q.numel() not in (1, n):
             return None
         qs.append(q.detach().reshape(-1))
@@ -305,7 +305,7 @@ def fused_progression(sub: "Progression", params: "Params", state: "EpiState", t
         qarr = torch.stack(qs)
     else:
         qarr = torch.zeros(0, 1)
-    to, cdf = sub.tables(state.stage.device)
+    to, cdf = system.next_stage, system.dwell_cdf
     alt_src = np.array([a[0] for a in sub._alts], dtype=np.int8)
     alt_dst = np.array([a[1] for a in sub._alts], dtype=np.int8)
     fresh_valid = state.entered_step is not None and int(state.entered_step) == t

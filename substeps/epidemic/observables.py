@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm.kernels import stage_mask
 from lpm.model import Observable
-from substeps.epidemic.disease import DiseaseModel, EpiState
+from lpm.state import lookup
+from substeps.epidemic.disease import DiseaseModel, EpiState, EpiSystem
 
 __all__ = ["stage_counts", "incidence", "prevalence"]
 
@@ -21,7 +23,7 @@ def stage_counts(disease: DiseaseModel) -> dict[str, Observable]:
     """One observable per stage: the number of agents in it after each step."""
 
     def make(code: int) -> Observable:
-        return Observable(lambda s: torch.where(s.stage == code, s.carrier, torch.zeros_like(s.carrier)).sum(),
+        return Observable(lambda y, s: torch.where(s.stage == code, s.carrier, torch.zeros_like(s.carrier)).sum(),
                           reads=("stage", "carrier"), doc=f"agents in {disease.stages[code]}")
 
     return {name: make(c) for c, name in enumerate(disease.stages)}
@@ -31,17 +33,17 @@ def incidence(disease: DiseaseModel, stage: str | None = None, group: str | None
               labels: tuple[str, ...] | None = None) -> Observable:
     """Agents entering ``stage`` (default: the entry stage) this step; carries gradients.
 
-    With ``group`` (a field of integer codes) the result is ``[G]`` per group.
+    With ``group`` (a field of integer codes, of the system or the state) the result is ``[G]`` per group.
     """
     code = disease.code(stage or disease.entry)
     if group is None:
-        return Observable(lambda s: torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier)).sum(),
+        return Observable(lambda y, s: torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier)).sum(),
                           reads=("entered", "carrier"), doc=f"new entries into {stage or disease.entry}")
     G = len(labels) if labels else None
 
-    def fn(s: EpiState) -> Tensor:
+    def fn(y: EpiSystem, s: EpiState) -> Tensor:
         v = torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier))
-        g = getattr(s, group).long()
+        g = lookup(y, s, group).long()
         return v.new_zeros(G or int(g.max()) + 1).index_add(0, g, v)
 
     return Observable(fn, labels=labels, reads=("entered", "carrier", group))
@@ -49,10 +51,10 @@ def incidence(disease: DiseaseModel, stage: str | None = None, group: str | None
 
 def prevalence(disease: DiseaseModel, stages: tuple[str, ...]) -> Observable:
     """Agents in any of ``stages`` after each step (carries gradients)."""
-    codes = torch.tensor([disease.code(s) for s in stages])
+    codes = [disease.code(s) for s in stages]
 
-    def fn(s: EpiState) -> Tensor:
-        inside = torch.isin(s.stage, codes.to(s.stage.device))
+    def fn(y: EpiSystem, s: EpiState) -> Tensor:
+        inside = stage_mask(s.stage, codes)
         return torch.where(inside, s.carrier, torch.zeros_like(s.carrier)).sum()
 
     return Observable(fn, reads=("stage", "carrier"))

@@ -59,9 +59,9 @@ from torch import Tensor
 
 from lpm.kernels import counter_uniform, frontier_edges, mark_indices, push_compact, stage_mask, stream_key
 from lpm.params import Params
-from lpm.state import StateError
+from lpm.state import StateError, lookup
 from lpm.substep import Substep
-from substeps.epidemic.disease import DiseaseModel, EpiState
+from substeps.epidemic.disease import DiseaseModel, EpiState, EpiSystem
 from substeps.epidemic.fast import fused_progression, fused_transmission
 
 __all__ = ["Transmission", "Progression", "initial_state", "event_carrier", "compartment_counts", "ESTIMATORS"]
@@ -184,7 +184,7 @@ class Transmission(Substep):
         self.use_layer_scale = use_layer_scale
         self.use_contact_factor = use_contact_factor
         self.use_susceptibility = use_susceptibility
-        reads = ["stage", "timer", "carrier", "entered", "entered_step"]
+        reads = ["stage", "timer", "carrier", "entered", "entered_step", "infectiousness", "dwell_cdf"]
         if network:
             reads.append("network")
             if use_layer_scale:
@@ -201,19 +201,8 @@ class Transmission(Substep):
             self.writes += ("acted",)
         self.params = (beta,)
         self._infectious_codes = [c for c, s in enumerate(disease.stages) if disease.infectiousness.get(s, 0.0) > 0]
-        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Infectiousness ``[C]`` and dwell CDF ``[C, D]`` on ``device`` (cached, constant)."""
-        if device not in self._tables:
-            self._tables[device] = (self.disease.infectiousness_table(device), self.disease.dwell_table(device))
-        return self._tables[device]
-
-    def force(self, params: Params, state: EpiState, iota: Tensor) -> Tensor:
-        """Force of infection on each agent ``[N]`` before ``beta`` and ``dt``."""
-        return self._force(state, iota)[0]
-
-    def _force(self, state: EpiState, iota: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def _force(self, system: EpiSystem, state: EpiState, iota: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Force ``[N]`` and, on a network, the targets ``[A]`` of the infectious agents' edges (``idx``: the frontier)."""
         if self.network:
             # only the infectious frontier is visited: gathers, products and edges are O(active)
@@ -222,23 +211,24 @@ class Transmission(Substep):
             value = iota.index_select(0, state.stage.index_select(0, idx).long()) * state.carrier.index_select(0, idx)
             if self.use_contact_factor:
                 value = value.unsqueeze(1) * state.contact_factor.index_select(0, idx)
-            net = state.network
+            net = system.network
             scale = state.layer_scale if self.use_layer_scale else None
             return push_compact(net.edge_index[1], net.weight, net.layer, net.rowptr, net.num_nodes, idx, value, scale)
         inf = iota[state.stage.long()]
         value = inf * state.carrier
-        G = state.mixing.shape[0]
-        g = state.group.long()
+        mixing = lookup(system, state, "mixing")  # constant (system) or time-varying (state)
+        G = mixing.shape[0]
+        g = system.group.long()
         sizes = torch.bincount(g, minlength=G).to(value.dtype).clamp_min(1)
         prevalence = value.new_zeros(G).index_add(0, g, value) / sizes
-        return (state.mixing.to(value.dtype) @ prevalence)[g], None
+        return (mixing.to(value.dtype) @ prevalence)[g], None
 
     def _count_acting(self, state: EpiState, acted: Tensor) -> Tensor:
         """``acted`` plus one for every agent that transmits this step (int16)."""
         src = stage_mask(state.stage, self._infectious_codes)
         return torch.where(src, acted + 1, acted)
 
-    def _presence(self, params: Params, state: EpiState, iota: Tensor, cand: Tensor, hit: Tensor, em: Tensor,
+    def _presence(self, params: Params, system: EpiSystem, state: EpiState, iota: Tensor, cand: Tensor, hit: Tensor, em: Tensor,
                   acted: Tensor, idx: Tensor) -> Tensor:
         """Term ``[C]`` with value 0 that turns each infector's linear coupling into a presence/absence
         likelihood ratio (the *presence* estimator; see :class:`_PresenceCoupling`); ``em = expm1(-lambda)``."""
@@ -248,22 +238,22 @@ class Transmission(Substep):
         susc = state.susceptibility.detach().index_select(0, cand) if self.use_susceptibility else None
         scale = state.layer_scale.detach() if self.use_layer_scale else None
         beta = getattr(params, self.beta).detach().reshape(())
-        spec = (state.network, iota, self.disease.dt)
+        spec = (system.network, iota, self.disease.dt)
         corr = _PresenceCoupling.apply(state.carrier, spec, idx, src_stage, src_acted, src_cf, cand, em, hit, susc, scale, beta)
         return corr
 
-    def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
+    def __call__(self, params: Params, system: EpiSystem, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
         d = self.disease
         stage = state.stage
-        iota, cdf = self.tables(stage.device)
+        iota, cdf = system.infectiousness, system.dwell_cdf
         beta = getattr(params, self.beta)
         if beta.numel() != 1:
             raise StateError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
-        fast = fused_transmission(self, params, state, t, rng)  # the compiled twin of what follows, when it applies
+        fast = fused_transmission(self, params, system, state, t, rng)  # the compiled twin of what follows, when it applies
         if fast is not None:
             return fast
         idx = stage_mask(stage, self._infectious_codes).nonzero().squeeze(1) if self.network else None
-        F, targets = self._force(state, iota, idx)
+        F, targets = self._force(system, state, iota, idx)
         at_risk = stage == d.code(d.susceptible)
         # only at-risk agents that feel a force can change (or carry a score): F = 0 elsewhere
         # gives p = 0, no event and a survival factor of exactly 1, so the rest is O(candidates)
@@ -291,7 +281,7 @@ class Transmission(Substep):
             if targets is not None and self.estimator == "presence":
                 acted = state.acted if state.acted is not None else torch.zeros(stage.shape, dtype=torch.int16, device=stage.device)
                 # value 0: added, not multiplied, so that nothing more per candidate is kept for backward
-                factor = factor + self._presence(params, state, iota, cand, hit, em.detach(), acted, idx)
+                factor = factor + self._presence(params, system, state, iota, cand, hit, em.detach(), acted, idx)
                 extra["acted"] = self._count_acting(state, acted)
             carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
         return state.replace(
@@ -319,29 +309,17 @@ class Progression(Substep):
         self.disease = disease
         self.name = name
         extra_reads = sorted({f for tr in disease.transitions.values() for f in tr.alt_reads})
-        self.reads = ("stage", "timer", "carrier", "entered", "entered_step", *extra_reads)
+        self.reads = ("stage", "timer", "carrier", "entered", "entered_step", "next_stage", "dwell_cdf", *extra_reads)
         self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
         self.params = tuple(sorted({p for tr in disease.transitions.values() for p in tr.alt_params}))
-        C = len(disease.stages)
-        to = [-1] * C
-        for src, tr in disease.transitions.items():
-            to[disease.code(src)] = disease.code(tr.to)
-        self._to = torch.tensor(to, dtype=torch.int8)
         self._alts = [(disease.code(src), disease.code(tr.alt), tr.alt_prob)
                       for src, tr in disease.transitions.items() if tr.alt is not None]
-        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Destination code ``[C]`` and dwell CDF ``[C, D]`` on ``device``."""
-        if device not in self._tables:
-            self._tables[device] = (self._to.to(device), self.disease.dwell_table(device))
-        return self._tables[device]
-
-    def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
-        fast = fused_progression(self, params, state, t, rng)  # the compiled twin of what follows, when it applies
+    def __call__(self, params: Params, system: EpiSystem, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
+        fast = fused_progression(self, params, system, state, t, rng)  # the compiled twin of what follows, when it applies
         if fast is not None:
             return fast
-        to, cdf = self.tables(state.stage.device)
+        to, cdf = system.next_stage, system.dwell_cdf
         stage, timer = state.stage, state.timer
         earlier = _entered_this_step(state, t)
         # entered earlier in this step (positive timer, as a dense reference writes it) or pending
@@ -358,7 +336,7 @@ class Progression(Substep):
         u_dwell = u_mv
         factor = None
         for src, alt, prob_fn in self._alts:
-            q = prob_fn(params, state)
+            q = prob_fn(params, system, state)
             q = torch.as_tensor(q, device=stage.device).to(torch.float32).expand(stage.shape).index_select(0, mv)
             branching = old == src
             take_alt = branching & (u_mv < q)
@@ -387,11 +365,15 @@ def initial_state(
     initial_infected: int | Tensor,
     *,
     seed: int = 0,
-    network=None,
     device: torch.device | str = "cpu",
+    state_type: type[EpiState] = EpiState,
     **fields: Tensor,
 ) -> EpiState:
-    """All susceptible but ``initial_infected`` agents (a count drawn at random, or a bool mask) in the entry stage."""
+    """All susceptible but ``initial_infected`` agents (a count drawn at random, or a bool mask) in the entry stage.
+
+    ``fields`` set further state fields; the network and other constants go to the system
+    (:func:`~substeps.epidemic.disease.epi_system`).
+    """
     if num_agents <= 0:
         raise StateError(f"num_agents: expected > 0, got {num_agents}")
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -410,8 +392,11 @@ def initial_state(
     timer = torch.zeros(num_agents, dtype=torch.int16)
     timer[seeds] = _draw_dwell(cdf, torch.full((seeds.numel(),), entry, dtype=torch.int8), torch.rand(seeds.numel(), generator=g))
     entered = torch.full((num_agents,), -1, dtype=torch.int8)
-    state = EpiState(stage=stage, timer=timer, carrier=torch.ones(num_agents), entered=entered, network=network,
-                     stages=disease.stages, **fields)
+    unknown = sorted(set(fields) - set(state_type.field_names()))
+    if unknown:
+        raise StateError(f"initial_state: {state_type.__name__} has no field(s) {unknown} (constants such as the network "
+                         "belong to the system: epi_system)")
+    state = state_type(stage=stage, timer=timer, carrier=torch.ones(num_agents), entered=entered, **fields)
     return state.to(device)
 
 
