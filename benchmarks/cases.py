@@ -371,20 +371,20 @@ def case_opinion(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Bounded-confidence opinion dynamics on an ER follow graph."""
     try:
         from lpm import Model, Params, Positive
-        from substeps.opinion import BoundedConfidence, OpinionState, opinion_state, variance
+        from substeps.opinion import BoundedConfidence, OpinionState, initial_opinions, variance
     except Exception as exc:
         return {"skipped": f"substeps.opinion unavailable: {type(exc).__name__}: {exc}"}
     n = a.n
     net = er_network(n, a.seed, device)
     x = torch.rand(n, generator=torch.Generator().manual_seed(a.seed)).mul(2).sub(1).to(device)
-    state = opinion_state(x, net)
-    model = Model([BoundedConfidence(use_exposure=False)], {"variance": lambda s: variance(s.opinion)}, state_type=OpinionState)
+    system, state = initial_opinions(x, net)
+    model = Model([BoundedConfidence(use_exposure=False)], {"variance": lambda y, s: variance(s.opinion)}, state_type=OpinionState)
     params = Params(confidence=Positive(0.3), convergence=Positive(0.2)).to(device)
-    sec, _, _ = median_time(lambda: model.simulate(params, state, a.days, seed=1, progress=False), a.repeats, device)
+    sec, _, _ = median_time(lambda: model.simulate(params, system, state, a.days, seed=1, progress=False), a.repeats, device)
     out: dict[str, Any] = {"forward_agent_days_per_s": n * a.days / sec}
     if n <= a.grad_max_n:
         def diff():
-            r = model.simulate(params, state, a.days, seed=1, grad=True, progress=False)
+            r = model.simulate(params, system, state, a.days, seed=1, grad=True, progress=False)
             r.observables["variance"].sum().backward()
         gsec, _, _ = median_time(diff, a.repeats, device)
         out["grad_agent_days_per_s"] = n * a.days / gsec
@@ -395,19 +395,19 @@ def case_information(a: argparse.Namespace, device: torch.device) -> dict[str, A
     """Ignorant/spreader/stifler information spread on an ER network."""
     try:
         from lpm import Interval, Model, Params
-        from substeps.information import InfoState, Spread, info_state, information_observables
+        from substeps.information import InfoState, Spread, initial_information, information_observables
     except Exception as exc:
         return {"skipped": f"substeps.information unavailable: {type(exc).__name__}: {exc}"}
     n = a.n
     net = er_network(n, a.seed, device)
-    state = info_state(n, torch.arange(max(1, n // 1000)), network=net, device=device)
+    system, state = initial_information(n, torch.arange(max(1, n // 1000)), network=net, device=device)
     model = Model([Spread()], information_observables(), state_type=InfoState)
     params = Params(share_rate=Interval(0.2, 0, 1), stifle=Interval(0.1, 0, 1), prebunk_efficacy=Interval(0.5, 0, 1)).to(device)
-    sec, _, _ = median_time(lambda: model.simulate(params, state, a.days, seed=1, progress=False), a.repeats, device)
+    sec, _, _ = median_time(lambda: model.simulate(params, system, state, a.days, seed=1, progress=False), a.repeats, device)
     out: dict[str, Any] = {"forward_agent_days_per_s": n * a.days / sec}
     if n <= a.grad_max_n:
         def diff():
-            r = model.simulate(params, state, a.days, seed=1, grad=True, progress=False)
+            r = model.simulate(params, system, state, a.days, seed=1, grad=True, progress=False)
             r.observables["reach"].sum().backward()
         gsec, _, _ = median_time(diff, a.repeats, device)
         out["grad_agent_days_per_s"] = n * a.days / gsec

@@ -34,9 +34,10 @@ from lpm.networks import clustering, friendship_paradox, preferential_attachment
 from substeps.information import (
     ArchetypeProfile,
     InfoState,
+    InfoSystem,
     Judgement,
     Spread,
-    info_state,
+    initial_information,
     information_observables,
     rule_judgement,
     top_spreaders,
@@ -118,8 +119,8 @@ def build_network(kind: str, agents: int, seed: int, device: str) -> Network:
     return Network.from_layers({"follow": ei}, agents, coalesce=False)
 
 
-def scenario(name: str, base: InfoState, net: Network, steps: int, detect: int, prebunk: torch.Tensor) -> tuple[list, InfoState]:
-    """Intervention substeps and the initial state of one scenario."""
+def scenario(name: str, base: InfoSystem, net: Network, steps: int, detect: int, prebunk: torch.Tensor) -> tuple[list, InfoSystem]:
+    """Intervention substeps and the system of one scenario (removed and prebunked agents)."""
     after = torch.ones(steps)
     after[detect:] = 0.0
     mods, st = [], base
@@ -184,14 +185,15 @@ def run(argv: Sequence[str]) -> int:
         cl = clustering(ei, n, samples=200_000, seed=a.seed)
         info = {"build_seconds": time.perf_counter() - t0, "edges": net.num_edges,
                 "friendship_paradox": {k: v for k, v in fp.items() if k != "knn"}, "clustering": cl, "scenarios": {}}
-        base = info_state(n, seeds, network=net, role=role, archetype=pop.archetype,
+        base, state = initial_information(n, seeds, network=net, role=role, archetype=pop.archetype,
                           convincing=judgement.convincing[:, 2], propensity=judgement.share_propensity,
                           stance=a.stance, device=dev)
         for name in INTERVENTIONS:
-            mods, st = scenario(name, base, net, a.steps, a.detect, prebunk)
-            model = Model([*mods, spread], information_observables(), state_type=InfoState, name=f"misinfo-{kind}-{name}")
+            mods, system = scenario(name, base, net, a.steps, a.detect, prebunk)
+            model = Model([*mods, spread], information_observables(), state_type=InfoState, system_type=InfoSystem,
+                          name=f"misinfo-{kind}-{name}")
             t1 = time.perf_counter()
-            res = model.simulate(params, st, a.steps, seed=a.seed, device=dev, progress=False).detach()
+            res = model.simulate(params, system, state, a.steps, seed=a.seed, device=dev, progress=False).detach()
             secs = time.perf_counter() - t1
             res.to_hdf5(str(out / "results.h5"), group=f"{kind}/{name}", mode=mode)
             mode = "a"

@@ -35,9 +35,10 @@ from substeps.opinion import (
     Feed,
     HomophilousRewiring,
     OpinionState,
+    OpinionSystem,
     anes_population,
     neighbour_correlation,
-    opinion_state,
+    initial_opinions,
     polarization_observables,
 )
 
@@ -48,15 +49,15 @@ SCENARIOS = {
 }
 
 
-def build_population(agents: int, follows: int, seed: int, device: str) -> tuple[OpinionState, dict]:
+def build_population(agents: int, follows: int, seed: int, device: str) -> tuple[OpinionSystem, OpinionState, dict]:
     """ANES-drawn opinions on a preferential-attachment follow graph; partisans more stubborn."""
     pop = anes_population(agents, seed=seed, device=device)
     ei = follow_graph(agents, follows, reciprocity=0.3, seed=seed + 1, device=device)
     net = Network.from_layers({"follow": ei}, agents, coalesce=False)
     strong = (pop.pid == 0) | (pop.pid == 6)
     stub = torch.where(strong, 0.05, 0.01).to(device)
-    state = opinion_state(pop.opinion, net, stubbornness=stub, archetype=pop.archetype, archetype_names=pop.names)
-    return state, {"names": pop.names, "share": pop.share.tolist()}
+    system, state = initial_opinions(pop.opinion, net, stubbornness=stub, archetype=pop.archetype, archetype_names=pop.names)
+    return system, state, {"names": pop.names, "share": pop.share.tolist()}
 
 
 def scenario_model(name: str, feed_k: int, repulsion: bool) -> Model:
@@ -66,9 +67,9 @@ def scenario_model(name: str, feed_k: int, repulsion: bool) -> Model:
     steps += [Feed(feed_k, spec["ranking"], post_rate=0.5),
               BoundedConfidence(normalize="confidence", repulsion=repulsion), Anchoring()]
     obs = polarization_observables()
-    obs["exposure_corr"] = Observable(lambda s: neighbour_correlation(s.opinion, s.network, s.exposure),
+    obs["exposure_corr"] = Observable(lambda y, s: neighbour_correlation(s.opinion, s.network, s.exposure),
                                       reads=("opinion", "network", "exposure"), doc="opinion correlation across shown posts")
-    return Model(steps, obs, state_type=OpinionState, name=f"polarization-{name}")
+    return Model(steps, obs, state_type=OpinionState, system_type=OpinionSystem, name=f"polarization-{name}")
 
 
 def lr_distribution(x: torch.Tensor) -> list[float]:
@@ -103,7 +104,7 @@ def run(argv: Sequence[str]) -> int:
     od = OutputDir(a.out, ("results.h5", "summary.json", "polarization_metrics.png", "opinion_distribution.png"), overwrite=a.overwrite)
     out = od.staging
     t0 = time.perf_counter()
-    state, meta = build_population(a.agents, a.follows, a.seed, a.device)
+    system, state, meta = build_population(a.agents, a.follows, a.seed, a.device)
     build_s = time.perf_counter() - t0
     und = torch.cat([state.network.edge_index.long(), state.network.edge_index.long().flip(0)], 1)
     from lpm.networks import symmetrize
@@ -120,7 +121,7 @@ def run(argv: Sequence[str]) -> int:
         model = scenario_model(name, a.feed_k, a.repulsion)
         print(model.plan())
         t1 = time.perf_counter()
-        res = model.simulate(params, state, a.steps, seed=a.seed, device=a.device, progress=False).detach()
+        res = model.simulate(params, system, state, a.steps, seed=a.seed, device=a.device, progress=False).detach()
         secs = time.perf_counter() - t1
         results[name] = res
         res.to_hdf5(str(out / "results.h5"), group=name, mode="a" if len(results) > 1 else "w")

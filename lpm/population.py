@@ -44,7 +44,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lpm.state import CodeBook, StateError, System, static_field, tensor_field
+from lpm.state import CodeBook, StateError, Struct, static_field, tensor_field
 
 __all__ = [
     "PopulationError", "check_table", "Constraint", "ipf", "integerise", "Marginals", "Population",
@@ -195,7 +195,7 @@ class Marginals:
 
 
 @dataclass(frozen=True)
-class Population(System):
+class Population(Struct):
     """Synthetic agents: integer-coded attributes, households, schools and workplaces."""
 
     area: Tensor = tensor_field(("N",), torch.int8, "home area code (codebooks['area'])")

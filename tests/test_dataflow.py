@@ -81,24 +81,24 @@ def test_library_epidemic_substeps(device: str) -> None:
 
 
 def test_library_opinion_and_information_substeps(device: str) -> None:
-    from substeps.information import Spread, info_state, information_observables
+    from substeps.information import Spread, initial_information, information_observables
     from substeps.opinion import (Anchoring, BoundedConfidence, Feed, HomophilousRewiring, OpinionState,
-                                  PairwiseBoundedConfidence, opinion_state, polarization_observables)
+                                  PairwiseBoundedConfidence, initial_opinions, polarization_observables)
 
     n = 800
     net = Network.from_layers({"f": preferential_attachment(n, 3, seed=1, device=device)}, n, coalesce=False)
     x = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-    st = opinion_state(x, net, stubbornness=0.05)
+    sy, st = initial_opinions(x, net, stubbornness=0.05)
     params = Params(confidence=Interval(0.5, 0, 3), convergence=Interval(0.3, 0, 1), unfollow_threshold=Fixed(0.6))
     for steps in ([HomophilousRewiring(rate=0.05, window=50), Feed(3, "similarity"), BoundedConfidence(), Anchoring()],
                   [Feed(3, "diversity"), PairwiseBoundedConfidence(), Anchoring()],
                   [BoundedConfidence(use_exposure=False), PairwiseBoundedConfidence(use_exposure=False)]):
-        _checked(Model(steps, polarization_observables(), state_type=OpinionState), params.to(device), st, 6)
-    info = info_state(n, torch.arange(10, device=device), network=net, device=device)
+        _checked(Model(steps, polarization_observables(), state_type=OpinionState), params.to(device), sy, st, 6)
+    info_system, info = initial_information(n, torch.arange(10, device=device), network=net, device=device)
     p = Params(share_rate=Fixed(0.3), stifle=Fixed(0.3), prebunk_efficacy=Fixed(0.5)).to(device)
     label = Modulate("fact_check", "share_mult", "share_mult_base", [Intervention("label", torch.full((20,), 0.5))])
-    _checked(Model([label, Spread()], information_observables()), p, info, 15)
-    _checked(Model([Spread()], information_observables()), p, info_state(n, torch.arange(10, device=device), device=device), 10)
+    _checked(Model([label, Spread()], information_observables()), p, info_system, info, 15)
+    _checked(Model([Spread()], information_observables()), p, *initial_information(n, torch.arange(10, device=device), device=device), 10)
 
 
 def test_study_sir_demo(device: str) -> None:
@@ -111,26 +111,26 @@ def test_study_sir_demo(device: str) -> None:
 def test_study_polarization(device: str) -> None:
     from experiments import polarization
 
-    state, _ = polarization.build_population(600, 3, 0, device)
+    system, state, _ = polarization.build_population(600, 3, 0, device)
     params = Params(confidence=Interval(0.4, 0, 3), convergence=Interval(0.3, 0, 1), unfollow_threshold=Fixed(0.6),
                     repulsion_threshold=Fixed(1.2), repulsion_strength=Fixed(0.1)).to(device)
     for name in polarization.SCENARIOS:
-        _checked(polarization.scenario_model(name, 3, repulsion=True), params, state, 4)
+        _checked(polarization.scenario_model(name, 3, repulsion=True), params, system, state, 4)
 
 
 def test_study_misinformation(device: str) -> None:
     from experiments import misinformation as mi
-    from substeps.information import Spread, info_state, information_observables
+    from substeps.information import Spread, initial_information, information_observables
 
     n, steps = 1000, 12
     net = mi.build_network("small-world", n, 1, device)
-    base = info_state(n, torch.arange(10, device=device), network=net, device=device)
+    base, state = initial_information(n, torch.arange(10, device=device), network=net, device=device)
     prebunk = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(device) < 0.3
     spread = Spread(role_share=(0.5, 3.0, 1.5, 0.2), role_accept=(1.0, 1.0, 0.7, 0.05), label_belief=0.5)
     params = Params(share_rate=Interval(0.3, 0, 1), stifle=Interval(0.3, 0, 1), prebunk_efficacy=Fixed(0.6)).to(device)
     for name in mi.INTERVENTIONS:
-        mods, st = mi.scenario(name, base, net, steps, 4, prebunk)
-        _checked(Model([*mods, spread], information_observables()), params, st, steps)
+        mods, system = mi.scenario(name, base, net, steps, 4, prebunk)
+        _checked(Model([*mods, spread], information_observables()), params, system, state, steps)
 
 
 @pytest.mark.parametrize("llm", ["rule", "off"])

@@ -11,7 +11,7 @@ from substeps.information import (
     ArchetypeProfile,
     InfoState,
     Spread,
-    info_state,
+    initial_information,
     information_observables,
     rule_judgement,
     top_spreaders,
@@ -42,7 +42,7 @@ def test_well_mixed_maki_thompson_leaves_about_20_percent_unaware():
     assert theta == pytest.approx(0.2032, abs=1e-4)
     n = 100_000
     model = Model([Spread()], information_observables(), state_type=InfoState)
-    res = model.simulate(_params(0.1), info_state(n, torch.arange(5), device=DEVICE), 300, seed=1, progress=False)
+    res = model.simulate(_params(0.1), *initial_information(n, torch.arange(5), device=DEVICE), 300, seed=1, progress=False)
     assert float(res["spreaders"][-1]) == 0.0  # the rumour has died out
     assert 1 - float(res["reach"][-1]) == pytest.approx(theta, abs=0.01)
 
@@ -62,9 +62,9 @@ def test_each_intervention_lowers_final_reach():
     obs = information_observables()
 
     def reach(mods=(), **kw) -> float:
-        st = info_state(n, seeds, network=net, device=DEVICE, **kw)
+        st = initial_information(n, seeds, network=net, device=DEVICE, **kw)
         model = Model([*mods, Spread()], obs, state_type=InfoState)
-        return float(model.simulate(_params(0.3, 0.5, 0.8), st, T, seed=3, progress=False)["reach"][-1])
+        return float(model.simulate(_params(0.3, 0.5, 0.8), *st, T, seed=3, progress=False)["reach"][-1])
 
     base = reach()
     fact = reach([Modulate("fact_check", "share_mult", "share_mult_base", [Intervention("label", label)])])
@@ -83,9 +83,9 @@ def test_roles_and_belief():
     net, seeds = _network_setup(n)
     role = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(1)).to(torch.int8)
     role[seeds] = 1
-    st = info_state(n, seeds, network=net, role=role, device=DEVICE)
+    st = initial_information(n, seeds, network=net, role=role, device=DEVICE)
     spread = Spread(role_share=(0.5, 1.5, 1.0, 0.2), role_accept=(0.8, 1.0, 0.6, 0.0))
-    fin = Model([spread], {}, state_type=InfoState).simulate(_params(0.4, 0.5), st, 60, seed=2, progress=False).final_state
+    fin = Model([spread], {}, state_type=InfoState).simulate(_params(0.4, 0.5), *st, 60, seed=2, progress=False).final_state
     verifier = role.to(DEVICE) == 3
     heard = fin.heard.bool()
     assert int((heard & verifier).sum()) > 50  # verifiers hear the story ...
@@ -116,12 +116,12 @@ def test_reach_gradient_wrt_sharing_probability_matches_finite_difference():
     (depletion of ignorants), which is documented in substeps/information/spread.py.
     """
     n = 20_000
-    st = info_state(n, torch.arange(20), device=DEVICE)
+    st = initial_information(n, torch.arange(20), device=DEVICE)
     model = Model([Spread()], information_observables(), state_type=InfoState)
 
     def run(q: float, grad: bool, seed: int):
         p = Params(share_rate=Interval(q, 0, 1), stifle=Fixed(0.5), prebunk_efficacy=Fixed(0.0)).to(DEVICE)
-        return p, model.simulate(p, st, 40, seed=seed, grad=grad, progress=False)["reach"][-1]
+        return p, model.simulate(p, *st, 40, seed=seed, grad=grad, progress=False)["reach"][-1]
 
     grads, fds, h = [], [], 0.03
     for seed in range(4):  # average over 4 seeds: a single path's difference quotient is noisy

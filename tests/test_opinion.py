@@ -20,7 +20,7 @@ from substeps.opinion import (
     esteban_ray,
     load_anes96,
     neighbour_correlation,
-    opinion_state,
+    initial_opinions,
     segment_topk,
     variance,
 )
@@ -41,10 +41,10 @@ def test_averaging_conserves_degree_weighted_mean_and_reaches_it():
     target = float((k * x0).sum() / k.sum())
     assert abs(target - float(x0.mean())) > 0.1
     model = Model([BoundedConfidence(use_exposure=False)],
-                  {"wmean": lambda s: (k * s.opinion[:, 0]).sum() / k.sum(), "spread": lambda s: s.opinion.max() - s.opinion.min()},
+                  {"wmean": lambda y, s: (k * s.opinion[:, 0]).sum() / k.sum(), "spread": lambda y, s: s.opinion.max() - s.opinion.min()},
                   state_type=OpinionState)
     # confidence 2.5 > max distance 2: every exposed pair interacts (plain DeGroot averaging)
-    res = model.simulate(_params(2.5), opinion_state(x0, net), 400, progress=False)
+    res = model.simulate(_params(2.5), *initial_opinions(x0, net), 400, progress=False)
     assert torch.allclose(res["wmean"], torch.full_like(res["wmean"], target), atol=1e-12, rtol=0)
     assert float(res["spread"][-1]) < 1e-9
     assert float(res.final_state.opinion.mean()) == pytest.approx(target, abs=1e-9)
@@ -55,8 +55,8 @@ def test_gated_averaging_also_conserves_degree_weighted_mean():
     net = Network.from_layers({"follow": erdos_renyi(n, 8, seed=1)}, n).to(DEVICE)
     k = net.in_degree().double()
     x0 = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 2 - 1
-    model = Model([BoundedConfidence(use_exposure=False)], {"w": lambda s: (k * s.opinion[:, 0]).sum()}, state_type=OpinionState)
-    res = model.simulate(_params(0.3), opinion_state(x0, net), 30, progress=False)
+    model = Model([BoundedConfidence(use_exposure=False)], {"w": lambda y, s: (k * s.opinion[:, 0]).sum()}, state_type=OpinionState)
+    res = model.simulate(_params(0.3), *initial_opinions(x0, net), 30, progress=False)
     assert torch.allclose(res["w"], (k * x0).sum().expand(30), atol=1e-10, rtol=0)
     assert float(variance(res.final_state.opinion)) > 0.05  # bounded confidence: no consensus at eps = 0.3
 
@@ -68,8 +68,8 @@ def test_wider_confidence_gives_fewer_clusters():
     counts = []
     for eps in (0.1, 0.2, 0.4):
         model = Model([BoundedConfidence(use_exposure=False, normalize="confidence")],
-                      {"c": lambda s: cluster_count(s.opinion, 0.02, 0.01)}, state_type=OpinionState)
-        counts.append(int(model.simulate(_params(eps, 0.99), opinion_state(x0, net), 40, progress=False)["c"][-1]))
+                      {"c": lambda y, s: cluster_count(s.opinion, 0.02, 0.01)}, state_type=OpinionState)
+        counts.append(int(model.simulate(_params(eps, 0.99), *initial_opinions(x0, net), 40, progress=False)["c"][-1]))
     assert counts[0] > counts[1] > counts[2] >= 1, counts
     # Hegselmann-Krause rule of thumb: about 1/(2 eps) clusters
     assert 3 <= counts[0] <= 8 and counts[2] <= 2, counts
@@ -84,12 +84,12 @@ def test_variance_gradient_wrt_confidence_matches_finite_difference():
     n = 5000
     net = Network.from_layers({"follow": erdos_renyi(n, 10, seed=1)}, n).to(DEVICE)
     x0 = (torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(DEVICE)
-    state = opinion_state(x0, net)
-    model = Model([BoundedConfidence(use_exposure=False, tau=0.02)], {"v": lambda s: variance(s.opinion)}, state_type=OpinionState)
+    system, state = initial_opinions(x0, net)
+    model = Model([BoundedConfidence(use_exposure=False, tau=0.02)], {"v": lambda y, s: variance(s.opinion)}, state_type=OpinionState)
 
     def run(eps: float, grad: bool):
         p = _params(eps)
-        v = model.simulate(p, state, 3, grad=grad, progress=False)["v"][-1]
+        v = model.simulate(p, system, state, 3, grad=grad, progress=False)["v"][-1]
         return p, v
 
     p, v = run(0.3, True)
@@ -106,14 +106,14 @@ def test_pairwise_conserves_mean_and_anchoring_holds_stubborn_agents():
     n = 2000
     net = Network.from_layers({"follow": erdos_renyi(n, 10, seed=2)}, n).to(DEVICE)
     x0 = (torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(DEVICE)
-    model = Model([PairwiseBoundedConfidence(use_exposure=False, rate=0.3)], {"m": lambda s: s.opinion.mean(), "v": lambda s: variance(s.opinion)},
+    model = Model([PairwiseBoundedConfidence(use_exposure=False, rate=0.3)], {"m": lambda y, s: s.opinion.mean(), "v": lambda y, s: variance(s.opinion)},
                   state_type=OpinionState)
-    res = model.simulate(_params(0.5, 0.3), opinion_state(x0, net), 30, progress=False)
+    res = model.simulate(_params(0.5, 0.3), *initial_opinions(x0, net), 30, progress=False)
     assert torch.allclose(res["m"], x0.mean().expand(30), atol=1e-12)
     assert float(res["v"][-1]) < 0.8 * float(variance(x0))
     stub = (torch.arange(n, device=DEVICE) % 2 == 0).double()
     model = Model([BoundedConfidence(use_exposure=False), Anchoring()], {}, state_type=OpinionState)
-    fin = model.simulate(_params(2.5), opinion_state(x0, net, stubbornness=stub), 20, progress=False).final_state
+    fin = model.simulate(_params(2.5), *initial_opinions(x0, net, stubbornness=stub), 20, progress=False).final_state
     assert torch.equal(fin.opinion[stub.bool(), 0], x0[stub.bool()])
     assert not torch.equal(fin.opinion[~stub.bool(), 0], x0[~stub.bool()])
 
@@ -131,18 +131,18 @@ def test_similarity_feed_and_rewiring_build_echo_chambers():
     n = 3000
     net = Network.from_layers({"follow": erdos_renyi(n, 20, seed=3)}, n).to(DEVICE)
     x0 = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(DEVICE)
-    st = opinion_state(x0, net)
+    sy, st = initial_opinions(x0, net)
     p = _params(0.3, unfollow_threshold=Interval(0.5, 0, 2))
     feed = Feed(5, "similarity", post_rate=1.0)
-    fed = feed(p, st, 0, torch.Generator(device=DEVICE).manual_seed(0))
+    fed = feed(p, sy, st, 0, torch.Generator(device=DEVICE).manual_seed(0))
     # each agent sees at most 5 posts, and those are its closest followees
     shown = fed.exposure.bool()
     assert int(torch.bincount(net.edge_index[1][shown].long(), minlength=n).max()) <= 5
     d = (x0[net.edge_index[0].long()] - x0[net.edge_index[1].long()]).abs()
     assert float(d[shown].mean()) < 0.5 * float(d[~shown].mean())
     rew = HomophilousRewiring(rate=0.5, window=20)
-    model = Model([rew], {"corr": lambda s: neighbour_correlation(s.opinion, s.network)}, state_type=OpinionState)
-    res = model.simulate(p, st, 5, progress=False)
+    model = Model([rew], {"corr": lambda y, s: neighbour_correlation(s.opinion, s.network)}, state_type=OpinionState)
+    res = model.simulate(p, sy, st, 5, progress=False)
     out = res.final_state.network
     out.validate()
     assert torch.all(out.edge_index[0][1:] >= out.edge_index[0][:-1])  # CSR order kept

@@ -79,12 +79,12 @@ def test_arms_with_different_networks_batch_as_one_system(device: str) -> None:
 
 def test_misinformation_spread_batches_exactly(device: str) -> None:
     from lpm.networks import preferential_attachment
-    from substeps.information import Spread, info_state, information_observables
+    from substeps.information import Spread, initial_information, information_observables
     from lpm import Fixed
 
     n = 1500
     net = Network.from_layers({"f": preferential_attachment(n, 3, seed=2, device=device)}, n, coalesce=False)
-    system, base = info_state(n, torch.arange(10, device=device), network=net, device=device)
+    system, base = initial_information(n, torch.arange(10, device=device), network=net, device=device)
     prebunked = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(device) < 0.3
     arms = [system, system.replace(prebunked=prebunked)]
     model = Model([Spread()], information_observables())
@@ -100,11 +100,11 @@ def test_unbatchable_plans_fail_with_names(device: str) -> None:
     model, params, system, state, _ = _seir(device, n=300)
     with pytest.raises(ModelError, match="substep 'lockdown' writes field 'layer_scale', which has no agent axis"):
         model.replicate(params, system, state, 2, seeds=[0, 1])
-    from substeps.opinion import OpinionState, PairwiseBoundedConfidence, opinion_state
+    from substeps.opinion import OpinionState, PairwiseBoundedConfidence, initial_opinions
     from lpm import Interval
 
     x = torch.linspace(-1, 1, 300, device=device)
-    sy, st = opinion_state(x, Network.from_layers({"f": erdos_renyi(300, 4.0)}, 300).to(device))
+    sy, st = initial_opinions(x, Network.from_layers({"f": erdos_renyi(300, 4.0)}, 300).to(device))
     pw = Model([PairwiseBoundedConfidence(use_exposure=False)], state_type=OpinionState)
     with pytest.raises(ReplicateError, match="substep 'pairwise' draws"):
         pw.replicate(Params(confidence=Interval(0.5, 0, 3), convergence=Interval(0.3, 0, 1)).to(device), sy, st, 2,

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lpm.state import StateError, System, check_tensor, static_field, tensor_field
+from lpm.state import StateError, Struct, check_tensor, static_field, tensor_field
 
 __all__ = ["Network", "EdgeIndex"]
 
@@ -27,7 +27,7 @@ def _index_dtype(num_nodes: int) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class Network(System):
+class Network(Struct):
     """A multi-layer directed contact network over ``num_nodes`` agents, CSR by source."""
 
     edge_index: Tensor = tensor_field((2, "E"), (torch.int32, torch.int64), "source, target agent ids; sorted by source")

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lpm import Network, Params, State, StateError, Substep, check_tensor, static_field, tensor_field
+from lpm import Network, Params, State, StateError, Substep, System, check_tensor, static_field, tensor_field
 from lpm.sampling import bernoulli_st
 
-__all__ = ["InfoState", "Spread", "info_state", "ROLES", "top_spreaders"]
+__all__ = ["InfoState", "InfoSystem", "Spread", "initial_information", "ROLES", "top_spreaders"]
 
 ROLES = ("bystander", "spreader", "commentator", "verifier")
 _F = (torch.float32, torch.float64)
@@ -44,19 +44,14 @@ _I = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
-class InfoState(State):
-    """Who has heard / is spreading one story; per-agent belief; intervention tensors."""
+class InfoSystem(System):
+    """What a spread run never changes: roles, archetypes and their tables, interventions' bases, the follow graph."""
 
-    heard: Tensor = tensor_field(("N",), _F, "1 if the agent has heard the story (0/1, gradient carrier)")
-    spreading: Tensor = tensor_field(("N",), _F, "1 if the agent currently spreads it (0/1, gradient carrier)")
-    belief: Tensor = tensor_field(("N",), _F, "probability the agent believes the story (0 if not heard)")
     role: Tensor = tensor_field(("N",), _I, "role code, see ROLES")
     archetype: Tensor = tensor_field(("N",), _I, "archetype code (row of the judgement tables)")
     convincing: Tensor = tensor_field(("K",), _F, "convincingness of this story's stance per archetype")
     propensity: Tensor = tensor_field(("K",), _F, "relative sharing propensity per archetype")
-    share_mult: Tensor = tensor_field(("N",), _F, "multiplier on sharing (fact-check label); Modulate target")
     share_mult_base: Tensor = tensor_field(("N",), _F, "share_mult without interventions")
-    visibility: Tensor = tensor_field(("N",), _F, "probability a post is shown in feeds (down-ranking); Modulate target")
     visibility_base: Tensor = tensor_field(("N",), _F, "visibility without interventions")
     removed: Tensor = tensor_field(("N",), torch.bool, "deplatformed agents (never share)")
     prebunked: Tensor = tensor_field(("N",), torch.bool, "agents inoculated before the story")
@@ -64,32 +59,43 @@ class InfoState(State):
     stance: float = static_field("the story's stance in [-1, 1]", default=0.0)
 
 
-def info_state(num_agents: int, seeds: Tensor, *, network: Network | None = None, role: Tensor | None = None,
-               archetype: Tensor | None = None, convincing: Tensor | None = None, propensity: Tensor | None = None,
-               removed: Tensor | None = None, prebunked: Tensor | None = None, stance: float = 0.0,
-               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> InfoState:
-    """Initial state: agents ``seeds`` (ids) spread; defaults are the classic one-archetype rumour."""
+@dataclass(frozen=True)
+class InfoState(State):
+    """Who has heard / is spreading one story; per-agent belief; this step's intervention multipliers."""
+
+    heard: Tensor = tensor_field(("N",), _F, "1 if the agent has heard the story (0/1, gradient carrier)")
+    spreading: Tensor = tensor_field(("N",), _F, "1 if the agent currently spreads it (0/1, gradient carrier)")
+    belief: Tensor = tensor_field(("N",), _F, "probability the agent believes the story (0 if not heard)")
+    share_mult: Tensor = tensor_field(("N",), _F, "multiplier on sharing (fact-check label); Modulate target")
+    visibility: Tensor = tensor_field(("N",), _F, "probability a post is shown in feeds (down-ranking); Modulate target")
+
+
+def initial_information(num_agents: int, spreaders: Tensor, *, network: Network | None = None, role: Tensor | None = None,
+                        archetype: Tensor | None = None, convincing: Tensor | None = None, propensity: Tensor | None = None,
+                        removed: Tensor | None = None, prebunked: Tensor | None = None, stance: float = 0.0,
+                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> tuple[InfoSystem, InfoState]:
+    """Initial system and state: agents ``spreaders`` (ids) spread; defaults are the classic one-archetype rumour."""
     n = num_agents
-    check_tensor("seeds", seeds, ("S",), _I, low=0, high=n - 1)
+    check_tensor("spreaders", spreaders, ("S",), _I, low=0, high=n - 1)
     heard = torch.zeros(n, dtype=dtype, device=device)
-    heard[seeds.long().to(device)] = 1
+    heard[spreaders.long().to(device)] = 1
     ones = torch.ones(n, dtype=dtype, device=device)
     no = torch.zeros(n, dtype=torch.bool, device=device)
-    st = InfoState(
-        heard, heard.clone(), heard.clone(),
+    sy = InfoSystem(
         torch.ones(n, dtype=torch.int8, device=device) if role is None else role.to(device),
         torch.zeros(n, dtype=torch.int16, device=device) if archetype is None else archetype.to(device),
         torch.ones(1, dtype=dtype, device=device) if convincing is None else convincing.to(device, dtype),
         torch.ones(1, dtype=dtype, device=device) if propensity is None else propensity.to(device, dtype),
-        ones, ones.clone(), ones.clone(), ones.clone(),
+        ones.clone(), ones.clone(),
         no if removed is None else removed.to(device), no.clone() if prebunked is None else prebunked.to(device),
         network, float(stance))
-    st.validate()
-    if int(st.archetype.max()) >= st.convincing.numel():
-        raise StateError(f"archetype: codes must be < K = {st.convincing.numel()} (rows of convincing)")
-    if int(st.role.max()) >= len(ROLES) or int(st.role.min()) < 0:
+    st = InfoState(heard, heard.clone(), heard.clone(), ones, ones.clone())
+    st.validate(sy.validate())
+    if int(sy.archetype.max()) >= sy.convincing.numel():
+        raise StateError(f"archetype: codes must be < K = {sy.convincing.numel()} (rows of convincing)")
+    if int(sy.role.max()) >= len(ROLES) or int(sy.role.min()) < 0:
         raise StateError(f"role: codes must be in [0, {len(ROLES)}) ({ROLES})")
-    return st
+    return sy, st
 
 
 def top_spreaders(network: Network, share: float) -> Tensor:
@@ -123,7 +129,7 @@ class Spread(Substep):
         self.writes = ("heard", "spreading", "belief")
         self.params = ("share_rate", "stifle", "prebunk_efficacy")
 
-    def __call__(self, params: Params, s: InfoState, t: int, rng: torch.Generator) -> InfoState:
+    def __call__(self, params: Params, y: InfoSystem, s: InfoState, t: int, rng: torch.Generator) -> InfoState:
         n = s.heard.shape[0]
         dev, dt = s.heard.device, s.heard.dtype
         # per-agent uniforms, drawn densely so that every agent keeps its own numbers whatever
@@ -140,16 +146,16 @@ class Spread(Substep):
         if m == 0:
             return s
         role_share = self.role_share.to(dev, dt)
-        q = (params.share_rate * s.propensity[s.archetype[idx].long()] * role_share[s.role[idx].long()]
-             * s.share_mult[idx] * (~s.removed[idx]).to(dt)).clamp(0, 1)
+        q = (params.share_rate * y.propensity[y.archetype[idx].long()] * role_share[y.role[idx].long()]
+             * s.share_mult[idx] * (~y.removed[idx]).to(dt)).clamp(0, 1)
         # every visited agent draws a contact, sharing or not: a non-sharer's event is 0 forward
         # but its straight-through gradient d share / d q = 1 reaches the contact it would make
         share = bernoulli_st(q, u[0, idx]) * s.spreading[idx]
-        if s.network is None:
+        if y.network is None:
             contact = (uc[0, idx] * n).long().clamp_max(n - 1)
             has = torch.ones(m, dtype=dt, device=dev)
         else:
-            net = s.network
+            net = y.network
             deg = net.rowptr[idx + 1] - net.rowptr[idx]
             off = (uc[0, idx] * deg.double()).long().clamp_max((deg - 1).clamp_min(0))
             pos = (net.rowptr[idx] + off).clamp_max(max(net.num_edges - 1, 0))
@@ -163,10 +169,10 @@ class Spread(Substep):
         uj, inv = torch.unique(contact[fresh], return_inverse=True)
         hits = ev.new_zeros(uj.numel()).index_add(0, inv, ev[fresh] * (1 - informed[fresh]))
         reached = hits / hits.detach().clamp_min(1)
-        arch_j, role_j = s.archetype[uj].long(), s.role[uj].long()
+        arch_j, role_j = y.archetype[uj].long(), y.role[uj].long()
         labelled = s.share_mult[uj] < 1
-        accept = (s.convincing[arch_j] * self.role_accept.to(dev, dt)[role_j]
-                  * (1 - params.prebunk_efficacy * s.prebunked[uj].to(dt))
+        accept = (y.convincing[arch_j] * self.role_accept.to(dev, dt)[role_j]
+                  * (1 - params.prebunk_efficacy * y.prebunked[uj].to(dt))
                   * torch.where(labelled, torch.full_like(hits, self.label_belief), torch.ones_like(hits))).clamp(0, 1)
         new_spreader = reached * bernoulli_st(accept, u[1, uj])
         # informed contacts stifle the sharer (Maki-Thompson: only the initiator stops)

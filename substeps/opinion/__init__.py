@@ -12,10 +12,10 @@ from substeps.opinion.metrics import (
     soft_histogram,
     variance,
 )
-from substeps.opinion.state import OpinionState, as_matrix, opinion_state
+from substeps.opinion.state import OpinionState, OpinionSystem, as_matrix, initial_opinions
 
 __all__ = [
-    "OpinionState", "opinion_state", "as_matrix",
+    "OpinionState", "OpinionSystem", "initial_opinions", "as_matrix",
     "BoundedConfidence", "PairwiseBoundedConfidence", "Anchoring", "st_gate",
     "Feed", "HomophilousRewiring", "segment_topk", "RANKINGS",
     "variance", "bimodality", "esteban_ray", "neighbour_correlation", "cluster_count", "soft_histogram",

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lpm import Params, Substep
 from lpm.state import StateError
-from substeps.opinion.state import OpinionState
+from substeps.opinion.state import OpinionState, OpinionSystem
 
 __all__ = ["BoundedConfidence", "PairwiseBoundedConfidence", "st_gate", "Anchoring"]
 
@@ -73,7 +73,7 @@ class BoundedConfidence(Substep):
         self.writes = ("opinion",)
         self.params = ("confidence", "convergence") + (("repulsion_threshold", "repulsion_strength") if repulsion else ())
 
-    def __call__(self, params: Params, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
+    def __call__(self, params: Params, system: OpinionSystem, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
         net = state.network
         x = state.opinion
         src, dst = net.edge_index[0].long(), net.edge_index[1].long()
@@ -112,7 +112,7 @@ class PairwiseBoundedConfidence(Substep):
         self.writes = ("opinion",)
         self.params = ("confidence", "convergence")
 
-    def __call__(self, params: Params, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
+    def __call__(self, params: Params, system: OpinionSystem, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
         net = state.network
         x = state.opinion
         n, e = x.shape[0], net.num_edges
@@ -142,6 +142,6 @@ class Anchoring(Substep):
     def __init__(self, name: str = "anchoring") -> None:
         self.name = name
 
-    def __call__(self, params: Params, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
-        s = state.stubbornness.to(state.opinion.dtype).unsqueeze(1)
-        return state.replace(opinion=(1 - s) * state.opinion + s * state.anchor)
+    def __call__(self, params: Params, system: OpinionSystem, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
+        s = system.stubbornness.to(state.opinion.dtype).unsqueeze(1)
+        return state.replace(opinion=(1 - s) * state.opinion + s * system.anchor)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lpm import Network, Params, Substep
 from lpm.state import StateError
-from substeps.opinion.state import OpinionState
+from substeps.opinion.state import OpinionState, OpinionSystem
 
 __all__ = ["Feed", "segment_topk", "HomophilousRewiring", "RANKINGS"]
 
@@ -72,7 +72,7 @@ class Feed(Substep):
         self.reads = ("opinion", "network", "last_post")
         self.writes = ("exposure", "last_post")
 
-    def __call__(self, params: Params, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
+    def __call__(self, params: Params, system: OpinionSystem, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
         net = state.network
         x = state.opinion.detach()
         n = x.shape[0]
@@ -113,7 +113,7 @@ class HomophilousRewiring(Substep):
         self.writes = ("network", "exposure")
         self.params = ("unfollow_threshold",)
 
-    def __call__(self, params: Params, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
+    def __call__(self, params: Params, system: OpinionSystem, state: OpinionState, t: int, rng: torch.Generator) -> OpinionState:
         net = state.network
         x = state.opinion.detach()
         n = x.shape[0]

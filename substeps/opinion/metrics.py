@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lpm import Network, Observable
-from substeps.opinion.state import OpinionState, as_matrix
+from substeps.opinion.state import OpinionState, OpinionSystem, as_matrix
 
 __all__ = ["variance", "bimodality", "esteban_ray", "neighbour_correlation", "cluster_count",
            "soft_histogram", "polarization_observables"]
@@ -90,8 +90,8 @@ def polarization_observables(*, bins: int = 20, gap: float = 0.05, min_share: fl
                              echo: bool = True) -> dict[str, Observable]:
     """Observables: variance, bimodality, Esteban-Ray, clusters, mean |opinion| (and echo chambers)."""
 
-    def on(fn: Callable[[Tensor], Tensor]) -> Callable[[OpinionState], Tensor]:
-        return lambda s: fn(s.opinion)
+    def on(fn: Callable[[Tensor], Tensor]) -> Callable[[OpinionSystem, OpinionState], Tensor]:
+        return lambda y, s: fn(s.opinion)
 
     obs = {
         "variance": Observable(on(variance), reads=("opinion",), doc="total opinion variance"),
@@ -103,6 +103,6 @@ def polarization_observables(*, bins: int = 20, gap: float = 0.05, min_share: fl
                                 doc="mean |left-right opinion|"),
     }
     if echo:
-        obs["neighbour_corr"] = Observable(lambda s: neighbour_correlation(s.opinion, s.network),
+        obs["neighbour_corr"] = Observable(lambda y, s: neighbour_correlation(s.opinion, s.network),
                                            reads=("opinion", "network"), doc="opinion correlation across follow edges")
     return obs

@@ -1,4 +1,8 @@
-"""Opinion state: continuous opinions on a directed follow graph, plus the feed's exposures."""
+"""Opinions on a directed follow graph: the system (anchors, stubbornness, archetypes) and the state.
+
+The follow graph is *state* here, not system: :class:`~substeps.opinion.HomophilousRewiring`
+rewires it during a run.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lpm import Network, State, StateError, check_tensor, static_field, tensor_field
+from lpm import Network, State, StateError, System, check_tensor, static_field, tensor_field
 
-__all__ = ["OpinionState", "opinion_state", "as_matrix"]
+__all__ = ["OpinionState", "OpinionSystem", "initial_opinions", "as_matrix"]
 
 _FLOAT = (torch.float32, torch.float64)
 
@@ -17,6 +21,16 @@ _FLOAT = (torch.float32, torch.float64)
 def as_matrix(x: Tensor) -> Tensor:
     """View opinions ``[N]`` as ``[N, 1]``; ``[N, D]`` unchanged."""
     return x.unsqueeze(1) if x.dim() == 1 else x
+
+
+@dataclass(frozen=True)
+class OpinionSystem(System):
+    """What an opinion run never changes: each agent's anchor, stubbornness and archetype."""
+
+    anchor: Tensor = tensor_field(("N", "D"), _FLOAT, "initial (anchoring) opinion")
+    stubbornness: Tensor = tensor_field(("N",), _FLOAT, "weight in [0, 1] of the anchor each step (Friedkin-Johnsen)")
+    archetype: Tensor | None = tensor_field(("N",), (torch.int8, torch.int16, torch.int32, torch.int64), "archetype code", optional=True)
+    archetype_names: tuple[str, ...] = static_field("label of each archetype code", default=())
 
 
 @dataclass(frozen=True)
@@ -28,18 +42,14 @@ class OpinionState(State):
     """
 
     opinion: Tensor = tensor_field(("N", "D"), _FLOAT, "current opinion in [-1, 1] per dimension")
-    anchor: Tensor = tensor_field(("N", "D"), _FLOAT, "initial (anchoring) opinion")
-    stubbornness: Tensor = tensor_field(("N",), _FLOAT, "weight in [0, 1] of the anchor each step (Friedkin-Johnsen)")
-    network: Network = tensor_field((), None, "directed follow graph, source -> follower")
+    network: Network = tensor_field((), None, "directed follow graph, source -> follower (rewired during a run)")
     last_post: Tensor = tensor_field(("N",), (torch.int32, torch.int64), "step of each agent's latest post (-1: never)")
     exposure: Tensor | None = tensor_field(("E",), _FLOAT, "1 where the feed shows edge e's post this step", optional=True)
-    archetype: Tensor | None = tensor_field(("N",), (torch.int8, torch.int16, torch.int32, torch.int64), "archetype code", optional=True)
-    archetype_names: tuple[str, ...] = static_field("label of each archetype code", default=())
 
 
-def opinion_state(opinion: Tensor, network: Network, *, stubbornness: Tensor | float = 0.0,
-                  archetype: Tensor | None = None, archetype_names: tuple[str, ...] = ()) -> OpinionState:
-    """Initial state from opinions ``[N]`` or ``[N, D]`` and a follow graph (anchor = opinion)."""
+def initial_opinions(opinion: Tensor, network: Network, *, stubbornness: Tensor | float = 0.0,
+                  archetype: Tensor | None = None, archetype_names: tuple[str, ...] = ()) -> tuple[OpinionSystem, OpinionState]:
+    """Initial system and state from opinions ``[N]`` or ``[N, D]`` and a follow graph (anchor = opinion)."""
     check_tensor("opinion", opinion, None, _FLOAT)
     x = as_matrix(opinion)
     n = x.shape[0]
@@ -48,7 +58,7 @@ def opinion_state(opinion: Tensor, network: Network, *, stubbornness: Tensor | f
     s = stubbornness if isinstance(stubbornness, Tensor) else torch.full((n,), float(stubbornness), dtype=x.dtype, device=x.device)
     check_tensor("stubbornness", s, (n,), _FLOAT, low=0.0, high=1.0)
     shown = torch.ones(network.num_edges, dtype=x.dtype, device=x.device)  # before any feed: every post visible
-    state = OpinionState(x.clone(), x.clone(), s.to(x.dtype), network,
-                         torch.full((n,), -1, dtype=torch.int32, device=x.device), shown, archetype, tuple(archetype_names))
-    state.validate()
-    return state
+    system = OpinionSystem(x.clone(), s.to(x.dtype), archetype, tuple(archetype_names))
+    state = OpinionState(x.clone(), network, torch.full((n,), -1, dtype=torch.int32, device=x.device), shown)
+    state.validate(system.validate())
+    return system, state
