@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lpm import Model, Params, StateError
+from lpm import Model, Params, StateError, System
 from lpm.cli import Experiment
 from substeps.economy import (CURRENT_LAW, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, EconState, default_params,
                               economy_model, format_schedule, load_dp03, parse_schedule, piecewise_tax, prepare,
@@ -203,7 +203,7 @@ def fit(model: Model, params: Params, state: EconState, dates: pd.DatetimeIndex,
     losses = []
     T = len(dates)
     for it in range(iters):
-        res = model.simulate(params, state, T, seed=seed, grad=True, progress=False)
+        res = model.simulate(params, System(), state, T, seed=seed, grad=True, progress=False)
         sim = monthly(res["unemployment_area"][:, 0, :] * 100.0, dates, months)
         loss = ((sim - observed) ** 2).mean()
         opt.zero_grad()
@@ -250,7 +250,7 @@ def calibrate(argv: Sequence[str]) -> int:
     rmodel, _, rstate, _ = build(boroughs=areas, agents=a.agents, replicates=a.replicates, seed=a.seed + 1000,
                                  llm=a.llm, start=a.start, observables=["unemployment_area"])
     with torch.no_grad():
-        res = rmodel.simulate(params, rstate, len(dates), seed=a.seed + 1000, progress=False)
+        res = rmodel.simulate(params, System(), rstate, len(dates), seed=a.seed + 1000, progress=False)
     all_months = fit_months + test_months
     sim = monthly(res["unemployment_area"] * 100.0, dates, all_months)  # [M, R, A]
     sim_fit, sim_test = sim[: len(fit_months)], sim[len(fit_months):]
@@ -347,7 +347,7 @@ def run_arms(a: argparse.Namespace, fitted: dict | None) -> tuple[dict[str, dict
                   f"{state.nbytes() / state.wage.shape[0]:.0f} bytes/agent")
             state0 = state
         t0 = time.perf_counter()
-        res = model.simulate(params, state, len(dates), seed=a.seed, progress=False)
+        res = model.simulate(params, System(), state, len(dates), seed=a.seed, progress=False)
         secs += time.perf_counter() - t0
         out[arm] = {k: v.detach().cpu() for k, v in res.observables.items()}
     return out, dates, secs, state0

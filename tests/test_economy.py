@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lpm import Params
+from lpm import Params, System
 from lpm.rng import Streams
 from substeps.economy import (CURRENT_LAW, Dp03, EconState, IllnessAbsence, default_params, economy_model, gini,
                               parse_schedule, piecewise_tax, poverty_rate, prepare, synthesize, weekly_tax)
@@ -55,7 +55,7 @@ def test_steady_state_unemployment_is_s_over_s_plus_f():
     h_s, h_f = 0.02, 0.15
     constant_rates(params, h_s, h_f)
     model = economy_model(st, labour_supply=False, observables=["unemployment"])
-    res = model.simulate(params, st, 120, seed=1, progress=False)
+    res = model.simulate(params, System(), st, 120, seed=1, progress=False)
     s, f = -math.expm1(-h_s), -math.expm1(-h_f)
     expected = s / (s + f)
     u = res["unemployment"][40:, 0].double()
@@ -75,7 +75,7 @@ def test_closure_raises_separations_in_closed_industry_only():
     closure = torch.zeros(20, st.J)
     closure[5:, 10] = 1.0
     st = st.replace(closure=closure)
-    res = economy_model(st, labour_supply=False).simulate(params, st, 20, seed=0, progress=False)
+    res = economy_model(st, labour_supply=False).simulate(params, System(), st, 20, seed=0, progress=False)
     fin = res.final_state
     ind = fin.industry.long()
     lf = fin.in_lf
@@ -92,7 +92,7 @@ def test_gradient_of_unemployment_wrt_separation_rate_matches_finite_differences
     model = economy_model(st, labour_supply=False, observables=["unemployment"])
 
     def mean_u(p: Params, seed: int, grad: bool) -> torch.Tensor:
-        return model.simulate(p, st, weeks, seed=seed, grad=grad, progress=False)["unemployment"].mean()
+        return model.simulate(p, System(), st, weeks, seed=seed, grad=grad, progress=False)["unemployment"].mean()
 
     seeds = range(3)
     grads = []
@@ -136,7 +136,7 @@ def test_gradient_of_unemployment_wrt_separation_rate_matches_finite_differences
 def _steps(model, params, state, weeks, seed=0):
     streams = Streams(seed, [s.name for s in model.substeps])
     for t in range(weeks):
-        new = model.step(params, state, t, streams)
+        new = model.step(params, System(), state, t, streams)
         yield state, new
         state = new
 
@@ -233,9 +233,9 @@ def test_poverty_rate():
 def test_ubi_and_ui_lower_labour_supply_and_taxes_raise_revenue():
     st, params = make_state(4000, weeks=12)
     model = economy_model(st)
-    base = model.simulate(params, st, 12, seed=0, progress=False)
+    base = model.simulate(params, System(), st, 12, seed=0, progress=False)
     st_ubi = st.replace(ubi=torch.full((12,), 1000.0 * 12 / 52))
-    ubi = model.simulate(params, st_ubi, 12, seed=0, progress=False)
+    ubi = model.simulate(params, System(), st_ubi, 12, seed=0, progress=False)
     assert float(ubi.final_state.accept.mean()) < float(base.final_state.accept.mean()) - 0.02
     assert float(ubi["consumption"][-4:].mean()) > float(base["consumption"][-4:].mean())
     assert float(ubi["poverty"][-1].mean()) < float(base["poverty"][-1].mean())
@@ -257,26 +257,27 @@ def test_bad_inputs_name_the_field():
 def test_epidemic_stage_marks_workers_absent_on_the_same_population():
     from substeps.economy.coupling import couple, coupled_model
     from substeps.economy.substeps import Fiscal, LabourFlows, PolicyClosure, Spending
-    from substeps.epidemic import initial_state, sir, stage_counts
+    from substeps.epidemic import epi_system, initial_state, sir, stage_counts
 
     st, params = make_state(6000, areas=1, weeks=10)
     params.set(sick_pay=0.0)
     disease = sir(recovery_rate=0.2)
     N = st.wage.shape[0]
     G = 1
-    epi = initial_state(disease, N, 300, seed=0, group=torch.zeros(N, dtype=torch.int64), mixing=torch.full((G, G), 1.0))
+    epi = initial_state(disease, N, 300, seed=0)
+    system = epi_system(disease, group=torch.zeros(N, dtype=torch.int64), mixing=torch.full((G, G), 1.0))
     both = couple(st, epi)
     params.add("beta", 0.6)
     ill = disease.code("I")
     econ = [PolicyClosure(), IllnessAbsence([ill]), LabourFlows(), Fiscal(), Spending()]
-    obs = {**stage_counts(disease), "absent": lambda s: s.absent.sum(), "earnings": lambda s: s.earnings.sum()}
+    obs = {**stage_counts(disease), "absent": lambda y, s: s.absent.sum(), "earnings": lambda y, s: s.earnings.sum()}
     model = coupled_model(disease, econ, obs)
     streams = Streams(0, [s.name for s in model.substeps])
     s = both
     checked = 0
     with torch.no_grad():
         for t in range(21):
-            s = model.step(params, s, t, streams)
+            s = model.step(params, system, s, t, streams)
             if t % 7 == 6:
                 sick_workers = (s.employed > 0) & (s.stage == ill)
                 # absence was marked before this week's flows; those still employed and ill earn nothing
@@ -286,10 +287,9 @@ def test_epidemic_stage_marks_workers_absent_on_the_same_population():
                 checked += 1
     assert checked == 3
     # without illness nobody is absent and earnings are higher
-    s0 = couple(st, initial_state(disease, N, 0, seed=0, group=torch.zeros(N, dtype=torch.int64),
-                                  mixing=torch.full((G, G), 1.0)))
-    r1 = model.simulate(params, both, 14, seed=0, progress=False)
-    r0 = model.simulate(params, s0, 14, seed=0, progress=False)
+    s0 = couple(st, initial_state(disease, N, 0, seed=0))
+    r1 = model.simulate(params, system, both, 14, seed=0, progress=False)
+    r0 = model.simulate(params, system, s0, 14, seed=0, progress=False)
     assert float(r0["absent"][6]) == 0.0 and float(r1["absent"][6]) > 0
     assert float(r1["earnings"][13]) < float(r0["earnings"][13])
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from experiments import economy_nyc as E
+from lpm import System
 from lpm.cli import experiments, main
 from substeps.economy import INDUSTRIES
 from substeps.economy.shock import closure_schedule, ui_schedule, weekly_dates
@@ -102,7 +103,7 @@ def test_long_horizon_gradient_of_fitted_model_vs_finite_differences():
     w = torch.tensor((dates >= "2020-01-01") & (dates < "2021-01-01"))
 
     def obj(grad: bool, seed: int) -> torch.Tensor:
-        r = model.simulate(params, state, len(dates), seed=seed, grad=grad, progress=False)["unemployment_area"]
+        r = model.simulate(params, System(), state, len(dates), seed=seed, grad=grad, progress=False)["unemployment_area"]
         return r[w, 0, 0].mean() * 100
 
     for name, h, tol in (("find_rate", 0.01, 0.35), ("shock_sep", 3.0, 0.5)):

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lpm import Fixed, Interval, Model, Observable, Params, Positive, Substep
+from lpm import Fixed, Interval, Model, Observable, Params, Positive, Substep, System
 from substeps.economy.population import Dp03, load_dp03, synthesize
 from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, INDUSTRY_LABELS, EconState
 from substeps.economy.substeps import (Fiscal, IllnessAbsence, LabourFlows, LabourSupply, PolicyClosure, Spending,
@@ -77,25 +77,25 @@ def economy_observables(state: EconState) -> dict[str, Observable]:
         return x.new_zeros(R).index_add(0, s.rep, x) / n
 
     return {
-        "unemployment": Observable(lambda s: unemployment_by(s, s.rep, R), rep_labels, ("employed", "in_lf", "rep"),
+        "unemployment": Observable(lambda y, s: unemployment_by(s, s.rep, R), rep_labels, ("employed", "in_lf", "rep"),
                                    "unemployed / labour force"),
-        "unemployment_area": Observable(lambda s: unemployment_by(s, s.rep_area, R * A).view(R, A), area_labels,
+        "unemployment_area": Observable(lambda y, s: unemployment_by(s, s.rep_area, R * A).view(R, A), area_labels,
                                         ("employed", "in_lf", "rep_area"), "unemployed / labour force by area"),
-        "consumption": Observable(lambda s: per_rep(s.consumption, s), rep_labels, ("consumption", "rep"),
+        "consumption": Observable(lambda y, s: per_rep(s.consumption, s), rep_labels, ("consumption", "rep"),
                                   "mean consumption per adult, $/week"),
-        "income": Observable(lambda s: per_rep(s.income, s), rep_labels, ("income", "rep"),
+        "income": Observable(lambda y, s: per_rep(s.income, s), rep_labels, ("income", "rep"),
                              "mean disposable income per adult, $/week"),
-        "gini": Observable(lambda s: gini(s.income, s.rep, R), rep_labels, ("income", "rep"),
+        "gini": Observable(lambda y, s: gini(s.income, s.rep, R), rep_labels, ("income", "rep"),
                            "Gini of weekly disposable income across adults"),
-        "poverty": Observable(lambda s: poverty_rate(s.income * 52.0, POVERTY_LINE, s.rep, R), rep_labels,
+        "poverty": Observable(lambda y, s: poverty_rate(s.income * 52.0, POVERTY_LINE, s.rep, R), rep_labels,
                               ("income", "rep"), "share of adults with annualised disposable income under the poverty line"),
-        "gov_balance": Observable(lambda s: s.gov_balance / torch.bincount(s.rep, minlength=R).to(s.gov_balance.dtype),
+        "gov_balance": Observable(lambda y, s: s.gov_balance / torch.bincount(s.rep, minlength=R).to(s.gov_balance.dtype),
                                   rep_labels, ("gov_balance", "rep"), "cumulative government balance per adult, $"),
-        "gov_revenue": Observable(lambda s: s.gov_revenue, rep_labels, ("gov_revenue",), "tax revenue, $/week"),
-        "gov_spending": Observable(lambda s: s.gov_spending, rep_labels, ("gov_spending",), "UI + UBI + pensions paid, $/week"),
-        "cpi": Observable(lambda s: (s.price * s.spend_share).sum(1), rep_labels, ("price", "spend_share"),
+        "gov_revenue": Observable(lambda y, s: s.gov_revenue, rep_labels, ("gov_revenue",), "tax revenue, $/week"),
+        "gov_spending": Observable(lambda y, s: s.gov_spending, rep_labels, ("gov_spending",), "UI + UBI + pensions paid, $/week"),
+        "cpi": Observable(lambda y, s: (s.price * s.spend_share).sum(1), rep_labels, ("price", "spend_share"),
                           "consumer price index (basket-weighted industry prices)"),
-        "savings": Observable(lambda s: per_rep(s.savings, s), rep_labels, ("savings", "rep"), "mean savings, $"),
+        "savings": Observable(lambda y, s: per_rep(s.savings, s), rep_labels, ("savings", "rep"), "mean savings, $"),
     }
 
 
@@ -142,11 +142,11 @@ def prepare(state: EconState, params: Params, *, baseline_accept: tuple[float, f
     state = state.replace(disutility=dis.to(state.disutility.dtype),
                           accept=torch.sigmoid(torch.logit(a)).to(state.accept.dtype))
     open_state = state.replace(closed=torch.zeros_like(state.closed))
-    s1 = Fiscal()(params, open_state, 0, g)
+    s1 = Fiscal()(params, System(), open_state, 0, g)
     R, J = state.firm_cash.shape
     present = state.employed.double()
     labour = present.new_zeros(R * J).index_add(0, state.rep_ind, present).view(R, J)
     big = s1.replace(base_spend=torch.full_like(state.base_spend, 1e30), base_labour=labour.clamp_min(1.0))
-    s2 = Spending()(params, big, 0, g)
+    s2 = Spending()(params, System(), big, 0, g)
     sales = s2.firm_cash - s1.firm_cash
     return state.replace(base_spend=sales.clamp_min(1e-6), base_labour=labour.clamp_min(1.0))

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from lpm import Model, Params, State, Substep
+from lpm import Model, Params, State, Substep, System
 from substeps.economy.state import EconState
-from substeps.epidemic import DiseaseModel, EpiState, Progression, Transmission
+from substeps.epidemic import DiseaseModel, EpiState, EpiSystem, Progression, Transmission
 
 __all__ = ["EconEpiState", "Weekly", "couple", "coupled_model"]
 
@@ -36,10 +36,10 @@ class Weekly(Substep):
         self.name = inner.name
         self.reads, self.writes, self.params = inner.reads, inner.writes, inner.params
 
-    def __call__(self, params: Params, state: State, t: int, rng: torch.Generator) -> State:
+    def __call__(self, params: Params, system: System, state: State, t: int, rng: torch.Generator) -> State:
         if t % self.days != self.days - 1:
             return state
-        return self.inner(params, state, t // self.days, rng)
+        return self.inner(params, system, state, t // self.days, rng)
 
 
 def couple(econ: EconState, epi: EpiState) -> EconEpiState:
@@ -56,4 +56,4 @@ def coupled_model(disease: DiseaseModel, economy: Sequence[Substep], observables
                   name: str = "economy+epidemic") -> Model:
     """Daily plan: epidemic progression and transmission, then the economy substeps once a week."""
     steps = [Progression(disease), Transmission(disease, network=network), *[Weekly(s) for s in economy]]
-    return Model(steps, observables, state_type=EconEpiState, dt=1.0, time_unit="day", name=name)
+    return Model(steps, observables, state_type=EconEpiState, system_type=EpiSystem, dt=1.0, time_unit="day", name=name)

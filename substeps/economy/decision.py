@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
+from lpm import System
 from llm_archetypes import ArchetypeDecision, Archetypes, Asker, Bucket, Number, Prompt, Question, RuleBackend
 from llm_archetypes.asking import Answers
 from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INDUSTRY_LABELS, EconState
@@ -95,7 +96,7 @@ def economy_archetypes(state: EconState) -> Archetypes:
     return Archetypes.from_attributes(attrs, list(attrs), codebooks=books)
 
 
-def _context(state: EconState, t: int) -> dict[str, float]:
+def _context(system: System, state: EconState, t: int) -> dict[str, float]:
     i = min(t, state.ubi.shape[0] - 1)
     closures = float((state.closed * state.spend_share).sum())
     return {"closures": closures, "ubi": float(state.ubi[i]) * 52.0 / 12.0, "ui": float(state.ui_supplement[i])}

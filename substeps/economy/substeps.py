@@ -51,7 +51,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lpm import Params, Substep
+from lpm import Params, Substep, System
 from substeps.economy.state import EconState
 from substeps.economy.tax import weekly_tax
 
@@ -83,7 +83,7 @@ class PolicyClosure(Substep):
     reads = ("closure",)
     writes = ("closed",)
 
-    def __call__(self, params: Params, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
         return state.replace(closed=_at(state.closure, t))
 
 
@@ -98,7 +98,7 @@ class IllnessAbsence(Substep):
         self.reads = ("stage", "employed")
         self.writes = ("absent",)
 
-    def __call__(self, params: Params, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
         ill = torch.zeros_like(state.stage, dtype=torch.bool)
         for c in self.codes:
             ill |= state.stage == c
@@ -113,7 +113,7 @@ class LabourSupply(Substep):
     writes = ("accept",)
     params = ("tax_rates", "ui_rr", "ui_cap", "ls_scale", "home_floor")
 
-    def __call__(self, params: Params, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
         ubi = _at(state.ubi, t)
         c_work = state.wage - weekly_tax(state.wage, state.tax_thresholds, params.tax_rates) + ubi
         c_out = ui_benefit(params, state, t) + ubi + params.home_floor
@@ -143,7 +143,7 @@ class LabourFlows(Substep):
         h_recall = h_find + params.recall * (1 - closed)
         return -torch.expm1(-h_sep), -torch.expm1(-h_find), -torch.expm1(-h_recall)
 
-    def __call__(self, params: Params, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
         s, f0, f1 = self.rates(params, state, t)
         e, tl = state.employed, state.temp_layoff
         lf = state.in_lf
@@ -177,7 +177,7 @@ class Fiscal(Substep):
               "gov_spending")
     params = ("tax_rates", "ui_rr", "ui_cap", "sick_pay")
 
-    def __call__(self, params: Params, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
         R, J = state.firm_cash.shape
         dt = state.savings.dtype
         e = state.employed.to(dt)
@@ -207,7 +207,7 @@ class Spending(Substep):
     writes = ("consumption", "savings", "firm_cash", "demand", "price")
     params = ("wealth_mpc", "price_kappa")
 
-    def __call__(self, params: Params, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
         R, J = state.firm_cash.shape
         dt = state.savings.dtype
         basket = state.spend_share.to(dt) * (1 - state.closed.to(dt))
