@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lpm import Model, Params, StateError, System
+from lpm import Model, Params, StateError
 from lpm.cli import Experiment
-from substeps.economy import (CURRENT_LAW, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, EconState, default_params,
+from substeps.economy import (CURRENT_LAW, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, EconState, EconSystem, default_params,
                               economy_model, format_schedule, load_dp03, parse_schedule, piecewise_tax, prepare,
                               synthesize)
 from substeps.economy.decision import spending_decision
@@ -131,40 +131,40 @@ def apply_fitted(params: Params, fitted: dict, areas: Sequence[str], lf_weight: 
 def build(*, boroughs: Sequence[str] = BOROUGHS, agents: int = 20_000, replicates: int = 1, seed: int = 0,
           start: str = SIM_START, end: str = "2021-03-31", ubi_month: float = 0.0, ubi_start: str | None = None,
           tax: str | None = None, llm: str = "rule", fitted: dict | None = None, device: str = "cpu",
-          observables: Sequence[str] | None = None) -> tuple[Model, Params, EconState, pd.DatetimeIndex]:
-    """Model, parameters, initial state and week dates of NYC's economy (baseline policy unless ubi/tax given)."""
+          observables: Sequence[str] | None = None) -> tuple[Model, Params, EconSystem, EconState, pd.DatetimeIndex]:
+    """Model, parameters, system, initial state and week dates of NYC's economy (baseline policy unless ubi/tax given)."""
     areas = tuple(b for b in BOROUGHS if b in boroughs)
     if len(areas) != len(tuple(boroughs)):
         raise StateError(f"boroughs: expected distinct codes from {BOROUGHS}, got {list(boroughs)}")
     dp = load_dp03(DP03_FILE, {a: GEO[a] for a in areas})
     weeks = int((pd.Timestamp(end) - pd.Timestamp(start)).days // 7) + 1
     dates = weekly_dates(start, weeks)
-    state = synthesize(dp, agents, age_share=load_age_share(areas), replicates=replicates, seed=seed)
+    system, state = synthesize(dp, agents, age_share=load_age_share(areas), replicates=replicates, seed=seed)
     sup, max_weeks = ui_schedule(UI_FILE, dates)
     th, law = parse_schedule(CURRENT_LAW)
-    state = state.replace(closure=closure_schedule(CLOSURE_FILE, INDUSTRIES, dates), ui_supplement=sup,
+    system = system.replace(closure=closure_schedule(CLOSURE_FILE, INDUSTRIES, dates), ui_supplement=sup,
                           ui_max_weeks=max_weeks, ubi=torch.zeros(weeks), tax_thresholds=th,
                           month=torch.tensor((dates + pd.Timedelta(days=3)).month.to_numpy() - 1, dtype=torch.int64))
     base = default_params(len(areas), law)
-    state = prepare(state, base, seed=seed)   # behaviour is anchored to current law without UBI
+    system, state = prepare(system, state, base, seed=seed)   # behaviour is anchored to current law without UBI
     th_s, rates = parse_schedule(tax) if tax else (th, law)
     if tax:
-        state = state.replace(tax_thresholds=th_s)
+        system = system.replace(tax_thresholds=th_s)
     if ubi_month:
         on = torch.tensor(dates >= pd.Timestamp(ubi_start or start))
-        state = state.replace(ubi=on.float() * float(ubi_month) * 12.0 / 52.0)
+        system = system.replace(ubi=on.float() * float(ubi_month) * 12.0 / 52.0)
     params = default_params(len(areas), rates)
     if fitted is not None:
         src = load_dp03(DP03_FILE, {b: GEO[b] for b in fitted["areas"]})
         apply_fitted(params, fitted, areas, {b: float(v) for b, v in zip(src.areas, src.civ_lf)})
-    return _assemble(state, params, dates, llm, device, observables)
+    return _assemble(system, state, params, dates, llm, device, observables)
 
 
 LLM_KINDS = ("rule", "local", "http", "none")
 
 
-def _assemble(state: EconState, params: Params, dates: pd.DatetimeIndex, llm: str, device: str,
-              observables: Sequence[str] | None) -> tuple[Model, Params, EconState, pd.DatetimeIndex]:
+def _assemble(system: EconSystem, state: EconState, params: Params, dates: pd.DatetimeIndex, llm: str, device: str,
+              observables: Sequence[str] | None) -> tuple[Model, Params, EconSystem, EconState, pd.DatetimeIndex]:
     decision = None
     if llm not in LLM_KINDS:
         raise StateError(f"--llm: expected one of {LLM_KINDS}, got {llm!r}")
@@ -179,10 +179,10 @@ def _assemble(state: EconState, params: Params, dates: pd.DatetimeIndex, llm: st
             cache_dir.mkdir(parents=True, exist_ok=True)
             asker = Asker(make_backend(llm, device=device), cache=AnswerCache(str(cache_dir / "economy_nyc.sqlite")),
                           mode="record", max_attempts=3, fallback={"spend_share": 0.8})
-        decision = spending_decision(state, asker)
+        decision = spending_decision(system, asker)
         state = state.replace(mpc_score=decision.initial_scores(0.8))
-    model = economy_model(state, decision=decision, name="economy-nyc", observables=observables)
-    return model, params.to(device), state.to(device), dates
+    model = economy_model(system, decision=decision, name="economy-nyc", observables=observables)
+    return model, params.to(device), system.to(device), state.to(device), dates
 
 
 # ----------------------------------------------------------------------------------------- calibration
@@ -195,7 +195,7 @@ def _observed(laus: pd.DataFrame, months: Sequence[pd.Period], areas: Sequence[s
     return torch.tensor(wide.loc[list(months), list(areas)].to_numpy(dtype=np.float64), dtype=torch.float32)
 
 
-def fit(model: Model, params: Params, state: EconState, dates: pd.DatetimeIndex, observed: Tensor,
+def fit(model: Model, params: Params, system: EconSystem, state: EconState, dates: pd.DatetimeIndex, observed: Tensor,
         months: Sequence[pd.Period], *, iters: int = 60, lr: float = 0.05, seed: int = 0,
         log: bool = True) -> list[float]:
     """Adam on the fitted labour-market parameters: MSE (points^2) of monthly borough unemployment; returns losses."""
@@ -203,7 +203,7 @@ def fit(model: Model, params: Params, state: EconState, dates: pd.DatetimeIndex,
     losses = []
     T = len(dates)
     for it in range(iters):
-        res = model.simulate(params, System(), state, T, seed=seed, grad=True, progress=False)
+        res = model.simulate(params, system, state, T, seed=seed, grad=True, progress=False)
         sim = monthly(res["unemployment_area"][:, 0, :] * 100.0, dates, months)
         loss = ((sim - observed) ** 2).mean()
         opt.zero_grad()
@@ -235,7 +235,7 @@ def calibrate(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     laus = load_laus()
     areas = FITTED_BOROUGHS
-    model, params, state, dates = build(boroughs=areas, agents=a.agents, seed=a.seed, llm=a.llm, start=a.start,
+    model, params, system, state, dates = build(boroughs=areas, agents=a.agents, seed=a.seed, llm=a.llm, start=a.start,
                                         observables=["unemployment_area"])
     fit_months = list(pd.period_range(FIT_START, FIT_END, freq="M"))
     test_months = [pd.Period(m, "M") for m in TEST_MONTHS]
@@ -244,13 +244,13 @@ def calibrate(argv: Sequence[str]) -> int:
     print(model.plan())
     print(f"fitting {len(fit_months)} months x {len(areas)} boroughs with {state.wage.shape[0]:,} agents, {len(dates)} weeks")
     t0 = time.perf_counter()
-    losses = fit(model, params, state, dates, obs_fit, fit_months, iters=a.iters, lr=a.lr, seed=a.seed)
+    losses = fit(model, params, system, state, dates, obs_fit, fit_months, iters=a.iters, lr=a.lr, seed=a.seed)
     fit_secs = time.perf_counter() - t0
     # score with R fresh replicates (new seeds for both population and events) in one batched pass
-    rmodel, _, rstate, _ = build(boroughs=areas, agents=a.agents, replicates=a.replicates, seed=a.seed + 1000,
+    rmodel, _, rsystem, rstate, _ = build(boroughs=areas, agents=a.agents, replicates=a.replicates, seed=a.seed + 1000,
                                  llm=a.llm, start=a.start, observables=["unemployment_area"])
     with torch.no_grad():
-        res = rmodel.simulate(params, System(), rstate, len(dates), seed=a.seed + 1000, progress=False)
+        res = rmodel.simulate(params, rsystem, rstate, len(dates), seed=a.seed + 1000, progress=False)
     all_months = fit_months + test_months
     sim = monthly(res["unemployment_area"] * 100.0, dates, all_months)  # [M, R, A]
     sim_fit, sim_test = sim[: len(fit_months)], sim[len(fit_months):]
@@ -331,23 +331,23 @@ def _load_fitted(path: str | None) -> dict | None:
     return json.loads(p.read_text())
 
 
-def run_arms(a: argparse.Namespace, fitted: dict | None) -> tuple[dict[str, dict[str, Tensor]], pd.DatetimeIndex, float, EconState]:
+def run_arms(a: argparse.Namespace, fitted: dict | None) -> tuple[dict[str, dict[str, Tensor]], pd.DatetimeIndex, float, EconSystem]:
     """Baseline and scenario arms on the same agents and streams: ``{arm: {observable: [T, R, ...]}}``, dates, seconds."""
     arms = {"baseline": {"ubi_month": 0.0, "tax": None}, "scenario": {"ubi_month": a.ubi, "tax": a.tax}}
     out: dict[str, dict[str, Tensor]] = {}
     secs = 0.0
     state0 = None
     for arm, policy in arms.items():
-        model, params, state, dates = build(boroughs=a.boroughs.split(","), agents=a.agents, replicates=a.replicates,
+        model, params, system, state, dates = build(boroughs=a.boroughs.split(","), agents=a.agents, replicates=a.replicates,
                                             seed=a.seed, start=a.start, end=a.end, ubi_start=a.ubi_start,
                                             llm=a.llm, fitted=fitted, device=a.device, **policy)
         if state0 is None:
             print(model.plan())
-            print(f"{state.wage.shape[0]:,} agents ({a.replicates} replicates), {len(dates)} weeks, "
-                  f"{state.nbytes() / state.wage.shape[0]:.0f} bytes/agent")
-            state0 = state
+            print(f"{system.wage.shape[0]:,} agents ({a.replicates} replicates), {len(dates)} weeks, "
+                  f"{(state.nbytes() + system.nbytes()) / system.wage.shape[0]:.0f} bytes/agent")
+            state0 = system
         t0 = time.perf_counter()
-        res = model.simulate(params, System(), state, len(dates), seed=a.seed, progress=False)
+        res = model.simulate(params, system, state, len(dates), seed=a.seed, progress=False)
         secs += time.perf_counter() - t0
         out[arm] = {k: v.detach().cpu() for k, v in res.observables.items()}
     return out, dates, secs, state0
@@ -416,7 +416,7 @@ def run(argv: Sequence[str]) -> int:
                                       "poverty": "share of adults", "gov_balance": "$ per adult, cumulative at the end",
                                       "cpi": "index"},
         "seconds_simulating": secs, "agent_weeks_per_second": agent_weeks / max(secs, 1e-9),
-        "bytes_per_agent": state0.nbytes() / state0.wage.shape[0],
+        "system_bytes_per_agent": state0.nbytes() / state0.wage.shape[0],
     }
     if a.planner != "none":
         summary["planner"] = plan_taxes(state0, a, out)
@@ -453,7 +453,7 @@ def _plot_arms(arms: dict[str, dict[str, Tensor]], dates: pd.DatetimeIndex, path
 
 
 # ----------------------------------------------------------------------------------------- planner
-def plan_taxes(state: EconState, a: argparse.Namespace, out: Path) -> dict:
+def plan_taxes(state: EconSystem, a: argparse.Namespace, out: Path) -> dict:
     """Gradient planner vs Saez (2002) on replicate 0's steady state; revenue-neutral w.r.t. current law."""
     params = default_params(state.A, parse_schedule(CURRENT_LAW)[1])
     keep = state.rep == 0

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from lpm import Params, System
+from lpm import Params
 from lpm.rng import Streams
-from substeps.economy import (CURRENT_LAW, Dp03, EconState, IllnessAbsence, default_params, economy_model, gini,
+from substeps.economy import (CURRENT_LAW, Dp03, EconState, EconSystem, IllnessAbsence, default_params, economy_model, gini,
                               parse_schedule, piecewise_tax, poverty_rate, prepare, synthesize, weekly_tax)
 from substeps.economy.planner import StaticEconomy, optimise_schedule, saez_rates
 from substeps.economy.substeps import LabourFlows
@@ -28,17 +28,17 @@ def small_dp03(areas: int = 2) -> Dp03:
 
 
 def make_state(agents: int = 4000, *, areas: int = 2, replicates: int = 1, weeks: int = 60, seed: int = 0,
-               tax: str = CURRENT_LAW, ubi_week: float = 0.0) -> tuple[EconState, Params]:
+               tax: str = CURRENT_LAW, ubi_week: float = 0.0) -> tuple[EconSystem, EconState, Params]:
     """A synthetic economy with a current-law tax schedule, open industries and no UI top-up."""
-    st = synthesize(small_dp03(areas), agents, age_share=torch.tensor([[0.15, 0.55, 0.30]] * areas),
+    sy, st = synthesize(small_dp03(areas), agents, age_share=torch.tensor([[0.15, 0.55, 0.30]] * areas),
                     replicates=replicates, seed=seed)
     th, rates = parse_schedule(tax)
-    J = st.J
-    st = st.replace(closure=torch.zeros(weeks, J), ui_supplement=torch.zeros(weeks), ui_max_weeks=torch.full((weeks,), 26.0),
+    J = sy.J
+    sy = sy.replace(closure=torch.zeros(weeks, J), ui_supplement=torch.zeros(weeks), ui_max_weeks=torch.full((weeks,), 26.0),
                     ubi=torch.full((weeks,), float(ubi_week)), month=torch.arange(weeks) % 12, tax_thresholds=th)
     params = default_params(areas, rates)
-    st = prepare(st, params, seed=seed)
-    return st, params
+    sy, st = prepare(sy, st, params, seed=seed)
+    return sy, st, params
 
 
 def constant_rates(params: Params, sep: float, find: float) -> None:
@@ -50,16 +50,16 @@ def constant_rates(params: Params, sep: float, find: float) -> None:
 
 # ------------------------------------------------------------------------------ labour market
 def test_steady_state_unemployment_is_s_over_s_plus_f():
-    st, params = make_state(20_000, areas=1, weeks=120)
+    sy, st, params = make_state(20_000, areas=1, weeks=120)
     st = st.replace(accept=torch.ones_like(st.accept))
     h_s, h_f = 0.02, 0.15
     constant_rates(params, h_s, h_f)
-    model = economy_model(st, labour_supply=False, observables=["unemployment"])
-    res = model.simulate(params, System(), st, 120, seed=1, progress=False)
+    model = economy_model(sy, labour_supply=False, observables=["unemployment"])
+    res = model.simulate(params, sy, st, 120, seed=1, progress=False)
     s, f = -math.expm1(-h_s), -math.expm1(-h_f)
     expected = s / (s + f)
     u = res["unemployment"][40:, 0].double()
-    lf = int(st.in_lf.sum())
+    lf = int(sy.in_lf.sum())
     # weekly rates are autocorrelated (persistence 1 - s - f); allow 4 effective standard errors
     se = math.sqrt(expected * (1 - expected) / lf) * math.sqrt((2 - s - f) / (s + f) / u.numel())
     assert abs(float(u.mean()) - expected) < 4 * se + 1e-4, (float(u.mean()), expected)
@@ -68,17 +68,17 @@ def test_steady_state_unemployment_is_s_over_s_plus_f():
 
 
 def test_closure_raises_separations_in_closed_industry_only():
-    st, params = make_state(10_000, areas=1, weeks=20)
+    sy, st, params = make_state(10_000, areas=1, weeks=20)
     st = st.replace(accept=torch.ones_like(st.accept))
     constant_rates(params, 0.01, 0.1)
     params.set(shock_sep=torch.tensor([20.0]))
-    closure = torch.zeros(20, st.J)
+    closure = torch.zeros(20, sy.J)
     closure[5:, 10] = 1.0
-    st = st.replace(closure=closure)
-    res = economy_model(st, labour_supply=False).simulate(params, System(), st, 20, seed=0, progress=False)
+    sy = sy.replace(closure=closure)
+    res = economy_model(sy, labour_supply=False).simulate(params, sy, st, 20, seed=0, progress=False)
     fin = res.final_state
-    ind = fin.industry.long()
-    lf = fin.in_lf
+    ind = sy.industry.long()
+    lf = sy.in_lf
     u_closed = float((1 - fin.employed[lf & (ind == 10)]).mean())
     u_open = float((1 - fin.employed[lf & (ind != 10)]).mean())
     assert u_closed > 0.5 and u_open < 0.15, (u_closed, u_open)
@@ -86,13 +86,13 @@ def test_closure_raises_separations_in_closed_industry_only():
 
 def test_gradient_of_unemployment_wrt_separation_rate_matches_finite_differences():
     weeks = 40
-    st, params = make_state(20_000, areas=1, weeks=weeks)
+    sy, st, params = make_state(20_000, areas=1, weeks=weeks)
     st = st.replace(accept=torch.ones_like(st.accept))
     constant_rates(params, 0.01, 0.1)
-    model = economy_model(st, labour_supply=False, observables=["unemployment"])
+    model = economy_model(sy, labour_supply=False, observables=["unemployment"])
 
     def mean_u(p: Params, seed: int, grad: bool) -> torch.Tensor:
-        return model.simulate(p, System(), st, weeks, seed=seed, grad=grad, progress=False)["unemployment"].mean()
+        return model.simulate(p, sy, st, weeks, seed=seed, grad=grad, progress=False)["unemployment"].mean()
 
     seeds = range(3)
     grads = []
@@ -120,7 +120,7 @@ def test_gradient_of_unemployment_wrt_separation_rate_matches_finite_differences
     hs = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
     f = -math.expm1(-0.1)
     s = -torch.expm1(-hs)
-    u0 = float((1 - st.employed[st.in_lf]).mean())
+    u0 = float((1 - st.employed[sy.in_lf]).mean())
     u, acc = torch.tensor(u0, dtype=torch.float64), 0.0
     for _ in range(weeks):
         u = u * (1 - f) + (1 - u) * s
@@ -133,51 +133,51 @@ def test_gradient_of_unemployment_wrt_separation_rate_matches_finite_differences
 
 
 # ------------------------------------------------------------------------------ accounting
-def _steps(model, params, state, weeks, seed=0):
+def _steps(model, params, system, state, weeks, seed=0):
     streams = Streams(seed, [s.name for s in model.substeps])
     for t in range(weeks):
-        new = model.step(params, System(), state, t, streams)
+        new = model.step(params, system, state, t, streams)
         yield state, new
         state = new
 
 
 def test_government_budget_identity_holds_every_step():
-    st, params = make_state(6000, replicates=2, weeks=30, ubi_week=50.0)
+    sy, st, params = make_state(6000, replicates=2, weeks=30, ubi_week=50.0)
     sup = torch.zeros(30)
     sup[10:20] = 600.0
-    closure = torch.zeros(30, st.J)
+    closure = torch.zeros(30, sy.J)
     closure[8:, 10] = 0.8
-    st = st.replace(ui_supplement=sup, closure=closure)
+    sy = sy.replace(ui_supplement=sup, closure=closure)
     params.set(shock_sep=torch.full((2,), 30.0))
-    model = economy_model(st)
+    model = economy_model(sy)
     n_ui = 0
     with torch.no_grad():
-        for old, new in _steps(model, params, st, 30):
+        for old, new in _steps(model, params, sy, st, 30):
             d_balance = new.gov_balance - old.gov_balance
             flow = new.gov_revenue - new.gov_spending
             scale = float(old.gov_balance.abs().max()) + float(new.gov_spending.max()) + 1.0
             assert torch.allclose(d_balance, flow, rtol=0, atol=1e-12 * scale)
-            rev = torch.zeros(2, dtype=torch.float64).index_add(0, new.rep, new.tax)
-            spend = torch.zeros(2, dtype=torch.float64).index_add(0, new.rep, new.benefits)
+            rev = torch.zeros(2, dtype=torch.float64).index_add(0, sy.rep, new.tax)
+            spend = torch.zeros(2, dtype=torch.float64).index_add(0, sy.rep, new.benefits)
             assert torch.allclose(rev, new.gov_revenue, rtol=1e-13) and torch.allclose(spend, new.gov_spending, rtol=1e-13)
             # total money (households + firms + government) never changes
-            assert torch.allclose(new.money(), old.money(), rtol=1e-13)
-            n_ui += int(((new.benefits > 60.0) & (new.employed == 0) & new.in_lf).sum())
+            assert torch.allclose(new.money(sy), old.money(sy), rtol=1e-13)
+            n_ui += int(((new.benefits > 60.0) & (new.employed == 0) & sy.in_lf).sum())
     assert n_ui > 0  # UI was actually paid
 
 
 def test_money_conserved_between_households_and_firms_when_no_one_is_taxed_or_paid():
-    st, params = make_state(5000, weeks=25, tax="0:0")
-    st = st.replace(pension=torch.zeros_like(st.pension))
+    sy, st, params = make_state(5000, weeks=25, tax="0:0")
+    sy = sy.replace(pension=torch.zeros_like(sy.pension))
     params.set(ui_rr=0.0, ui_cap=0.0)
-    closure = torch.zeros(25, st.J)
+    closure = torch.zeros(25, sy.J)
     closure[5:, 4] = 0.5
-    st = st.replace(closure=closure)
-    model = economy_model(st)
+    sy = sy.replace(closure=closure)
+    model = economy_model(sy)
     start = float(st.savings.sum() + st.firm_cash.sum())
     moved = 0.0
     with torch.no_grad():
-        for old, new in _steps(model, params, st, 25):
+        for old, new in _steps(model, params, sy, st, 25):
             assert float(new.gov_balance.abs().max()) == 0.0
             assert float(new.tax.abs().max()) == 0.0 and float(new.benefits.abs().max()) == 0.0
             total = float(new.savings.sum() + new.firm_cash.sum())
@@ -185,9 +185,9 @@ def test_money_conserved_between_households_and_firms_when_no_one_is_taxed_or_pa
             moved += float(new.consumption.sum())
     assert moved > 0.01 * start  # money did circulate
     # and breaking conservation is caught: a UBI paid by nobody changes the total
-    st2 = st.replace(ubi=torch.full((25,), 10.0))
+    sy2 = sy.replace(ubi=torch.full((25,), 10.0))
     with torch.no_grad():
-        _, new = next(_steps(economy_model(st2), params, st2, 1))
+        _, new = next(_steps(economy_model(sy2), params, sy2, st, 1))
     assert abs(float(new.savings.sum() + new.firm_cash.sum()) - start) > 1.0
 
 
@@ -231,11 +231,11 @@ def test_poverty_rate():
 
 # ------------------------------------------------------------------------------ behaviour
 def test_ubi_and_ui_lower_labour_supply_and_taxes_raise_revenue():
-    st, params = make_state(4000, weeks=12)
-    model = economy_model(st)
-    base = model.simulate(params, System(), st, 12, seed=0, progress=False)
-    st_ubi = st.replace(ubi=torch.full((12,), 1000.0 * 12 / 52))
-    ubi = model.simulate(params, System(), st_ubi, 12, seed=0, progress=False)
+    sy, st, params = make_state(4000, weeks=12)
+    model = economy_model(sy)
+    base = model.simulate(params, sy, st, 12, seed=0, progress=False)
+    sy_ubi = sy.replace(ubi=torch.full((12,), 1000.0 * 12 / 52))
+    ubi = model.simulate(params, sy_ubi, st, 12, seed=0, progress=False)
     assert float(ubi.final_state.accept.mean()) < float(base.final_state.accept.mean()) - 0.02
     assert float(ubi["consumption"][-4:].mean()) > float(base["consumption"][-4:].mean())
     assert float(ubi["poverty"][-1].mean()) < float(base["poverty"][-1].mean())
@@ -248,9 +248,9 @@ def test_bad_inputs_name_the_field():
         synthesize(small_dp03(2), 100, age_share=torch.ones(3, 3))
     with pytest.raises(ValueError, match="agents"):
         synthesize(small_dp03(2), 1, age_share=torch.ones(2, 3))
-    st, params = make_state(500, weeks=3)
+    sy, st, params = make_state(500, weeks=3)
     with pytest.raises(ValueError, match="tax_rates"):
-        weekly_tax(st.wage, st.tax_thresholds, torch.zeros(2))
+        weekly_tax(sy.wage, sy.tax_thresholds, torch.zeros(2))
 
 
 # ------------------------------------------------------------------------------ coupling with the epidemic
@@ -259,13 +259,13 @@ def test_epidemic_stage_marks_workers_absent_on_the_same_population():
     from substeps.economy.substeps import Fiscal, LabourFlows, PolicyClosure, Spending
     from substeps.epidemic import epi_system, initial_state, sir, stage_counts
 
-    st, params = make_state(6000, areas=1, weeks=10)
+    sy, st, params = make_state(6000, areas=1, weeks=10)
     params.set(sick_pay=0.0)
     disease = sir(recovery_rate=0.2)
-    N = st.wage.shape[0]
+    N = sy.wage.shape[0]
     G = 1
     epi = initial_state(disease, N, 300, seed=0)
-    system = epi_system(disease, group=torch.zeros(N, dtype=torch.int64), mixing=torch.full((G, G), 1.0))
+    system = couple(sy, epi_system(disease, group=torch.zeros(N, dtype=torch.int64), mixing=torch.full((G, G), 1.0)))
     both = couple(st, epi)
     params.add("beta", 0.6)
     ill = disease.code("I")
@@ -299,13 +299,13 @@ def test_epidemic_stage_marks_workers_absent_on_the_same_population():
 def test_tax_planner_improves_welfare_balances_budget_and_meets_saez_at_the_top():
     from substeps.economy import INCOME_EDGES
 
-    st, params = make_state(1500, weeks=2)
+    sy, st, params = make_state(1500, weeks=2)
     th_law, law = parse_schedule(CURRENT_LAW)
-    annual = st.wage.double() * 52
+    annual = sy.wage.double() * 52
     T_law = piecewise_tax(annual, th_law, law) / 52
-    e0 = StaticEconomy(st.wage, st.disutility, st.in_lf, st.income_band, float(params.ls_scale), float(params.home_floor), 0.0)
+    e0 = StaticEconomy(sy.wage, sy.disutility, sy.in_lf, sy.income_band, float(params.ls_scale), float(params.home_floor), 0.0)
     r_req = float((e0.allocation(T_law, iters=1).P * T_law).mean())
-    econ = StaticEconomy(st.wage, st.disutility, st.in_lf, st.income_band, float(params.ls_scale), float(params.home_floor), r_req)
+    econ = StaticEconomy(sy.wage, sy.disutility, sy.in_lf, sy.income_band, float(params.ls_scale), float(params.home_floor), r_req)
     law_alloc = econ.allocation(T_law)
     th = torch.tensor((0.0, *INCOME_EDGES), dtype=torch.float64)
     start = torch.tensor([float(law[(th_law <= x).nonzero().max()]) for x in th], dtype=torch.float64)
@@ -327,10 +327,10 @@ def test_tax_planner_improves_welfare_balances_budget_and_meets_saez_at_the_top(
 
 
 def test_planner_gradient_step_improves_welfare_at_balanced_budget():
-    st, params = make_state(800, weeks=2)
+    sy, st, params = make_state(800, weeks=2)
     th, law = parse_schedule(CURRENT_LAW)
-    annual = st.wage.double() * 52
-    econ = StaticEconomy(st.wage, st.disutility, st.in_lf, st.income_band, float(params.ls_scale),
+    annual = sy.wage.double() * 52
+    econ = StaticEconomy(sy.wage, sy.disutility, sy.in_lf, sy.income_band, float(params.ls_scale),
                          float(params.home_floor), 20.0)
     rates, path = optimise_schedule(econ, th, law, "utilitarian", steps=8, lr=0.05)
     assert path[-1] > path[0]

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from experiments import economy_nyc as E
-from lpm import System
 from lpm.cli import experiments, main
 from substeps.economy import INDUSTRIES
 from substeps.economy.shock import closure_schedule, ui_schedule, weekly_dates
@@ -41,11 +40,11 @@ def test_staten_island_takes_the_weighted_mean_of_fitted_boroughs():
     fitted = {"areas": list(E.FITTED_BOROUGHS),
               "params": {"sep_rate": [0.01, 0.02, 0.03, 0.04], "find_rate": [0.1] * 4, "shock_sep": [10.0] * 4,
                          "shock_find": 0.3, "recall": 0.05, "season": [1.0] * 12}}
-    _, params, state, _ = E.build(boroughs=("BK", "SI"), agents=300, start="2020-01-04", end="2020-02-01",
+    _, params, system, _, _ = E.build(boroughs=("BK", "SI"), agents=300, start="2020-01-04", end="2020-02-01",
                                   llm="none", fitted=fitted)
     sep = params.sep_rate.detach()
     assert float(sep[0]) == pytest.approx(0.02, rel=1e-4)
-    assert 0.01 < float(sep[1]) < 0.04 and state.areas == ("BK", "SI")
+    assert 0.01 < float(sep[1]) < 0.04 and system.areas == ("BK", "SI")
 
 
 def test_cli_run_ubi_and_tax_small(tmp_path, capsys):
@@ -98,12 +97,12 @@ def test_long_horizon_gradient_of_fitted_model_vs_finite_differences():
     bounds that bias and checks the sign.
     """
     fitted = json.loads(E.FITTED_FILE.read_text())
-    model, params, state, dates = E.build(boroughs=E.FITTED_BOROUGHS, agents=8000, fitted=fitted,
+    model, params, system, state, dates = E.build(boroughs=E.FITTED_BOROUGHS, agents=8000, fitted=fitted,
                                           observables=["unemployment_area"])
     w = torch.tensor((dates >= "2020-01-01") & (dates < "2021-01-01"))
 
     def obj(grad: bool, seed: int) -> torch.Tensor:
-        r = model.simulate(params, System(), state, len(dates), seed=seed, grad=grad, progress=False)["unemployment_area"]
+        r = model.simulate(params, system, state, len(dates), seed=seed, grad=grad, progress=False)["unemployment_area"]
         return r[w, 0, 0].mean() * 100
 
     for name, h, tol in (("find_rate", 0.01, 0.35), ("shock_sep", 3.0, 0.5)):

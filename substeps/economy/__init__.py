@@ -15,14 +15,15 @@ from torch import Tensor
 
 from lpm import Fixed, Interval, Model, Observable, Params, Positive, Substep, System
 from substeps.economy.population import Dp03, load_dp03, synthesize
-from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, INDUSTRY_LABELS, EconState
+from substeps.economy.state import (AGE_BANDS, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, INDUSTRY_LABELS, EconState,
+                                    EconSystem)
 from substeps.economy.substeps import (Fiscal, IllnessAbsence, LabourFlows, LabourSupply, PolicyClosure, Spending,
                                        conditional_mean_st, ui_benefit)
 from substeps.economy.tax import (CURRENT_LAW, format_schedule, gini, parse_schedule, piecewise_tax, poverty_rate,
                                   weekly_tax)
 
 __all__ = [
-    "EconState", "INDUSTRIES", "INDUSTRY_LABELS", "AGE_BANDS", "INCOME_BANDS", "INCOME_EDGES",
+    "EconState", "EconSystem", "INDUSTRIES", "INDUSTRY_LABELS", "AGE_BANDS", "INCOME_BANDS", "INCOME_EDGES",
     "Dp03", "load_dp03", "synthesize",
     "PolicyClosure", "IllnessAbsence", "LabourSupply", "LabourFlows", "Fiscal", "Spending", "conditional_mean_st",
     "ui_benefit", "piecewise_tax", "weekly_tax", "parse_schedule", "format_schedule", "gini", "poverty_rate",
@@ -58,48 +59,48 @@ def default_params(num_areas: int, tax_rates: Sequence[float] | Tensor = (0.0,),
     )
 
 
-def unemployment_by(state: EconState, group: Tensor, num_groups: int) -> Tensor:
+def unemployment_by(system: EconSystem, state: EconState, group: Tensor, num_groups: int) -> Tensor:
     """Unemployed / labour force per group ``[num_groups]`` (differentiable in ``employed``)."""
-    lf = state.in_lf.to(state.employed.dtype)
+    lf = system.in_lf.to(state.employed.dtype)
     un = lf * (1 - state.employed)
     g = group.long()
     return un.new_zeros(num_groups).index_add(0, g, un) / lf.new_zeros(num_groups).index_add(0, g, lf).clamp_min(1)
 
 
-def economy_observables(state: EconState) -> dict[str, Observable]:
+def economy_observables(system: EconSystem) -> dict[str, Observable]:
     """Named observables, each ``[R]`` (or ``[R, A]`` by area), recorded every week."""
-    R, A = state.R, state.A
+    R, A = system.R, system.A
     rep_labels = [f"r{r}" for r in range(R)]
-    area_labels = [f"r{r}/{a}" for r in range(R) for a in state.areas]
+    area_labels = [f"r{r}/{a}" for r in range(R) for a in system.areas]
 
-    def per_rep(x: Tensor, s: EconState) -> Tensor:
-        n = torch.bincount(s.rep, minlength=R).to(x.dtype)
-        return x.new_zeros(R).index_add(0, s.rep, x) / n
+    def per_rep(x: Tensor, y: EconSystem) -> Tensor:
+        n = torch.bincount(y.rep, minlength=R).to(x.dtype)
+        return x.new_zeros(R).index_add(0, y.rep, x) / n
 
     return {
-        "unemployment": Observable(lambda y, s: unemployment_by(s, s.rep, R), rep_labels, ("employed", "in_lf", "rep"),
+        "unemployment": Observable(lambda y, s: unemployment_by(y, s, y.rep, R), rep_labels, ("employed", "in_lf", "rep"),
                                    "unemployed / labour force"),
-        "unemployment_area": Observable(lambda y, s: unemployment_by(s, s.rep_area, R * A).view(R, A), area_labels,
+        "unemployment_area": Observable(lambda y, s: unemployment_by(y, s, y.rep_area, R * A).view(R, A), area_labels,
                                         ("employed", "in_lf", "rep_area"), "unemployed / labour force by area"),
-        "consumption": Observable(lambda y, s: per_rep(s.consumption, s), rep_labels, ("consumption", "rep"),
+        "consumption": Observable(lambda y, s: per_rep(s.consumption, y), rep_labels, ("consumption", "rep"),
                                   "mean consumption per adult, $/week"),
-        "income": Observable(lambda y, s: per_rep(s.income, s), rep_labels, ("income", "rep"),
+        "income": Observable(lambda y, s: per_rep(s.income, y), rep_labels, ("income", "rep"),
                              "mean disposable income per adult, $/week"),
-        "gini": Observable(lambda y, s: gini(s.income, s.rep, R), rep_labels, ("income", "rep"),
+        "gini": Observable(lambda y, s: gini(s.income, y.rep, R), rep_labels, ("income", "rep"),
                            "Gini of weekly disposable income across adults"),
-        "poverty": Observable(lambda y, s: poverty_rate(s.income * 52.0, POVERTY_LINE, s.rep, R), rep_labels,
+        "poverty": Observable(lambda y, s: poverty_rate(s.income * 52.0, POVERTY_LINE, y.rep, R), rep_labels,
                               ("income", "rep"), "share of adults with annualised disposable income under the poverty line"),
-        "gov_balance": Observable(lambda y, s: s.gov_balance / torch.bincount(s.rep, minlength=R).to(s.gov_balance.dtype),
+        "gov_balance": Observable(lambda y, s: s.gov_balance / torch.bincount(y.rep, minlength=R).to(s.gov_balance.dtype),
                                   rep_labels, ("gov_balance", "rep"), "cumulative government balance per adult, $"),
         "gov_revenue": Observable(lambda y, s: s.gov_revenue, rep_labels, ("gov_revenue",), "tax revenue, $/week"),
         "gov_spending": Observable(lambda y, s: s.gov_spending, rep_labels, ("gov_spending",), "UI + UBI + pensions paid, $/week"),
-        "cpi": Observable(lambda y, s: (s.price * s.spend_share).sum(1), rep_labels, ("price", "spend_share"),
+        "cpi": Observable(lambda y, s: (s.price * y.spend_share).sum(1), rep_labels, ("price", "spend_share"),
                           "consumer price index (basket-weighted industry prices)"),
-        "savings": Observable(lambda y, s: per_rep(s.savings, s), rep_labels, ("savings", "rep"), "mean savings, $"),
+        "savings": Observable(lambda y, s: per_rep(s.savings, y), rep_labels, ("savings", "rep"), "mean savings, $"),
     }
 
 
-def economy_model(state: EconState, *, decision: Substep | None = None, labour_supply: bool = True,
+def economy_model(system: EconSystem, *, decision: Substep | None = None, labour_supply: bool = True,
                   illness: Substep | None = None, extra: Sequence[Substep] = (), name: str = "economy",
                   observables: Sequence[str] | None = None) -> Model:
     """The weekly plan: closure, [illness absence], [spending decision], [labour supply], flows, fiscal, spending.
@@ -114,39 +115,39 @@ def economy_model(state: EconState, *, decision: Substep | None = None, labour_s
     if labour_supply:
         steps.append(LabourSupply())
     steps += [*extra, LabourFlows(), Fiscal(), Spending()]
-    obs = economy_observables(state)
+    obs = economy_observables(system)
     if observables is not None:
         unknown = sorted(set(observables) - set(obs))
         if unknown:
             raise ValueError(f"observables: unknown {unknown}; known: {sorted(obs)}")
         obs = {k: obs[k] for k in observables}
-    return Model(steps, obs, state_type=type(state), dt=7.0, time_unit="day", name=name)
+    return Model(steps, obs, state_type=EconState, system_type=type(system), dt=7.0, time_unit="day", name=name)
 
 
 @torch.no_grad()
-def prepare(state: EconState, params: Params, *, baseline_accept: tuple[float, float] = (0.85, 0.99),
-            seed: int = 0) -> EconState:
-    """Labour-supply heterogeneity and pre-shock firm baselines for a synthesized state.
+def prepare(system: EconSystem, state: EconState, params: Params, *, baseline_accept: tuple[float, float] = (0.85, 0.99),
+            seed: int = 0) -> tuple[EconSystem, EconState]:
+    """Labour-supply heterogeneity and pre-shock firm baselines for a synthesized system and state.
 
     ``disutility`` is set so that at week 0's policy each agent's P(accept) is a draw from
     ``Uniform(baseline_accept)``; ``base_spend`` and ``base_labour`` are one fiscal + spending
     step of the initial state with every industry open, so demand = 1 before the shock.
     """
     g = torch.Generator().manual_seed(seed + 7919)
-    ubi = state.ubi[0]
-    c_work = (state.wage - weekly_tax(state.wage, state.tax_thresholds, params.tax_rates) + ubi).clamp_min(1.0)
-    c_out = ui_benefit(params, state, 0) + ubi + params.home_floor
+    ubi = system.ubi[0]
+    c_work = (system.wage - weekly_tax(system.wage, system.tax_thresholds, params.tax_rates) + ubi).clamp_min(1.0)
+    c_out = ui_benefit(params, system, 0) + ubi + params.home_floor
     lo, hi = baseline_accept
-    a = lo + (hi - lo) * torch.rand(state.wage.shape, generator=g, dtype=torch.float64)
+    a = lo + (hi - lo) * torch.rand(system.wage.shape, generator=g, dtype=torch.float64)
     dis = torch.log(c_work) - torch.log(c_out) - params.ls_scale * torch.logit(a).to(c_work.dtype)
-    state = state.replace(disutility=dis.to(state.disutility.dtype),
-                          accept=torch.sigmoid(torch.logit(a)).to(state.accept.dtype))
+    system = system.replace(disutility=dis.to(system.disutility.dtype))
+    state = state.replace(accept=torch.sigmoid(torch.logit(a)).to(state.accept.dtype))
     open_state = state.replace(closed=torch.zeros_like(state.closed))
-    s1 = Fiscal()(params, System(), open_state, 0, g)
+    s1 = Fiscal()(params, system, open_state, 0, g)
     R, J = state.firm_cash.shape
     present = state.employed.double()
-    labour = present.new_zeros(R * J).index_add(0, state.rep_ind, present).view(R, J)
-    big = s1.replace(base_spend=torch.full_like(state.base_spend, 1e30), base_labour=labour.clamp_min(1.0))
-    s2 = Spending()(params, System(), big, 0, g)
+    labour = present.new_zeros(R * J).index_add(0, system.rep_ind, present).view(R, J)
+    big = system.replace(base_spend=torch.full_like(system.base_spend, 1e30), base_labour=labour.clamp_min(1.0))
+    s2 = Spending()(params, big, s1, 0, g)
     sales = s2.firm_cash - s1.firm_cash
-    return state.replace(base_spend=sales.clamp_min(1e-6), base_labour=labour.clamp_min(1.0))
+    return system.replace(base_spend=sales.clamp_min(1e-6), base_labour=labour.clamp_min(1.0)), state

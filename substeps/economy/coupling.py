@@ -16,15 +16,20 @@ from typing import Sequence
 import torch
 
 from lpm import Model, Params, State, Substep, System
-from substeps.economy.state import EconState
+from substeps.economy.state import EconState, EconSystem
 from substeps.epidemic import DiseaseModel, EpiState, EpiSystem, Progression, Transmission
 
-__all__ = ["EconEpiState", "Weekly", "couple", "coupled_model"]
+__all__ = ["EconEpiState", "EconEpiSystem", "Weekly", "couple", "coupled_model"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class EconEpiState(EconState, EpiState):
     """Economy and epidemic fields of the same N agents (see both parents for the fields)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EconEpiSystem(EconSystem, EpiSystem):
+    """Economy and epidemic constants of the same N agents (see both parents for the fields)."""
 
 
 class Weekly(Substep):
@@ -42,18 +47,18 @@ class Weekly(Substep):
         return self.inner(params, system, state, t // self.days, rng)
 
 
-def couple(econ: EconState, epi: EpiState) -> EconEpiState:
-    """Join an economy state and an epidemic state of the same agents (same N, same order)."""
-    if econ.wage.shape[0] != epi.stage.shape[0]:
-        raise ValueError(f"couple: the economy has {econ.wage.shape[0]} agents and the epidemic {epi.stage.shape[0]}; "
-                         "they must be the same population")
+def couple(econ: EconSystem | EconState, epi: EpiSystem | EpiState) -> EconEpiSystem | EconEpiState:
+    """Join the economy's and the epidemic's systems (or states) of the same agents (same N, same order)."""
+    joint = EconEpiSystem if isinstance(econ, EconSystem) else EconEpiState
     values = {f.name: getattr(epi, f.name) for f in fields(epi)}
     values.update({f.name: getattr(econ, f.name) for f in fields(econ)})
-    return EconEpiState(**values)
+    out = joint(**values)
+    out.validate()  # one agent axis: a population mismatch is an error naming the field
+    return out
 
 
 def coupled_model(disease: DiseaseModel, economy: Sequence[Substep], observables: dict, *, network: bool = False,
                   name: str = "economy+epidemic") -> Model:
     """Daily plan: epidemic progression and transmission, then the economy substeps once a week."""
     steps = [Progression(disease), Transmission(disease, network=network), *[Weekly(s) for s in economy]]
-    return Model(steps, observables, state_type=EconEpiState, system_type=EpiSystem, dt=1.0, time_unit="day", name=name)
+    return Model(steps, observables, state_type=EconEpiState, system_type=EconEpiSystem, dt=1.0, time_unit="day", name=name)

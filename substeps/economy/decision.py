@@ -17,10 +17,10 @@ from typing import Any, Mapping
 
 import torch
 
-from lpm import System
+from lpm import System  # noqa: F401  (the context signature)
 from llm_archetypes import ArchetypeDecision, Archetypes, Asker, Bucket, Number, Prompt, Question, RuleBackend
 from llm_archetypes.asking import Answers
-from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INDUSTRY_LABELS, EconState
+from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INDUSTRY_LABELS, EconState, EconSystem
 
 __all__ = ["spending_question", "spending_rule", "economy_archetypes", "spending_decision", "MemoAsker",
            "NOT_IN_LF"]
@@ -84,32 +84,32 @@ class MemoAsker:
         return self.memo[key]
 
 
-def economy_archetypes(state: EconState) -> Archetypes:
+def economy_archetypes(system: EconSystem) -> Archetypes:
     """Archetypes by income band x age band x industry (or out of the labour force) x area."""
-    J = state.J
-    ind = torch.where(state.in_lf, state.industry.long(), torch.full_like(state.industry.long(), J))
-    attrs = {"income_band": state.income_band, "age_band": state.age_band, "industry": ind, "area": state.area}
+    J = system.J
+    ind = torch.where(system.in_lf, system.industry.long(), torch.full_like(system.industry.long(), J))
+    attrs = {"income_band": system.income_band, "age_band": system.age_band, "industry": ind, "area": system.area}
     books = {"income_band": INCOME_BANDS, "age_band": AGE_BANDS,
              "industry": tuple(INDUSTRY_LABELS[:J]) + (NOT_IN_LF,),
-             "area": tuple(state.codebooks["area_names"].labels) if state.codebooks and "area_names" in state.codebooks
-             else tuple(state.areas)}
+             "area": tuple(system.codebooks["area_names"].labels) if system.codebooks and "area_names" in system.codebooks
+             else tuple(system.areas)}
     return Archetypes.from_attributes(attrs, list(attrs), codebooks=books)
 
 
-def _context(system: System, state: EconState, t: int) -> dict[str, float]:
-    i = min(t, state.ubi.shape[0] - 1)
-    closures = float((state.closed * state.spend_share).sum())
-    return {"closures": closures, "ubi": float(state.ubi[i]) * 52.0 / 12.0, "ui": float(state.ui_supplement[i])}
+def _context(system: EconSystem, state: EconState, t: int) -> dict[str, float]:
+    i = min(t, system.ubi.shape[0] - 1)
+    closures = float((state.closed * system.spend_share).sum())
+    return {"closures": closures, "ubi": float(system.ubi[i]) * 52.0 / 12.0, "ui": float(system.ui_supplement[i])}
 
 
-def spending_decision(state: EconState, asker: Asker | MemoAsker | None = None, *, every: int = 4,
+def spending_decision(system: EconSystem, asker: Asker | MemoAsker | None = None, *, every: int = 4,
                       archetypes: Archetypes | None = None) -> ArchetypeDecision:
     """The ``spending_decision`` substep: writes ``mpc`` from the archetypes' answers (rule backend by default)."""
     if asker is None:
         asker = Asker(RuleBackend(spending_rule, version="1"), cache=None, mode="off")
     if isinstance(asker, Asker):
         asker = MemoAsker(asker)
-    arch = archetypes if archetypes is not None else economy_archetypes(state)
+    arch = archetypes if archetypes is not None else economy_archetypes(system)
     return ArchetypeDecision("spending_decision", archetypes=arch, question=spending_question(), asker=asker,
                              context=_context, context_reads=("closed", "spend_share", "ubi", "ui_supplement"),
                              target="mpc", store="mpc_score", every=every)

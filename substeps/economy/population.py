@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lpm import CodeBook, StateError
-from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, EconState
+from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, EconState, EconSystem
 
 __all__ = ["Dp03", "load_dp03", "synthesize", "LF_PRIOR", "AGE_WAGE"]
 
@@ -108,11 +108,11 @@ def _draw_wage(income_counts: Tensor, area: Tensor, g: torch.Generator) -> Tenso
 
 def synthesize(dp03: Dp03, agents: int, *, age_share: Tensor, replicates: int = 1, seed: int = 0,
                initial_unemployment: Tensor | None = None, savings_weeks: float = 8.0,
-               dtype: torch.dtype = torch.float32) -> EconState:
-    """``replicates`` independent populations of about ``agents`` adults each, as one :class:`EconState`.
+               dtype: torch.dtype = torch.float32) -> tuple[EconSystem, EconState]:
+    """``replicates`` independent populations of about ``agents`` adults each, as one :class:`EconSystem` and :class:`EconState`.
 
     Schedules (closure, UI, UBI, months) are set to one open, policy-free week; use
-    ``state.replace`` (see :mod:`substeps.economy.shock`) to give them dates. Tax rates live
+    ``system.replace`` (see :mod:`substeps.economy.shock`) to give them dates. Tax rates live
     in the parameters; ``tax_thresholds`` is a single 0 bracket until replaced.
     """
     A, J = len(dp03.areas), dp03.industry.shape[1]
@@ -162,21 +162,24 @@ def synthesize(dp03: Dp03, agents: int, *, age_share: Tensor, replicates: int = 
              "industry": CodeBook("industry", INDUSTRIES[:J] if J == len(INDUSTRIES) else tuple(f"industry {j}" for j in range(J))),
              "income_band": CodeBook("income_band", INCOME_BANDS)}
     ind_share = (dp03.industry.sum(0) / dp03.industry.sum()).to(dtype)
-    return EconState(
+    system = EconSystem(
         area=area.to(torch.int8), age_band=age.to(torch.int8), industry=industry.to(torch.int8),
         income_band=band.to(torch.int8), in_lf=in_lf, wage=wage.to(dtype), disutility=zeros.clone(),
-        rep=rep, rep_area=rep * A + area, rep_ind=rep * J + industry,
-        pension=pension.to(dtype), employed=employed.to(dtype), temp_layoff=zeros.clone(),
-        unemp_weeks=(in_lf & ~employed).to(torch.int16) * 8, absent=zeros.clone(), accept=torch.ones(N, dtype=dtype),
-        mpc=torch.full((N,), 0.8, dtype=dtype), savings=savings, income=f64.clone(), earnings=f64.clone(),
-        tax=f64.clone(), benefits=f64.clone(), consumption=f64.clone(),
-        closure=torch.zeros(1, J, dtype=dtype), closed=torch.zeros(J, dtype=dtype),
+        rep=rep, rep_area=rep * A + area, rep_ind=rep * J + industry, pension=pension.to(dtype),
+        closure=torch.zeros(1, J, dtype=dtype),
         ui_supplement=torch.zeros(1, dtype=dtype), ui_max_weeks=torch.full((1,), 26.0, dtype=dtype),
         ubi=torch.zeros(1, dtype=dtype), month=torch.zeros(1, dtype=torch.int64),
         tax_thresholds=torch.zeros(1, dtype=torch.float64), spend_share=ind_share,
-        firm_cash=torch.zeros(R, J, dtype=torch.float64), base_spend=torch.ones(R, J, dtype=torch.float64),
-        base_labour=torch.ones(R, J, dtype=torch.float64), demand=torch.ones(R, J, dtype=dtype),
-        price=torch.ones(R, J, dtype=dtype), gov_balance=torch.zeros(R, dtype=torch.float64),
-        gov_revenue=torch.zeros(R, dtype=torch.float64), gov_spending=torch.zeros(R, dtype=torch.float64),
+        base_spend=torch.ones(R, J, dtype=torch.float64), base_labour=torch.ones(R, J, dtype=torch.float64),
         num_replicates=R, areas=tuple(dp03.areas), codebooks=books,
     )
+    state = EconState(
+        employed=employed.to(dtype), temp_layoff=zeros.clone(),
+        unemp_weeks=(in_lf & ~employed).to(torch.int16) * 8, absent=zeros.clone(), accept=torch.ones(N, dtype=dtype),
+        mpc=torch.full((N,), 0.8, dtype=dtype), savings=savings, income=f64.clone(), earnings=f64.clone(),
+        tax=f64.clone(), benefits=f64.clone(), consumption=f64.clone(), closed=torch.zeros(J, dtype=dtype),
+        firm_cash=torch.zeros(R, J, dtype=torch.float64), demand=torch.ones(R, J, dtype=dtype),
+        price=torch.ones(R, J, dtype=dtype), gov_balance=torch.zeros(R, dtype=torch.float64),
+        gov_revenue=torch.zeros(R, dtype=torch.float64), gov_spending=torch.zeros(R, dtype=torch.float64),
+    )
+    return system, state

@@ -29,7 +29,7 @@ One step is one week. In order (see :func:`substeps.economy.economy_model`):
    closed shares of the basket are not bought (forced saving); sales go to the industries'
    firms; demand and price indices per industry.
 
-Money moves only between households, firms and the government, so ``EconState.money()``
+Money moves only between households, firms and the government, so ``EconState.money(system)``
 is conserved by every substep (tested), and ``gov_balance`` changes by revenue minus
 spending every step (the budget identity, tested).
 
@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from lpm import Params, Substep, System
-from substeps.economy.state import EconState
+from substeps.economy.state import EconState, EconSystem
 from substeps.economy.tax import weekly_tax
 
 __all__ = ["PolicyClosure", "IllnessAbsence", "LabourSupply", "LabourFlows", "Fiscal", "Spending",
@@ -71,9 +71,9 @@ def _at(schedule: Tensor, t: int) -> Tensor:
     return schedule[min(t, schedule.shape[0] - 1)]
 
 
-def ui_benefit(params: Params, state: EconState, t: int) -> Tensor:
+def ui_benefit(params: Params, system: EconSystem, t: int) -> Tensor:
     """Weekly UI an unemployed agent would receive in week ``t`` (ignoring duration): ``[N]``."""
-    return torch.minimum(params.ui_rr * state.wage, params.ui_cap.to(state.wage.dtype)) + _at(state.ui_supplement, t)
+    return torch.minimum(params.ui_rr * system.wage, params.ui_cap.to(system.wage.dtype)) + _at(system.ui_supplement, t)
 
 
 class PolicyClosure(Substep):
@@ -83,8 +83,8 @@ class PolicyClosure(Substep):
     reads = ("closure",)
     writes = ("closed",)
 
-    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
-        return state.replace(closed=_at(state.closure, t))
+    def __call__(self, params: Params, system: EconSystem, state: EconState, t: int, rng: torch.Generator) -> EconState:
+        return state.replace(closed=_at(system.closure, t))
 
 
 class IllnessAbsence(Substep):
@@ -98,7 +98,7 @@ class IllnessAbsence(Substep):
         self.reads = ("stage", "employed")
         self.writes = ("absent",)
 
-    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: EconSystem, state: EconState, t: int, rng: torch.Generator) -> EconState:
         ill = torch.zeros_like(state.stage, dtype=torch.bool)
         for c in self.codes:
             ill |= state.stage == c
@@ -113,11 +113,11 @@ class LabourSupply(Substep):
     writes = ("accept",)
     params = ("tax_rates", "ui_rr", "ui_cap", "ls_scale", "home_floor")
 
-    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
-        ubi = _at(state.ubi, t)
-        c_work = state.wage - weekly_tax(state.wage, state.tax_thresholds, params.tax_rates) + ubi
-        c_out = ui_benefit(params, state, t) + ubi + params.home_floor
-        z = (torch.log(c_work.clamp_min(1.0)) - torch.log(c_out) - state.disutility) / params.ls_scale
+    def __call__(self, params: Params, system: EconSystem, state: EconState, t: int, rng: torch.Generator) -> EconState:
+        ubi = _at(system.ubi, t)
+        c_work = system.wage - weekly_tax(system.wage, system.tax_thresholds, params.tax_rates) + ubi
+        c_out = ui_benefit(params, system, t) + ubi + params.home_floor
+        z = (torch.log(c_work.clamp_min(1.0)) - torch.log(c_out) - system.disutility) / params.ls_scale
         return state.replace(accept=torch.sigmoid(z).to(state.accept.dtype))
 
 
@@ -130,12 +130,12 @@ class LabourFlows(Substep):
     writes = ("employed", "temp_layoff", "unemp_weeks")
     params = ("sep_rate", "find_rate", "shock_sep", "shock_find", "recall", "season", "quit_rate", "demand_sep")
 
-    def rates(self, params: Params, state: EconState, t: int) -> tuple[Tensor, Tensor, Tensor]:
+    def rates(self, params: Params, system: EconSystem, state: EconState, t: int) -> tuple[Tensor, Tensor, Tensor]:
         """Weekly probabilities ``[N]``: separation, finding without recall, finding with recall (temporary layoffs)."""
-        a = state.area.long()
-        closed = state.closed[state.industry.long()]
-        dem = state.demand.reshape(-1)[state.rep_ind]
-        season = params.season[_at(state.month, t)]
+        a = system.area.long()
+        closed = state.closed[system.industry.long()]
+        dem = state.demand.reshape(-1)[system.rep_ind]
+        season = params.season[_at(system.month, t)]
         h_sep = (params.sep_rate[a] * season * (1 + params.shock_sep[a] * closed)
                  * (1 + params.demand_sep * (1 - dem).clamp_min(0))
                  + params.quit_rate * (1 - state.accept))
@@ -143,17 +143,17 @@ class LabourFlows(Substep):
         h_recall = h_find + params.recall * (1 - closed)
         return -torch.expm1(-h_sep), -torch.expm1(-h_find), -torch.expm1(-h_recall)
 
-    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
-        s, f0, f1 = self.rates(params, state, t)
+    def __call__(self, params: Params, system: EconSystem, state: EconState, t: int, rng: torch.Generator) -> EconState:
+        s, f0, f1 = self.rates(params, system, state, t)
         e, tl = state.employed, state.temp_layoff
-        lf = state.in_lf
+        lf = system.in_lf
         u = torch.rand(e.shape, generator=rng, device=e.device, dtype=s.dtype)
         was = e.detach() > 0.5
         temp = tl.detach() > 0.5
         f = torch.where(temp, f1, f0)
         now = torch.where(was, u >= s.detach(), u < f.detach()) & lf
         separated = was & ~now
-        closed = state.closed[state.industry.long()]
+        closed = state.closed[system.industry.long()]
         shut = closed > 0
         new_temp = (separated & shut) | (~was & ~now & temp & lf)
         # the chain over (employed, temporary layoff, permanent) is linear in the indicators:
@@ -177,20 +177,20 @@ class Fiscal(Substep):
               "gov_spending")
     params = ("tax_rates", "ui_rr", "ui_cap", "sick_pay")
 
-    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: EconSystem, state: EconState, t: int, rng: torch.Generator) -> EconState:
         R, J = state.firm_cash.shape
         dt = state.savings.dtype
         e = state.employed.to(dt)
-        earnings = e * state.wage.to(dt) * (1 - state.absent.to(dt) * (1 - params.sick_pay.to(dt)))
-        tax = weekly_tax(earnings, state.tax_thresholds, params.tax_rates)
-        max_weeks = _at(state.ui_max_weeks, t)
-        eligible = state.in_lf & (e.detach() < 0.5) & (state.unemp_weeks >= 1) & (state.unemp_weeks.to(dt) <= max_weeks)
-        ui = (1 - e) * eligible.to(dt) * ui_benefit(params, state, t).to(dt)
-        benefits = ui + _at(state.ubi, t).to(dt) + state.pension.to(dt)
+        earnings = e * system.wage.to(dt) * (1 - state.absent.to(dt) * (1 - params.sick_pay.to(dt)))
+        tax = weekly_tax(earnings, system.tax_thresholds, params.tax_rates)
+        max_weeks = _at(system.ui_max_weeks, t)
+        eligible = system.in_lf & (e.detach() < 0.5) & (state.unemp_weeks >= 1) & (state.unemp_weeks.to(dt) <= max_weeks)
+        ui = (1 - e) * eligible.to(dt) * ui_benefit(params, system, t).to(dt)
+        benefits = ui + _at(system.ubi, t).to(dt) + system.pension.to(dt)
         income = earnings - tax + benefits
-        revenue = tax.new_zeros(R).index_add(0, state.rep, tax)
-        spending = benefits.new_zeros(R).index_add(0, state.rep, benefits)
-        wage_bill = earnings.new_zeros(R * J).index_add(0, state.rep_ind, earnings).view(R, J)
+        revenue = tax.new_zeros(R).index_add(0, system.rep, tax)
+        spending = benefits.new_zeros(R).index_add(0, system.rep, benefits)
+        wage_bill = earnings.new_zeros(R * J).index_add(0, system.rep_ind, earnings).view(R, J)
         return state.replace(
             earnings=earnings, tax=tax, benefits=benefits, income=income, savings=state.savings + income,
             firm_cash=state.firm_cash - wage_bill, gov_balance=state.gov_balance + revenue - spending,
@@ -207,20 +207,20 @@ class Spending(Substep):
     writes = ("consumption", "savings", "firm_cash", "demand", "price")
     params = ("wealth_mpc", "price_kappa")
 
-    def __call__(self, params: Params, system: System, state: EconState, t: int, rng: torch.Generator) -> EconState:
+    def __call__(self, params: Params, system: EconSystem, state: EconState, t: int, rng: torch.Generator) -> EconState:
         R, J = state.firm_cash.shape
         dt = state.savings.dtype
-        basket = state.spend_share.to(dt) * (1 - state.closed.to(dt))
+        basket = system.spend_share.to(dt) * (1 - state.closed.to(dt))
         open_share = basket.sum()
         cash = state.savings.clamp_min(0)
         desired = state.mpc.to(dt) * state.income.clamp_min(0) + params.wealth_mpc.to(dt) * cash
         c = torch.minimum(desired * open_share, cash)
-        total = c.new_zeros(R).index_add(0, state.rep, c)
+        total = c.new_zeros(R).index_add(0, system.rep, c)
         sales = total.unsqueeze(1) * (basket / open_share.clamp_min(1e-12)).unsqueeze(0)
-        demand = sales / state.base_spend.clamp_min(1e-12)
+        demand = sales / system.base_spend.clamp_min(1e-12)
         present = (state.employed * (1 - state.absent)).to(dt)
-        labour = present.new_zeros(R * J).index_add(0, state.rep_ind, present).view(R, J)
-        capacity = (labour / state.base_labour.clamp_min(1e-12)).clamp_min(1e-3)
+        labour = present.new_zeros(R * J).index_add(0, system.rep_ind, present).view(R, J)
+        capacity = (labour / system.base_labour.clamp_min(1e-12)).clamp_min(1e-3)
         price = (demand.clamp_min(1e-3) / capacity) ** params.price_kappa.to(dt)
         return state.replace(consumption=c, savings=state.savings - c, firm_cash=state.firm_cash + sales,
                              demand=demand.to(state.demand.dtype), price=price.to(state.price.dtype))
