@@ -21,7 +21,7 @@ from calibration.forecast import (QUANTILES, anchored_draws, fit_dispersion, mod
 from calibration.gradcheck import GradCheck, gradient_check
 from calibration.losses import Loss, mse_log1p, negbin_nll, poisson_nll
 from calibration.network import CovariateNet, NetworkParams, ParamSchedule, covariates
-from calibration.observation import (CITY, DataWarning, ObservationModel, Observed, Stream, aggregation_matrix, align,
+from calibration.observation import (DataWarning, ObservationModel, Observed, Stream, aggregation_matrix, align,
                                      convolve_delay, gamma_delay, lag_delay)
 from calibration.rollout import make_streams, rollout
 from calibration.validation import check_share, check_train_end, data_span, require_observed
@@ -29,7 +29,7 @@ from calibration.validation import check_share, check_train_end, data_span, requ
 __all__ = [
     "check_share", "check_train_end", "data_span", "require_observed",
     "Stream", "ObservationModel", "Observed", "align", "gamma_delay", "lag_delay", "convolve_delay",
-    "aggregation_matrix", "DataWarning", "CITY",
+    "aggregation_matrix", "DataWarning",
     "Loss", "poisson_nll", "negbin_nll", "mse_log1p",
     "rollout", "make_streams",
     "CovariateNet", "NetworkParams", "ParamSchedule", "covariates",

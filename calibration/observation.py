@@ -29,9 +29,7 @@ from torch import Tensor
 from lpm.state import StateError
 
 __all__ = ["DataWarning", "Stream", "ObservationModel", "Observed", "align", "gamma_delay", "lag_delay",
-           "convolve_delay", "aggregation_matrix", "CITY"]
-
-CITY = "NYC"
+           "convolve_delay", "aggregation_matrix"]
 
 
 class DataWarning(UserWarning):
@@ -147,16 +145,20 @@ class Observed:
 class ObservationModel:
     """Maps simulated observables to expected data series on the data's grid (areas, days or weeks).
 
-    ``areas``: the area labels of the simulated ``[T, G]`` observables, in order. An area
-    named :data:`CITY` (``"NYC"``) in the data is the sum over all simulated areas.
+    ``areas``: the area labels of the simulated ``[T, G]`` observables, in order. ``total``:
+    the label of a data area that is the sum over all simulated areas (e.g. a city over its
+    boroughs; the study names it), or None.
     """
 
-    def __init__(self, streams: Sequence[Stream], areas: Sequence[str] | None = None) -> None:
+    def __init__(self, streams: Sequence[Stream], areas: Sequence[str] | None = None, *, total: str | None = None) -> None:
         names = [s.series for s in streams]
         if len(set(names)) != len(names):
             raise StateError(f"streams: series names must be unique, got {names}")
         self.streams = {s.series: s for s in streams}
         self.areas = tuple(areas) if areas is not None else None
+        if total is not None and self.areas is not None and total in self.areas:
+            raise StateError(f"total: {total!r} is also a simulated area {self.areas}; the total must be a separate label")
+        self.total = total
 
     def expected_daily(self, params: Any, sim: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per series expected daily counts ``[T, G]`` (simulated areas, no citywide column)."""
@@ -173,7 +175,7 @@ class ObservationModel:
             x = daily[name]
             cols = []
             for a in obs.areas:
-                if a == CITY and (self.areas is None or CITY not in self.areas):
+                if self.total is not None and a == self.total:
                     cols.append(x.sum(-1))
                 else:
                     if self.areas is None:

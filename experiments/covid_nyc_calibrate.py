@@ -64,6 +64,7 @@ DEFAULT_SCALE = 0.002
 DEFAULT_WINDOW = 56
 MIN_AGENTS_WEEK = 3.0  # below this many simulated agents in the last training week, a member's growth is noise
 SERIES = ("cases", "deaths")
+CITY = "NYC"  # the data's citywide area label: the sum of the simulated boroughs
 POLICY_DATES = ("2020-03-16", "2020-03-22", "2020-06-08", "2020-06-22", "2020-07-06", "2020-07-20", "2020-09-30")
 CASE_DELAY = (2.0, 1.5)  # mean, sd days from reporting at onset to diagnosis date (assumption)
 # deaths are dated by date of death; this short kernel is not a reporting delay but spreads each
@@ -123,11 +124,11 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
     areas = setup.areas
     obs_model = cal.ObservationModel([
         cal.Stream("cases", "cases", 1.0 / setup.scale, cal.gamma_delay(*CASE_DELAY)),
-        cal.Stream("deaths", "deaths", 1.0 / setup.scale, cal.gamma_delay(*DEATH_SMOOTH))], areas)
+        cal.Stream("deaths", "deaths", 1.0 / setup.scale, cal.gamma_delay(*DEATH_SMOOTH))], areas, total=CITY)
     frame = observed_until(start, train_end)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always", cal.DataWarning)
-        full = cal.align(frame, train_dates, series=SERIES, areas=(*areas, cal.CITY), end=train_end, device=device)
+        full = cal.align(frame, train_dates, series=SERIES, areas=(*areas, CITY), end=train_end, device=device)
     fit_mask = {s: m[:, :len(areas)].clone() for s, m in full.mask.items()}
     for m in fit_mask.values():
         m[:grad_from] = False
@@ -154,7 +155,7 @@ def choose_prevalence(train_end: str, *, start: str = "2020-03-01", scale: float
     if W < 2:
         return float(grid[0]), {}
     frame = observed_until(start, min(pd.Timestamp(train_end), pd.Timestamp(start) + pd.Timedelta(days=days - 1)))
-    obs = frame[(frame.area == cal.CITY) & (frame.series == "cases")].sort_values("date")["value"].to_numpy(float)
+    obs = frame[(frame.area == CITY) & (frame.series == "cases")].sort_values("date")["value"].to_numpy(float)
     if len(obs) < 7 * W:
         return float(grid[0]), {}
     a = np.log1p(obs[:7 * W].reshape(W, 7).sum(1))
@@ -223,7 +224,7 @@ def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed:
             daily = p["obs_model"].expected_daily(params, sim)
             for name in SERIES:
                 mus[name].append(torch.cat([daily[name], daily[name].sum(-1, keepdim=True)], -1).cpu())  # [T, A+1]
-    areas = (*setup.areas, cal.CITY)
+    areas = (*setup.areas, CITY)
     full = p["full"]
     rows, naive_rows, model_rows, noise = [], [], [], {}
     lo_fit = max(7, T0 - fit_days)
@@ -280,7 +281,7 @@ def score(fc: pd.DataFrame, obs: pd.DataFrame, after: pd.Timestamp | None, befor
     m = m[np.isfinite(m["y"]) & (m["y"] >= 0)]
     out = {}
     for name, g in m.groupby("series"):
-        for scope, gg in (("boroughs", g[g["area"] != cal.CITY]), ("NYC", g[g["area"] == cal.CITY])):
+        for scope, gg in (("boroughs", g[g["area"] != CITY]), ("NYC", g[g["area"] == CITY])):
             if not len(gg):
                 continue
             q = torch.tensor(gg[["q05", "q25", "median", "q75", "q95"]].to_numpy().T, dtype=torch.float32)

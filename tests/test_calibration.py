@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import calibration as cal
-from lpm import Interval, Model, Params, Positive, System
+from lpm import Interval, Model, Params, Positive, StateError, System
 from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
                                seirm)
 
@@ -94,12 +94,18 @@ def test_align_weekly_citywide_and_bad_data_are_masked_with_counts() -> None:
     assert list(wk.dates.strftime("%Y-%m-%d")) == ["2020-03-07", "2020-03-14", "2020-03-21"]
     assert wk.mask["cases"].tolist() == [[False, True], [True, False], [True, False]]
     assert float(wk.values["cases"][1, 0]) == float(sum(range(12, 19)))
-    # predictions on the grid: citywide = sum of areas, weekly = sum of days
+    # predictions on the grid: the named total = sum of areas, weekly = sum of days
     sim = {"infections": torch.arange(42, dtype=torch.float32).view(21, 2)}
-    om = cal.ObservationModel([cal.Stream("cases", "infections", 0.5)], ("A", "B"))
-    obs2 = cal.Observed(wk.dates, ("A", "NYC"), wk.values, wk.mask, wk.freq, wk.agg)
+    om = cal.ObservationModel([cal.Stream("cases", "infections", 0.5)], ("A", "B"), total="City")
+    obs2 = cal.Observed(wk.dates, ("A", "City"), wk.values, wk.mask, wk.freq, wk.agg)
     pred = om.predict(None, sim, obs2)["cases"]
     assert torch.allclose(pred[0], 0.5 * torch.stack([sim["infections"][:7, 0].sum(), sim["infections"][:7].sum()]))
+    # no place is special to the library: without a named total, "NYC" is just an unknown area
+    with pytest.raises(StateError, match="area 'NYC' not among the model's areas"):
+        cal.ObservationModel([cal.Stream("cases", "infections", 0.5)], ("A", "B")).predict(
+            None, sim, cal.Observed(wk.dates, ("A", "NYC"), wk.values, wk.mask, wk.freq, wk.agg))
+    with pytest.raises(StateError, match="total: 'A' is also a simulated area"):
+        cal.ObservationModel([cal.Stream("cases", "infections", 0.5)], ("A", "B"), total="A")
 
 
 def test_align_end_drops_later_rows_and_rejects_bad_frames() -> None:
