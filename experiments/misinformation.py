@@ -145,7 +145,8 @@ def run(argv: Sequence[str]) -> int:
     ap.add_argument("--share-rate", type=float, default=0.3)
     ap.add_argument("--stifle", type=float, default=0.3)
     ap.add_argument("--detect", type=int, default=6, help="step at which the story is flagged")
-    ap.add_argument("--seeds", type=int, default=100, help="initial spreaders")
+    ap.add_argument("--spreaders", type=int, default=100, help="agents spreading the story at step 0")
+    ap.add_argument("--seeds", type=int, default=None, help=argparse.SUPPRESS)  # renamed: --seed is the RNG seed
     ap.add_argument("--networks", default="scale-free,small-world")
     ap.add_argument("--llm", default="rule", help="judgement: rule (built-in) or an llm_archetypes backend: rule-backend, local, http")
     ap.add_argument("--seed", type=int, default=0)
@@ -153,6 +154,8 @@ def run(argv: Sequence[str]) -> int:
     ap.add_argument("--out", default="out/misinformation")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     a = ap.parse_args(list(argv))
+    if a.seeds is not None:
+        ap.error("--seeds: renamed --spreaders (agents spreading at step 0); --seed is the random seed")
     # every output is checked before any work, and staged: a failed run leaves no partial files
     od = OutputDir(a.out, ("results.h5", "summary.json", "reach.png"), overwrite=a.overwrite)
     out = od.staging
@@ -165,8 +168,8 @@ def run(argv: Sequence[str]) -> int:
     g = torch.Generator(device=dev).manual_seed(a.seed + 7)
     role = torch.searchsorted(torch.tensor(ROLE_SHARES).cumsum(0).to(dev),
                               torch.rand(n, generator=g, device=dev), right=True).clamp_max(3).to(torch.int8)
-    seeds = torch.randperm(n, generator=g, device=dev)[: a.seeds]
-    role[seeds] = 1
+    spreaders = torch.randperm(n, generator=g, device=dev)[: a.spreaders]
+    role[spreaders] = 1
     prebunk = torch.rand(n, generator=g, device=dev) < 0.3
     spread = Spread(role_share=(0.5, 3.0, 1.5, 0.2), role_accept=(1.0, 1.0, 0.7, 0.05), label_belief=0.5)
     params = Params(share_rate=Interval(a.share_rate, 0, 1), stifle=Interval(a.stifle, 0, 1), prebunk_efficacy=Fixed(0.6))
@@ -185,7 +188,7 @@ def run(argv: Sequence[str]) -> int:
         cl = clustering(ei, n, samples=200_000, seed=a.seed)
         info = {"build_seconds": time.perf_counter() - t0, "edges": net.num_edges,
                 "friendship_paradox": {k: v for k, v in fp.items() if k != "knn"}, "clustering": cl, "scenarios": {}}
-        base, state = initial_information(n, seeds, network=net, role=role, archetype=pop.archetype,
+        base, state = initial_information(n, spreaders, network=net, role=role, archetype=pop.archetype,
                           convincing=judgement.convincing[:, 2], propensity=judgement.share_propensity,
                           stance=a.stance, device=dev)
         for name in INTERVENTIONS:

@@ -41,3 +41,11 @@ def test_misinformation_cli(tmp_path):
         assert sc["fact_check"]["final_reach"] < 0.9 * sc["none"]["final_reach"], kind
     # the small-world network is the high-clustering one
     assert s["networks"]["small-world"]["clustering"]["transitivity"] > 10 * s["networks"]["scale-free"]["clustering"]["transitivity"]
+
+
+def test_misinformation_seeds_option_is_renamed_spreaders(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["run", "misinformation", "--agents", "500", "--seeds", "5", "--out", str(tmp_path / "m")])
+    assert "renamed --spreaders" in capsys.readouterr().err
