@@ -195,10 +195,12 @@ class Model:
         return system.validate(state.validate())
 
     def plan(self) -> str:
-        """Printable plan: one line per substep and the observables."""
+        """Printable plan: one line per substep (reads of the system named, when its type is known) and the observables."""
         lines = [f"Model {self.name!r}: 1 step = {self.dt:g} {self.time_unit}"]
+        constant = set(self.system_type.field_names()) if self.system_type is not None else set()
         for i, s in enumerate(self.substeps, 1):
-            lines.append(f"  {i}. {s.describe()}")
+            fixed = [f for f in (*s.reads, *getattr(s, "optional_reads", ())) if f in constant]
+            lines.append(f"  {i}. {s.describe()}" + (f"  [from the system: {', '.join(fixed)}]" if fixed else ""))
         if self.observables:
             lines.append("  observables: " + ", ".join(self.observables))
         return "\n".join(lines)

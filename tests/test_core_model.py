@@ -28,6 +28,7 @@ def test_plan_lists_substeps_and_observables() -> None:
     plan = model.plan()
     assert "progression" in plan and "transmission: reads stage" in plan and "params: beta" in plan
     assert "observables: incidence" in plan
+    assert "[from the system: infectiousness, dwell_cdf, network]" in plan  # where each read comes from
 
 
 def test_unknown_read_is_a_build_error_naming_field_and_substep() -> None:
