@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -12,10 +11,10 @@ import torch
 
 import calibration as cal
 from lpm import Interval, Model, Params, Positive, StateError, System
+from conftest import DEVICE  # one source: the device fixture's value
 from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
                                seirm)
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
 AREAS = ("A", "B", "C")
 TRUE = {"beta": 0.5, "ascertainment": 0.3, "ifr": 0.05}
 

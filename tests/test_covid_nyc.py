@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,6 @@ from llm_archetypes import RuleBackend
 from llm_archetypes.examples import isolation_rule
 from substeps.epidemic.covid import age_tables
 
-DEVICE = os.environ.get("LPM_TEST_DEVICE", "cpu")
 SERIES = ("infections", "symptomatic_onsets", "cases", "hospitalizations", "deaths")
 
 
@@ -25,8 +23,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("popcache")
 
 
-def test_one_borough_end_to_end_aligned_with_observed(cache):
-    setup = nyc.build(scale=0.01, seed=0, device=DEVICE, days=45, boroughs=["SI"], cache_dir=cache)
+def test_one_borough_end_to_end_aligned_with_observed(cache, device: str):
+    setup = nyc.build(scale=0.01, seed=0, device=device, days=45, boroughs=["SI"], cache_dir=cache)
     res = setup.simulate(seed=0)
     assert setup.areas == ("SI",) and len(setup.dates) == 45
     for s in SERIES:
@@ -48,8 +46,8 @@ def test_one_borough_end_to_end_aligned_with_observed(cache):
     assert o / 2 < sim < o * 2
 
 
-def test_stay_at_home_lowers_incidence_from_its_date(cache):
-    kw = dict(scale=0.01, seed=0, device=DEVICE, days=45, boroughs=["SI"], cache_dir=cache)
+def test_stay_at_home_lowers_incidence_from_its_date(cache, device: str):
+    kw = dict(scale=0.01, seed=0, device=device, days=45, boroughs=["SI"], cache_dir=cache)
     with_order = nyc.build(**kw).simulate(seed=3)
     without = nyc.build(**kw, disable=("stay_at_home",)).simulate(seed=3)
     a, b = with_order["infections"].sum(1), without["infections"].sum(1)
@@ -84,8 +82,8 @@ def test_mobility_covariates_read_only_up_to_end():
     assert torch.allclose(short, sched[:30])
 
 
-def test_cases_are_differentiable_in_fitted_parameters(cache):
-    setup = nyc.build(scale=0.01, seed=0, device=DEVICE, days=30, boroughs=["SI"], cache_dir=cache)
+def test_cases_are_differentiable_in_fitted_parameters(cache, device: str):
+    setup = nyc.build(scale=0.01, seed=0, device=device, days=30, boroughs=["SI"], cache_dir=cache)
     res = setup.simulate(seed=1, grad=True)
     loss = res["cases"].sum() + res["deaths"].sum() + res["hospitalizations"].sum()
     grads = torch.autograd.grad(loss, [setup.params.raw_ascertainment, setup.params.raw_beta, setup.params.raw_ihr_scale])
@@ -112,10 +110,10 @@ def test_load_observed_tidy_and_windowed():
     assert np.abs(city - boro).max() <= 0.05 * city.max()  # boroughs add up to the city (up to unknown borough)
 
 
-def test_cli_writes_outputs(tmp_path, cache):
+def test_cli_writes_outputs(tmp_path, cache, device: str):
     out = tmp_path / "out"
     rc = nyc.run(["--params", "prior", "--scale", "0.005", "--days", "20", "--boroughs", "SI", "--out", str(out),
-                  "--cache-dir", str(cache)])
+                  "--cache-dir", str(cache), "--device", device])
     assert rc == 0
     for f in ("results.h5", "daily.csv", "validation.json", "summary.json", "cases_by_borough.png", "age_profile.png"):
         assert (out / f).exists(), f
@@ -133,7 +131,7 @@ def test_cli_writes_outputs(tmp_path, cache):
 
 
 # ------------------------------------------------------------------ LLM archetype isolation (rule backend)
-BASE = dict(scale=0.01, seed=0, device=DEVICE, boroughs=["SI"])
+BASE = dict(scale=0.01, seed=0, boroughs=["SI"])  # plus the device fixture's device
 
 
 class Fixed(RuleBackend):
@@ -153,8 +151,8 @@ class Raising(RuleBackend):
         raise AssertionError("replay must not call the backend")
 
 
-def test_one_call_per_nonempty_archetype_per_week(cache):
-    setup = nyc.build(**BASE, days=22, cache_dir=cache, llm_cache=False)
+def test_one_call_per_nonempty_archetype_per_week(cache, device: str):
+    setup = nyc.build(**BASE, device=device, days=22, cache_dir=cache, llm_cache=False)
     res = setup.simulate(seed=0)
     pop = setup.population
     band = np.zeros(len(nyc.AGE_LABELS), dtype=int)
@@ -169,12 +167,12 @@ def test_one_call_per_nonempty_archetype_per_week(cache):
     assert st.cache_hits == 0 and st.fallbacks == 0
     # the per-agent compliance is the (identity) link of the archetype's answer
     final = res.final_state
-    torch.testing.assert_close(final.isolation, final.isolation_score[setup.decision.archetypes.archetype_id.to(DEVICE)],
+    torch.testing.assert_close(final.isolation, final.isolation_score[setup.decision.archetypes.archetype_id.to(device)],
                                atol=2e-4, rtol=0)
 
 
-def test_weekly_context_is_last_weeks_reported_cases_per_100k(cache):
-    setup = nyc.build(**BASE, days=40, cache_dir=cache, llm_cache=False, ascertainment=0.9, beta=0.5)
+def test_weekly_context_is_last_weeks_reported_cases_per_100k(cache, device: str):
+    setup = nyc.build(**BASE, device=device, days=40, cache_dir=cache, llm_cache=False, ascertainment=0.9, beta=0.5)
     res = setup.simulate(seed=2)
     cases = res["cases"][:, 0].detach().cpu().double()
     n = float((setup.population.area == 0).sum())
@@ -184,8 +182,8 @@ def test_weekly_context_is_last_weeks_reported_cases_per_100k(cache):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
 
 
-def test_higher_compliance_means_fewer_infections(cache):
-    kw = dict(**BASE, days=45, cache_dir=cache, llm_cache=False, isolation=0.99)
+def test_higher_compliance_means_fewer_infections(cache, device: str):
+    kw = dict(**BASE, device=device, days=45, cache_dir=cache, llm_cache=False, isolation=0.99)
     low = nyc.build(**kw, llm=Fixed(0.05)).simulate(seed=4)["infections"].sum(1)
     high = nyc.build(**kw, llm=Fixed(0.95)).simulate(seed=4)["infections"].sum(1)
     first = int(torch.nonzero(low != high)[0]) if bool((low != high).any()) else 45
@@ -193,8 +191,8 @@ def test_higher_compliance_means_fewer_infections(cache):
     assert float(high.sum()) < 0.85 * float(low.sum())
 
 
-def test_replay_with_raising_backend_is_identical(cache, tmp_path):
-    kw = dict(**BASE, days=22, cache_dir=cache, llm_cache=tmp_path / "answers.sqlite")
+def test_replay_with_raising_backend_is_identical(cache, tmp_path, device: str):
+    kw = dict(**BASE, device=device, days=22, cache_dir=cache, llm_cache=tmp_path / "answers.sqlite")
     first = nyc.build(**kw)
     a = first.simulate(seed=5)
     assert first.asker.stats.calls > 0
@@ -205,8 +203,8 @@ def test_replay_with_raising_backend_is_identical(cache, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_gradient_reaches_the_isolation_link(cache):
-    setup = nyc.build(**BASE, days=30, cache_dir=cache, llm_cache=False, beta=0.5)
+def test_gradient_reaches_the_isolation_link(cache, device: str):
+    setup = nyc.build(**BASE, device=device, days=30, cache_dir=cache, llm_cache=False, beta=0.5)
     link = setup.params.isolation_link
     assert {id(p) for p in link.parameters()} <= {id(p) for p in setup.params.parameters()}  # the optimiser sees it
     res = setup.simulate(seed=1, grad=True)
@@ -216,9 +214,9 @@ def test_gradient_reaches_the_isolation_link(cache):
     assert float(g_bias.abs().sum()) > 0 and float(g_slope.abs().sum()) > 0
 
 
-def test_llm_off_keeps_the_plain_model(cache):
-    setup = nyc.build(**BASE, days=10, cache_dir=cache, llm="off")
+def test_llm_off_keeps_the_plain_model(cache, device: str):
+    setup = nyc.build(**BASE, device=device, days=10, cache_dir=cache, llm="off")
     assert setup.asker is None and setup.state.isolation is None
     assert "isolation_decision" not in [s.name for s in setup.model.substeps]
     with pytest.raises(ValueError, match="llm: expected one of"):
-        nyc.build(**BASE, days=10, cache_dir=cache, llm="gpt")
+        nyc.build(**BASE, device=device, days=10, cache_dir=cache, llm="gpt")
