@@ -89,6 +89,7 @@ class ArchetypeDecision(Substep):
         self.offset = int(offset)
         self.link = link
         self.reads = tuple(dict.fromkeys((store, *context_reads)))
+        self.optional_reads = (target,)  # its dtype, when the initial state sets it, is kept
         self.writes = (target, store)
 
     def is_decision_step(self, t: int) -> bool:

@@ -145,3 +145,24 @@ def test_study_covid_nyc(llm: str, device: str, tmp_path) -> None:
     assert {"test_capacity", "test_rate"} <= set(flow["testing"]["reads"])
     assert {"area", "area_schedule"} <= set(flow["area_contacts"]["reads"])
     assert {"age", "p_hosp", "p_death"} <= set(flow["progression"]["reads"])
+
+
+def test_library_economy_substeps_and_study(device: str) -> None:
+    from experiments import economy_nyc as E
+    from substeps.economy.coupling import couple, coupled_model
+    from substeps.economy.substeps import Fiscal, IllnessAbsence, LabourFlows, PolicyClosure, Spending
+    from substeps.epidemic import epi_system, initial_state as epi_initial, sir, stage_counts
+
+    model, params, system, state, dates = E.build(boroughs=("BK", "SI"), agents=1500, start="2020-01-04",
+                                                  end="2020-05-30", llm="rule", ubi_month=300.0, device=device)
+    res = _checked(model, params, system, state, len(dates))
+    assert {"wage", "tax_thresholds", "ubi"} <= set(res.meta["dataflow"]["labour_supply"]["reads"])
+    # the economy on the agents of an epidemic: weekly economy substeps, daily transmission
+    disease = sir(recovery_rate=0.2)
+    n = state.employed.shape[0]
+    both_system = couple(system, epi_system(disease, group=torch.zeros(n, dtype=torch.int64, device=device),
+                                            mixing=torch.ones(1, 1), device=device))
+    both = couple(state, epi_initial(disease, n, 50, seed=0, device=device))
+    econ = [PolicyClosure(), IllnessAbsence([disease.code("I")]), LabourFlows(), Fiscal(), Spending()]
+    params.add("beta", 0.5)
+    _checked(coupled_model(disease, econ, stage_counts(disease)), params, both_system, both, 15)

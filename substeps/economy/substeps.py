@@ -109,7 +109,7 @@ class LabourSupply(Substep):
     """Extensive-margin labour supply at the after-tax wage (see module docstring)."""
 
     name = "labour_supply"
-    reads = ("wage", "disutility", "ubi", "ui_supplement", "tax_thresholds")
+    reads = ("wage", "disutility", "ubi", "ui_supplement", "tax_thresholds", "accept")  # accept: its dtype
     writes = ("accept",)
     params = ("tax_rates", "ui_rr", "ui_cap", "ls_scale", "home_floor")
 
@@ -203,7 +203,7 @@ class Spending(Substep):
 
     name = "spending"
     reads = ("income", "savings", "mpc", "closed", "spend_share", "rep", "rep_ind", "firm_cash", "base_spend",
-             "base_labour", "employed", "absent")
+             "base_labour", "employed", "absent", "demand", "price")  # demand, price: their dtypes
     writes = ("consumption", "savings", "firm_cash", "demand", "price")
     params = ("wealth_mpc", "price_kappa")
 
