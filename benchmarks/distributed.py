@@ -22,7 +22,12 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from dataclasses import dataclass
+
 from lpm import Intervention, Model, Modulate, Network, Params, Positive
+from lpm.model import Observable
+from lpm.state import tensor_field
+from lpm.substep import Substep
 from lpm.distributed import Comm, Partition, PartitionedRun, data_parallel_gradient, spawn
 from lpm.kernels import compiled_kernels
 from lpm.networks import erdos_renyi, household_cliques
@@ -38,7 +43,9 @@ def seir_case(n: int = 3000, seed: int = 0, infected: int = 10) -> tuple[Model, 
     """Households + Erdős–Rényi community SEIR with deaths and a lockdown on the community layer."""
     disease = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), 0.05)
     hh = torch.randint(0, max(n // 3, 1), (n,), generator=torch.Generator().manual_seed(seed))
-    net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=seed + 1)}, n)
+    # duplicate edges stay separate (no coalescing: it would import torch_geometric in every spawned process)
+    net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=seed + 1)}, n,
+                              coalesce=False)
     state = initial_state(disease, n, infected, seed=seed, network=net, layer_scale=torch.ones(2),
                           layer_scale_base=torch.ones(2))
     sched = torch.ones(60, 2)
@@ -47,6 +54,34 @@ def seir_case(n: int = 3000, seed: int = 0, infected: int = 10) -> tuple[Model, 
                    Progression(disease), Transmission(disease, use_layer_scale=True)],
                   {"incidence": incidence(disease), **stage_counts(disease)}, state_type=EpiState, name="seir")
     return model, Params(beta=Positive(0.08)), state
+
+
+@dataclass(frozen=True)
+class TallyState(EpiState):
+    """:class:`EpiState` plus agents per stage code, a field without an agent axis that sums over agents."""
+
+    tally: torch.Tensor | None = tensor_field(("C",), torch.float32, "agents per stage code", optional=True)
+
+
+class Tally(Substep):
+    """``tally = bincount(stage)``: a sum over agents (a partitioned run needs ``sums=("tally",)``)."""
+
+    name, reads, writes = "tally", ("stage",), ("tally",)
+
+    def __init__(self, num_stages: int) -> None:
+        self.num_stages = num_stages
+
+    def __call__(self, params: Params, state: TallyState, t: int, rng: torch.Generator) -> TallyState:
+        return state.replace(tally=torch.bincount(state.stage.long(), minlength=self.num_stages).float())
+
+
+def tally_case(n: int = 2000, seed: int = 0) -> tuple[Model, Params, TallyState]:
+    """:func:`seir_case` with a :class:`Tally` substep and an observable that reads only ``tally``."""
+    model, params, state = seir_case(n, seed)
+    C = len(state.stages)
+    state = TallyState(**dict(state.items()), tally=torch.zeros(C))
+    obs = {**model.observables, "tally": Observable(lambda s: s.tally.clone(), reads=("tally",))}
+    return Model([*model.substeps, Tally(C)], obs, state_type=TallyState, name="seir-tally"), params, state
 
 
 def nyc_case(scale: float, days: int, cache_dir: str) -> tuple[Model, Params, Any, tuple[str, ...], Any]:
@@ -75,6 +110,9 @@ def equivalence_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     if spec["case"] == "seir":
         model, params, state = seir_case(spec.get("n", 3000), spec.get("seed", 0))
         sums, area = (), None
+    elif spec["case"] == "tally":
+        model, params, state = tally_case(spec.get("n", 2000), spec.get("seed", 0))
+        sums, area = tuple(spec.get("sums", ())), None
     else:
         model, params, state, sums, area = nyc_case(spec["scale"], spec["days"], spec["cache_dir"])
     out: dict[str, Any] = {}
@@ -84,16 +122,21 @@ def equivalence_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
             continue
         sub = Comm(groups[w]) if comm.world > 1 else comm
         part = _partition(spec.get("partition", "blocks"), state.stage.numel(), w, area)
-        run = PartitionedRun(model, params, state, part, sub, sums=sums)
-        res = run.simulate(spec["steps"], seed=spec.get("seed", 0), check=spec.get("check", False))
+        try:
+            run = PartitionedRun(model, params, state, part, sub, sums=sums)
+            res = run.simulate(spec["steps"], seed=spec.get("seed", 0), check=spec.get("check", False))
+        except Exception as exc:  # reported to the caller (the tests check the message)
+            out[w] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
         cut = part.edge_cut(state.network.edge_index)
         out[w] = {"obs": {k: v.clone() for k, v in res.observables.items()}, "meta": res.meta, "cut": cut}
     if comm.rank == 0 and spec.get("reference", False):
         with compiled_kernels(False):
             ref = model.simulate(params, state, spec["steps"], seed=spec.get("seed", 0), progress=False)
         out["reference"] = {k: v.clone() for k, v in ref.observables.items()}
-        ref_c = model.simulate(params, state, spec["steps"], seed=spec.get("seed", 0), progress=False)
-        out["reference_compiled"] = {k: v.clone() for k, v in ref_c.observables.items()}
+        if spec.get("compiled", False):  # the compiled kernels' first call compiles them (seconds)
+            ref_c = model.simulate(params, state, spec["steps"], seed=spec.get("seed", 0), progress=False)
+            out["reference_compiled"] = {k: v.clone() for k, v in ref_c.observables.items()}
     for g in groups.values():
         if g is not None:
             dist.barrier()
@@ -164,6 +207,20 @@ def checkpoint_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # the message is what the test checks
             out["rank_change_error"] = f"{type(exc).__name__}: {exc}"
     dist.barrier()
+    return out
+
+
+def suite_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
+    """The default test suite's checks in one set of processes: SEIR equivalence, gradients, checkpoints."""
+    out, seconds = {}, {}
+    jobs = {"seir": (equivalence_worker, spec["seir"]), "tally": (equivalence_worker, spec["tally"]),
+            "tally_undeclared": (equivalence_worker, {**spec["tally"], "sums": (), "reference": False}),
+            "grad": (gradient_worker, spec["grad"]), "checkpoint": (checkpoint_worker, spec["checkpoint"])}
+    for name, (fn, sp) in jobs.items():
+        t0 = time.perf_counter()
+        out[name] = fn(comm, sp)
+        seconds[name] = time.perf_counter() - t0
+    out["seconds"] = seconds
     return out
 
 

@@ -189,10 +189,12 @@ def _spawn_entry(rank: int, fn: Callable[..., Any], world: int, port: int, args:
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+def spawn(fn: Callable[..., Any], world: int, *args: Any, start_method: str = "spawn") -> list[Any]:
     """Run ``fn(comm, *args)`` on ``world`` local gloo processes; return each rank's result, in rank order.
 
     ``fn`` must be importable by name (a module-level function); results travel by ``torch.save``.
+    ``start_method="fork"`` (POSIX) skips re-importing torch in every process; safe only when the
+    caller has started no threads that the children would need (tests run single-threaded).
     """
     import torch.multiprocessing as mp
 
@@ -200,7 +202,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
         raise DistributedError(f"world: expected a number of processes >= 1, got {world!r}")
     with tempfile.TemporaryDirectory(prefix="lpm-dist-") as tmp:
         mp.start_processes(_spawn_entry, args=(fn, world, _free_port(), args, tmp), nprocs=world, join=True,
-                           start_method="spawn")
+                           start_method=start_method)
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -492,12 +494,15 @@ class PartitionedRun:
 
     ``state`` is the whole population's initial state (every rank holds it; only the shard is
     kept). ``sums``: fields without an agent axis that are sums over agents (e.g. a case
-    window by area). Every rank calls :meth:`simulate` with the same arguments.
+    window by area). ``verify``: after every step, check (one gather of hashes) that every
+    other field without an agent axis came out equal on all ranks. Every rank calls
+    :meth:`simulate` with the same arguments.
     """
 
     def __init__(self, model: Model, params: ParamsLike, state: State, partition: Partition, comm: Comm | None = None,
-                 *, sums: Sequence[str] = ()) -> None:
+                 *, sums: Sequence[str] = (), verify: bool = True) -> None:
         self.model, self.params = model, params
+        self.verify = bool(verify)
         self.comm = comm or Comm()
         model.check(params, state)
         self.shard, lut = make_shard(state, partition, self.comm)
@@ -613,21 +618,23 @@ class PartitionedRun:
         written = changed_fields(state, out)
         if self.neighbour[s.name]:
             out = self._exchange(out, [f for f in self.agent_fields if f in written])
-        if check or t == self._first:
-            self._check_replicated(s.name, out, [f for f in written if f not in self.agent_fields
-                                                 and not isinstance(getattr(out, f), State)])
+        if self.comm.world > 1 and (check or self.verify):
+            for f in written:
+                if f not in self.agent_fields and not isinstance(getattr(out, f), State):
+                    self._pending.append((s.name, f, _digest(getattr(out, f))))
         return out
 
-    def _check_replicated(self, name: str, state: State, fields: Sequence[str]) -> None:
-        if self.comm.world == 1 or not fields:
+    def _check_replicated(self, t: int) -> None:
+        """All ranks wrote the same values to the fields without an agent axis this step (one gather of hashes)."""
+        mine, self._pending = self._pending, []
+        if self.comm.world == 1 or not mine:
             return
-        mine = [_digest(getattr(state, f)) for f in fields]
         for r, theirs in enumerate(self.comm.all_gather_object(mine)):
-            for f, a, b in zip(fields, mine, theirs):
+            for (name, f, a), (_, _, b) in zip(mine, theirs):
                 if a != b:
                     raise DistributedError(f"substep {name!r} wrote field {f!r} (no agent axis) differently on rank "
-                                           f"{self.comm.rank} and rank {r}: it depends on the agents; declare it in "
-                                           f"sums=({f!r},) if it is a sum over agents")
+                                           f"{self.comm.rank} and rank {r} at step {t}: it depends on the agents; "
+                                           f"declare it in sums=({f!r},) if it is a sum over agents")
 
     # -- observables
     def _observe(self, state: State) -> dict[str, Tensor]:
@@ -652,6 +659,7 @@ class PartitionedRun:
                  every: int = 0, stop_after: int | None = None) -> Results:
         """Run ``steps`` steps; every rank gets the same (all-reduced) observables ``[T, ...]``.
 
+        ``check=True`` verifies replicated fields even when the run was built with ``verify=False``.
         ``checkpoint``: a directory holding one file per rank, written every ``every`` steps and
         resumed from when present (a different rank count is an error). ``stop_after``: stop
         after that many steps of this call (to test resuming).
@@ -670,7 +678,7 @@ class PartitionedRun:
             if loaded is not None:
                 state, start, records, rng_state = loaded
                 streams.set_state(rng_state)
-        self._first = start
+        self._pending: list[tuple[str, str, str]] = []
         self.halo_bytes, self.halo_seconds = 0, 0.0
         self.comm.reset_counters()
         t_start = time.perf_counter()
@@ -680,6 +688,7 @@ class PartitionedRun:
             while t < steps and (stop_after is None or done < stop_after):
                 for s in self.model.substeps:
                     state = self._substep(s, state, t, streams, check)
+                self._check_replicated(t)
                 for k, v in self._observe(state).items():
                     records[k].append(v)
                 t += 1
