@@ -970,5 +970,12 @@ def calibrate(argv: Sequence[str]) -> int:
     return run_calibration(argv)
 
 
+def run_ranks(argv: Sequence[str], ranks: int) -> int:
+    """CLI: ``lpm run covid-nyc --ranks N`` (the prior model partitioned over N processes; experiments.covid_nyc_distributed)."""
+    from experiments.covid_nyc_distributed import run_ranks as run_partitioned
+
+    return run_partitioned(argv, ranks)
+
+
 EXPERIMENT = Experiment("covid-nyc", "COVID-19 in New York City 2020-03..2021-03 on a synthetic census population", run,
-                        calibrate=calibrate)
+                        calibrate=calibrate, run_ranks=run_ranks)
