@@ -84,6 +84,17 @@ def tally_case(n: int = 2000, seed: int = 0) -> tuple[Model, Params, TallyState]
     return Model([*model.substeps, Tally(C)], obs, state_type=TallyState, name="seir-tally"), params, state
 
 
+class FrontierDraw(Substep):
+    """Draws one uniform per infectious local row from the stream: sized by the rank's agents (not partitionable)."""
+
+    name, reads, writes = "frontier_draw", ("stage", "timer"), ("timer",)
+
+    def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
+        k = int((state.stage == 2).sum())
+        u = torch.rand(k, generator=rng)
+        return state.replace(timer=state.timer + (u > 2.0).sum().to(state.timer.dtype))
+
+
 def nyc_case(scale: float, days: int, cache_dir: str) -> tuple[Model, Params, Any, tuple[str, ...], Any]:
     """The NYC COVID-19 model (rule-based archetype decisions) at a small scale; its case window is a sum over agents."""
     from experiments.covid_nyc import build
@@ -109,6 +120,10 @@ def equivalence_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     if spec["case"] == "seir":
         model, params, state = seir_case(spec.get("n", 3000), spec.get("seed", 0))
+        sums, area = (), None
+    elif spec["case"] == "frontier":
+        model, params, state = seir_case(spec.get("n", 800), spec.get("seed", 0))
+        model = Model([*model.substeps, FrontierDraw()], model.observables, state_type=EpiState)
         sums, area = (), None
     elif spec["case"] == "tally":
         model, params, state = tally_case(spec.get("n", 2000), spec.get("seed", 0))
@@ -215,6 +230,7 @@ def suite_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     out, seconds = {}, {}
     jobs = {"seir": (equivalence_worker, spec["seir"]), "tally": (equivalence_worker, spec["tally"]),
             "tally_undeclared": (equivalence_worker, {**spec["tally"], "sums": (), "reference": False}),
+            "frontier": (equivalence_worker, {"case": "frontier", "n": 600, "steps": 14, "worlds": spec["seir"]["worlds"]}),
             "grad": (gradient_worker, spec["grad"]), "checkpoint": (checkpoint_worker, spec["checkpoint"])}
     for name, (fn, sp) in jobs.items():
         t0 = time.perf_counter()
@@ -271,28 +287,71 @@ def _machine() -> dict[str, Any]:
             "load_average": list(os.getloadavg()), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _plan(rows: list[dict[str, Any]]) -> list[str]:
-    """Extrapolate measured halo bytes per ghost row and ghost shares to 8.3M and 330M agents."""
+def _plan(rows: list[dict[str, Any]], nyc: list[dict[str, Any]]) -> list[str]:
+    """Extrapolate measured bytes per ghost row, cut shares and bytes per agent/edge to 8.3M and 330M agents."""
     strong4 = next(r for r in rows if r["mode"] == "strong" and r["ranks"] == 4)
     per_ghost = strong4["halo_bytes_per_step"] / max(strong4["ghosts"], 1)
-    lines = [f"Measured (strong, 4 ranks, N = {strong4['agents']}): {strong4['halo_bytes_per_step']:.0f} halo bytes per step "
-             f"for {strong4['ghosts']} ghost rows = {per_ghost:.2f} bytes per ghost row per step "
-             f"(stage int8 + timer int16 + entered int8 = 4 B when every changed field is sent; fewer on steps where "
-             f"a field is unchanged), ghost share {strong4['ghost_share']:.2f} with contiguous blocks on a random graph "
-             f"(edge cut {strong4['edge_cut_share']:.2f}: the worst case, every community edge crosses ranks at random).", ""]
-    lines.append("| population | ranks | agents/rank | ghost share assumed | ghost rows/rank | halo bytes/step/rank | "
-                 "per 396-day run/rank | time at 25 GB/s NVLink | at 12.5 GB/s IB (inter-node) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    n4 = next(r for r in nyc if r["ranks"] == 4)
+    deg = n4["edges"] / n4["agents"]
+    lines = [
+        f"Measured here: the halo sends {per_ghost:.2f} B per ghost row per step (SEIR, 4 ranks: stage int8 + timer "
+        f"int16 + entered int8; NYC: {n4['halo_bytes_per_step'] / max(n4['ghosts'], 1):.2f} B). The NYC network has "
+        f"{deg:.1f} directed edges per agent; split by borough over 4 ranks {n4['edge_cut_share']:.1%} of them cross "
+        f"ranks (SEIR on a random graph in contiguous blocks: {strong4['edge_cut_share']:.1%}, the worst case). NYC "
+        f"state: {n4['state_bytes_per_agent']:.0f} B per agent, network {n4['edge_bytes_per_edge']:.0f} B per edge "
+        "(+ 8 B per agent of CSR pointer).", "",
+        "Per rank and step, at full scale: ghost rows <= agents per rank x edges per agent x cut share (every cut "
+        "in-edge from a distinct remote agent: an upper bound; at 0.002 scale repeated sources make it "
+        f"{n4['ghosts'] / max(n4['agents'] * deg * n4['edge_cut_share'], 1):.2f}x of that), halo bytes = "
+        f"{per_ghost:.0f} B x ghost rows. Link speeds assumed: 100 GB/s per GPU inside a node (NVLink), 12.5 GB/s "
+        "per GPU between nodes (one 100 Gb/s NIC per GPU); latency (one all-to-all, one all-reduce and one small "
+        "gather per step, ~10-50 us each on NCCL) is not included.", "",
+        "| population | ranks | partition (cut share) | agents/rank | ghost rows/rank (bound) | halo MB/step/rank | "
+        "ms/step at link speed | memory/rank GB (state + ghosts + in-edges) |",
+        "|---|---|---|---|---|---|---|---|"]
     for pop, label in ((8.3e6, "NYC 8.3M"), (3.3e8, "US 330M")):
-        for ranks, share, note in ((8, strong4["ghost_share"], "random blocks (measured)"), (8, 0.05, "by area"),
-                                   (64, 0.05, "by area"), (64, 0.02, "by county/graph partition")):
+        for ranks, cut, note in ((8, n4["edge_cut_share"], "by area, NYC's borough cut"),
+                                 (8, strong4["edge_cut_share"] * 7 / 8 / 0.75, "random blocks (worst)"),
+                                 (64, n4["edge_cut_share"], "by area, NYC's borough cut")):
             per_rank = pop / ranks
-            ghosts = per_rank * share
-            b = ghosts * 4.0
-            lines.append(f"| {label} | {ranks} ({ranks // 8} node{'s' if ranks > 8 else ''}) | {per_rank:.3g} | "
-                         f"{share:.2f} ({note}) | {ghosts:.3g} | {b / 1e6:.3g} MB | {b * 396 / 1e9:.3g} GB | "
-                         f"{b / 25e9 * 1e3:.3g} ms | {b / 12.5e9 * 1e3:.3g} ms |")
+            ghosts = min(per_rank * deg * cut, pop - per_rank)
+            b = ghosts * per_ghost
+            link = 100e9 if ranks <= 8 else 12.5e9
+            mem = ((per_rank + ghosts) * n4["state_bytes_per_agent"] + per_rank * deg * n4["edge_bytes_per_edge"]
+                   + per_rank * 8) / 1e9
+            lines.append(f"| {label} | {ranks} ({max(ranks // 8, 1)} node{'s' if ranks > 8 else ''}) | {note} ({cut:.2f}) | "
+                         f"{per_rank:.3g} | {ghosts:.3g} | {b / 1e6:.3g} | {b / link * 1e3:.3g} | {mem:.3g} |")
     return lines
+
+
+def nyc_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
+    """The NYC model partitioned by borough over 1, 2, 4 ranks: halo bytes, ghosts, cut, bytes per agent and edge."""
+    torch.set_num_threads(1)
+    model, params, state, sums, area = nyc_case(spec["scale"], spec["days"], spec["cache_dir"])
+    n, e = int(state.stage.numel()), int(state.network.num_edges)
+    net_bytes = sum(v.numel() * v.element_size() for k, v in state.network.flat_tensors().items() if k != "rowptr")
+    st_bytes = sum(v.numel() * v.element_size() for k, v in state.flat_tensors().items()
+                   if not k.startswith("network/") and v.dim() and v.shape[0] == n)
+    groups = _groups(spec["worlds"])
+    rows = []
+    for w in spec["worlds"]:
+        if comm.rank < w:
+            sub = Comm(groups[w]) if comm.world > 1 else comm
+            part = Partition.by_group(area, w)
+            res = PartitionedRun(model, params, state, part, sub, sums=sums).simulate(spec["days"], seed=0)
+            every = sub.all_gather_object(res.meta)
+            cut, share = part.edge_cut(state.network.edge_index)
+            if sub.rank == 0:
+                rows.append({"ranks": w, "agents": n, "edges": e, "edge_cut_share": share, "steps": spec["days"],
+                             "ghosts": sum(m["ghosts"] for m in every),
+                             "halo_bytes_per_step": sum(m["halo_bytes"] for m in every) / spec["days"],
+                             "comm_bytes_per_step": sum(m["comm_bytes"] for m in every) / spec["days"],
+                             "wall_s_per_step": max(m["wall_seconds"] for m in every) / spec["days"],
+                             "comm_share": max(m["comm_seconds"] / max(m["wall_seconds"], 1e-12) for m in every),
+                             "agents_per_rank": part.sizes(), "infections": float(res["infections"].sum()),
+                             "state_bytes_per_agent": st_bytes / n, "edge_bytes_per_edge": net_bytes / e})
+        dist.barrier()
+    return {"rows": rows}
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, extra: dict[str, Any]) -> None:
@@ -318,9 +377,18 @@ def write_report(rows: list[dict[str, Any]], out: Path, extra: dict[str, Any]) -
                   f"{r['ghosts']} ({r['ghost_share']:.2f}) | {r['halo_bytes_per_step']:.0f} | {r['comm_bytes_per_step']:.0f} | "
                   f"{r['wall_s_per_step']:.4f} | {r['comm_share']:.2f} | {r['agent_days_per_s']:.3g} | {r['attack']:.4f} |")
     md += ["", "Strong-scaling rows share one population, so their attack rates are equal: the partitioned runs are "
-           "bit-identical for every rank count (tests/test_distributed.py checks the observables bit for bit).", "",
-           "## Plan for 8.3M (NYC) and 330M (US) agents on 8-GPU nodes", ""]
-    md += _plan(rows)
+           "bit-identical for every rank count (tests/test_distributed.py checks the observables bit for bit)."]
+    nyc = extra["nyc"]
+    md += ["", f"NYC COVID-19 model (scale {extra['nyc_scale']}, {nyc[0]['steps']} days, rule-based archetype decisions), "
+           "partitioned by borough:", "",
+           "| ranks | agents per rank | edge cut | ghost rows (share) | halo B/step | comm B/step | s/step | comm share | "
+           "infections |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in nyc:
+        md.append(f"| {r['ranks']} | {r['agents_per_rank']} | {r['edge_cut_share']:.3f} | {r['ghosts']} "
+                  f"({r['ghosts'] / r['agents']:.2f}) | {r['halo_bytes_per_step']:.0f} | {r['comm_bytes_per_step']:.0f} | "
+                  f"{r['wall_s_per_step']:.4f} | {r['comm_share']:.2f} | {r['infections']:.0f} |")
+    md += ["", "## Plan for 8.3M (NYC) and 330M (US) agents on 8-GPU nodes", ""]
+    md += _plan(rows, nyc)
     md += ["", *extra.get("plan_notes", [])]
     (out / "distributed.md").write_text("\n".join(md) + "\n")
 
@@ -358,13 +426,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--nyc-scale", type=float, default=0.005, help="scale of the NYC case")
+    ap.add_argument("--nyc-days", type=int, default=30)
+    ap.add_argument("--cache-dir", default=None, help="NYC population cache")
     args = ap.parse_args(argv)
     n, steps, repeats = (4000, 10, 1) if args.quick else (args.n, args.steps, args.repeats)
     spec = {"worlds": WORLDS, "n": n, "steps": steps, "repeats": repeats}
     res = spawn(scaling_worker, max(WORLDS), spec)
     rows = res[0]["rows"]
+    from experiments.covid_nyc import build
+
+    cache = args.cache_dir
+    build(scale=args.nyc_scale, days=2, llm="rule", llm_cache=False, cache_dir=cache)  # the population, once
+    nyc = spawn(nyc_worker, max(WORLDS), {"worlds": WORLDS, "scale": args.nyc_scale, "days": args.nyc_days,
+                                          "cache_dir": cache})[0]["rows"]
     cmd = "python -m benchmarks.distributed" + (" --quick" if args.quick else f" --n {n} --steps {steps} --repeats {repeats}")
-    write_report(rows, Path(args.out), {"command": cmd, "repeats": repeats, "plan_notes": PLAN_NOTES})
+    cmd += f" --nyc-scale {args.nyc_scale} --nyc-days {args.nyc_days}"
+    write_report(rows, Path(args.out), {"command": cmd, "repeats": repeats, "plan_notes": PLAN_NOTES, "nyc": nyc,
+                                        "nyc_scale": args.nyc_scale})
     print((Path(args.out) / "distributed.md").read_text())
     return 0
 

@@ -56,7 +56,7 @@ import socket
 import tempfile
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -365,9 +365,10 @@ def localize(obj: Any, rows: Tensor, n_global: int, _memo: dict[int, Any] | None
 class _GlobalDraws(TorchFunctionMode):
     """While active, a draw from ``rng`` with an agent axis is drawn for all agents and sliced to ``rows``."""
 
-    def __init__(self, owner: str, rng: torch.Generator, rows: Tensor, n_global: int) -> None:
+    def __init__(self, owner: str, rng: torch.Generator, rows: Tensor, n_global: int,
+                 log: list[tuple[str, str, str, str]] | None = None) -> None:
         super().__init__()
-        self.owner, self.rng, self.rows, self.n_global = owner, rng, rows, n_global
+        self.owner, self.rng, self.rows, self.n_global, self.log = owner, rng, rows, n_global, log
 
     def __enter__(self) -> "_GlobalDraws":
         register_global_ids(self.rng, self.rows)
@@ -393,7 +394,10 @@ class _GlobalDraws(TorchFunctionMode):
             size = [int(a) for a in args]
         n_local = int(self.rows.numel())
         if n_local not in size:
-            return func(tuple(size), **kwargs)  # no agent axis: the same draw on every rank
+            if self.log is not None:  # must be the same draw on every rank, or the streams drift apart
+                self.log.append((self.owner, f"a {name} draw of size {tuple(size)} (no agent axis)", repr(size),
+                                 "its size depends on the rank's agents; draw per agent with counter_uniform"))
+            return func(tuple(size), **kwargs)
         ax = size.index(n_local)
         size[ax] = self.n_global
         full = func(tuple(size), **kwargs)
@@ -587,7 +591,8 @@ class PartitionedRun:
 
     # -- one substep
     def _call(self, sub: Any, name: str, state: State, t: int, rng: torch.Generator, rows: Tensor) -> State:
-        with _GlobalDraws(name, rng, rows, self.n_global):
+        log = self._pending if self.comm.world > 1 and self._checking else None
+        with _GlobalDraws(name, rng, rows, self.n_global, log):
             return sub(self.params, state, t, rng)
 
     def _substep(self, s: Any, state: State, t: int, streams: Streams, check: bool) -> State:
@@ -618,23 +623,28 @@ class PartitionedRun:
         written = changed_fields(state, out)
         if self.neighbour[s.name]:
             out = self._exchange(out, [f for f in self.agent_fields if f in written])
-        if self.comm.world > 1 and (check or self.verify):
+        if self.comm.world > 1 and self._checking:
             for f in written:
                 if f not in self.agent_fields and not isinstance(getattr(out, f), State):
-                    self._pending.append((s.name, f, _digest(getattr(out, f))))
+                    self._pending.append((s.name, f"field {f!r} (no agent axis)", _digest(getattr(out, f)),
+                                          f"it depends on the agents; declare it in sums=({f!r},) if it is a sum "
+                                          "over agents"))
         return out
 
     def _check_replicated(self, t: int) -> None:
-        """All ranks wrote the same values to the fields without an agent axis this step (one gather of hashes)."""
+        """All ranks wrote the same fields without an agent axis and made the same such draws this step (one gather)."""
         mine, self._pending = self._pending, []
-        if self.comm.world == 1 or not mine:
+        if self.comm.world == 1 or not self._checking:
             return
         for r, theirs in enumerate(self.comm.all_gather_object(mine)):
-            for (name, f, a), (_, _, b) in zip(mine, theirs):
+            for (name, what, a, hint), (_, _, b, _) in zip(mine, theirs):
                 if a != b:
-                    raise DistributedError(f"substep {name!r} wrote field {f!r} (no agent axis) differently on rank "
-                                           f"{self.comm.rank} and rank {r} at step {t}: it depends on the agents; "
-                                           f"declare it in sums=({f!r},) if it is a sum over agents")
+                    raise DistributedError(f"substep {name!r}: {what} differs between rank {self.comm.rank} and rank "
+                                           f"{r} at step {t}: {hint}")
+            if len(theirs) != len(mine):
+                extra = (mine if len(mine) > len(theirs) else theirs)[min(len(mine), len(theirs))]
+                raise DistributedError(f"substep {extra[0]!r}: {extra[1]} happens on rank {self.comm.rank} or rank {r} "
+                                       f"only, at step {t}: {extra[3]}")
 
     # -- observables
     def _observe(self, state: State) -> dict[str, Tensor]:
@@ -678,7 +688,8 @@ class PartitionedRun:
             if loaded is not None:
                 state, start, records, rng_state = loaded
                 streams.set_state(rng_state)
-        self._pending: list[tuple[str, str, str]] = []
+        self._pending: list[tuple[str, str, str, str]] = []
+        self._checking = self.verify or check  # the same on every rank: every rank joins the per-step gather
         self.halo_bytes, self.halo_seconds = 0, 0.0
         self.comm.reset_counters()
         t_start = time.perf_counter()

@@ -29,7 +29,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> dict:
     spec = {
         "seir": {"case": "seir", "n": 1500, "steps": 25, "worlds": WORLDS, "reference": True, "check": True},
         "tally": {"case": "tally", "n": 800, "steps": 12, "worlds": WORLDS, "sums": ("tally",), "reference": True},
-        "grad": {"n": 300, "steps": 8, "worlds": WORLDS, "seeds": [0, 1, 2, 3, 4]},
+        "grad": {"n": 250, "steps": 8, "worlds": WORLDS, "seeds": [0, 1, 2, 3]},
         "checkpoint": {"n": 600, "steps": 14, "stop": 8, "dir": str(ck)},
     }
     # fork: the children start from this process's imports (spawn would import torch 4 times on 2 cores)
@@ -73,6 +73,14 @@ def test_undeclared_sum_field_is_a_clear_error(suite: dict) -> None:
     for w in (2, 4):
         msg = out[w]["error"]
         assert msg.startswith("DistributedError") and "'tally'" in msg and "sums=" in msg
+
+
+def test_draws_sized_by_a_ranks_agents_are_a_clear_error(suite: dict) -> None:
+    out = suite["frontier"]
+    assert "error" not in out[1]
+    for w in (2, 4):
+        msg = out[w]["error"]
+        assert msg.startswith("DistributedError") and "'frontier_draw'" in msg and "rand draw of size" in msg, msg
 
 
 def test_data_parallel_gradient_identical_for_1_2_4_ranks(suite: dict) -> None:
