@@ -253,6 +253,7 @@ def scaling_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
                 sub = Comm(groups[w]) if comm.world > 1 else comm
                 part = Partition.blocks(n, w)
                 walls, comms, halos = [], [], []
+                PartitionedRun(model, params, state, part, sub).simulate(min(spec["steps"], 5), seed=1)  # warm-up
                 for _ in range(spec["repeats"]):
                     run = PartitionedRun(model, params, state, part, sub)
                     res = run.simulate(spec["steps"], seed=1)
@@ -301,8 +302,8 @@ def _plan(rows: list[dict[str, Any]], nyc: list[dict[str, Any]]) -> list[str]:
         f"state: {n4['state_bytes_per_agent']:.0f} B per agent, network {n4['edge_bytes_per_edge']:.0f} B per edge "
         "(+ 8 B per agent of CSR pointer).", "",
         "Per rank and step, at full scale: ghost rows <= agents per rank x edges per agent x cut share (every cut "
-        "in-edge from a distinct remote agent: an upper bound; at 0.002 scale repeated sources make it "
-        f"{n4['ghosts'] / max(n4['agents'] * deg * n4['edge_cut_share'], 1):.2f}x of that), halo bytes = "
+        "in-edge from a distinct remote agent: an upper bound; measured here, where remote contacts repeat, "
+        f"{n4['ghosts'] / max(n4['agents'] * deg * n4['edge_cut_share'], 1):.2f}x of it), halo bytes = "
         f"{per_ghost:.0f} B x ghost rows. Link speeds assumed: 100 GB/s per GPU inside a node (NVLink), 12.5 GB/s "
         "per GPU between nodes (one 100 Gb/s NIC per GPU); latency (one all-to-all, one all-reduce and one small "
         "gather per step, ~10-50 us each on NCCL) is not included.", "",
@@ -310,9 +311,9 @@ def _plan(rows: list[dict[str, Any]], nyc: list[dict[str, Any]]) -> list[str]:
         "ms/step at link speed | memory/rank GB (state + ghosts + in-edges) |",
         "|---|---|---|---|---|---|---|---|"]
     for pop, label in ((8.3e6, "NYC 8.3M"), (3.3e8, "US 330M")):
-        for ranks, cut, note in ((8, n4["edge_cut_share"], "by area, NYC's borough cut"),
-                                 (8, strong4["edge_cut_share"] * 7 / 8 / 0.75, "random blocks (worst)"),
-                                 (64, n4["edge_cut_share"], "by area, NYC's borough cut")):
+        for ranks, cut, note in ((8, n4["edge_cut_share"], "by area, NYC's 4-rank borough cut"),
+                                 (8, 7 / 8, "random blocks (worst)"),
+                                 (64, n4["edge_cut_share"], "by area, NYC's 4-rank borough cut")):
             per_rank = pop / ranks
             ghosts = min(per_rank * deg * cut, pop - per_rank)
             b = ghosts * per_ghost
@@ -396,25 +397,38 @@ def write_report(rows: list[dict[str, Any]], out: Path, extra: dict[str, Any]) -
 PLAN_NOTES = [
     "What the numbers mean and what is still to do:",
     "",
-    "- Memory. The engine's state is ~8 B/agent plus ~13 B/edge (benchmarks/results/cpu.md). NYC at full scale "
-    "(8.3M agents, ~100 contacts each in the layered network, ~0.85G edges) is ~11 GB of network: it fits one "
-    "H200 (141 GB), so NYC needs ranks only for replicates (data-parallel: `data_parallel_gradient`, no halo at all). "
-    "330M agents at the same degree is ~430 GB of edges: 8 ranks of one 8-GPU node hold ~54 GB each, 64 ranks "
-    "(8 nodes) ~7 GB each.",
-    "- Halo traffic is 4 B per ghost row per step (int8 stage, int16 timer, int8 entered) and is tiny next to "
-    "link bandwidth in every row above: even 330M agents on 8 ranks with the measured worst-case ghost share "
-    "send well under a second's worth of NVLink per step. Latency (one all-to-all and one all-reduce per step, "
-    "tens of microseconds on NCCL) matters more than volume. The work per step that does not shrink with ranks: "
-    "the `torch.rand` draw of substeps that draw per agent from a generator (NYC's Testing) is made for the whole "
-    "population on every rank (O(N) per rank); at 330M it must move to `counter_uniform` keyed by global id.",
-    "- Partition. Contiguous blocks on a random graph are the worst case (edge cut ~ 1 - 1/ranks). Real contact "
-    "networks are local: home, school and work layers mostly stay within an area or county, so `Partition.by_group` "
-    "on area codes (NYC: 5 boroughs, US: ~3,100 counties) leaves a few percent of edges cut; the table assumes 5% "
-    "and 2%.",
+    "- Memory. NYC at full scale is 8.3M agents x 58 B of state plus ~84M edges x 13 B (~1.1 GB): one GPU holds "
+    "it many times over, so NYC needs more GPUs only for replicates and calibration, which are data-parallel "
+    "(`data_parallel_gradient`: no halo; one gather of predictions and one of per-replicate gradients per loss "
+    "evaluation). 330M agents with NYC's state and degree is ~19 GB of state and ~43 GB of edges: it fits 8 GPUs "
+    "of one node (the table's memory column, ghosts included) and even one 141 GB H200 for a forward run; what "
+    "it does not fit is the autograd tape of a long differentiable run or hundreds of replicates, hence "
+    "partitions for the population and data parallelism for the replicates.",
+    "- Halo volume is 4 B per ghost row per step. On one 8-GPU node the worst case (random blocks, 330M agents) "
+    "is ~1.2 GB per rank and step, ~12 ms at the 100 GB/s assumed (~2.6 ms at NVLink 4's 450 GB/s per "
+    "direction); partitioned by area ~0.24 GB, ~2.4 ms (~0.5 ms). Compute per step for comparison: the engine's "
+    "forward pass runs ~5e9 agent-days/s on one H200 at 3e7 agents (benchmarks/results/gpu/scaling.md), so a "
+    "day of 330M agents is ~66 ms on one GPU and ~8 ms per rank on 8. Hence: by area the halo is ~6-30% of a "
+    "step, with random blocks it would exceed the compute; the partition matters more than the link. Across 8 "
+    "nodes (64 ranks) by area: ~30 MB per rank and step, ~2.4 ms at 100 Gb/s against ~1 ms of compute, so "
+    "64 ranks pay off only with a better partition (lower cut) or overlap of the exchange with the owned-rows "
+    "work, neither done yet. Latency (one all-to-all of sizes and one of rows per network substep, one "
+    "all-reduce of the observables, one gather of hashes per step; `verify=False` drops the last) adds ~10-50 us "
+    "each on NCCL.",
+    "- The share measured here (comm share above) is not that: 4 processes on 2 shared cores spend most of their "
+    "communication time waiting for a descheduled peer.",
+    "- Work per rank that does not shrink with ranks: a `torch.rand` draw from a substep's stream with an agent "
+    "axis (NYC's `Testing`) is drawn for the whole population on every rank and sliced (O(N) per rank and step: "
+    "~1.3 GB of uniforms per step at 330M); it must move to `counter_uniform` keyed by global id, as `Transmission` "
+    "and `Progression` already are.",
+    "- Partition. Contiguous blocks on a random graph are the worst case (edge cut ~ 1 - 1/ranks). NYC's boroughs "
+    "cut 10% of edges over 2 ranks and 14% over 4 (commuting crosses boroughs); US counties grouped into states or "
+    "regions should cut less, but that is an assumption: the table uses NYC's borough cut for the US rows. A graph "
+    "partitioner (METIS on the contact graph) would lower it further.",
     "- Loading. Today every rank builds (or loads) the whole population and keeps its shard; at 330M a per-rank "
-    "loader (agents of its areas and their in-edges) is needed; `make_shard` needs only those rows.",
-    "- Gradients. Partitioned runs are forward only; calibration is data-parallel over replicates, which is the "
-    "cheap axis (no halo, one gather of predictions and one of per-replicate gradients per evaluation).",
+    "loader (agents of its areas and their in-edges) is needed; `make_shard` only uses those rows.",
+    "- Gradients. Partitioned runs are forward only (the halo exchange has no backward); calibration is "
+    "data-parallel over replicates.",
 ]
 
 

@@ -44,6 +44,10 @@ ranks, gathers their predictions, and sums per-replicate parameter gradients in 
 order, so every rank count gives the gradient bit for bit.
 
 Partitioned runs are forward only (``grad=False``): the halo exchange is not differentiable.
+
+Not detected (the substep must not be partitioned, or declare ``partitionable = False``): a
+substep that sums over all agents *inside* itself and writes agent fields from that sum, such
+as well-mixed transmission (its group prevalence would count only the rank's agents).
 """
 
 from __future__ import annotations
@@ -93,9 +97,12 @@ class Comm:
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
+        self.device = torch.device("cpu")
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world = dist.get_world_size(group)
+            if dist.get_backend(group) == "nccl":  # NCCL moves CUDA tensors only
+                self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             if group is not None:
                 raise DistributedError("group: torch.distributed is not initialised; call init_from_env or spawn")
@@ -119,9 +126,10 @@ class Comm:
         if self.world == 1:
             return out
         t0 = time.perf_counter()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        self._count(t0, out.numel() * out.element_size())
-        return out
+        buf = out.to(self.device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        self._count(t0, buf.numel() * buf.element_size())
+        return buf.to(x.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (pickled), in rank order."""
@@ -140,11 +148,13 @@ class Comm:
         if self.world == 1:
             return [send[0]]
         t0 = time.perf_counter()
-        sizes = torch.tensor([int(b.numel()) for b in send], dtype=torch.int64)
+        dev = self.device
+        sizes = torch.tensor([int(b.numel()) for b in send], dtype=torch.int64, device=dev)
         recv_sizes = torch.empty_like(sizes)
         dist.all_to_all_single(recv_sizes, sizes, group=self.group)
-        out = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=send[0].device)
-        dist.all_to_all_single(out, torch.cat(list(send)), recv_sizes.tolist(), sizes.tolist(), group=self.group)
+        out = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=dev)
+        dist.all_to_all_single(out, torch.cat([b.to(dev) for b in send]), recv_sizes.tolist(), sizes.tolist(),
+                               group=self.group)
         # what leaves this rank for other ranks (its own part stays local)
         self._count(t0, int(sizes.sum()) - int(sizes[self.rank]))
         return list(out.split(recv_sizes.tolist()))
@@ -473,7 +483,7 @@ def make_shard(state: State, partition: Partition, comm: Comm) -> tuple[Shard, T
     # ghosts this rank needs, grouped by owner; owners learn what to send by one exchange
     want = [ghosts[owner[ghosts] == p] for p in range(comm.world)]
     asked = comm.alltoallv([w.contiguous().view(torch.uint8) for w in want])
-    asked_ids = [a.clone().view(torch.int64) for a in asked]
+    asked_ids = [a.cpu().clone().view(torch.int64) for a in asked]
     send = [lut[a] for a in asked_ids]
     recv = [lut[w] for w in want]
     if any(bool((s < 0).any()) for s in send):
@@ -513,6 +523,9 @@ class PartitionedRun:
         sh = self.shard
         self.n_global = sh.n_global
         self.state = _slice_state(state, sh.ids, sh.n_global, sh.edges, lut)
+        dev = self.state.device  # index plans live where the state does (CUDA under NCCL)
+        sh.ids, sh.owned = sh.ids.to(dev), sh.owned.to(dev)
+        sh.send, sh.recv = [x.to(dev) for x in sh.send], [x.to(dev) for x in sh.recv]
         self.sums = tuple(sums)
         names = set(state.field_names())
         for f in self.sums:
@@ -569,10 +582,10 @@ class PartitionedRun:
         for p in range(comm.world):
             pos = sh.send[p]
             if pos.numel() == 0 or p == comm.rank:
-                send.append(torch.zeros(0, dtype=torch.uint8))
+                send.append(torch.zeros(0, dtype=torch.uint8, device=vals[0].device))
                 continue
             parts = [v.index_select(0, pos).contiguous().view(torch.uint8).reshape(pos.numel(), -1) for v in vals]
-            send.append(torch.cat(parts, 1).reshape(-1).cpu())
+            send.append(torch.cat(parts, 1).reshape(-1))
         t0 = time.perf_counter()
         got = comm.alltoallv(send)
         self.halo_seconds += time.perf_counter() - t0

@@ -192,3 +192,13 @@ def test_nyc_observables_bit_identical_on_1_2_4_ranks(tmp_path) -> None:
         assert _equal(out[1]["obs"], out[w]["obs"]) == [], w
     assert _equal(out[1]["obs"], out["reference"]) == []
     assert float(out[1]["obs"]["infections"].sum()) > 50 and float(out[1]["obs"]["cases"].sum()) > 0
+
+
+def test_cli_ranks_option_is_checked(capsys: pytest.CaptureFixture) -> None:
+    from lpm.cli import experiments, main
+
+    assert experiments()["covid-nyc"].run_ranks is not None
+    assert main(["run", "sir-demo", "--ranks", "2"]) == 2
+    assert "cannot run partitioned over ranks" in capsys.readouterr().err
+    assert main(["run", "covid-nyc", "--ranks", "0"]) == 2
+    assert "--ranks: expected an integer > 0, got 0" in capsys.readouterr().err
