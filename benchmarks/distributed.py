@@ -377,6 +377,11 @@ def write_report(rows: list[dict[str, Any]], out: Path, extra: dict[str, Any]) -
         md.append(f"| {r['mode']} | {r['ranks']} | {r['agents']} | {r['edges']} | {r['edge_cut_share']:.3f} | "
                   f"{r['ghosts']} ({r['ghost_share']:.2f}) | {r['halo_bytes_per_step']:.0f} | {r['comm_bytes_per_step']:.0f} | "
                   f"{r['wall_s_per_step']:.4f} | {r['comm_share']:.2f} | {r['agent_days_per_s']:.3g} | {r['attack']:.4f} |")
+    o = extra["overhead"]
+    md += ["", f"Overhead of the partitioned runner itself (1 rank, N = {rows[0]['agents']}, same process, median): "
+           f"{o['partitioned_1_rank_s']:.3f} s against {o['simulate_s']:.3f} s for `Model.simulate` on the torch path "
+           f"(x{o['ratio']:.2f}): the per-op draw interceptor (a TorchFunctionMode, as in replicate batches) and the "
+           "per-step views; the compiled CPU kernels do not run in partitioned runs (their draws are keyed by row)."]
     md += ["", "Strong-scaling rows share one population, so their attack rates are equal: the partitioned runs are "
            "bit-identical for every rank count (tests/test_distributed.py checks the observables bit for bit)."]
     nyc = extra["nyc"]
@@ -432,6 +437,29 @@ PLAN_NOTES = [
 ]
 
 
+def overhead(n: int, steps: int, repeats: int) -> dict[str, float]:
+    """Seconds of the 1-rank partitioned run against ``Model.simulate`` (torch path), same process, medians."""
+    model, params, state = seir_case(n, 0, infected=max(10, n // 500))
+    run = PartitionedRun(model, params, state, Partition.blocks(n, 1))
+
+    def plain() -> None:
+        with compiled_kernels(False):
+            model.simulate(params, state, steps, seed=1, progress=False)
+
+    plain()
+    run.simulate(steps, seed=1)
+    a, b = [], []
+    for _ in range(max(repeats, 3)):
+        t0 = time.perf_counter()
+        plain()
+        a.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run.simulate(steps, seed=1)
+        b.append(time.perf_counter() - t0)
+    return {"simulate_s": statistics.median(a), "partitioned_1_rank_s": statistics.median(b),
+            "ratio": statistics.median(b) / statistics.median(a)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: run the scaling worker on 4 spawned processes and write the report."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.distributed")
@@ -456,8 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "cache_dir": cache})[0]["rows"]
     cmd = "python -m benchmarks.distributed" + (" --quick" if args.quick else f" --n {n} --steps {steps} --repeats {repeats}")
     cmd += f" --nyc-scale {args.nyc_scale} --nyc-days {args.nyc_days}"
+    torch.set_num_threads(1)
+    over = overhead(n, steps, repeats)
     write_report(rows, Path(args.out), {"command": cmd, "repeats": repeats, "plan_notes": PLAN_NOTES, "nyc": nyc,
-                                        "nyc_scale": args.nyc_scale})
+                                        "nyc_scale": args.nyc_scale, "overhead": over})
     print((Path(args.out) / "distributed.md").read_text())
     return 0
 

@@ -560,6 +560,8 @@ class PartitionedRun:
     # -- views
     def _view(self, state: State, pos: Tensor, fields: Sequence[str] | None = None) -> State:
         """``state`` restricted to the local rows ``pos`` (agent fields only; edges untouched)."""
+        if pos.numel() == self.shard.ids.numel():  # no ghost rows: the owned rows are all rows, in order
+            return state
         changes = {}
         for f in dataclasses.fields(state):
             if f.name not in self.agent_fields or (fields is not None and f.name not in fields):

@@ -108,7 +108,7 @@ def test_checkpoints_resume_identically_and_refuse_another_rank_count(suite: dic
 
 def test_partitions_sizes_and_edge_cut() -> None:
     p = Partition.blocks(10, 4)
-    assert p.sizes() == [3, 2, 3, 2] or sorted(p.sizes()) == [2, 2, 3, 3]
+    assert p.sizes() == [3, 2, 3, 2]
     assert torch.equal(p.owner, torch.sort(p.owner).values)  # contiguous
     area = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
     q = Partition.by_group(area, 2)
