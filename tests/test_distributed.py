@@ -202,3 +202,23 @@ def test_cli_ranks_option_is_checked(capsys: pytest.CaptureFixture) -> None:
     assert "cannot run partitioned over ranks" in capsys.readouterr().err
     assert main(["run", "covid-nyc", "--ranks", "0"]) == 2
     assert "--ranks: expected an integer > 0, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_ranks_and_torchrun_write_the_same_nyc_run(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    common = ["--scale", "0.002", "--days", "8", "--cache-dir", str(tmp_path / "cache")]
+    one = subprocess.run([sys.executable, "-m", "lpm.cli", "run", "covid-nyc", "--ranks", "1", *common, "--out",
+                          str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "lpm.cli", "run", "covid-nyc", *common,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = (tmp_path / "one" / "daily.csv").read_text()
+    assert a == (tmp_path / "two" / "daily.csv").read_text() and len(a.splitlines()) == 9
+    assert '"ranks": 2' in (tmp_path / "two" / "summary.json").read_text()
