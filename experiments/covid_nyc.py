@@ -529,13 +529,18 @@ def nyc_archetypes(pop: Population, areas: Sequence[str]) -> Archetypes:
 class WeeklyCases:
     """Context of each archetype: reported cases per 100,000 in its borough over the last ``CASE_WINDOW`` days."""
 
-    def __init__(self, archetypes: Archetypes) -> None:
+    def __init__(self, archetypes: Archetypes, population: torch.Tensor | None = None) -> None:
         self.borough = archetypes.codes[:, archetypes.attributes.index("borough")].long()  # [K] area codes
+        # residents per area [A], fixed: a partitioned run (lpm.distributed) holds only some agents per rank
+        self.population = population
 
     def per_area(self, system: System, state: State) -> torch.Tensor:
-        """Reported cases per 100,000 per area over the window ``[A]`` (population counted from ``area``)."""
+        """Reported cases per 100,000 per area over the window ``[A]`` (population: given, else counted from ``area``)."""
         window = state.recent_cases
-        n = torch.bincount(system.area.long(), minlength=window.shape[1]).to(window.dtype)
+        if self.population is not None:
+            n = self.population.to(window.device, window.dtype)
+        else:
+            n = torch.bincount(system.area.long(), minlength=window.shape[1]).to(window.dtype)
         return window.sum(0) / n.clamp_min(1.0) * 1e5
 
     def __call__(self, system: System, state: State, t: int) -> list[dict[str, float]]:
@@ -712,17 +717,18 @@ def build(scale: float = DEFAULT_SCALE, seed: int = 0, device: str = "cpu", star
         asker = _make_asker(llm, device, cache_dir, llm_cache, llm_mode, llm_url, llm_model, llm_fallback,
                             llm_max_fallback_share)
         arch = nyc_archetypes(pop, areas)
+        residents = torch.bincount(pop.area.long().cpu(), minlength=len(areas)).float()
         # identity at the start (compliance = the answer's P(yes)); slope and bias are fitted
         link = Link("logit_affine", low=0.0, high=1.0)
         params.add_module("isolation_link", link)
         decide = BoroughDecision("isolation_decision", archetypes=arch, question=nyc_isolation_question(), asker=asker,
-                                 context=WeeklyCases(arch), context_reads=("recent_cases", "area"), target="isolation",
+                                 context=WeeklyCases(arch, residents), context_reads=("recent_cases", "area"), target="isolation",
                                  store="isolation_score", every=DECISION_EVERY, link=link)
         behaviour = [decide]
-        cases = WeeklyCases(arch)
+        cases = WeeklyCases(arch, residents)
         extra = {"isolation_answers": decide.observable(),
                  "weekly_cases_per_100k": Observable(lambda y, s: cases.per_area(y, s).detach().clone(), labels=areas,
-                                                     reads=("recent_cases", "area"),
+                                                     reads=("recent_cases",),
                                                      doc="reported cases per 100k per borough over the last 7 days")}
         state_kw = {"isolation": torch.ones(N), "isolation_score": decide.initial_scores(),
                     "recent_cases": torch.zeros(CASE_WINDOW, len(areas))}
@@ -967,5 +973,12 @@ def calibrate(argv: Sequence[str]) -> int:
     return run_calibration(argv)
 
 
+def run_ranks(argv: Sequence[str], ranks: int) -> int:
+    """CLI: ``lpm run covid-nyc --ranks N`` (the prior model partitioned over N processes; experiments.covid_nyc_distributed)."""
+    from experiments.covid_nyc_distributed import run_ranks as run_partitioned
+
+    return run_partitioned(argv, ranks)
+
+
 EXPERIMENT = Experiment("covid-nyc", "COVID-19 in New York City 2020-03..2021-03 on a synthetic census population", run,
-                        calibrate=calibrate)
+                        calibrate=calibrate, run_ranks=run_ranks)

@@ -33,6 +33,8 @@ class Experiment:
     description: str
     run: Callable[[Sequence[str]], int]
     calibrate: Callable[[Sequence[str]], int] | None = None
+    #: ``run_ranks(argv, ranks)``: the run partitioned over ranks (``lpm run NAME --ranks N``, or under torchrun)
+    run_ranks: Callable[[Sequence[str], int], int] | None = None
 
 
 #: subcommand -> attribute of :class:`Experiment` that implements it (add a command by adding a field and a row)
@@ -94,6 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lpm {cmd}: unknown experiment {name!r}; known: {', '.join(sorted(exps))}", file=sys.stderr)
         return 2
     fn = getattr(exps[name], COMMANDS[cmd], None)
+    try:
+        ranks, rest = _ranks_arg(rest) if cmd == "run" else (None, rest)
+    except argparse.ArgumentTypeError as exc:
+        print(f"lpm run: --ranks: {exc}", file=sys.stderr)
+        return 2
+    if ranks is not None:
+        if exps[name].run_ranks is None:
+            print(f"lpm run: experiment {name!r} cannot run partitioned over ranks (no --ranks support)", file=sys.stderr)
+            return 2
+        fn = lambda argv: exps[name].run_ranks(argv, ranks)  # noqa: E731
     if fn is None:
         print(f"lpm {cmd}: experiment {name!r} has no {cmd!r} command", file=sys.stderr)
         return 2
@@ -103,6 +115,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a library error is the user's to fix: one line, not a traceback
         print(f"lpm: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _ranks_arg(rest: list[str]) -> tuple[int | None, list[str]]:
+    """``--ranks N`` taken out of ``rest`` (``lpm run NAME --ranks N``); under torchrun, ``WORLD_SIZE`` when not given."""
+    import os
+
+    if "--ranks" not in rest and not any(a.startswith("--ranks=") for a in rest):
+        world = os.environ.get("WORLD_SIZE")
+        return (int(world) if world and "RANK" in os.environ else None), rest
+    out, ranks, i = [], None, 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--ranks" or a.startswith("--ranks="):
+            text = a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
+            i += 1 if "=" in a else 2
+            ranks = positive_int(text)
+            continue
+        out.append(a)
+        i += 1
+    return ranks, out
 
 
 # ----------------------------------------------------------------------------- argument types

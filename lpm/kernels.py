@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["stage_mask", "frontier_edges", "push_compact", "mark_indices", "stream_key", "counter_uniform",
-           "compiled_available", "compiled_kernels"]
+           "GlobalKey", "register_global_ids", "unregister_global_ids", "compiled_available", "compiled_kernels"]
 
 
 def stage_mask(stage: Tensor, codes: Sequence[int]) -> Tensor:
@@ -145,13 +145,49 @@ def unregister_replicated(token: torch.Generator) -> None:
     _REPLICATED.pop(id(token), None)
 
 
+class GlobalKey(tuple):
+    """A stream key whose draws are indexed by global agent id: ``ids[i]`` is local row ``i``'s id.
+
+    A shard of a partitioned run (:mod:`lpm.distributed`) holds some agents of a population
+    under local row numbers; :func:`counter_uniform` gives local row ``i`` the uniform that
+    agent ``ids[i]`` gets in the whole population's run, so results do not depend on the ranks.
+    """
+
+    ids: Tensor
+
+    def __new__(cls, key: tuple[int, int], ids: Tensor) -> "GlobalKey":
+        obj = super().__new__(cls, key)
+        obj.ids = ids
+        return obj
+
+
+#: token generator id -> global agent id of each local row, while a shard runs a substep
+_GLOBAL_IDS: dict[int, Tensor] = {}
+
+
+def register_global_ids(token: torch.Generator, ids: Tensor) -> None:
+    """Make :func:`stream_key` of ``token`` a :class:`GlobalKey` over ``ids`` (see :mod:`lpm.distributed`)."""
+    _GLOBAL_IDS[id(token)] = ids
+
+
+def unregister_global_ids(token: torch.Generator) -> None:
+    """Undo :func:`register_global_ids`."""
+    _GLOBAL_IDS.pop(id(token), None)
+
+
 def is_replicated(rng: torch.Generator | int) -> bool:
-    """Whether ``rng`` is the token of a replicate batch (its keys differ per replicate)."""
-    return isinstance(rng, torch.Generator) and id(rng) in _REPLICATED
+    """Whether ``rng``'s keys are not a plain ``(k1, k2)`` over row numbers (a replicate batch or a shard)."""
+    return isinstance(rng, torch.Generator) and (id(rng) in _REPLICATED or id(rng) in _GLOBAL_IDS)
 
 
 def stream_key(rng: torch.Generator | int, t: int, draw: int = 0) -> tuple[int, int]:
     """Two 32-bit keys for draw number ``draw`` of step ``t`` of a stream (its generator or seed)."""
+    if isinstance(rng, torch.Generator) and id(rng) in _GLOBAL_IDS:
+        ids = _GLOBAL_IDS.pop(id(rng))
+        try:
+            return GlobalKey(stream_key(rng, t, draw), ids)
+        finally:
+            _GLOBAL_IDS[id(rng)] = ids
     if is_replicated(rng):
         gens, agents = _REPLICATED[id(rng)]
         return ReplicatedKey([stream_key(g, t, draw) for g in gens], agents)
@@ -172,6 +208,9 @@ def _mix32(x: Tensor) -> Tensor:
 
 def counter_uniform(key: tuple[int, int], index: Tensor) -> Tensor:
     """``float32 [K]`` uniforms in ``[0, 1)`` (24-bit) for the agents ``index`` under ``key``."""
+    if isinstance(key, GlobalKey):
+        # a shard's local row draws as its agent does in the whole population's run
+        index = key.ids.index_select(0, index.to(torch.int64))
     if isinstance(key, ReplicatedKey):
         # each agent draws as agent (index - block start) of its replicate's single run
         dev = index.device
