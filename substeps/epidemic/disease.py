@@ -173,7 +173,7 @@ class EpiState(State):
     group: Tensor | None = tensor_field(("N",), (torch.int8, torch.int16, torch.int32, torch.int64), "mixing group code for well-mixed transmission", optional=True)
     mixing: Tensor | None = tensor_field(("G", "G"), (torch.float32, torch.float64), "contacts per day of a g-member with group h (well-mixed)", optional=True)
     entered_step: Tensor | None = tensor_field((), (torch.int64,), "step at which `entered` was last reset (None: never)", optional=True)
-    acted: Tensor | None = tensor_field(("N",), torch.int16, "steps the agent has transmitted so far (written by gradient runs of the presence estimator)", optional=True)
+    acted: Tensor | None = tensor_field(("N", "K"), torch.float32, "summed per-layer source factor of the agent's transmitting steps (written by gradient runs of the presence estimator)", optional=True)
     stages: tuple[str, ...] = static_field("stage names by code", default=())
 
 
