@@ -184,6 +184,22 @@ def test_observable_without_gradient_raises(device: str) -> None:
         torch.autograd.grad(res["flagged"].sum() + res["incidence"].sum(), params.raw_beta)
 
 
+def test_calibration_rollout_observable_without_gradient_raises(device: str) -> None:
+    """The calibration path (``calibration.rollout``, chunked or not) guards like ``Model.simulate``."""
+    from calibration import rollout
+    from lpm.model import Observable
+
+    disease, state = _er_seir(300, device)
+    obs = {"incidence": incidence(disease), "flagged": Observable(lambda s: (s.stage == 1).sum().float(), reads=("stage",))}
+    model = Model([Transmission(disease), Progression(disease)], obs, state_type=EpiState)
+    params = Params(beta=Positive(0.05)).to(device)
+    for chunk in (None, 2):
+        sim, _ = rollout(model, params, state, 5, chunk=chunk)
+        assert float(torch.autograd.grad(sim["incidence"].sum(), params.raw_beta)[0]) != 0.0
+        with pytest.raises(NoGradientError, match="'flagged'"):
+            torch.autograd.grad(sim["flagged"].sum() + sim["incidence"].sum(), params.raw_beta)
+
+
 def test_gradients_finite_through_100_step_rollout(device: str) -> None:
     n = 3000
     disease = seir(Dwell.gamma(3.0, 1.0), Dwell.gamma(5.0, 2.0))

@@ -27,8 +27,11 @@ each agent's score to its infectors'. Two couplings (``Transmission(estimator=..
   household + community SEIRs, and 0.95 +- 0.04 against the exact derivative on a
   two-generation tree with strong edges (``python -m benchmarks.gradients``). Per-edge
   terms are recomputed in backward (:class:`_PresenceCoupling`), so memory is that of the
-  linear coupling; time is about 1.5-2x. The accumulated hazard of an infector assumes a
-  constant hazard over the steps it has transmitted (``acted``, written in gradient runs).
+  linear coupling; time is about 1.5-2x. The hazard an infector has put on a contact so far
+  is the edge's constant part (``beta dt w`` times the contact's current susceptibility) times
+  the infector's summed per-layer source factor (infectiousness x contact factor x layer
+  scale over the steps it transmitted: ``acted [N, K]``, written in gradient runs), so
+  isolation, contact schedules and stage changes during the infectious period are exact.
 * ``"linear"``: the coupling is the derivative of the force with respect to a scaling of the
   infector's infectiousness. First-order exact when each contact's hazard is small
   (well-mixed); on networks it credits an infection with ``h e^-L / (1 - e^-L) - A`` instead
