@@ -149,6 +149,34 @@ def test_network_gradient_matches_finite_difference(days: int, device: str) -> N
     assert abs(grad / fd - 1) < 0.25, (grad, fd)
 
 
+def test_household_community_gradient_matches_finite_difference_60_days(device: str) -> None:
+    """Households (cliques of mean size 3, strong repeated contacts) + an ER community, 60 days."""
+    from lpm.networks import household_cliques
+
+    n = 2000
+    disease = seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
+    hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(11))
+    net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=1)}, n)
+    state = initial_state(disease, n, n // 100, seed=3, network=net, device=device)
+    model = epidemic_model(disease)
+    _, grad = mean_total(model, state, 0.05, range(10), 60, True, device)
+    fd = central_fd(model, state, 0.05, range(10), 60, device, rel=0.1)
+    # benchmark (N = 5000, 16 seeds, see benchmarks/results/gradients.md); linear ~0.8. Here s.e. ~ 8%.
+    assert abs(grad / fd - 1) < 0.25, (grad, fd)
+
+
+@pytest.mark.slow
+def test_nyc_gradient_matches_finite_difference_30_days() -> None:
+    """The calibrated NYC model: d onsets(week ending day 30) / d contact multiplier(week of 2020-03-15)."""
+    from benchmarks.gradients import _nyc_case, finite_differences, measure
+
+    case = _nyc_case((30,))
+    fd = finite_differences(case, 6, 0.1, richardson=True)
+    (row,) = measure(case, "presence", 6, 0.1, fd, richardson=True)
+    # measured 1.00 +- 0.06 (16 seeds); 6 seeds: s.e. ~ 10%
+    assert abs(row["ratio"] - 1) < 0.3, row
+
+
 @pytest.mark.slow
 def test_network_gradient_matches_finite_difference_150_days(device: str) -> None:
     disease, state = _er_seir(5000, device)
