@@ -22,10 +22,14 @@ each agent's score to its infectors'. Two couplings (``Transmission(estimator=..
   (``f_{-l}``, the outcome without ``l``, is a valid baseline for ``l``'s score) with the
   counterfactual estimated by importance weights on the direct contacts, and recursively
   down the infection tree (each factor has mean 1, so dropping the cross terms adds no
-  bias for independent contacts). Measured against central finite differences with common
-  random numbers: ratios 0.93-1.06 at 8, 30, 60 and 150 days on well-mixed, Erdős–Rényi and
-  household + community SEIRs, and 0.95 +- 0.04 against the exact derivative on a
-  two-generation tree with strong edges (``python -m benchmarks.gradients``). Per-edge
+  bias for independent contacts; in households, where contacts of one infector also infect
+  each other, the dropped cross terms leave a small bias). Measured against central finite
+  differences with common random numbers (``benchmarks/results/gradients.md``): ratios
+  0.95-1.03 at 8, 30, 60 and 150 days on well-mixed and Erdős–Rényi SEIRs, 0.91-0.95 at 30-150
+  days on household + community; on the NYC model (weekly onsets / one week's contacts) 1.0
+  at 30 days and 0.87 +- 0.07 at 60 days against curvature-corrected differences; 0.95 +- 0.04
+  and 1.005 against the exact derivative on two-generation trees with strong edges, constant
+  or time-varying (``tests/test_epidemic_gradients.py``). Per-edge
   terms are recomputed in backward (:class:`_PresenceCoupling`), so memory is that of the
   linear coupling; time is about 1.5-2x. The hazard an infector has put on a contact so far
   is the edge's constant part (``beta dt w`` times the contact's current susceptibility) times
