@@ -205,7 +205,7 @@ def memory(n: int, estimators: list[str], days: int = 50) -> list[dict]:
     """
     import benchmarks.cases as bc
     from benchmarks import reference as ref
-    from lpm import Params, Positive
+    from lpm import Model, Params, Positive
     from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, prevalence, seir, sir
 
     dev = torch.device("cpu")
@@ -218,8 +218,6 @@ def memory(n: int, estimators: list[str], days: int = 50) -> list[dict]:
     for name, (disease, beta, seeded) in works.items():
         state = initial_state(disease, n, torch.from_numpy(ref.seeds_mask(n, seeded, seed=0) == 1), network=net)
         for est in estimators:
-            from lpm import Model
-
             model = Model([Transmission(disease, estimator=est), Progression(disease)], {"incidence": incidence(disease)},
                           state_type=EpiState, dt=disease.dt)
             params = Params(beta=Positive(beta))
