@@ -1,12 +1,15 @@
 """Gradient estimators against finite differences, per case and horizon.
 
-``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc] [--estimators presence,linear]``
+``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc,nyc-short] [--estimators presence,linear]``
 
 For each case (an SEIR with gamma latent 3 +- 1.5 and infectious 5 +- 2 days, 1% seeded, on
 a well-mixed population, an Erdős–Rényi network of mean degree 10, or households (cliques
 of mean size 3) + an Erdős–Rényi community of mean degree 6) and each horizon H, the target
 is the gradient of an expected outcome: cumulative infections through day H with respect
-to ``beta``. Printed
+to ``beta``. The NYC cases (``nyc``, ``nyc-short``) differentiate the calibrated model's weekly
+symptomatic onsets with respect to one week's contact multiplier (see :func:`_nyc_case`);
+there a 10% step with ``--richardson`` removes the finite difference's curvature bias.
+``--memory 1e5,1e6`` measures the bytes retained on the SEIR and shared SIR workloads. Printed
 per row: the autograd estimate (mean ± s.e. over seeds), the central finite difference with
 common random numbers (mean ± s.e. over seed pairs), their ratio, the variance of one
 simulation's gradient, the wall time of one differentiable simulation, and the bytes
@@ -89,7 +92,8 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
     """The calibrated NYC model: d (citywide cases-to-be in the week ending at day H) / d (contact multiplier of week j).
 
     ``theta`` multiplies the non-household contacts of every borough in week ``j`` (the week of
-    day ``week_day``, 2020-03-15); the outcome is the week's symptomatic onsets (``testable``,
+    day ``week_day``: 2020-03-15 by default, 2020-03-01 for the 8-day horizon, which ends before
+    the week of 2020-03-15 begins); the outcome is the week's symptomatic onsets (``testable``,
     which reported cases are a linear image of: ascertainment times a delay), summed over the
     boroughs. The contact network of the fit (zero-initialised) gives a multiplier of 1 elsewhere.
     """
@@ -123,8 +127,9 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
         out = torch.stack([onsets[h - 7:h].sum() for h in horizons])
         return out, (raw if grad else None)
 
-    return Case(f"NYC (scale {scale}, {p.population.num_agents:,} agents)", p.population.num_agents, 1.0, run, horizons,
-                "d onsets(week ending H) / d contact multiplier(week of 2020-03-15)")
+    day = (pd.Timestamp("2020-03-01") + pd.Timedelta(days=week_day)).strftime("%m-%d")
+    return Case(f"NYC {scale} ({p.population.num_agents // 1000}k), j={day}", p.population.num_agents, 1.0, run, horizons,
+                f"d onsets(week ending H) / d contact multiplier(week of 2020-{day})")
 
 
 def _constrained(raw: Tensor) -> Tensor:
@@ -132,8 +137,30 @@ def _constrained(raw: Tensor) -> Tensor:
     return torch.nn.functional.softplus(raw)
 
 
-def measure(case: Case, estimator: str, seeds: int, rel_step: float) -> list[dict]:
-    """Autograd and CRN finite differences over ``seeds`` seeds for every horizon of ``case``."""
+def finite_differences(case: Case, seeds: int, rel_step: float, richardson: bool = False) -> Tensor:
+    """Central differences with common random numbers ``[seeds, H]`` (the forward pass is the same for every estimator).
+
+    ``richardson``: ``(4 D(h) - D(2h)) / 3`` per seed, which cancels the ``h^2`` curvature term of
+    the central difference (on the NYC case a 20% step overstates the 60-day derivative by ~10%).
+    """
+
+    def central(h: float) -> Tensor:
+        fd = torch.zeros(seeds, len(case.horizons), dtype=torch.float64)
+        with torch.no_grad():
+            for s in range(seeds):
+                up, _ = case.run(case.theta + h, 1000 + s, False, "presence")
+                dn, _ = case.run(case.theta - h, 1000 + s, False, "presence")
+                fd[s] = (up - dn).double() / (2 * h)
+        return fd
+
+    h = rel_step * case.theta
+    if not richardson:
+        return central(h)
+    return (4 * central(h) - central(2 * h)) / 3
+
+
+def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor | None = None, richardson: bool = False) -> list[dict]:
+    """Autograd and CRN finite differences over ``seeds`` seeds for every horizon of ``case`` (``fd``: reuse these)."""
     H = len(case.horizons)
     grads = torch.zeros(seeds, H, dtype=torch.float64)
     wall = []
@@ -151,23 +178,67 @@ def measure(case: Case, estimator: str, seeds: int, rel_step: float) -> list[dic
         out, _ = case.run(case.theta, 1000, True, estimator)
     del out
     days = max(case.horizons)
-    h = rel_step * case.theta
-    fd = torch.zeros(seeds, H, dtype=torch.float64)
-    with torch.no_grad():
-        for s in range(seeds):
-            up, _ = case.run(case.theta + h, 1000 + s, False, estimator)
-            dn, _ = case.run(case.theta - h, 1000 + s, False, estimator)
-            fd[s] = (up - dn).double() / (2 * h)
+    if fd is None:
+        fd = finite_differences(case, seeds, rel_step, richardson)
     rows = []
     for k, hz in enumerate(case.horizons):
         ag, f = grads[:, k], fd[:, k]
         a_m, a_se = float(ag.mean()), float(ag.std() / math.sqrt(seeds))
         f_m, f_se = float(f.mean()), float(f.std() / math.sqrt(seeds))
         ratio = a_m / f_m if f_m != 0 else float("nan")
-        rows.append(dict(case=case.name, estimator=estimator, horizon=hz, autograd=a_m, autograd_se=a_se, fd=f_m, fd_se=f_se,
+        rows.append(dict(case=case.name, estimator=estimator, horizon=hz, target=case.target, seeds=seeds, rel_step=rel_step, richardson=richardson,
+                         autograd=a_m, autograd_se=a_se, fd=f_m, fd_se=f_se,
                          ratio=ratio, ratio_se=abs(ratio) * math.sqrt((a_se / a_m) ** 2 + (f_se / f_m) ** 2) if a_m and f_m else float("nan"),
                          var_per_sim=float(ag.var()), wall_s=statistics.median(wall),
                          bytes_per_agent_day=saved.total / (case.agents * days)))
+    return rows
+
+
+def memory(n: int, estimators: list[str], days: int = 50) -> list[dict]:
+    """Bytes autograd retains per agent-day on the two workloads the project quotes, with the
+    events that drive them: retained bytes are O(candidates + infectious frontier) per step,
+    so bytes per agent-day follow the epidemic's activity, not N x T.
+
+    * ``seir``: the SEIR scaling case of ``benchmarks.run`` (beta 0.06, 0.1% seeded);
+    * ``sir``: the shared SIR workload (beta 0.03, recovery 0.1 a day, 1% seeded);
+
+    both over ``days`` (50 for the shared workload; issue 6 quoted the SEIR case over 100).
+    """
+    import benchmarks.cases as bc
+    from benchmarks import reference as ref
+    from lpm import Model, Params, Positive
+    from substeps.epidemic import (Dwell, EpiState, Progression, Transmission, epi_system, incidence, initial_state, prevalence,
+                                   seir, sir)
+
+    dev = torch.device("cpu")
+    net = bc.er_network(n, 0, dev)
+    works = {
+        "seir": (seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0)), bc.BETA, max(1, n // 1000)),
+        "sir": (sir(recovery=Dwell.geometric(-math.log(1 - bc.SIR_GAMMA))), bc.SIR_BETA, max(1, int(round(n * bc.SIR_SEEDED)))),
+    }
+    rows = []
+    for name, (disease, beta, seeded) in works.items():
+        state = initial_state(disease, n, torch.from_numpy(ref.seeds_mask(n, seeded, seed=0) == 1))
+        system = epi_system(disease, network=net)
+        for est in estimators:
+            model = Model([Transmission(disease, estimator=est), Progression(disease)], {"incidence": incidence(disease)},
+                          state_type=EpiState, dt=disease.dt)
+            params = Params(beta=Positive(beta))
+            saved = bc.SavedBytes()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                res = model.simulate(params, system, state, days, seed=1, grad=True, progress=False)
+            inc = res["incidence"].detach()
+            attack = float(inc.sum() + seeded) / n
+            # what the graph keeps grows with the infectious frontier (and the candidates it touches)
+            counted = Model(model.substeps, {"infectious": prevalence(disease, ("I",))}, state_type=EpiState, dt=disease.dt)
+            inf_days = float(counted.simulate(params, system, state, days, seed=1, progress=False)["infectious"].sum())
+            (g,) = torch.autograd.grad(res["incidence"].sum(), params.raw_beta)
+            rows.append(dict(workload=name, n=n, estimator=est, days=days, attack_rate=attack,
+                             infectious_per_agent_day=inf_days / (n * days), bytes_per_infectious_day=saved.total / inf_days,
+                             bytes_per_agent_day=saved.total / (n * days), grad_finite=bool(torch.isfinite(g))))
+            print(f"memory {name:<5} N={n:.0e} {days:>3} d {est:<9} attack {attack:.3f}  infectious/agent-day {inf_days / (n * days):.3f}  "
+                  f"retained {saved.total / (n * days):6.1f} B/agent-day = {saved.total / inf_days:6.1f} B/infectious agent-day", flush=True)
+            del res, g
     return rows
 
 
@@ -184,9 +255,14 @@ def cases(names: list[str], quick: bool) -> list[Case]:
         elif name == "household":
             out.append(_epi_case("household+community SEIR", n, "household", 0.05, hz))
         elif name == "nyc":
-            out.append(_nyc_case((14, 30, 60, 150) if not quick else (14, 30, 60)))
+            out.append(_nyc_case((30, 60, 150) if not quick else (30, 60)))
+        elif name == "nyc-short":
+            # 8 days from 2020-03-01: no onsets yet at this scale (both sides are exactly 0); the week
+            # right after the perturbed one (days 14-20) is the shortest non-trivial horizon
+            out.append(_nyc_case((8,), week_day=0))
+            out.append(_nyc_case((21,)))
         else:
-            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household, nyc")
+            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household, nyc, nyc-short")
     return out
 
 
@@ -198,27 +274,63 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimators", default="presence,linear")
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--rel-step", type=float, default=0.05)
+    ap.add_argument("--richardson", action="store_true", help="finite differences at steps h and 2h, extrapolated to h -> 0 (cancels curvature)")
     ap.add_argument("--quick", action="store_true", help="small populations, horizons up to 60 days, 8 seeds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--memory", default=None, help="comma-separated N: bytes retained per agent-day on the SEIR and shared SIR workloads, then exit")
+    ap.add_argument("--memory-days", type=int, default=50, help="days simulated by --memory")
+    ap.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
+    ap.add_argument("--from-json", default=None, help="comma-separated JSON files of earlier runs: print (and --markdown) their rows, run nothing")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     seeds = 8 if a.quick and a.seeds == 16 else a.seeds
+    if a.memory:
+        mem = [r for n in a.memory.split(",") for r in memory(int(float(n)), a.estimators.split(","), a.memory_days)]
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(mem, f, indent=1)
+        return 0
     rows = []
     hdr = f"{'case':<28}{'estimator':<10}{'H':>4} {'autograd':>19} {'finite diff':>19} {'ratio':>12} {'var/sim':>10} {'wall s':>7} {'B/agent-day':>11}"
     print(hdr)
     print("-" * len(hdr))
-    for case in cases(a.cases.split(","), a.quick):
+    if a.from_json:
+        for path in a.from_json.split(","):
+            with open(path) as f:
+                rows += json.load(f)
+        for r in rows:
+            print(_line(r))
+    for case in cases(a.cases.split(","), a.quick) if not a.from_json else []:
+        fd = finite_differences(case, seeds, a.rel_step, a.richardson)
         for est in a.estimators.split(","):
-            for r in measure(case, est, seeds, a.rel_step):
+            for r in measure(case, est, seeds, a.rel_step, fd, a.richardson):
                 rows.append(r)
-                print(f"{r['case']:<28}{r['estimator']:<10}{r['horizon']:>4} {r['autograd']:>10.4g} ± {r['autograd_se']:<7.2g}"
-                      f"{r['fd']:>10.4g} ± {r['fd_se']:<7.2g}{r['ratio']:>6.3f} ± {r['ratio_se']:<5.3f}"
-                      f"{r['var_per_sim']:>10.3g} {r['wall_s']:>7.2f} {r['bytes_per_agent_day']:>11.1f}", flush=True)
+                print(_line(r), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown(rows))
     return 0
+
+
+def _line(r: dict) -> str:
+    return (f"{r['case'][:27]:<28}{r['estimator']:<10}{r['horizon']:>4} {r['autograd']:>10.4g} ± {r['autograd_se']:<7.2g}"
+            f"{r['fd']:>10.4g} ± {r['fd_se']:<7.2g}{r['ratio']:>6.3f} ± {r['ratio_se']:<5.3f}"
+            f"{r['var_per_sim']:>10.3g} {r['wall_s']:>7.2f} {r['bytes_per_agent_day']:>11.1f}")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as one Markdown table (what ``benchmarks/results/gradients.md`` holds)."""
+    out = ["| case | target | estimator | seeds | H (days) | autograd ± s.e. | finite diff. ± s.e. (step) | ratio ± s.e. | variance / sim | wall s / sim | B retained / agent-day |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {r.get('target', '')} | {r['estimator']} | {r.get('seeds', '')} | {r['horizon']} | {r['autograd']:.4g} ± {r['autograd_se']:.2g} | "
+                   f"{r['fd']:.4g} ± {r['fd_se']:.2g} ({r.get('rel_step', float('nan')):.0%}{', R' if r.get('richardson') else ''}) | {r['ratio']:.3f} ± {r['ratio_se']:.3f} | "
+                   f"{r['var_per_sim']:.3g} | {r['wall_s']:.2f} | {r['bytes_per_agent_day']:.1f} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

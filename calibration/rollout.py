@@ -81,4 +81,11 @@ def rollout(model: Model, params: Any, system: System, state: State, steps: int,
             t = t1
     if not parts:
         return {k: torch.empty(0) for k in model.observables}, state
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, state
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if grad and hasattr(params, "parameters"):
+        # as in Model.simulate: an observable without a gradient path fails loudly on backward, never a silent zero
+        from lpm.sampling import guard_no_gradient
+
+        anchor = next((p for p in params.parameters() if p.requires_grad), None)
+        out = {k: guard_no_gradient(k, v, anchor) for k, v in out.items()}
+    return out, state

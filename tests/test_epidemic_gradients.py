@@ -17,7 +17,7 @@ import torch
 from lpm import Model, Network, Params, Positive
 from lpm.networks import erdos_renyi
 from lpm.sampling import NoGradientError
-from substeps.epidemic import (Dwell, EpiState, Progression, Transmission, epi_system, epidemic_model, incidence,
+from substeps.epidemic import (Dwell, EpiState, Progression, Transmission, compartment_counts, epi_system, epidemic_model, incidence,
                                initial_state, prevalence, seir, sir, stage_counts)
 
 
@@ -77,6 +77,46 @@ def test_two_generation_tree_gradient(estimator: str, device: str) -> None:
         assert grad / exact < 0.88, (grad, exact)
 
 
+def test_time_varying_hazard_tree_gradient(device: str) -> None:
+    """Hazards that change over an infector's infectious period (isolation, contact schedules):
+    the presence credit needs the hazard accumulated on each contact, not the current one times
+    the steps. Exact derivative in closed form; the step-count approximation gave 2.2x here."""
+    from lpm.interventions import Intervention, Modulate
+
+    beta, trees, M, D, w0, w = 3.0, 40, 200, 4, 0.15, 0.1
+    sched = [0.5, 0.5, 0.5, 3.0, 3.0] + [0.05] * 9
+    d, (system, state), _ = _forest(device, trees, M, D, w0, w)
+    world = (system.replace(layer_scale_base=torch.ones(1, device=device)), state.replace(layer_scale=torch.ones(1, device=device)))
+
+    def expected(b: float) -> float:
+        # agent 1 infected on step tau (the seed acts on steps 0..D-1) transmits on tau+1..tau+D
+        total = 0.0
+        for tau in range(D):
+            p = math.exp(-b * w0 * sum(sched[:tau])) * (1 - math.exp(-b * w0 * sched[tau]))
+            total += p * (1 + M * (1 - math.exp(-b * w * sum(sched[tau + 1:tau + D + 1]))))
+        return trees * total
+
+    exact = (expected(beta + 1e-5) - expected(beta - 1e-5)) / 2e-5
+    model = Model([Modulate("schedule", "layer_scale", "layer_scale_base", [Intervention("x", torch.tensor(sched))]),
+                   Transmission(d, use_layer_scale=True), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
+    value, grad = mean_total(model, world, beta, range(8), 14, True, device)
+    assert abs(value / expected(beta) - 1) < 0.06, (value, expected(beta))  # the closed form is the model's
+    # measured 1.005 (320 trees, s.e. ~4%)
+    assert abs(grad / exact - 1) < 0.12, (grad, exact)
+
+
+def test_compartment_counts_carry_gradient(device: str) -> None:
+    """``compartment_counts`` is the exact count and differentiable (fewer S, more R with more beta)."""
+    disease, world = _er_seir(1500, device)
+    model = Model([Transmission(disease), Progression(disease)], {"incidence": incidence(disease)}, state_type=EpiState)
+    params = Params(beta=Positive(0.05)).to(device)
+    final = model.simulate(params, *world, 20, seed=0, grad=True, progress=False).final_state
+    counts = compartment_counts(final, len(disease.stages))
+    assert torch.equal(counts.detach(), torch.bincount(final.stage.long(), minlength=4).float())
+    gS, gR = (torch.autograd.grad(counts[disease.code(s)], params.raw_beta, retain_graph=True)[0] for s in ("S", "R"))
+    assert float(gS) < 0 < float(gR), (float(gS), float(gR))
+
+
 def test_well_mixed_final_size_gradient_matches_finite_difference(device: str) -> None:
     n = 5000
     disease = sir(0.2)
@@ -108,6 +148,34 @@ def test_network_gradient_matches_finite_difference(days: int, device: str) -> N
     # benchmark (N = 5000, 16 seeds): 1.06 +- 0.08 at 8 days, 1.02 +- 0.06 at 60; the linear
     # coupling gives 0.78 at 60 days. Here s.e. ~ 8%.
     assert abs(grad / fd - 1) < 0.25, (grad, fd)
+
+
+def test_household_community_gradient_matches_finite_difference_60_days(device: str) -> None:
+    """Households (cliques of mean size 3, strong repeated contacts) + an ER community, 60 days."""
+    from lpm.networks import household_cliques
+
+    n = 2000
+    disease = seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
+    hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(11))
+    net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=1)}, n)
+    world = (epi_system(disease, network=net, device=device), initial_state(disease, n, n // 100, seed=3, device=device))
+    model = epidemic_model(disease)
+    _, grad = mean_total(model, world, 0.05, range(10), 60, True, device)
+    fd = central_fd(model, world, 0.05, range(10), 60, device, rel=0.1)
+    # benchmark (N = 5000, 16 seeds, see benchmarks/results/gradients.md); linear ~0.8. Here s.e. ~ 8%.
+    assert abs(grad / fd - 1) < 0.25, (grad, fd)
+
+
+@pytest.mark.slow
+def test_nyc_gradient_matches_finite_difference_30_days() -> None:
+    """The calibrated NYC model: d onsets(week ending day 30) / d contact multiplier(week of 2020-03-15)."""
+    from benchmarks.gradients import _nyc_case, finite_differences, measure
+
+    case = _nyc_case((30,))
+    fd = finite_differences(case, 6, 0.1, richardson=True)
+    (row,) = measure(case, "presence", 6, 0.1, fd, richardson=True)
+    # measured 1.00 +- 0.06 (16 seeds); 6 seeds: s.e. ~ 10%
+    assert abs(row["ratio"] - 1) < 0.3, row
 
 
 @pytest.mark.slow
@@ -143,6 +211,22 @@ def test_observable_without_gradient_raises(device: str) -> None:
     torch.autograd.grad(res["incidence"].sum(), params.raw_beta)  # fine
     with pytest.raises(NoGradientError, match="'flagged'"):
         torch.autograd.grad(res["flagged"].sum() + res["incidence"].sum(), params.raw_beta)
+
+
+def test_calibration_rollout_observable_without_gradient_raises(device: str) -> None:
+    """The calibration path (``calibration.rollout``, chunked or not) guards like ``Model.simulate``."""
+    from calibration import rollout
+    from lpm.model import Observable
+
+    disease, world = _er_seir(300, device)
+    obs = {"incidence": incidence(disease), "flagged": Observable(lambda y, s: (s.stage == 1).sum().float(), reads=("stage",))}
+    model = Model([Transmission(disease), Progression(disease)], obs, state_type=EpiState)
+    params = Params(beta=Positive(0.05)).to(device)
+    for chunk in (None, 2):
+        sim, _ = rollout(model, params, *world, 5, chunk=chunk)
+        assert float(torch.autograd.grad(sim["incidence"].sum(), params.raw_beta)[0]) != 0.0
+        with pytest.raises(NoGradientError, match="'flagged'"):
+            torch.autograd.grad(sim["flagged"].sum() + sim["incidence"].sum(), params.raw_beta)
 
 
 def test_gradients_finite_through_100_step_rollout(device: str) -> None:

@@ -22,13 +22,20 @@ each agent's score to its infectors'. Two couplings (``Transmission(estimator=..
   (``f_{-l}``, the outcome without ``l``, is a valid baseline for ``l``'s score) with the
   counterfactual estimated by importance weights on the direct contacts, and recursively
   down the infection tree (each factor has mean 1, so dropping the cross terms adds no
-  bias for independent contacts). Measured against central finite differences with common
-  random numbers: ratios 0.93-1.06 at 8, 30, 60 and 150 days on well-mixed, Erdős–Rényi and
-  household + community SEIRs, and 0.95 +- 0.04 against the exact derivative on a
-  two-generation tree with strong edges (``python -m benchmarks.gradients``). Per-edge
+  bias for independent contacts; in households, where contacts of one infector also infect
+  each other, the dropped cross terms leave a small bias). Measured against central finite
+  differences with common random numbers (``benchmarks/results/gradients.md``): ratios
+  0.95-1.03 at 8, 30, 60 and 150 days on well-mixed and Erdős–Rényi SEIRs, 0.91-0.95 at 30-150
+  days on household + community; on the NYC model (weekly onsets / one week's contacts) 1.0
+  at 30 days and 0.87 +- 0.07 at 60 days against curvature-corrected differences; 0.95 +- 0.04
+  and 1.005 against the exact derivative on two-generation trees with strong edges, constant
+  or time-varying (``tests/test_epidemic_gradients.py``). Per-edge
   terms are recomputed in backward (:class:`_PresenceCoupling`), so memory is that of the
-  linear coupling; time is about 1.5-2x. The accumulated hazard of an infector assumes a
-  constant hazard over the steps it has transmitted (``acted``, written in gradient runs).
+  linear coupling; time is about 1.5-2x. The hazard an infector has put on a contact so far
+  is the edge's constant part (``beta dt w`` times the contact's current susceptibility) times
+  the infector's summed per-layer source factor (infectiousness x contact factor x layer
+  scale over the steps it transmitted: ``acted [N, K]``, written in gradient runs), so
+  isolation, contact schedules and stage changes during the infectious period are exact.
 * ``"linear"``: the coupling is the derivative of the force with respect to a scaling of the
   infector's infectiousness. First-order exact when each contact's hazard is small
   (well-mixed); on networks it credits an infection with ``h e^-L / (1 - e^-L) - A`` instead
@@ -107,13 +114,14 @@ def _draw_dwell(cdf: Tensor, codes: Tensor, u: Tensor) -> Tensor:
     return torch.where(no_dwell, torch.zeros_like(steps), steps).to(torch.int16)
 
 
-def _presence_delta(spec, idx: Tensor, src_stage: Tensor, src_acted: Tensor, src_cf: Tensor | None, cand: Tensor,
+def _presence_delta(spec, idx: Tensor, src_stage: Tensor, src_load: Tensor, src_cf: Tensor | None, cand: Tensor,
                     em: Tensor, hit: Tensor, susc: Tensor | None, scale: Tensor | None, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per frontier edge into an at-risk agent: ``(source [A], candidate slot [A], delta [A])``; ``em [C] = expm1(-lambda)``.
 
-    For an edge ``l -> k`` with hazard ``h`` this step and ``A = n h`` accumulated over the ``n``
-    earlier steps ``l`` transmitted, the linear carrier credits ``d log P_k / d c_l`` with ``-h``
-    for a survival and ``h e^-L / (1 - e^-L)`` for an infection (``L``: total hazard on ``k``).
+    For an edge ``l -> k`` with hazard ``h`` this step and ``A`` accumulated over the earlier
+    steps ``l`` transmitted (``src_load [F, K]``: ``l``'s summed source factor per layer, see
+    :meth:`Transmission._accumulate_load`), the linear carrier credits ``d log P_k / d c_l`` with
+    ``-h`` for a survival and ``h e^-L / (1 - e^-L)`` for an infection (``L``: total hazard on ``k``).
     The presence credit of ``k``'s whole path is ``1 - R``, ``R = P(path | no l) / P(path | l)``:
     survival steps add ``-e^A (e^h - 1)`` (so a survived window totals ``1 - e^A``) and the
     infection step ``e^A (1 - (1 - e^-(L - h)) / (1 - e^-L))``. ``delta`` is the difference.
@@ -126,18 +134,22 @@ def _presence_delta(spec, idx: Tensor, src_stage: Tensor, src_acted: Tensor, src
     where = slot.index_select(0, dst)
     keep = (where >= 0).nonzero().squeeze(1)
     pos, local, where = pos[keep], local[keep].long(), where[keep]
-    h = beta.to(em.dtype) * dt * net.weight.index_select(0, pos).to(em.dtype) * iota.index_select(0, src_stage.index_select(0, local).long())
-    if scale is not None or src_cf is not None:
-        lay = net.layer.index_select(0, pos).long()
-        if scale is not None:
-            h = h * scale.to(em.dtype).index_select(0, lay)
-        if src_cf is not None:
-            h = h * src_cf.to(em.dtype)[local, lay]
+    # per-edge hazard = edge part (constant over the source's infectious period) x source part (this step)
+    edge = beta.to(em.dtype) * dt * net.weight.index_select(0, pos).to(em.dtype)
     if susc is not None:
-        h = h * susc.to(em.dtype).index_select(0, where)
+        edge = edge * susc.to(em.dtype).index_select(0, where)
+    src = iota.index_select(0, src_stage.index_select(0, local).long()).to(em.dtype)
+    lay = net.layer.index_select(0, pos).long() if src_load.shape[1] > 1 else torch.zeros_like(local)
+    if scale is not None:
+        src = src * scale.to(em.dtype).index_select(0, lay)
+    if src_cf is not None:
+        src = src * src_cf.to(em.dtype)[local, lay]
+    h = edge * src
+    # the hazard l put on k over its earlier steps, at the edge's current susceptibility
+    A = edge * src_load.to(em.dtype)[local, lay]
     # the candidates' expm1(-lambda), which the linear path keeps for backward anyway
     L = -torch.log1p(em.index_select(0, where))
-    eA = torch.exp(h * src_acted.index_select(0, local).to(em.dtype))
+    eA = torch.exp(A)
     pL = (-torch.expm1(-L)).clamp_min(_TINY)
     on_infection = eA * (1 - (-torch.expm1(-(L - h).clamp_min(0))) / pL) - h * torch.exp(-L) / pL
     on_survival = h - eA * torch.expm1(h)
@@ -154,16 +166,16 @@ class _PresenceCoupling(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, carrier, spec, idx, src_stage, src_acted, src_cf, cand, em, hit, susc, scale, beta):  # type: ignore[override]
+    def forward(ctx, carrier, spec, idx, src_stage, src_load, src_cf, cand, em, hit, susc, scale, beta):  # type: ignore[override]
         ctx.spec = spec
         ctx.n = carrier.shape[0]
-        ctx.save_for_backward(idx, src_stage, src_acted, src_cf, cand, em, hit, susc, scale, beta)
+        ctx.save_for_backward(idx, src_stage, src_load, src_cf, cand, em, hit, susc, scale, beta)
         return carrier.new_zeros(cand.shape)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        idx, src_stage, src_acted, src_cf, cand, em, hit, susc, scale, beta = ctx.saved_tensors
-        src, where, delta = _presence_delta(ctx.spec, idx, src_stage, src_acted, src_cf, cand, em, hit, susc, scale, beta)
+        idx, src_stage, src_load, src_cf, cand, em, hit, susc, scale, beta = ctx.saved_tensors
+        src, where, delta = _presence_delta(ctx.spec, idx, src_stage, src_load, src_cf, cand, em, hit, susc, scale, beta)
         g = grad.new_zeros(ctx.n).index_add(0, src, delta.to(grad.dtype) * grad.index_select(0, where))
         return (g,) + (None,) * 11
 
@@ -223,23 +235,40 @@ class Transmission(Substep):
         prevalence = value.new_zeros(G).index_add(0, g, value) / sizes
         return (mixing.to(value.dtype) @ prevalence)[g], None
 
-    def _count_acting(self, state: EpiState, acted: Tensor) -> Tensor:
-        """``acted`` plus one for every agent that transmits this step (int16)."""
-        src = stage_mask(state.stage, self._infectious_codes)
-        return torch.where(src, acted + 1, acted)
+    def _load_width(self, system: EpiSystem) -> int:
+        """Layers the source factor varies over: the network's when a per-layer factor is read, else 1."""
+        return system.network.num_layers if (self.use_layer_scale or self.use_contact_factor) else 1
+
+    def _source_factor(self, state: EpiState, iota: Tensor, idx: Tensor) -> Tensor:
+        """Per frontier agent and layer ``[F, K]``: the factor of its edges' hazards that varies over time."""
+        f = iota.index_select(0, state.stage.index_select(0, idx).long()).unsqueeze(1)
+        if self.use_contact_factor:
+            f = f * state.contact_factor.detach().index_select(0, idx)
+        if self.use_layer_scale:
+            f = f * state.layer_scale.detach().to(f.dtype).unsqueeze(0)
+        return f.float()
+
+    def _accumulate_load(self, system: EpiSystem, state: EpiState, load: Tensor, iota: Tensor, idx: Tensor) -> Tensor:
+        """``load`` ``[N, K]`` plus this step's source factor of every transmitting agent.
+
+        Isolation, contact schedules and stage changes make an infector's hazard vary over its
+        infectious period; the presence credit needs the hazard it has *accumulated* on each
+        contact, which is this sum times the edge's constant part (``beta dt w susceptibility``).
+        """
+        return load.index_put((idx,), load.index_select(0, idx) + self._source_factor(state, iota, idx))
 
     def _presence(self, params: Params, system: EpiSystem, state: EpiState, iota: Tensor, cand: Tensor, hit: Tensor, em: Tensor,
-                  acted: Tensor, idx: Tensor) -> Tensor:
+                  load: Tensor, idx: Tensor) -> Tensor:
         """Term ``[C]`` with value 0 that turns each infector's linear coupling into a presence/absence
         likelihood ratio (the *presence* estimator; see :class:`_PresenceCoupling`); ``em = expm1(-lambda)``."""
         src_stage = state.stage.index_select(0, idx)
-        src_acted = acted.index_select(0, idx)
+        src_load = load.index_select(0, idx)
         src_cf = state.contact_factor.detach().index_select(0, idx) if self.use_contact_factor else None
         susc = state.susceptibility.detach().index_select(0, cand) if self.use_susceptibility else None
         scale = state.layer_scale.detach() if self.use_layer_scale else None
         beta = getattr(params, self.beta).detach().reshape(())
         spec = (system.network, iota, self.disease.dt)
-        corr = _PresenceCoupling.apply(state.carrier, spec, idx, src_stage, src_acted, src_cf, cand, em, hit, susc, scale, beta)
+        corr = _PresenceCoupling.apply(state.carrier, spec, idx, src_stage, src_load, src_cf, cand, em, hit, susc, scale, beta)
         return corr
 
     def __call__(self, params: Params, system: EpiSystem, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
@@ -279,10 +308,12 @@ class Transmission(Substep):
             # survival (1 - p = exp(-lambda)) and infection both enter the agent's path likelihood
             factor = event_carrier(torch.where(hit, p, torch.exp(-lam)), torch.ones_like(hit))
             if targets is not None and self.estimator == "presence":
-                acted = state.acted if state.acted is not None else torch.zeros(stage.shape, dtype=torch.int16, device=stage.device)
+                load = state.acted
+                if load is None:
+                    load = torch.zeros((stage.numel(), self._load_width(system)), dtype=torch.float32, device=stage.device)
                 # value 0: added, not multiplied, so that nothing more per candidate is kept for backward
-                factor = factor + self._presence(params, system, state, iota, cand, hit, em.detach(), acted, idx)
-                extra["acted"] = self._count_acting(state, acted)
+                factor = factor + self._presence(params, system, state, iota, cand, hit, em.detach(), load, idx)
+                extra["acted"] = self._accumulate_load(system, state, load, iota, idx)
             carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
         return state.replace(
             **extra,
@@ -401,5 +432,5 @@ def initial_state(
 
 
 def compartment_counts(state: EpiState, num_stages: int) -> Tensor:
-    """Agents per stage code ``[C]`` (float)."""
-    return torch.bincount(state.stage.long(), minlength=num_stages).float()
+    """Agents per stage code ``[C]``: the sum of their carriers, so the exact counts with the estimator's gradient."""
+    return state.carrier.new_zeros(num_stages).index_add(0, state.stage.long(), state.carrier)
