@@ -35,6 +35,13 @@ hospital scale x age-weighted onset risk after the symptomatic dwell; deaths = d
 age-weighted onset risk after symptomatic + hospital dwells. Ascertainment (per borough) and
 the hospital and death scales (citywide) are per 14-day block, profiled (their conditional
 maximum-likelihood ratio given the simulation, no gradient needed) in every objective.
+Profiling alone leaves the level of the simulated epidemic free (twice the infections at half
+the ascertainment and hospital scale fit equally well), which let earlier fits burn through
+the city; so the log hospital scale has a prior (:func:`_hosp_scale_prior`): a random walk
+from segment to segment (sd ``hosp_rw_sd``) around the first wave's value (sd
+``hosp_anchor_sd``), which the serosurvey pins. It is computed from expected admissions that
+carry the gradient, so it moves the simulated level. A one-sided penalty keeps the share ever
+infected below ``infected_cap``.
 
 Calibration (:func:`sequential_fit`): a fixed-lag smoother. The history is cut into blocks:
 2020-03-01..05-03 (seeding, first wave and the serosurvey) and 14-day blocks from Monday
@@ -50,12 +57,20 @@ loss must have a non-zero gradient at its first step, or the fit stops with an e
 The pass is causal: what is known at the end of window k depends on data up to its end
 only, so the rolling-origin backtest forecasts from the pass's own states.
 
+New weeks of a window start flat at the last fitted week's log multiplier (the network would
+otherwise extrapolate on covariates outside the range it was trained on); the first window
+starts from ``-pause_init`` under PAUSE.
+
 Forecast (:func:`forecast_from`): R replicate simulations from the state at the origin, the
-network's multiplier on covariates held at their last known values (variant share and
-vaccination extrapolated from data before the origin), plus a random walk on the weekly log
-multiplier with the sd of the fitted weekly changes (parameter uncertainty), the last
-block's observation scales, and negative-binomial noise with a dispersion fitted on the
-window's residuals. Model only; no blend with a baseline.
+last fitted week's log multiplier held (variant share and vaccination extrapolated from data
+before the origin), plus a random walk on the weekly log multiplier with the sd of the
+fitted weekly changes (parameter uncertainty, capped at ``rw_sd``), the last block's
+observation scales with each borough's level anchored to its last ``anchor_days`` observed
+days. The point forecast is the replicates' median; the predictive distribution resamples
+the model's own past log errors of weekly totals at each horizon (:func:`model_log_errors`:
+forecasts from every earlier block start since 2020-06-01 whose target weeks are observed
+before the origin, the last ``error_weeks`` weeks), so interval widths are fitted on
+training residuals of the forecasts themselves. Model only; no blend with a baseline.
 """
 
 from __future__ import annotations
@@ -121,7 +136,7 @@ class FitConfig:
     first_block_end: str = "2020-05-03"
     block_days: int = 14
     iters_first: int = 40
-    iters: int = 10
+    iters: int = 14
     lr: float = 0.03
     delta_lr: float = 0.1
     seed_lr: float = 0.15
@@ -136,11 +151,11 @@ class FitConfig:
     variant_advantage: float = 0.35
     vaccine_efficacy: tuple[float, float] = (0.5, 0.9)
     beta: float = 0.25
-    replicates: int = 8
+    replicates: int = 16
     anchor_days: int = 7  # > 0: forecasts rescale each borough's level to its last days' observed/expected
     draws: int = 40
-    hosp_rw_sd: float = 0.1  # prior sd of the change of the log hospital scale from one 14-day segment to the next
-    hosp_anchor_sd: float = 0.3  # prior sd of the log hospital scale around its first-wave value
+    hosp_rw_sd: float = 0.04  # prior sd of the change of the log hospital scale from one 14-day segment to the next
+    hosp_anchor_sd: float = 0.07  # prior sd of the log hospital scale around its first-wave value
     hosp_prior_from: str = "2020-03-23"  # segments before: too few simulated admissions for a stable ratio
     infected_cap: float = 0.45  # soft ceiling on the share ever infected (all ages) ...
     infected_sd: float = 0.01  # ... and the sd of its one-sided penalty
@@ -963,7 +978,8 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     Reads nothing after ``dates[origin - 1]``: covariates, variant share and vaccination are
     rebuilt as of that day (held or extrapolated beyond it), observation scales are the last
     block's, levels are anchored to the last ``anchor_days`` observed days. The point forecast
-    is the mean of ``R`` replicate simulations; the predictive spread is the model's own past
+    is the median of ``R`` replicate simulations (each with a random walk on the weekly log
+    multiplier, sd of the fitted weekly changes capped at ``rw_sd``); the predictive spread is the model's own past
     log errors (``errors``, :func:`model_log_errors`) resampled around it, or, before enough
     of them exist, the replicates with negative-binomial noise (dispersion fitted on the
     residuals of the 28 days before the origin) widened by a log-normal sd 0.3 h^0.5.
@@ -995,7 +1011,9 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     ok = torch.isfinite(comm).all(1)
     diffs = comm[ok].diff(dim=0)[8:] if int(ok.sum()) > 10 else torch.zeros(0, comm.shape[1])
     rw = float(diffs.std()) if diffs.numel() > 4 else cfg.rw_sd
-    rw = max(0.05, rw)
+    # capped at the prior's sd: the fitted changes include the first wave's lockdown steps, and a wider
+    # walk makes single replicates explode (the response is exponential in the multiplier)
+    rw = min(max(0.05, rw), cfg.rw_sd)
     w_origin = int(p.week[origin])
     weeks = np.arange(w_origin, int(p.week[origin + H - 1]) + 1)
     # the week of the origin keeps its fitted value when the origin is not a Monday
@@ -1038,7 +1056,7 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     ge = np.random.default_rng(cfg.seed + 11 * origin)
     for s in SERIES:
         mu = torch.stack(out[s])  # [R, H, A]
-        point = mu.mean(0).numpy()
+        point = mu.median(0).values.numpy()  # robust to a replicate whose random walk runs away
         point = np.concatenate([point, point.sum(-1, keepdims=True)], -1)  # [H, A + 1]
         res["weekly_point"][s] = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
         fit_mu = (past[s][t_lo:origin] * sc[s][-(origin - t_lo):].cpu()
