@@ -90,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 import calibration as cal
-from calibration.backtest import LEVELS, baseline_quantiles, score_table, summarize_scores
+from calibration.backtest import LEVELS, MIN_ERRORS, baseline_quantiles, score_table, summarize_scores
 from experiments import covid_nyc as nyc
 from lpm import Model, Observable, tensor_field
 from lpm.cli import add_output_args, date_arg, device_arg, positive_float, positive_int
@@ -155,7 +155,7 @@ class FitConfig:
     anchor_days: int = 7  # > 0: forecasts rescale each borough's level to its last days' observed/expected
     draws: int = 40
     hosp_rw_sd: float = 0.04  # prior sd of the change of the log hospital scale from one 14-day segment to the next
-    hosp_anchor_sd: float = 0.07  # prior sd of the log hospital scale around its first-wave value
+    hosp_anchor_sd: float = 0.035  # prior sd of the log hospital scale around its first-wave value
     hosp_prior_from: str = "2020-03-23"  # segments before: too few simulated admissions for a stable ratio
     infected_cap: float = 0.45  # soft ceiling on the share ever infected (all ages) ...
     infected_sd: float = 0.01  # ... and the sd of its one-sided penalty
@@ -929,11 +929,11 @@ def _fit_k(mu: np.ndarray, y: np.ndarray) -> float:
 
 def model_log_errors(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26
                      ) -> dict[str, dict[int, np.ndarray]]:
-    """The model's past log errors ``log(1 + y) - log(1 + point)`` of weekly totals, per series and horizon.
+    """The model's past log errors ``log(1 + y) - log(1 + point)`` of weekly totals ``{series: {h: [n, A + 1]}}``.
 
     From earlier forecasts of the pass whose target week ended before ``origin`` (data the
-    forecast at ``origin`` may read) and whose origin lies within ``weeks`` weeks; pooled over
-    boroughs and the city.
+    forecast at ``origin`` may read) and whose origin lies within ``weeks`` weeks; one row per
+    earlier origin, one column per borough and the city.
     """
     out: dict[str, dict[int, list[np.ndarray]]] = {s: {} for s in SERIES}
     for o, fc in forecasts.items():
@@ -946,27 +946,32 @@ def model_log_errors(p: Problem, forecasts: dict[int, dict[str, Any]], origin: i
                     break
                 y = obs_all[o + 7 * (h - 1):o + 7 * h].sum(0)
                 out[s].setdefault(h, []).append(np.log1p(y) - np.log1p(fc["weekly_point"][s][h - 1]))
-    return {s: {h: np.concatenate(v) for h, v in d.items()} for s, d in out.items()}
+    return {s: {h: np.stack(v) for h, v in d.items()} for s, d in out.items()}
 
 
 def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int], g: np.random.Generator
                  ) -> np.ndarray:
-    """Log multipliers ``[draws, weeks, columns]``: resampled centred past errors at each horizon.
+    """Log multipliers ``[draws, weeks, columns]``: resampled centred past errors (``errs[h] [n, columns]``).
 
-    With fewer than :data:`MODEL_MIN_ERRORS` errors at a horizon: normal with
-    sd 0.3 h^0.5 (the baselines' rule); beyond the last horizon with errors, that horizon's
-    errors scaled by ``(h / h_last)^0.5``.
+    Each column (area) uses its own errors at a horizon when it has :data:`MIN_ERRORS` of
+    them, else the errors pooled over columns when there are :data:`MODEL_MIN_ERRORS`, else
+    a normal with sd 0.3 h^0.5 (the baselines' rule); beyond the last horizon with errors,
+    that horizon's errors scaled by ``(h / h_last)^0.5``.
     """
     D, C = shape
     out = np.zeros((D, weeks, C))
-    known = sorted(h for h, e in errs.items() if len(e) >= MODEL_MIN_ERRORS)
+    known = sorted(h for h, e in errs.items() if e.size >= MODEL_MIN_ERRORS)
     for h in range(1, weeks + 1):
         hk = h if h in known else (max(known) if known and h > max(known) else None)
         if hk is None:
             out[:, h - 1] = g.normal(0.0, 0.3 * math.sqrt(h), size=(D, C))
             continue
-        e = errs[hk] - np.median(errs[hk])
-        out[:, h - 1] = g.choice(e, size=(D, C)) * math.sqrt(h / hk)
+        e = errs[hk].reshape(-1, C) if errs[hk].ndim == 2 else errs[hk].reshape(-1, 1)
+        pooled = e.ravel() - np.median(e)
+        for c in range(C):
+            col = e[:, c % e.shape[1]]
+            own = col - np.median(col) if e.shape[1] == C and len(col) >= MIN_ERRORS else pooled
+            out[:, h - 1, c] = g.choice(own, size=D) * math.sqrt(h / hk)
     return out
 
 
@@ -1064,8 +1069,8 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         k = _fit_k(fit_mu, p.obs[s][t_lo:origin])
         res["dispersion"][s] = k
         errs = (errors or {}).get(s, {})
-        res["n_errors"][s] = {h: len(e) for h, e in errs.items()}
-        if any(len(e) >= MODEL_MIN_ERRORS for e in errs.values()):
+        res["n_errors"][s] = {h: int(e.size) for h, e in errs.items()}
+        if any(e.size >= MODEL_MIN_ERRORS for e in errs.values()):
             e = _error_draws(errs, Hw, (R * n, point.shape[1]), ge)  # [D, Hw, A + 1]
             res[s] = point[None] * np.exp(e[:, day_week])
         else:

@@ -234,10 +234,10 @@ def test_model_errors_use_only_weeks_before_the_origin() -> None:
     errs = fit.model_log_errors(p, fcs, 80)
     # target weeks must end by day 80 (the origin reads days < 80): origin 40 gives h = 1..4 (ends 47..68),
     # 54 gives h = 1..3 (61..75; h = 4 ends at 82), 68 gives h = 1 (75); each pooled over 6 columns
-    n = {h: len(e) for h, e in errs["cases"].items()}
-    assert n == {1: 18, 2: 12, 3: 12, 4: 6}, n
+    n = {h: e.shape for h, e in errs["cases"].items()}
+    assert n == {1: (3, 6), 2: (2, 6), 3: (2, 6), 4: (1, 6)}, n
     obs_w = np.concatenate([p.obs["cases"], p.obs_city["cases"][:, None]], 1)[40:47].sum(0)
-    assert np.allclose(np.sort(errs["cases"][1][:6]), np.sort(np.log1p(obs_w) - np.log1p(point["cases"][0])))
+    assert np.allclose(errs["cases"][1][0], np.log1p(obs_w) - np.log1p(point["cases"][0]))
     # data from the origin on is never read
     p.obs["cases"][80:] *= 50
     p.obs_city["cases"][80:] *= 50
@@ -255,3 +255,10 @@ def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     # too few errors: normal with sd 0.3 sqrt(h)
     d0 = fit._error_draws({1: np.zeros(3)}, 2, (20000, 1), g)
     assert abs(float(d0[:, 1].std()) - 0.3 * math.sqrt(2)) < 0.01
+    # per area: an area with wider past errors (and enough of them) gets wider intervals; with too few
+    # per area, all areas share the pooled errors
+    e_area = np.tile(np.linspace(-0.2, 0.2, 8)[:, None], (1, 6)) * np.array([1, 1, 1, 1, 1, 3])
+    d1 = fit._error_draws({1: e_area}, 1, (4000, 6), g)[:, 0]
+    assert abs(float(d1[:, 5].std()) / float(d1[:, 0].std()) - 3.0) < 0.3
+    d2 = fit._error_draws({1: e_area[:2]}, 1, (4000, 6), g)[:, 0]
+    assert abs(float(d2[:, 5].std()) / float(d2[:, 0].std()) - 1.0) < 0.15
