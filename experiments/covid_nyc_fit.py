@@ -35,6 +35,13 @@ hospital scale x age-weighted onset risk after the symptomatic dwell; deaths = d
 age-weighted onset risk after symptomatic + hospital dwells. Ascertainment (per borough) and
 the hospital and death scales (citywide) are per 14-day block, profiled (their conditional
 maximum-likelihood ratio given the simulation, no gradient needed) in every objective.
+Profiling alone leaves the level of the simulated epidemic free (twice the infections at half
+the ascertainment and hospital scale fit equally well), which let earlier fits burn through
+the city; so the log hospital scale has a prior (:func:`_hosp_scale_prior`): a random walk
+from segment to segment (sd ``hosp_rw_sd``) around the first wave's value (sd
+``hosp_anchor_sd``), which the serosurvey pins. It is computed from expected admissions that
+carry the gradient, so it moves the simulated level. A one-sided penalty keeps the share ever
+infected below ``infected_cap``.
 
 Calibration (:func:`sequential_fit`): a fixed-lag smoother. The history is cut into blocks:
 2020-03-01..05-03 (seeding, first wave and the serosurvey) and 14-day blocks from Monday
@@ -50,12 +57,20 @@ loss must have a non-zero gradient at its first step, or the fit stops with an e
 The pass is causal: what is known at the end of window k depends on data up to its end
 only, so the rolling-origin backtest forecasts from the pass's own states.
 
+New weeks of a window start flat at the last fitted week's log multiplier (the network would
+otherwise extrapolate on covariates outside the range it was trained on); the first window
+starts from ``-pause_init`` under PAUSE.
+
 Forecast (:func:`forecast_from`): R replicate simulations from the state at the origin, the
-network's multiplier on covariates held at their last known values (variant share and
-vaccination extrapolated from data before the origin), plus a random walk on the weekly log
-multiplier with the sd of the fitted weekly changes (parameter uncertainty), the last
-block's observation scales, and negative-binomial noise with a dispersion fitted on the
-window's residuals. Model only; no blend with a baseline.
+last fitted week's log multiplier held (variant share and vaccination extrapolated from data
+before the origin), plus a random walk on the weekly log multiplier with the sd of the
+fitted weekly changes (parameter uncertainty, capped at ``rw_sd``), the last block's
+observation scales with each borough's level anchored to its last ``anchor_days`` observed
+days. The point forecast is the replicates' median; the predictive distribution resamples
+the model's own past log errors of weekly totals at each horizon (:func:`model_log_errors`:
+forecasts from every earlier block start since 2020-06-01 whose target weeks are observed
+before the origin, the last ``error_weeks`` weeks), so interval widths are fitted on
+training residuals of the forecasts themselves. Model only; no blend with a baseline.
 """
 
 from __future__ import annotations
@@ -75,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 import calibration as cal
-from calibration.backtest import LEVELS, baseline_quantiles, score_table, summarize_scores
+from calibration.backtest import LEVELS, MIN_ERRORS, baseline_quantiles, score_table, summarize_scores
 from experiments import covid_nyc as nyc
 from lpm import Model, Observable, tensor_field
 from lpm.cli import add_output_args, date_arg, device_arg, positive_float, positive_int
@@ -104,6 +119,8 @@ SERIES = ("cases", "hospitalizations", "deaths")
 CLI_NAMES = {"BX": "Bronx", "BK": "Brooklyn", "MN": "Manhattan", "QN": "Queens", "SI": "Staten Island"}
 VACC_BORO_PREFIX = {"BX": "BX", "BK": "BK", "MN": "MH", "QN": "QS", "SI": "SI"}
 CASE_DELAY = (2.0, 1.5)
+#: past model errors (pooled over the 6 areas, so two origins) needed before they set a horizon's interval
+MODEL_MIN_ERRORS = 12
 NEVER = 32767
 
 
@@ -118,8 +135,8 @@ class FitConfig:
     device: str = "cpu"
     first_block_end: str = "2020-05-03"
     block_days: int = 14
-    iters_first: int = 30
-    iters: int = 10
+    iters_first: int = 40
+    iters: int = 14
     lr: float = 0.03
     delta_lr: float = 0.1
     seed_lr: float = 0.15
@@ -130,13 +147,20 @@ class FitConfig:
     delta_sd: float = 0.5  # prior sd of the weekly residual on the network's log multiplier
     import_rate: float = 4e-6
     seed_days: int = 14
-    seed_init: float = 5e-5
+    seed_init: float = 2e-5
     variant_advantage: float = 0.35
     vaccine_efficacy: tuple[float, float] = (0.5, 0.9)
     beta: float = 0.25
-    replicates: int = 8
-    anchor_days: int = 0  # > 0: forecasts rescale each borough's level to its last days' observed/expected
+    replicates: int = 16
+    anchor_days: int = 7  # > 0: forecasts rescale each borough's level to its last days' observed/expected
     draws: int = 40
+    hosp_rw_sd: float = 0.04  # prior sd of the change of the log hospital scale from one 14-day segment to the next
+    hosp_anchor_sd: float = 0.035  # prior sd of the log hospital scale around its first-wave value
+    hosp_prior_from: str = "2020-03-23"  # segments before: too few simulated admissions for a stable ratio
+    infected_cap: float = 0.45  # soft ceiling on the share ever infected (all ages) ...
+    infected_sd: float = 0.01  # ... and the sd of its one-sided penalty
+    pause_init: float = 1.0  # initial guess of the first window: log multiplier -pause_init under PAUSE (fitted)
+    error_weeks: int = 26  # forecast intervals: the model's own log errors from origins of the last N weeks
 
 
 # ------------------------------------------------------------------------------------- data
@@ -681,8 +705,39 @@ def _snapshot(params: WindowParams) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in params.state_dict().items()}
 
 
+def _hosp_scale_prior(p: Problem, base: dict[str, Tensor], t0: int, t1: int, ref: dict[str, float | None]) -> Tensor:
+    """Random-walk and anchor prior on the log hospital scale of the segments in ``[t0, t1)``.
+
+    The scales are profiled (observed/expected per segment), so the likelihood alone is flat
+    in the level of the simulated epidemic: a fit could explain the same hospitalisations by
+    infecting twice the city at half the scale. The hospitalisation ratio of an infection of
+    a given age changes slowly, so each segment's log scale is tied to the previous one (sd
+    ``hosp_rw_sd``) and to the first wave's, which the serosurvey pins (sd ``hosp_anchor_sd``).
+    Expected counts carry the gradient, so the prior moves the simulated level, not the scale.
+    """
+    cfg = p.cfg
+    t_from = int((pd.Timestamp(cfg.hosp_prior_from) - p.dates[0]).days)
+    chain = [] if ref.get("prev") is None else [torch.tensor(math.log(ref["prev"]), dtype=torch.float64)]
+    logs = []
+    for b0, b1 in p.segments:
+        lo, hi = max(b0, t0), min(b1, t1)
+        if lo >= hi or b0 < t_from:
+            continue
+        e = base["hospitalizations"][lo:hi].sum()
+        o = float(p.obs["hospitalizations"][lo:hi].sum())
+        logs.append(torch.log((o + 0.5) / (e + 1e-6)))
+    chain += logs
+    pen = torch.zeros((), dtype=torch.float64)
+    for a, b in zip(chain, chain[1:]):
+        pen = pen + 0.5 * ((b - a) / cfg.hosp_rw_sd) ** 2
+    if ref.get("anchor") is not None:
+        for v in logs:
+            pen = pen + 0.5 * ((v - math.log(ref["anchor"])) / cfg.hosp_anchor_sd) ** 2
+    return pen
+
+
 def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: dict[str, Tensor], t0: int, t1: int,
-               dow: Tensor) -> tuple[Tensor, dict[str, float]]:
+               dow: Tensor, ref: dict[str, float | None] | None = None) -> tuple[Tensor, dict[str, float]]:
     cfg = p.cfg
     full = _cat_hist(hist, sim, t0)
     base = base_series(p, full)
@@ -705,6 +760,9 @@ def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: d
     if t0 <= ts < t1:
         share = full["adult_infections"][: ts + 1].sum() / p.adults
         terms["serosurvey"] = 0.5 * ((share - SERO["value"]) / cfg.sero_sd) ** 2
+    terms["hosp_scale"] = _hosp_scale_prior(p, base, t0, t1, ref or {})
+    ever = full["infections"][:t1].sum() / float(p.population.num_agents)
+    terms["ever_infected"] = 0.5 * (torch.relu(ever - cfg.infected_cap) / cfg.infected_sd) ** 2
     loss = sum(terms.values()) / n
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -748,6 +806,12 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
     total_days = sum(p.blocks[j][1] - p.blocks[i][0] for i, j in pairs)
     done_days = 0
     cur_abm = (1.0, 1.0)
+    fitted_week = -1
+    hosp_anchor: float | None = None
+    t_prior = int((pd.Timestamp(cfg.hosp_prior_from) - p.dates[0]).days)
+    # forecasts from every block start after the first wave: the backtest's origins and, for every
+    # later forecast, the model's own past errors (its interval widths)
+    fc_origins = {t for t, _ in p.blocks[1:] if p.dates[t] >= BACKTEST_FIRST} | set(origins)
     for i, j in pairs:
         t0, tm, t1 = p.blocks[i][0], p.blocks[j][0] if j != i else p.blocks[i][1], p.blocks[j][1]
         asof = p.dates[t1 - 1]
@@ -759,19 +823,27 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         params.ifr_scale.fill_(cur_abm[1])
         first = t0 == 0
         params.log_seed.requires_grad_(first)
-        with torch.no_grad():  # new weeks start from the last committed residual (a random walk's forecast)
-            done = torch.isfinite(params.committed).all(1).nonzero()
-            if len(done):
-                wl = int(done.max())
-                new = np.unique(p.week[t0:t1])
-                params.delta[new[new > wl]] = params.delta[wl].clone()
+        with torch.no_grad():
+            # weeks never fitted start flat at the last fitted week's log multiplier (a random walk's
+            # forecast): the network alone would extrapolate on covariates outside its training range
+            wk_win = np.unique(p.week[t0:t1])
+            new = wk_win[wk_win > fitted_week]
+            if fitted_week >= 0 and len(new):
+                last_lm = params.net(params.x[fitted_week]) + params.delta[fitted_week]
+                params.delta[new] = last_lm - params.net(params.x[new])
+            elif len(new):  # the first window starts from PAUSE cutting contacts by 1 - exp(-pause_init)
+                params.delta[new] = -cfg.pause_init * params.x[new][..., p.feature_names.index("pause")]
+            fitted_week = max(fitted_week, int(wk_win.max()))
+        ref = {"prev": None, "anchor": hosp_anchor}
+        if t0 > 0:
+            ref["prev"] = float(scales["hospitalizations"][t0 - 1, 0])
         dow = weekday_factor(p, t1)
         iters = cfg.iters_first if first else cfg.iters
         best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
         losses = []
         for it in range(iters):
             sim, _, _ = _run(p, params, state, rng, t0, t1, grad=True)
-            loss, terms = _objective(p, params, hist, sim, t0, t1, dow)
+            loss, terms = _objective(p, params, hist, sim, t0, t1, dow, ref)
             opt_net.zero_grad()
             opt_seed.zero_grad()
             loss.backward()
@@ -796,7 +868,7 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         # the last iterate is evaluated too, then the best is kept
         sim, _, _ = _run(p, params, state, rng, t0, t1, grad=False)
         with torch.no_grad():
-            loss, _ = _objective(p, params, hist, sim, t0, t1, dow)
+            loss, _ = _objective(p, params, hist, sim, t0, t1, dow, ref)
         if float(loss) < best_loss:
             best_loss, best = float(loss), _snapshot(params)
         params.load_state_dict(best)
@@ -830,8 +902,14 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         rec.windows.append({"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()), "iters": iters,
                             "first": info0, "best_loss": best_loss, "losses": losses,
                             "seconds": time.perf_counter() - tw})
-        if (t1 in set(origins) or j == K - 1) and t1 < len(p.dates):
-            rec.forecasts[t1] = forecast_from(p, t1, st_end, params, full, sc, dow, horizon)
+        if hosp_anchor is None and i == 0:
+            # the first wave's hospital scale (the serosurvey fixes the level there): the later segments' anchor
+            hs = scales["hospitalizations"][t_prior:commit_to, 0]
+            hosp_anchor = float(hs.log().mean().exp()) if len(hs) else None
+        if (t1 in fc_origins or j == K - 1) and t1 < len(p.dates):
+            h_fc = horizon if j == K - 1 else min(horizon, 28)
+            errs = model_log_errors(p, rec.forecasts, t1, cfg.error_weeks)
+            rec.forecasts[t1] = forecast_from(p, t1, st_end, params, full, sc, dow, h_fc, errors=errs)
         if j == K - 1:
             rec.final_state, rec.final_streams = st_end, rng_end
         else:
@@ -848,14 +926,67 @@ def _fit_k(mu: np.ndarray, y: np.ndarray) -> float:
     return cal.fit_dispersion(torch.tensor(mu).clamp_min(1e-3), torch.tensor(y), lo=1.0, hi=1000.0)
 
 
+def model_log_errors(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26
+                     ) -> dict[str, dict[int, np.ndarray]]:
+    """The model's past log errors ``log(1 + y) - log(1 + point)`` of weekly totals ``{series: {h: [n, A + 1]}}``.
+
+    From earlier forecasts of the pass whose target week ended before ``origin`` (data the
+    forecast at ``origin`` may read) and whose origin lies within ``weeks`` weeks; one row per
+    earlier origin, one column per borough and the city.
+    """
+    out: dict[str, dict[int, list[np.ndarray]]] = {s: {} for s in SERIES}
+    for o, fc in forecasts.items():
+        if o >= origin or origin - o > 7 * weeks or "weekly_point" not in fc:
+            continue
+        for s in SERIES:
+            obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)
+            for h in range(1, fc["weekly_point"][s].shape[0] + 1):
+                if o + 7 * h > origin:
+                    break
+                y = obs_all[o + 7 * (h - 1):o + 7 * h].sum(0)
+                out[s].setdefault(h, []).append(np.log1p(y) - np.log1p(fc["weekly_point"][s][h - 1]))
+    return {s: {h: np.stack(v) for h, v in d.items()} for s, d in out.items()}
+
+
+def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int], g: np.random.Generator
+                 ) -> np.ndarray:
+    """Log multipliers ``[draws, weeks, columns]``: resampled centred past errors (``errs[h] [n, columns]``).
+
+    Each column (area) uses its own errors at a horizon when it has :data:`MIN_ERRORS` of
+    them, else the errors pooled over columns when there are :data:`MODEL_MIN_ERRORS`, else
+    a normal with sd 0.3 h^0.5 (the baselines' rule); beyond the last horizon with errors,
+    that horizon's errors scaled by ``(h / h_last)^0.5``.
+    """
+    D, C = shape
+    out = np.zeros((D, weeks, C))
+    known = sorted(h for h, e in errs.items() if e.size >= MODEL_MIN_ERRORS)
+    for h in range(1, weeks + 1):
+        hk = h if h in known else (max(known) if known and h > max(known) else None)
+        if hk is None:
+            out[:, h - 1] = g.normal(0.0, 0.3 * math.sqrt(h), size=(D, C))
+            continue
+        e = errs[hk].reshape(-1, C) if errs[hk].ndim == 2 else errs[hk].reshape(-1, 1)
+        pooled = e.ravel() - np.median(e)
+        for c in range(C):
+            col = e[:, c % e.shape[1]]
+            own = col - np.median(col) if e.shape[1] == C and len(col) >= MIN_ERRORS else pooled
+            out[:, h - 1, c] = g.choice(own, size=D) * math.sqrt(h / hk)
+    return out
+
+
 def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
                   sc: dict[str, Tensor], dow: Tensor, horizon: int, *, replicates: int | None = None,
-                  draws: int | None = None) -> dict[str, Any]:
+                  draws: int | None = None, errors: dict[str, dict[int, np.ndarray]] | None = None) -> dict[str, Any]:
     """Predictive draws ``{series: [R * draws, H, A + 1]}`` (last column citywide) from the state at day ``origin``.
 
     Reads nothing after ``dates[origin - 1]``: covariates, variant share and vaccination are
     rebuilt as of that day (held or extrapolated beyond it), observation scales are the last
-    block's, and NB dispersions are fitted on the residuals of the window before the origin.
+    block's, levels are anchored to the last ``anchor_days`` observed days. The point forecast
+    is the median of ``R`` replicate simulations (each with a random walk on the weekly log
+    multiplier, sd of the fitted weekly changes capped at ``rw_sd``); the predictive spread is the model's own past
+    log errors (``errors``, :func:`model_log_errors`) resampled around it, or, before enough
+    of them exist, the replicates with negative-binomial noise (dispersion fitted on the
+    residuals of the 28 days before the origin) widened by a log-normal sd 0.3 h^0.5.
     """
     cfg = p.cfg
     R = int(replicates or cfg.replicates)
@@ -873,9 +1004,10 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     fp.variant.copy_(v.to(fp.variant.device))
     with torch.no_grad():
         lm_now = params.weekly().detach()
-        # future weeks: the network on covariates known at the origin, plus the last fitted residual held
+        # future weeks: the last fitted week's log multiplier held (plus the random walk below); the
+        # network on covariates held at the origin would only add calendar steps it never saw applied
         wl = int(p.week[origin - 1])
-        lm_future = (fp.net(x.to(fp.x.device)) + params.delta[wl]).detach()
+        lm_future = lm_now[wl].expand(lm_now.shape[0], -1).clone()
     d1, d2 = dose_days(p.population.age, p.population.area, p.dates, asof, seed=cfg.seed)
     st = state.replace(dose1_day=d1.to(state.device), dose2_day=d2.to(state.device))
     # parameter uncertainty: sd of the fitted week-to-week changes of the log multiplier (after the first wave)
@@ -883,7 +1015,9 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     ok = torch.isfinite(comm).all(1)
     diffs = comm[ok].diff(dim=0)[8:] if int(ok.sum()) > 10 else torch.zeros(0, comm.shape[1])
     rw = float(diffs.std()) if diffs.numel() > 4 else cfg.rw_sd
-    rw = max(0.05, rw)
+    # capped at the prior's sd: the fitted changes include the first wave's lockdown steps, and a wider
+    # walk makes single replicates explode (the response is exponential in the multiplier)
+    rw = min(max(0.05, rw), cfg.rw_sd)
     w_origin = int(p.week[origin])
     weeks = np.arange(w_origin, int(p.week[origin + H - 1]) + 1)
     # the week of the origin keeps its fitted value when the origin is not a Monday
@@ -918,16 +1052,31 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         for s in SERIES:
             mu = base[s][origin:T_end] * last[s] * (dow[origin:T_end, None] if s == "cases" else 1.0)
             out[s].append(mu)
-    res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}}
+    res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}, "weekly_point": {},
+                           "n_errors": {}}
     t_lo = origin - min(28, sc["cases"].shape[0])
+    Hw = (H + 6) // 7
+    day_week = np.arange(H) // 7
+    ge = np.random.default_rng(cfg.seed + 11 * origin)
     for s in SERIES:
         mu = torch.stack(out[s])  # [R, H, A]
+        point = mu.median(0).values.numpy()  # robust to a replicate whose random walk runs away
+        point = np.concatenate([point, point.sum(-1, keepdims=True)], -1)  # [H, A + 1]
+        res["weekly_point"][s] = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
         fit_mu = (past[s][t_lo:origin] * sc[s][-(origin - t_lo):].cpu()
                   * (dow[t_lo:origin, None] if s == "cases" else 1.0)).numpy()
         k = _fit_k(fit_mu, p.obs[s][t_lo:origin])
         res["dispersion"][s] = k
-        y = cal.sample_counts(mu.float(), k=k, draws=n, seed=cfg.seed + origin).flatten(0, 1)  # [R * n, H, A]
-        res[s] = torch.cat([y, y.sum(-1, keepdim=True)], -1).numpy()
+        errs = (errors or {}).get(s, {})
+        res["n_errors"][s] = {h: int(e.size) for h, e in errs.items()}
+        if any(e.size >= MODEL_MIN_ERRORS for e in errs.values()):
+            e = _error_draws(errs, Hw, (R * n, point.shape[1]), ge)  # [D, Hw, A + 1]
+            res[s] = point[None] * np.exp(e[:, day_week])
+        else:
+            y = cal.sample_counts(mu.float(), k=k, draws=n, seed=cfg.seed + origin).flatten(0, 1)  # [R * n, H, A]
+            y = torch.cat([y, y.sum(-1, keepdim=True)], -1).numpy()
+            e = _error_draws({}, Hw, (y.shape[0], y.shape[2]), ge)
+            res[s] = y * np.exp(e[:, day_week])
         res[s + "_mean"] = mu.mean(0).numpy()
     return res
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
@@ -186,3 +187,78 @@ def test_blocks_and_segments_tile_the_history() -> None:
     dates = pd.date_range(start, te)
     origins = [dates[t0] for t0, _ in blocks[1:] if dates[t0] >= pd.Timestamp("2020-06-01")]
     assert pd.Timestamp("2020-06-01") in origins and pd.Timestamp("2021-02-22") in origins  # backtest origins are block starts
+
+
+def _mini_problem(hosp_obs: np.ndarray) -> object:
+    """The fields the observation priors read: config, dates, segments, observed admissions."""
+    from types import SimpleNamespace
+
+    dates = pd.date_range("2020-03-01", periods=len(hosp_obs))
+    blocks = fit._blocks(dates[0], pd.Timestamp("2020-05-03"), dates[-1], 14)
+    return SimpleNamespace(cfg=fit.FitConfig(), dates=dates, segments=fit._segments(blocks),
+                           obs={"hospitalizations": hosp_obs[:, None]})
+
+
+def test_hospital_scale_prior_pins_the_simulated_level() -> None:
+    T = 120
+    p = _mini_problem(np.full(T, 100.0))
+    t0, t1 = 64, 92  # a window of two 14-day blocks after the first wave
+    # expected admissions at exactly observed / 0.8 in every segment: on the prior's mean, no penalty
+    e = torch.full((T, 1), (100.0 + 0.5 / 14) / 0.8, dtype=torch.float64, requires_grad=True)
+    pen = fit._hosp_scale_prior(p, {"hospitalizations": e}, t0, t1, {"prev": 0.8, "anchor": 0.8})
+    assert float(pen.detach()) < 1e-6
+    # a simulated epidemic twice as large (same admissions explained by half the scale) is penalised,
+    # and the gradient lowers the simulated level rather than moving the (profiled) scale
+    e2 = (2 * e.detach()).requires_grad_(True)
+    pen2 = fit._hosp_scale_prior(p, {"hospitalizations": e2}, t0, t1, {"prev": 0.8, "anchor": 0.8})
+    log2 = math.log(2.0)
+    sd_rw, sd_a = p.cfg.hosp_rw_sd, p.cfg.hosp_anchor_sd
+    # two segments: one random-walk step from the previous block, then none between them; two anchor terms
+    assert abs(float(pen2.detach()) - (0.5 * (log2 / sd_rw) ** 2 + 2 * 0.5 * (log2 / sd_a) ** 2)) < 1e-3
+    pen2.backward()
+    assert float(e2.grad[t0:t1].sum()) > 0 and float(e2.grad[:t0].abs().sum()) == 0.0
+    # without a previous scale or anchor (the first window) only the chain inside the window counts
+    pen3 = fit._hosp_scale_prior(p, {"hospitalizations": e2.detach()}, t0, t1, {})
+    assert float(pen3) < 1e-6
+
+
+def test_model_errors_use_only_weeks_before_the_origin() -> None:
+    T = 120
+    p = _mini_problem(np.zeros(T))
+    rng = np.random.default_rng(0)
+    p.obs = {s: rng.poisson(200, (T, 5)).astype(float) for s in fit.SERIES}
+    p.obs_city = {s: p.obs[s].sum(1) for s in fit.SERIES}
+    point = {s: np.full((4, 6), 7 * 200.0) for s in fit.SERIES}
+    point["cases"][:, 5] = 7 * 1000.0
+    fcs = {o: {"weekly_point": point} for o in (40, 54, 68)}
+    errs = fit.model_log_errors(p, fcs, 80)
+    # target weeks must end by day 80 (the origin reads days < 80): origin 40 gives h = 1..4 (ends 47..68),
+    # 54 gives h = 1..3 (61..75; h = 4 ends at 82), 68 gives h = 1 (75); each pooled over 6 columns
+    n = {h: e.shape for h, e in errs["cases"].items()}
+    assert n == {1: (3, 6), 2: (2, 6), 3: (2, 6), 4: (1, 6)}, n
+    obs_w = np.concatenate([p.obs["cases"], p.obs_city["cases"][:, None]], 1)[40:47].sum(0)
+    assert np.allclose(errs["cases"][1][0], np.log1p(obs_w) - np.log1p(point["cases"][0]))
+    # data from the origin on is never read
+    p.obs["cases"][80:] *= 50
+    p.obs_city["cases"][80:] *= 50
+    errs2 = fit.model_log_errors(p, fcs, 80)
+    assert all(np.array_equal(errs["cases"][h], errs2["cases"][h]) for h in errs["cases"])
+
+
+def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
+    g = np.random.default_rng(0)
+    e = {1: np.linspace(-0.2, 0.2, 30) + 0.5}  # biased by +0.5: centred before use
+    d = fit._error_draws(e, 4, (4000, 6), g)
+    assert abs(float(np.median(d[:, 0]))) < 0.03 and float(d[:, 0].max()) <= 0.2 + 1e-9
+    # horizons without errors: the last known horizon's errors scaled by sqrt(h / h_last)
+    assert abs(float(d[:, 3].std()) / float(d[:, 0].std()) - 2.0) < 0.1
+    # too few errors: normal with sd 0.3 sqrt(h)
+    d0 = fit._error_draws({1: np.zeros(3)}, 2, (20000, 1), g)
+    assert abs(float(d0[:, 1].std()) - 0.3 * math.sqrt(2)) < 0.01
+    # per area: an area with wider past errors (and enough of them) gets wider intervals; with too few
+    # per area, all areas share the pooled errors
+    e_area = np.tile(np.linspace(-0.2, 0.2, 8)[:, None], (1, 6)) * np.array([1, 1, 1, 1, 1, 3])
+    d1 = fit._error_draws({1: e_area}, 1, (4000, 6), g)[:, 0]
+    assert abs(float(d1[:, 5].std()) / float(d1[:, 0].std()) - 3.0) < 0.3
+    d2 = fit._error_draws({1: e_area[:2]}, 1, (4000, 6), g)[:, 0]
+    assert abs(float(d2[:, 5].std()) / float(d2[:, 0].std()) - 1.0) < 0.15
