@@ -168,3 +168,41 @@ def test_compiled_forward_equals_torch_weights_and_hubs(graph: str) -> None:
     a, b = _run(model, params, state, 30, True), _run(model, params, state, 30, False)
     assert float(a.observables["incidence"].sum()) > (0.1 * n if graph == "weighted" else 5)
     _same(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("buffer", [1, 7, 100_000])
+def test_contact_count_sweep_matches_a_dense_count(buffer: int) -> None:
+    """The chunked edge sweep counts each susceptible target's infectious contacts exactly, whatever the
+    size of its buffer (1 and 7 break rows in the middle), and flags a byte overflow past 128 contacts."""
+    from substeps.epidemic.fast import _kernels
+
+    k = _kernels()
+    gen = np.random.default_rng(3)
+    n = 503  # not a multiple of 8: the bitmask's tail
+    # agent 0 meets 300 random agents; agent 1 is met by 600 (about 200 infectious: past a byte's count)
+    src = np.concatenate([gen.integers(0, n, 4000), np.zeros(300, np.int64), gen.integers(2, n, 600)])
+    dst = np.concatenate([gen.integers(0, n, 4000), gen.integers(0, n, 300), np.ones(600, np.int64)])
+    order = np.argsort(src, kind="stable")
+    src, dst = src[order], dst[order].astype(np.int32)
+    rowptr = np.zeros(n + 1, np.int64)
+    rowptr[1:] = np.cumsum(np.bincount(src, minlength=n))
+    for hub_infectious, hub_susceptible in ((False, False), (True, False), (True, True)):
+        stage = gen.integers(0, 3, n).astype(np.uint8)  # 0 = S, 1 = I, 2 = R
+        stage[0] = 1 if hub_infectious else 2
+        stage[1] = 0 if hub_susceptible else 2
+        infectious = np.zeros(256, np.uint8)
+        infectious[1] = 1
+        front = np.empty(n, np.int32)
+        sbits = np.empty((n + 7) // 8, np.uint8)
+        nf = k["frontier_bits"](stage, infectious, np.uint8(0), front, sbits)
+        assert np.array_equal(front[:nf], np.flatnonzero(stage == 1))
+        assert np.array_equal(np.unpackbits(sbits, bitorder="little")[:n], (stage == 0).astype(np.uint8))
+        expected = np.bincount(dst[(stage[src] == 1) & (stage[dst] == 0)], minlength=n)
+        st = stage.copy()
+        cand = np.empty(n, np.int32)
+        nc, over = k["count_bits"](st, rowptr, dst, front, nf, np.uint8(0), cand, np.empty(buffer, np.int32), sbits)
+        assert over == hub_susceptible == bool(expected.max() > 128)
+        if not over:
+            assert sorted(cand[:nc]) == list(np.flatnonzero(expected))
+            assert np.array_equal(st[cand[:nc]].astype(np.int64) - 127, expected[cand[:nc]])
