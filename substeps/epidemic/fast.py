@@ -146,7 +146,7 @@ def _kernels() -> dict[str, object]:
         @numba.njit(cache=True, error_model="numpy")
         def transmission(stage, timer, entered, carrier, rowptr, dst, weight, uniform_w, w0, layer, iota,
                           cf, use_cf, scale, use_scale, susc, use_susc, bdt, s_code, entry, cdf, k1, k2,
-                          force, cand, front, infectious, hits, sbits):  # pragma: no cover - compiled
+                          force, cand, front, infectious, hits, sbits, record, f_out, hit_out):  # pragma: no cover - compiled
             """One transmission step in place on ``stage``/``timer``/``entered``; returns the number of infections.
 
             Uniform pushes (one weight, no layer scale or contact factor, equal ``iota * carrier`` on
@@ -191,18 +191,109 @@ def _kernels() -> dict[str, object]:
                 if use_susc:
                     lam = lam * susc[j]
                 u = uniform(j, k1, k2)
+                if record:  # what the compiled backward needs: the candidate's force and outcome
+                    f_out[k] = f
+                    hit_out[k] = 0
                 # p = -expm1(-lam) <= lam (also after float32 rounding): u >= lam means no event,
                 # without evaluating expm1 for most candidates
                 if u >= lam:
                     continue
                 p = -np.expm1(-lam)
                 if u < p:
+                    if record:
+                        hit_out[k] = 1
                     stage[j] = entry
                     entered[j] = entry
                     # pending (negative) timer: the dwell starts at the next progression (the torch path's convention)
                     timer[j] = -inverse_cdf(cdf, entry, u / max(p, tiny))
                     events += 1
-            return events
+            return events, nf, nc
+
+        @numba.njit(cache=True, error_model="numpy")
+        def transmission_backward(grad, carrier, front, src_stage, src_acted, cand, fc, hit, rowptr, dst, weight, layer,
+                                  iota, scale, use_scale, susc, use_susc, bdt, presence, slot, cbits, gcar):  # pragma: no cover - compiled
+            """Gradient of one compiled transmission step: ``gcar`` (onto the input carrier) and d/d(beta dt).
+
+            The same chain rule torch's autograd applies to the torch path (``carrier * q / sg(q)``
+            at the candidates, ``lambda = beta dt F susc``, ``F`` summed over the frontier's edges),
+            plus the presence coupling's per-edge credit (:func:`substeps.epidemic.substeps._presence_delta`),
+            recomputed from the frontier as the torch path's backward does. Edges are filtered by a
+            cached candidate bitmask before the slot lookup; per-candidate terms are computed once,
+            and a source's survival credit once per distinct edge hazard."""
+            nc = cand.shape[0]
+            gf = np.empty(nc, np.float32)  # dL/dfactor per candidate
+            gF = np.empty(nc, np.float32)  # dL/dF per candidate
+            Ls = np.empty(nc, np.float32)  # the candidate's hazard recomputed as the torch path does: -log1p(expm1(-lam))
+            pLs = np.empty(nc, np.float32)
+            eLs = np.empty(nc, np.float32)
+            gbdt = 0.0
+            for k in range(gcar.shape[0]):
+                gcar[k] = grad[k]
+            for k in range(nc):
+                j = cand[k]
+                slot[j] = k
+                cbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
+                f = fc[k]
+                lam1 = bdt * f
+                s_j = susc[j] if use_susc else np.float32(1)
+                lam = lam1 * s_j if use_susc else lam1
+                e = np.expm1(-lam)
+                L = -np.log1p(e)
+                Ls[k] = L
+                pLs[k] = max(-np.expm1(-L), tiny)
+                eLs[k] = np.exp(-L)
+                g = grad[j] * carrier[j]
+                gf[k] = g
+                if hit[k]:
+                    q = -e
+                    glam = g / max(q, tiny) * (e + np.float32(1))
+                else:
+                    q = np.exp(-lam)
+                    glam = -(g / max(q, tiny) * q)
+                glam1 = glam * s_j if use_susc else glam
+                gbdt += np.float64(glam1) * np.float64(f)
+                gF[k] = glam1 * bdt
+            for a in range(front.shape[0]):
+                i = front[a]
+                io = iota[src_stage[a]]
+                acted = np.float32(src_acted[a])
+                lin = np.float32(0)  # sum over edges of dL/dF * weight (* scale), times iota below: torch's order
+                pres = np.float32(0)
+                last_h = np.float32(-1)
+                eA = np.float32(0)
+                surv = np.float32(0)
+                for e_ in range(rowptr[i], rowptr[i + 1]):
+                    j = dst[e_]
+                    if not (cbits[j >> 3] >> (j & 7)) & 1:
+                        continue
+                    k = slot[j]
+                    if use_scale:
+                        lin += gF[k] * scale[layer[e_]] * weight[e_]
+                    else:
+                        lin += gF[k] * weight[e_]
+                    if presence:
+                        h = bdt * weight[e_] * io
+                        if use_scale:
+                            h = h * scale[layer[e_]]
+                        if use_susc:
+                            h = h * susc[j]
+                        if h != last_h:
+                            last_h = h
+                            eA = np.exp(h * acted)
+                            surv = h - eA * np.expm1(h)
+                        if hit[k]:
+                            L = Ls[k]
+                            pL = pLs[k]
+                            d = eA * (np.float32(1) - (-np.expm1(-max(L - h, np.float32(0)))) / pL) - h * eLs[k] / pL
+                        else:
+                            d = surv
+                        pres += d * gf[k]
+                gcar[i] += lin * io + pres
+            for k in range(nc):
+                j = cand[k]
+                slot[j] = -1
+                cbits[j >> 3] = 0
+            return gbdt
 
         @numba.njit(cache=True, error_model="numpy")
         def progression(stage, timer, entered_in, fresh_valid, first, to, cdf, alt_src, alt_dst, q, k1, k2,
@@ -236,7 +327,8 @@ def _kernels() -> dict[str, object]:
                     entered_out[i] = new
                     timer_out[i] = inverse_cdf(cdf, new, ud)
 
-        _KERNELS.update(transmission=transmission, progression=progression, frontier_bits=frontier_bits, count_bits=count_bits)
+        _KERNELS.update(transmission=transmission, transmission_backward=transmission_backward,
+                        progression=progression, frontier_bits=frontier_bits, count_bits=count_bits)
     return _KERNELS
 
 
@@ -300,7 +392,13 @@ _F32 = torch.float32
 
 def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState", t: int,
                        rng: torch.Generator) -> "EpiState | None":
-    """Transmission's forward step by the compiled kernel, or ``None`` where the torch path must run."""
+    """Transmission's step by the compiled kernel, or ``None`` where the torch path must run.
+
+    Under autograd (``beta`` or the carrier needs a gradient) the step runs as
+    :class:`_CompiledTransmission`, whose backward is a compiled twin of what torch's autograd
+    does on the torch path (same estimator); contact factors, and layer scales or
+    susceptibilities that themselves need gradients, leave it to the torch path.
+    """
     if not sub.network or state.network is None or not applies(state) or is_replicated(rng):
         return None  # a replicate batch keys draws per replicate: the torch path handles it
     beta = getattr(params, sub.beta)
@@ -310,7 +408,8 @@ def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState",
     cf = state.contact_factor if sub.use_contact_factor else None
     susc = state.susceptibility if sub.use_susceptibility else None
     net = state.network
-    if _needs_grad(beta, state.carrier, scale, cf, susc):
+    grad = _needs_grad(beta, state.carrier, scale, cf, susc)
+    if grad and (cf is not None or _needs_grad(scale, susc)):
         return None
     if any(x is not None and x.dtype != _F32 for x in (state.carrier, net.weight, scale, cf, susc)):
         return None
@@ -325,18 +424,97 @@ def fused_transmission(sub: "Transmission", params: "Params", state: "EpiState",
     w_const = _constant_weight(net.weight)
     k1, k2 = stream_key(rng, t)
     force, cand, front, hits, sbits = _workspace(n)
+    f_out, hit_out = _record_space(n) if grad else (np.zeros(1, np.float32), np.zeros(1, np.uint8))
     empty2 = np.zeros((1, 1), np.float32)
     empty1 = np.zeros(1, np.float32)
-    _kernels()["transmission"](
+    scale_np = _np(scale) if scale is not None else empty1
+    susc_np = _np(susc) if susc is not None else empty1
+    _, nf, nc = _kernels()["transmission"](
         _np(stage), _np(timer), _np(entered), _np(state.carrier), _np(net.rowptr), _np(net.edge_index[1]),
         _np(net.weight), w_const is not None, np.float32(w_const or 0.0), _np(net.layer), _np(iota),
-        _np(cf) if cf is not None else empty2, cf is not None,
-        _np(scale) if scale is not None else empty1, scale is not None,
-        _np(susc) if susc is not None else empty1, susc is not None,
+        _np(cf) if cf is not None else empty2, cf is not None, scale_np, scale is not None, susc_np, susc is not None,
         bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), _np(cdf), k1, k2, force, cand, front,
-        _infectious_bytes(iota), hits, sbits)
-    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered,
+        _infectious_bytes(iota), hits, sbits, grad, f_out, hit_out)
+    extra = {}
+    carrier = state.carrier
+    if grad:
+        idx = torch.from_numpy(front[:nf].copy())
+        presence = sub.estimator == "presence"
+        acted = None
+        if presence:
+            acted = state.acted if state.acted is not None else torch.zeros(n, dtype=torch.int16)
+            new_acted = acted.clone()
+            new_acted[idx] += 1  # the torch path's _count_acting: one more step transmitted by every source
+            extra["acted"] = new_acted
+        saved = _StepRecord(
+            front=idx.numpy(), src_stage=stage.numpy()[idx.numpy()], cand=cand[:nc].copy(), fc=f_out[:nc].copy(),
+            hit=hit_out[:nc].copy(), src_acted=acted.numpy()[idx.numpy()] if acted is not None else np.zeros(nf, np.int16),
+            net=net, iota=_np(iota), scale=scale_np, use_scale=scale is not None, susc=susc_np,
+            use_susc=susc is not None, bdt=bdt, dt=float(d.dt), presence=presence)
+        carrier = _CompiledTransmission.apply(state.carrier, beta, saved)
+    return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered,
                          entered_step=torch.tensor(t, device=stage.device))
+
+
+class _StepRecord:
+    """What one compiled transmission step keeps for its backward: O(frontier + candidates), no per-edge array."""
+
+    def __init__(self, **fields: object) -> None:
+        self.__dict__.update(fields)
+
+
+_RECORD: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_SLOT: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _record_space(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-candidate force ``[N] float32`` and outcome ``[N] uint8`` buffers (copied out after each step)."""
+    if n not in _RECORD:
+        if len(_RECORD) > 4:
+            _RECORD.clear()
+        _RECORD[n] = (np.empty(n, np.float32), np.empty(n, np.uint8))
+    return _RECORD[n]
+
+
+def _slot_map(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slots ``[N]`` all -1 and a candidate bitmask all 0: the backward kernel sets the candidates' entries
+    and resets them before returning."""
+    if n not in _SLOT:
+        if len(_SLOT) > 4:
+            _SLOT.clear()
+        _SLOT[n] = (np.full(n, -1, np.int32 if n < 2**31 else np.int64), np.zeros((n + 7) >> 3, np.uint8))
+    return _SLOT[n]
+
+
+class _CompiledTransmission(torch.autograd.Function):
+    """Carrier after one transmission step (value unchanged); backward by :func:`transmission_backward`.
+
+    The forward ran in the compiled kernel (``fused_transmission``); this node only carries
+    the step's record, so autograd keeps one node per step instead of the torch path's dozens.
+    """
+
+    @staticmethod
+    def forward(ctx, carrier: Tensor, beta: Tensor, rec: _StepRecord) -> Tensor:  # type: ignore[override]
+        """The carrier times ``q / sg(q) (+ 0)`` at the candidates: exactly its value."""
+        ctx.rec = rec
+        ctx.beta_shape = beta.shape
+        ctx.save_for_backward(carrier)
+        return carrier.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        """Gradient onto the input carrier and ``beta``: the torch path's chain rule, compiled."""
+        (carrier,) = ctx.saved_tensors
+        r = ctx.rec
+        net = r.net
+        g = grad.detach().to(_F32).contiguous()
+        gcar = torch.empty_like(g)
+        gbdt = _kernels()["transmission_backward"](
+            g.numpy(), _np(carrier), r.front, r.src_stage, r.src_acted, r.cand, r.fc, r.hit, _np(net.rowptr),
+            _np(net.edge_index[1]), _np(net.weight), _np(net.layer), r.iota, r.scale, r.use_scale, r.susc, r.use_susc,
+            r.bdt, r.presence, *_slot_map(carrier.numel()), gcar.numpy())
+        gbeta = torch.full(ctx.beta_shape, gbdt * r.dt, dtype=grad.dtype) if ctx.needs_input_grad[1] else None
+        return gcar, gbeta, None
 
 
 def fused_progression(sub: "Progression", params: "Params", state: "EpiState", t: int,
