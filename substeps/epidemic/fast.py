@@ -176,6 +176,13 @@ def _kernels() -> dict[str, object]:
             if not counted:
                 nc = force_pass(stage, carrier, rowptr, dst, weight, layer, iota, cf, use_cf, scale, use_scale,
                                 s_code, force, cand, front, nf)
+            if nc > (st.shape[0] >> 6):
+                # many candidates: list them again in agent order (one branch-free sweep over the bytes),
+                # so the candidate loop here and the compiled backward visit memory in order
+                nc = 0
+                for i in range(st.shape[0]):
+                    cand[nc] = i
+                    nc += st[i] >= umarked
             events = 0
             for k in range(nc):
                 j = cand[k]
@@ -211,48 +218,50 @@ def _kernels() -> dict[str, object]:
 
         @numba.njit(cache=True, error_model="numpy")
         def transmission_backward(grad, carrier, front, src_stage, src_acted, cand, fc, hit, rowptr, dst, weight, layer,
-                                  iota, scale, use_scale, susc, use_susc, bdt, presence, slot, cbits, gcar):  # pragma: no cover - compiled
+                                  iota, scale, use_scale, susc, use_susc, bdt, presence, rec, hit_L, cbits, hbits,
+                                  gcar):  # pragma: no cover - compiled
             """Gradient of one compiled transmission step: ``gcar`` (onto the input carrier) and d/d(beta dt).
 
             The same chain rule torch's autograd applies to the torch path (``carrier * q / sg(q)``
             at the candidates, ``lambda = beta dt F susc``, ``F`` summed over the frontier's edges),
             plus the presence coupling's per-edge credit (:func:`substeps.epidemic.substeps._presence_delta`),
-            recomputed from the frontier as the torch path's backward does. Edges are filtered by a
-            cached candidate bitmask before the slot lookup; per-candidate terms are computed once,
-            and a source's survival credit once per distinct edge hazard."""
+            recomputed from the frontier as the torch path's backward does. Each candidate's terms go
+            to one 8-byte record ``rec[j] = (dL/dF, dL/dfactor)`` (infected ones also to a bitmask and
+            their hazard to ``hit_L``), so an edge costs a test of a cached candidate bitmask and at
+            most one random read but for the few infections; per-candidate transcendentals are
+            reused across candidates with the same force, a source's survival credit across its
+            edges with the same hazard."""
             nc = cand.shape[0]
-            gf = np.empty(nc, np.float32)  # dL/dfactor per candidate
-            gF = np.empty(nc, np.float32)  # dL/dF per candidate
-            Ls = np.empty(nc, np.float32)  # the candidate's hazard recomputed as the torch path does: -log1p(expm1(-lam))
-            pLs = np.empty(nc, np.float32)
-            eLs = np.empty(nc, np.float32)
             gbdt = 0.0
             for k in range(gcar.shape[0]):
                 gcar[k] = grad[k]
+            last_lam = np.float32(-1)
+            e = L = q_s = np.float32(0)
             for k in range(nc):
                 j = cand[k]
-                slot[j] = k
                 cbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
                 f = fc[k]
                 lam1 = bdt * f
                 s_j = susc[j] if use_susc else np.float32(1)
                 lam = lam1 * s_j if use_susc else lam1
-                e = np.expm1(-lam)
-                L = -np.log1p(e)
-                Ls[k] = L
-                pLs[k] = max(-np.expm1(-L), tiny)
-                eLs[k] = np.exp(-L)
+                if lam != last_lam:
+                    last_lam = lam
+                    e = np.expm1(-lam)
+                    L = -np.log1p(e)  # the hazard as the torch path's presence backward recomputes it
+                    q_s = np.exp(-lam)
                 g = grad[j] * carrier[j]
-                gf[k] = g
                 if hit[k]:
                     q = -e
                     glam = g / max(q, tiny) * (e + np.float32(1))
                 else:
-                    q = np.exp(-lam)
-                    glam = -(g / max(q, tiny) * q)
+                    glam = -(g / max(q_s, tiny) * q_s)
                 glam1 = glam * s_j if use_susc else glam
                 gbdt += np.float64(glam1) * np.float64(f)
-                gF[k] = glam1 * bdt
+                rec[j, 0] = glam1 * bdt
+                rec[j, 1] = g
+                if hit[k]:
+                    hbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
+                    hit_L[j] = L
             for a in range(front.shape[0]):
                 i = front[a]
                 io = iota[src_stage[a]]
@@ -266,11 +275,11 @@ def _kernels() -> dict[str, object]:
                     j = dst[e_]
                     if not (cbits[j >> 3] >> (j & 7)) & 1:
                         continue
-                    k = slot[j]
+                    gF = rec[j, 0]
                     if use_scale:
-                        lin += gF[k] * scale[layer[e_]] * weight[e_]
+                        lin += gF * scale[layer[e_]] * weight[e_]
                     else:
-                        lin += gF[k] * weight[e_]
+                        lin += gF * weight[e_]
                     if presence:
                         h = bdt * weight[e_] * io
                         if use_scale:
@@ -281,18 +290,17 @@ def _kernels() -> dict[str, object]:
                             last_h = h
                             eA = np.exp(h * acted)
                             surv = h - eA * np.expm1(h)
-                        if hit[k]:
-                            L = Ls[k]
-                            pL = pLs[k]
-                            d = eA * (np.float32(1) - (-np.expm1(-max(L - h, np.float32(0)))) / pL) - h * eLs[k] / pL
+                        if (hbits[j >> 3] >> (j & 7)) & 1:
+                            Lj = hit_L[j]
+                            pL = max(-np.expm1(-Lj), tiny)
+                            d = eA * (np.float32(1) - (-np.expm1(-max(Lj - h, np.float32(0)))) / pL) - h * np.exp(-Lj) / pL
                         else:
                             d = surv
-                        pres += d * gf[k]
+                        pres += d * rec[j, 1]
                 gcar[i] += lin * io + pres
             for k in range(nc):
-                j = cand[k]
-                slot[j] = -1
-                cbits[j >> 3] = 0
+                cbits[cand[k] >> 3] = 0
+                hbits[cand[k] >> 3] = 0
             return gbdt
 
         @numba.njit(cache=True, error_model="numpy")
@@ -464,7 +472,7 @@ class _StepRecord:
 
 
 _RECORD: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-_SLOT: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_BACK: dict[int, tuple[np.ndarray, ...]] = {}
 
 
 def _record_space(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -476,14 +484,15 @@ def _record_space(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _RECORD[n]
 
 
-def _slot_map(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slots ``[N]`` all -1 and a candidate bitmask all 0: the backward kernel sets the candidates' entries
-    and resets them before returning."""
-    if n not in _SLOT:
-        if len(_SLOT) > 4:
-            _SLOT.clear()
-        _SLOT[n] = (np.full(n, -1, np.int32 if n < 2**31 else np.int64), np.zeros((n + 7) >> 3, np.uint8))
-    return _SLOT[n]
+def _backward_space(n: int) -> tuple[np.ndarray, ...]:
+    """Per-agent candidate records ``[N, 2]`` and hazards ``[N]`` (float32), candidate and infection bitmasks
+    all 0 (the backward kernel clears the bits it sets; records are read only where a bit is set)."""
+    if n not in _BACK:
+        if len(_BACK) > 4:
+            _BACK.clear()
+        _BACK[n] = (np.empty((n, 2), np.float32), np.empty(n, np.float32), np.zeros((n + 7) >> 3, np.uint8),
+                    np.zeros((n + 7) >> 3, np.uint8))
+    return _BACK[n]
 
 
 class _CompiledTransmission(torch.autograd.Function):
@@ -512,7 +521,7 @@ class _CompiledTransmission(torch.autograd.Function):
         gbdt = _kernels()["transmission_backward"](
             g.numpy(), _np(carrier), r.front, r.src_stage, r.src_acted, r.cand, r.fc, r.hit, _np(net.rowptr),
             _np(net.edge_index[1]), _np(net.weight), _np(net.layer), r.iota, r.scale, r.use_scale, r.susc, r.use_susc,
-            r.bdt, r.presence, *_slot_map(carrier.numel()), gcar.numpy())
+            r.bdt, r.presence, *_backward_space(carrier.numel()), gcar.numpy())
         gbeta = torch.full(ctx.beta_shape, gbdt * r.dt, dtype=grad.dtype) if ctx.needs_input_grad[1] else None
         return gcar, gbeta, None
 
