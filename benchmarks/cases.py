@@ -64,15 +64,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: the timer of this process's measurements (``--clock``; see :data:`benchmarks.reference.CLOCKS`)
+CLOCK = "wall"
+
+
 def median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, list[float], Any]:
-    """Median seconds of ``fn`` over ``repeats`` runs (all times and the last result returned)."""
+    """Median seconds of ``fn`` over ``repeats`` runs on :data:`CLOCK` (all times and the last result returned)."""
+    from benchmarks.reference import CLOCKS
+
+    now = CLOCKS["wall" if device.type != "cpu" else CLOCK]
     times, out = [], None
     for _ in range(max(1, repeats)):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times), times, out
 
 
@@ -318,15 +325,18 @@ def reference_kernels(net: Any, state0: Any, beta: float, gamma: float, days: in
     rowptr = net.rowptr.cpu().numpy()
     col = net.edge_index[1].cpu().numpy()
     if ref.numba_available():
-        record("numba_csr", lambda: ref.numba_csr_sir(rowptr, col, state0, beta, gamma, days, threads=torch.get_num_threads()),
+        record("numba_csr", lambda: ref.numba_csr_sir(rowptr, col, state0, beta, gamma, days, threads=torch.get_num_threads(),
+                                                      clock=CLOCK),
                torch.device("cpu"))
     else:
         refs["numba_csr"] = {"skipped": "numba not installed (pip install lpm[fast])"}
     if n <= a.numpy_max_n:
-        record("numpy_frontier", lambda: ref.numpy_frontier_sir(rowptr, col, state0, beta, gamma, days), torch.device("cpu"))
+        record("numpy_frontier", lambda: ref.numpy_frontier_sir(rowptr, col, state0, beta, gamma, days, clock=CLOCK),
+               torch.device("cpu"))
     if n <= a.scatter_max_n:
         src, dst = net.edge_index[0], net.edge_index[1]
-        record("torch_scatter", lambda: ref.torch_scatter_sir(src, dst, state0, beta, gamma, days), device)
+        record("torch_scatter", lambda: ref.torch_scatter_sir(src, dst, state0, beta, gamma, days,
+                                                              clock=CLOCK if device.type == "cpu" else "wall"), device)
     return refs
 
 
@@ -475,12 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--numpy-max-n", type=int, default=10_000_000)
     ap.add_argument("--scatter-max-n", type=int, default=10_000_000)
     ap.add_argument("--torch-max-n", type=int, default=10_000_000, help="largest N for the engine's torch forward path")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="timer: wall seconds, or this process's CPU seconds (one thread on a shared machine)")
     a = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = a.clock
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     record: dict[str, Any] = {"case": a.case, "n": a.n, "days": a.days, "repeats": a.repeats, "device": str(device),
-                              "threads": torch.get_num_threads()}
+                              "threads": torch.get_num_threads(), "clock": a.clock if device.type == "cpu" else "wall"}
     try:
         record.update(CASES[a.case](a, device))
     except Exception as exc:  # one failing case must not hide the others: record it with its traceback

@@ -168,3 +168,93 @@ def test_compiled_forward_equals_torch_weights_and_hubs(graph: str) -> None:
     a, b = _run(model, params, state, 30, True), _run(model, params, state, 30, False)
     assert float(a.observables["incidence"].sum()) > (0.1 * n if graph == "weighted" else 5)
     _same(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("buffer", [1, 7, 100_000])
+def test_contact_count_sweep_matches_a_dense_count(buffer: int) -> None:
+    """The chunked edge sweep counts each susceptible target's infectious contacts exactly, whatever the
+    size of its buffer (1 and 7 break rows in the middle), and flags a byte overflow past 128 contacts."""
+    from substeps.epidemic.fast import _kernels
+
+    k = _kernels()
+    gen = np.random.default_rng(3)
+    n = 503  # not a multiple of 8: the bitmask's tail
+    # agent 0 meets 300 random agents; agent 1 is met by 600 (about 200 infectious: past a byte's count)
+    src = np.concatenate([gen.integers(0, n, 4000), np.zeros(300, np.int64), gen.integers(2, n, 600)])
+    dst = np.concatenate([gen.integers(0, n, 4000), gen.integers(0, n, 300), np.ones(600, np.int64)])
+    order = np.argsort(src, kind="stable")
+    src, dst = src[order], dst[order].astype(np.int32)
+    rowptr = np.zeros(n + 1, np.int64)
+    rowptr[1:] = np.cumsum(np.bincount(src, minlength=n))
+    for hub_infectious, hub_susceptible in ((False, False), (True, False), (True, True)):
+        stage = gen.integers(0, 3, n).astype(np.uint8)  # 0 = S, 1 = I, 2 = R
+        stage[0] = 1 if hub_infectious else 2
+        stage[1] = 0 if hub_susceptible else 2
+        infectious = np.zeros(256, np.uint8)
+        infectious[1] = 1
+        front = np.empty(n, np.int32)
+        sbits = np.empty((n + 7) // 8, np.uint8)
+        nf = k["frontier_bits"](stage, infectious, np.uint8(0), front, sbits)
+        assert np.array_equal(front[:nf], np.flatnonzero(stage == 1))
+        assert np.array_equal(np.unpackbits(sbits, bitorder="little")[:n], (stage == 0).astype(np.uint8))
+        expected = np.bincount(dst[(stage[src] == 1) & (stage[dst] == 0)], minlength=n)
+        st = stage.copy()
+        cand = np.empty(n, np.int32)
+        nc, over = k["count_bits"](st, rowptr, dst, front, nf, np.uint8(0), cand, np.empty(buffer, np.int32), sbits)
+        assert over == hub_susceptible == bool(expected.max() > 128)
+        if not over:
+            assert sorted(cand[:nc]) == list(np.flatnonzero(expected))
+            assert np.array_equal(st[cand[:nc]].astype(np.int64) - 127, expected[cand[:nc]])
+
+
+@needs_numba
+@pytest.mark.parametrize("estimator", ["presence", "linear"])
+@pytest.mark.parametrize("case", ["sir", "seir_layered"])
+def test_compiled_backward_equals_torch_autograd(estimator: str, case: str) -> None:
+    """Under autograd the compiled transmission (kernel forward + compiled backward) gives the torch path's
+    trajectories bit for bit and its gradient (torch autograd through the torch path) to float32 rounding."""
+    n = 2500
+    if case == "sir":
+        d = sir(0.1)
+        net = Network.from_layers({"community": erdos_renyi(n, 10.0, seed=2)}, n, coalesce=False)
+        fields, kw, beta = {}, {}, 0.03
+    else:
+        d = seir(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0))
+        hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(0))
+        net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=1)}, n)
+        g = torch.Generator().manual_seed(5)
+        fields = dict(layer_scale=torch.tensor([0.5, 1.5]), susceptibility=torch.rand(n, generator=g) + 0.5)
+        kw, beta = dict(use_layer_scale=True, use_susceptibility=True), 0.06
+    state = epi_system(d, network=net), initial_state(d, n, 25, seed=1, **fields)
+    model = Model([Transmission(d, estimator=estimator, **kw), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
+    out = []
+    for compiled in (True, False):
+        params = Params(beta=Positive(beta))
+        r = _run(model, params, state, 40, compiled, grad=True)
+        (g,) = torch.autograd.grad(r.observables["incidence"].sum(), list(params.parameters()))
+        out.append((r, g))
+    assert float(out[0][0].observables["incidence"].sum()) > 0.3 * n
+    _same(out[0][0], out[1][0])
+    assert torch.equal(out[0][0].final_state.acted, out[1][0].final_state.acted) if estimator == "presence" else True
+    assert float(out[1][1].abs()) > 0
+    assert torch.allclose(out[0][1], out[1][1], rtol=2e-5), (float(out[0][1]), float(out[1][1]))
+
+
+@needs_numba
+def test_compiled_backward_carrier_gradient_equals_torch() -> None:
+    """The gradient onto every agent's initial carrier (not only beta's) matches torch autograd."""
+    n = 1500
+    d = sir(0.15)
+    net = Network.from_layers({"community": erdos_renyi(n, 8.0, seed=6)}, n, coalesce=False)
+    system, base = epi_system(d, network=net), initial_state(d, n, 30, seed=3)
+    model = Model([Transmission(d), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
+    grads = []
+    for compiled in (True, False):
+        carrier = torch.ones(n, requires_grad=True)
+        params = Params(beta=Positive(0.05))
+        r = _run(model, params, (system, base.replace(carrier=carrier)), 25, compiled, grad=True)
+        (g,) = torch.autograd.grad(r.observables["incidence"].sum(), [carrier])
+        grads.append(g)
+    assert float(grads[1].abs().sum()) > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)

@@ -7,10 +7,14 @@ case the substep runs its torch code, the reference these kernels are tested aga
 (``tests/test_fast_kernels.py``: same seed, same states, bit for bit).
 
 Each kernel does in one pass what the torch path does in a dozen tensor ops: transmission
-visits the edges of infectious agents, accumulates the force on susceptible targets only,
-and draws a counter uniform (:func:`lpm.kernels.counter_uniform`) for each candidate;
-progression counts timers down and moves agents whose timer runs out. The force sums run
-in the same edge order and float32 arithmetic as ``index_add``, so outcomes match.
+lists the infectious agents and a one-bit-per-agent susceptible mask in one sweep over the
+stage bytes, visits the edges of infectious agents only (testing the cached bitmask, so
+edges into infectious or recovered agents cost no random access to the stage array),
+counts contacts (or sums the force) on susceptible targets only, and draws a counter
+uniform (:func:`lpm.kernels.counter_uniform`) for each candidate; progression counts timers
+down and moves agents whose timer runs out. The force sums run in the same edge order and
+float32 arithmetic as ``index_add``, so outcomes match. Work buffers are allocated once
+per population size (no allocation per step but the new state's own tensors).
 """
 
 from __future__ import annotations
@@ -44,58 +48,16 @@ def _kernels() -> dict[str, object]:
         tiny = np.float32(1e-30)
 
         marked = np.int8(-128)  # a susceptible target in the candidate list (never a stage code)
-
-        @numba.njit(cache=True, error_model="numpy")
-        def same_push(stage, carrier, iota, w0):  # pragma: no cover - compiled
-            """(True, c) when every infectious source pushes the same float32 value ``c`` on every edge."""
-            found = False
-            c = np.float32(0)
-            for i in range(stage.shape[0]):
-                si = stage[i]
-                if iota[si] > 0:
-                    v = iota[si] * carrier[i] * w0  # (iota * carrier) * weight, as the torch path rounds it
-                    if not found:
-                        c = v
-                        found = True
-                    elif v != c:
-                        return False, c
-            return True, c
-
-        @numba.njit(cache=True, error_model="numpy")
-        def count_pass(stage, rowptr, dst, iota, s_code, cand):  # pragma: no cover - compiled
-            """Mark susceptible targets in ``stage`` with their number of infectious contacts (-128: one).
-
-            Only the 1-byte stage array is touched at random; -1 if a target meets more than 128
-            (the stage array is then restored and the force pass runs instead)."""
-            nc = 0
-            for i in range(stage.shape[0]):
-                si = stage[i]
-                if si < 0 or not iota[si] > 0:  # marked targets (< 0) are susceptible, never sources
-                    continue
-                for e in range(rowptr[i], rowptr[i + 1]):
-                    j = dst[e]
-                    sj = stage[j]
-                    if sj == s_code:
-                        stage[j] = marked
-                        cand[nc] = j
-                        nc += 1
-                    elif sj < 0:
-                        if sj == -1:
-                            for k in range(nc):
-                                stage[cand[k]] = s_code
-                            return -1
-                        stage[j] = sj + 1
-            return nc
+        umarked = np.uint8(128)  # the same byte seen as uint8: 128 + (infectious contacts - 1) while counting
 
         @numba.njit(cache=True, error_model="numpy")
         def force_pass(stage, carrier, rowptr, dst, weight, layer, iota, cf, use_cf, scale, use_scale,
-                       s_code, force, cand):  # pragma: no cover - compiled
+                       s_code, force, cand, front, nf):  # pragma: no cover - compiled
             """Force on susceptible targets, summed in CSR edge order (the order ``index_add`` sums in)."""
             nc = 0
-            for i in range(stage.shape[0]):
+            for k in range(nf):
+                i = front[k]
                 si = stage[i]
-                if si < 0 or not iota[si] > 0:
-                    continue
                 val = iota[si] * carrier[i]
                 for e in range(rowptr[i], rowptr[i + 1]):
                     j = dst[e]
@@ -114,52 +76,242 @@ def _kernels() -> dict[str, object]:
             return nc
 
         @numba.njit(cache=True, error_model="numpy")
+        def frontier_bits(st, infectious, s_code, front, sbits):  # pragma: no cover - compiled
+            """Infectious agents in order into ``front``; one bit per agent, set where susceptible, into ``sbits``.
+
+            The bitmask (N/8 bytes) stays in cache where the stage bytes would not, so the edge sweep
+            tests it instead of the codes."""
+            n = st.shape[0]
+            k = 0
+            for b in range(n >> 3):
+                v = np.uint8(0)
+                for q in range(8):
+                    i = (b << 3) + q
+                    s = st[i]
+                    front[k] = i
+                    k += infectious[s]
+                    v |= np.uint8(s == s_code) << np.uint8(q)
+                sbits[b] = v
+            if n & 7:
+                v = np.uint8(0)
+                for i in range(n & ~7, n):
+                    s = st[i]
+                    front[k] = i
+                    k += infectious[s]
+                    v |= np.uint8(s == s_code) << np.uint8(i & 7)
+                sbits[n >> 3] = v
+            return k
+
+        @numba.njit(cache=True, error_model="numpy")
+        def count_bits(st, rowptr, dst, front, nf, s_code, cand, hits, sbits):  # pragma: no cover - compiled
+            """Count the infectious contacts of susceptible targets in their stage byte (uint8: 128 = one, 255 = 128).
+
+            Per chunk of sources, a read-only sweep over their edges keeps the targets whose susceptible
+            bit is set (a cached bitmask, not the stage bytes), then only those bytes are written; the
+            other edges (to infectious or recovered agents) cost no random access to the stage array.
+            Returns (candidates, overflow): on overflow a target met more than 128 sources and its byte
+            wrapped; the caller then restores every candidate and runs the force pass."""
+            nc = 0
+            over = False
+            cap = hits.shape[0]
+            k = 0
+            e = rowptr[front[0]] if nf > 0 else 0
+            while k < nf:
+                h = 0
+                while k < nf:
+                    b = rowptr[front[k] + 1]
+                    stop = min(b, e + (cap - h))  # each edge keeps at most one entry: never past the buffer
+                    for x in range(e, stop):
+                        j = dst[x]
+                        hits[h] = j
+                        h += (sbits[j >> 3] >> (j & 7)) & 1
+                    if stop < b:
+                        e = stop
+                        break
+                    k += 1
+                    if k < nf:
+                        e = rowptr[front[k]]
+                for q in range(h):
+                    j = hits[q]
+                    s = st[j]
+                    if s == s_code:
+                        st[j] = umarked
+                        cand[nc] = j
+                        nc += 1
+                    else:
+                        over |= s == np.uint8(255)
+                        st[j] = s + np.uint8(1)
+            return nc, over
+
+        @numba.njit(cache=True, error_model="numpy")
         def transmission(stage, timer, entered, carrier, rowptr, dst, weight, uniform_w, w0, layer, iota,
-                         cf, use_cf, scale, use_scale, susc, use_susc, bdt, s_code, entry, cdf, k1, k2,
-                         force, cand):  # pragma: no cover - compiled
-            # the outputs are written only after every edge has been read; sources are never
-            # susceptible, so marking targets in `stage` leaves every source's code intact
+                          cf, use_cf, scale, use_scale, susc, use_susc, bdt, s_code, entry, cdf, k1, k2,
+                          force, cand, front, infectious, hits, sbits, record, f_out, hit_out):  # pragma: no cover - compiled
+            """One transmission step in place on ``stage``/``timer``/``entered``; returns the number of infections.
+
+            Uniform pushes (one weight, no layer scale or contact factor, equal ``iota * carrier`` on
+            every source) count contacts per target and rebuild the force as the same sequential
+            float32 sum ``index_add`` makes; anything else sums the force in CSR edge order. The
+            outputs are written only after every edge has been read, and sources are never
+            susceptible, so marking targets in ``stage`` leaves every source's code intact."""
+            st = stage.view(np.uint8)
+            us = np.uint8(s_code)
+            nf = frontier_bits(st, infectious, us, front, sbits)
             counted, c0 = False, np.float32(0)
-            if uniform_w and not use_cf and not use_scale:
-                counted, c0 = same_push(stage, carrier, iota, w0)
-            nc = -1
+            if uniform_w and not use_cf and not use_scale and nf > 0:
+                counted = True
+                c0 = iota[st[front[0]]] * carrier[front[0]] * w0
+                for k in range(1, nf):
+                    i = front[k]
+                    if iota[st[i]] * carrier[i] * w0 != c0:
+                        counted = False
+                        break
+            nc = 0
             if counted:
-                nc = count_pass(stage, rowptr, dst, iota, s_code, cand)
-            if nc < 0:
-                counted = False
+                nc, over = count_bits(st, rowptr, dst, front, nf, us, cand, hits, sbits)
+                if over:
+                    for k in range(nc):
+                        st[cand[k]] = us
+                    counted = False
+            if not counted:
                 nc = force_pass(stage, carrier, rowptr, dst, weight, layer, iota, cf, use_cf, scale, use_scale,
-                                s_code, force, cand)
+                                s_code, force, cand, front, nf)
+            if nc > (st.shape[0] >> 6):
+                # many candidates: list them again in agent order (one branch-free sweep over the bytes),
+                # so the candidate loop here and the compiled backward visit memory in order
+                nc = 0
+                for i in range(st.shape[0]):
+                    cand[nc] = i
+                    nc += st[i] >= umarked
             events = 0
             for k in range(nc):
                 j = cand[k]
                 if counted:
                     f = np.float32(0)
-                    for _ in range(stage[j] + 129):  # the same sequential float32 sum as index_add
+                    for _ in range(np.int32(st[j]) - 127):  # the same sequential float32 sum as index_add
                         f += c0
                 else:
                     f = force[j]
                     force[j] = 0
-                stage[j] = s_code
+                st[j] = us
                 lam = bdt * f
                 if use_susc:
                     lam = lam * susc[j]
                 u = uniform(j, k1, k2)
+                if record:  # what the compiled backward needs: the candidate's force and outcome
+                    f_out[k] = f
+                    hit_out[k] = 0
                 # p = -expm1(-lam) <= lam (also after float32 rounding): u >= lam means no event,
                 # without evaluating expm1 for most candidates
                 if u >= lam:
                     continue
                 p = -np.expm1(-lam)
                 if u < p:
+                    if record:
+                        hit_out[k] = 1
                     stage[j] = entry
                     entered[j] = entry
                     # pending (negative) timer: the dwell starts at the next progression (the torch path's convention)
                     timer[j] = -inverse_cdf(cdf, entry, u / max(p, tiny))
                     events += 1
-            return events
+            return events, nf, nc
+
+        @numba.njit(cache=True, error_model="numpy")
+        def transmission_backward(grad, carrier, front, src_stage, src_load, cand, fc, hit, rowptr, dst, weight, layer,
+                                  iota, scale, use_scale, susc, use_susc, bdt, presence, rec, hit_L, cbits, hbits,
+                                  gcar):  # pragma: no cover - compiled
+            """Gradient of one compiled transmission step: ``gcar`` (onto the input carrier) and d/d(beta dt).
+
+            The same chain rule torch's autograd applies to the torch path (``carrier * q / sg(q)``
+            at the candidates, ``lambda = beta dt F susc``, ``F`` summed over the frontier's edges),
+            plus the presence coupling's per-edge credit (:func:`substeps.epidemic.substeps._presence_delta`),
+            recomputed from the frontier as the torch path's backward does. Each candidate's terms go
+            to one 8-byte record ``rec[j] = (dL/dF, dL/dfactor)`` (infected ones also to a bitmask and
+            their hazard to ``hit_L``), so an edge costs a test of a cached candidate bitmask and at
+            most one random read but for the few infections; per-candidate transcendentals are
+            reused across candidates with the same force, a source's survival credit across its
+            edges with the same hazard."""
+            nc = cand.shape[0]
+            gbdt = 0.0
+            for k in range(gcar.shape[0]):
+                gcar[k] = grad[k]
+            last_lam = np.float32(-1)
+            e = L = q_s = np.float32(0)
+            for k in range(nc):
+                j = cand[k]
+                cbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
+                f = fc[k]
+                lam1 = bdt * f
+                s_j = susc[j] if use_susc else np.float32(1)
+                lam = lam1 * s_j if use_susc else lam1
+                if lam != last_lam:
+                    last_lam = lam
+                    e = np.expm1(-lam)
+                    L = -np.log1p(e)  # the hazard as the torch path's presence backward recomputes it
+                    q_s = np.exp(-lam)
+                g = grad[j] * carrier[j]
+                if hit[k]:
+                    q = -e
+                    glam = g / max(q, tiny) * (e + np.float32(1))
+                else:
+                    glam = -(g / max(q_s, tiny) * q_s)
+                glam1 = glam * s_j if use_susc else glam
+                gbdt += np.float64(glam1) * np.float64(f)
+                rec[j, 0] = glam1 * bdt
+                rec[j, 1] = g
+                if hit[k]:
+                    hbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
+                    hit_L[j] = L
+            for a in range(front.shape[0]):
+                i = front[a]
+                io = iota[src_stage[a]]
+                wide = src_load.shape[1] > 1
+                lin = np.float32(0)  # sum over edges of dL/dF * weight (* scale), times iota below: torch's order
+                pres = np.float32(0)
+                last_h = np.float32(-1)
+                last_A = np.float32(-1)
+                eA = np.float32(0)
+                surv = np.float32(0)
+                for e_ in range(rowptr[i], rowptr[i + 1]):
+                    j = dst[e_]
+                    if not (cbits[j >> 3] >> (j & 7)) & 1:
+                        continue
+                    gF = rec[j, 0]
+                    if use_scale:
+                        lin += gF * scale[layer[e_]] * weight[e_]
+                    else:
+                        lin += gF * weight[e_]
+                    if presence:
+                        # hazard = edge part x source part; A = edge part x the source's accumulated load
+                        he = bdt * weight[e_]
+                        if use_susc:
+                            he = he * susc[j]
+                        h = he * io
+                        if use_scale:
+                            h = h * scale[layer[e_]]
+                        A = he * src_load[a, layer[e_] if wide else 0]
+                        if h != last_h or A != last_A:
+                            last_h = h
+                            last_A = A
+                            eA = np.exp(A)
+                            surv = h - eA * np.expm1(h)
+                        if (hbits[j >> 3] >> (j & 7)) & 1:
+                            Lj = hit_L[j]
+                            pL = max(-np.expm1(-Lj), tiny)
+                            d = eA * (np.float32(1) - (-np.expm1(-max(Lj - h, np.float32(0)))) / pL) - h * np.exp(-Lj) / pL
+                        else:
+                            d = surv
+                        pres += d * rec[j, 1]
+                gcar[i] += lin * io + pres
+            for k in range(nc):
+                cbits[cand[k] >> 3] = 0
+                hbits[cand[k] >> 3] = 0
+            return gbdt
 
         @numba.njit(cache=True, error_model="numpy")
         def progression(stage, timer, entered_in, fresh_valid, first, to, cdf, alt_src, alt_dst, q, k1, k2,
-                        stage_out, timer_out, entered_out):  # pragma: no cover - compiled
+                         stage_out, timer_out, entered_out):  # pragma: no cover - compiled
+            """One progression step into the ``*_out`` arrays: count-downs without branches, movers drawn."""
             n = stage.shape[0]
             per_agent = q.shape[1] > 1
             for i in range(n):
@@ -168,46 +320,54 @@ def _kernels() -> dict[str, object]:
                 tm = timer[i]
                 entered_out[i] = e
                 stage_out[i] = s
-                if first or e >= 0 or tm < 0:
-                    # entered this step, pending, or no day lived yet: start the dwell, no count-down
-                    timer_out[i] = tm if tm >= 0 else -tm
-                    continue
-                if tm != 1:
-                    timer_out[i] = tm - 1 if tm > 0 else 0
-                    continue
-                new = to[s]
-                u = uniform(i, k1, k2)
-                ud = u
-                for a in range(alt_src.shape[0]):
-                    if s == alt_src[a]:
-                        qa = q[a, i] if per_agent else q[a, 0]
-                        if u < qa:
-                            new = alt_dst[a]
-                            ud = u / max(qa, tiny)
-                        else:
-                            ud = (u - qa) / max(np.float32(1) - qa, tiny)
-                stage_out[i] = new
-                entered_out[i] = new
-                timer_out[i] = inverse_cdf(cdf, new, ud)
+                # entered this step, pending, or no day lived yet: start the dwell, no count-down
+                fresh = first | (e >= 0) | (tm < 0)
+                down = tm - np.int16(tm > 0)
+                timer_out[i] = abs(tm) if fresh else down
+                if tm == 1 and not fresh:
+                    new = to[s]
+                    u = uniform(i, k1, k2)
+                    ud = u
+                    for a in range(alt_src.shape[0]):
+                        if s == alt_src[a]:
+                            qa = q[a, i] if per_agent else q[a, 0]
+                            if u < qa:
+                                new = alt_dst[a]
+                                ud = u / max(qa, tiny)
+                            else:
+                                ud = (u - qa) / max(np.float32(1) - qa, tiny)
+                    stage_out[i] = new
+                    entered_out[i] = new
+                    timer_out[i] = inverse_cdf(cdf, new, ud)
 
-        _KERNELS.update(transmission=transmission, progression=progression)
+        _KERNELS.update(transmission=transmission, transmission_backward=transmission_backward,
+                        progression=progression, frontier_bits=frontier_bits, count_bits=count_bits)
     return _KERNELS
 
 
-_WORK: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_WORK: dict[int, tuple[np.ndarray, ...]] = {}
 
 
-def _workspace(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zeroed force ``[N] float32`` and a candidate list ``[N] int32/int64``.
+def _infectious_bytes(iota: Tensor) -> np.ndarray:
+    """``uint8 [256]``: 1 at the stage codes with positive infectiousness (indexed by the code's byte)."""
+    table = np.zeros(256, np.uint8)
+    table[: iota.numel()] = (iota > 0).numpy()
+    return table
+
+
+def _workspace(n: int) -> tuple[np.ndarray, ...]:
+    """Zeroed force ``[N] float32``, candidate and frontier lists ``[N]``, an edge-sweep buffer, the susceptible bitmask.
 
     The kernel returns the force to zero on exit (it resets exactly the entries it
-    touched), so the buffers carry nothing between calls; they exist to avoid an O(N)
-    allocation and clear per step.
+    touched) and overwrites the rest before reading it, so the buffers carry nothing
+    between calls; they exist to avoid O(N) allocations and clears per step.
     """
     if n not in _WORK:
         if len(_WORK) > 4:
             _WORK.clear()
-        _WORK[n] = (np.zeros(n, np.float32), np.empty(n, np.int32 if n < 2**31 else np.int64))
+        index = np.int32 if n < 2**31 else np.int64
+        _WORK[n] = (np.zeros(n, np.float32), np.empty(n, index), np.empty(n, index), np.empty(min(n, 1 << 20) + 16, index),
+                    np.empty((n + 7) >> 3, np.uint8))
     return _WORK[n]
 
 
@@ -245,7 +405,13 @@ _F32 = torch.float32
 
 def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem", state: "EpiState", t: int,
                        rng: torch.Generator) -> "EpiState | None":
-    """Transmission's forward step by the compiled kernel, or ``None`` where the torch path must run."""
+    """Transmission's step by the compiled kernel, or ``None`` where the torch path must run.
+
+    Under autograd (``beta`` or the carrier needs a gradient) the step runs as
+    :class:`_CompiledTransmission`, whose backward is a compiled twin of what torch's autograd
+    does on the torch path (same estimator); contact factors, and layer scales or
+    susceptibilities that themselves need gradients, leave it to the torch path.
+    """
     if not sub.network or system.network is None or not applies(state) or is_replicated(rng):
         return None  # a replicate batch keys draws per replicate: the torch path handles it
     beta = getattr(params, sub.beta)
@@ -255,7 +421,8 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
     cf = state.contact_factor if sub.use_contact_factor else None
     susc = state.susceptibility if sub.use_susceptibility else None
     net = system.network
-    if _needs_grad(beta, state.carrier, scale, cf, susc):
+    grad = _needs_grad(beta, state.carrier, scale, cf, susc)
+    if grad and (cf is not None or _needs_grad(scale, susc)):
         return None
     if any(x is not None and x.dtype != _F32 for x in (state.carrier, net.weight, scale, cf, susc)):
         return None
@@ -269,18 +436,101 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
     bdt = np.float32((beta.detach().to(_F32) * d.dt).item())
     w_const = _constant_weight(net.weight)
     k1, k2 = stream_key(rng, t)
-    force, cand = _workspace(n)
+    force, cand, front, hits, sbits = _workspace(n)
+    f_out, hit_out = _record_space(n) if grad else (np.zeros(1, np.float32), np.zeros(1, np.uint8))
     empty2 = np.zeros((1, 1), np.float32)
     empty1 = np.zeros(1, np.float32)
-    _kernels()["transmission"](
+    scale_np = _np(scale) if scale is not None else empty1
+    susc_np = _np(susc) if susc is not None else empty1
+    _, nf, nc = _kernels()["transmission"](
         _np(stage), _np(timer), _np(entered), _np(state.carrier), _np(net.rowptr), _np(net.edge_index[1]),
         _np(net.weight), w_const is not None, np.float32(w_const or 0.0), _np(net.layer), _np(iota),
-        _np(cf) if cf is not None else empty2, cf is not None,
-        _np(scale) if scale is not None else empty1, scale is not None,
-        _np(susc) if susc is not None else empty1, susc is not None,
-        bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), _np(cdf), k1, k2, force, cand)
-    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered,
+        _np(cf) if cf is not None else empty2, cf is not None, scale_np, scale is not None, susc_np, susc is not None,
+        bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), _np(cdf), k1, k2, force, cand, front,
+        _infectious_bytes(iota), hits, sbits, grad, f_out, hit_out)
+    extra = {}
+    carrier = state.carrier
+    if grad:
+        idx = torch.from_numpy(front[:nf].copy())
+        presence = sub.estimator == "presence"
+        src_load = np.zeros((nf, 1), np.float32)
+        if presence:
+            load = state.acted
+            if load is None:
+                load = torch.zeros((n, sub._load_width(system)), dtype=torch.float32)
+            src_load = load.index_select(0, idx).numpy()
+            # the torch path's own accumulation (same operations, so the same bits)
+            extra["acted"] = sub._accumulate_load(system, state, load, iota, idx)
+        saved = _StepRecord(
+            front=idx.numpy(), src_stage=state.stage.numpy()[idx.numpy()], cand=cand[:nc].copy(), fc=f_out[:nc].copy(),
+            hit=hit_out[:nc].copy(), src_load=src_load,
+            net=net, iota=_np(iota), scale=scale_np, use_scale=scale is not None, susc=susc_np,
+            use_susc=susc is not None, bdt=bdt, dt=float(d.dt), presence=presence)
+        carrier = _CompiledTransmission.apply(state.carrier, beta, saved)
+    return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered,
                          entered_step=torch.tensor(t, device=stage.device))
+
+
+class _StepRecord:
+    """What one compiled transmission step keeps for its backward: O(frontier + candidates), no per-edge array."""
+
+    def __init__(self, **fields: object) -> None:
+        self.__dict__.update(fields)
+
+
+_RECORD: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_BACK: dict[int, tuple[np.ndarray, ...]] = {}
+
+
+def _record_space(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-candidate force ``[N] float32`` and outcome ``[N] uint8`` buffers (copied out after each step)."""
+    if n not in _RECORD:
+        if len(_RECORD) > 4:
+            _RECORD.clear()
+        _RECORD[n] = (np.empty(n, np.float32), np.empty(n, np.uint8))
+    return _RECORD[n]
+
+
+def _backward_space(n: int) -> tuple[np.ndarray, ...]:
+    """Per-agent candidate records ``[N, 2]`` and hazards ``[N]`` (float32), candidate and infection bitmasks
+    all 0 (the backward kernel clears the bits it sets; records are read only where a bit is set)."""
+    if n not in _BACK:
+        if len(_BACK) > 4:
+            _BACK.clear()
+        _BACK[n] = (np.empty((n, 2), np.float32), np.empty(n, np.float32), np.zeros((n + 7) >> 3, np.uint8),
+                    np.zeros((n + 7) >> 3, np.uint8))
+    return _BACK[n]
+
+
+class _CompiledTransmission(torch.autograd.Function):
+    """Carrier after one transmission step (value unchanged); backward by :func:`transmission_backward`.
+
+    The forward ran in the compiled kernel (``fused_transmission``); this node only carries
+    the step's record, so autograd keeps one node per step instead of the torch path's dozens.
+    """
+
+    @staticmethod
+    def forward(ctx, carrier: Tensor, beta: Tensor, rec: _StepRecord) -> Tensor:  # type: ignore[override]
+        """The carrier times ``q / sg(q) (+ 0)`` at the candidates: exactly its value."""
+        ctx.rec = rec
+        ctx.beta_shape = beta.shape
+        ctx.save_for_backward(carrier)
+        return carrier.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        """Gradient onto the input carrier and ``beta``: the torch path's chain rule, compiled."""
+        (carrier,) = ctx.saved_tensors
+        r = ctx.rec
+        net = r.net
+        g = grad.detach().to(_F32).contiguous()
+        gcar = torch.empty_like(g)
+        gbdt = _kernels()["transmission_backward"](
+            g.numpy(), _np(carrier), r.front, r.src_stage, r.src_load, r.cand, r.fc, r.hit, _np(net.rowptr),
+            _np(net.edge_index[1]), _np(net.weight), _np(net.layer), r.iota, r.scale, r.use_scale, r.susc, r.use_susc,
+            r.bdt, r.presence, *_backward_space(carrier.numel()), gcar.numpy())
+        gbeta = torch.full(ctx.beta_shape, gbdt * r.dt, dtype=grad.dtype) if ctx.needs_input_grad[1] else None
+        return gcar, gbeta, None
 
 
 def fused_progression(sub: "Progression", params: "Params", system: "EpiSystem", state: "EpiState", t: int,
