@@ -189,7 +189,7 @@ def test_system_is_sliced_like_the_state_only_on_agent_and_edge_axes() -> None:
     assert torch.equal(out.network.weight, net.weight[keep]) and out.network.num_nodes == 4
     # kept edges 0->3, 2->3, 4->2, 4->3: local sources 0, 1, 3, 3
     assert torch.equal(out.network.rowptr, torch.tensor([0, 1, 2, 2, 4]))
-    assert _edge_index(System(), out) is None and _edge_index(out, System()) is out.network.edge_index
+    assert _edge_index(System(), out) is out.network.edge_index and _edge_index(System(), System()) is None
 
 
 def test_generator_draws_that_cannot_be_keyed_are_refused() -> None:
