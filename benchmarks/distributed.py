@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 from lpm import Intervention, Model, Modulate, Network, Params, Positive
 from lpm.model import Observable
-from lpm.state import tensor_field
+from lpm.state import System, tensor_field
 from lpm.substep import Substep
 from lpm.distributed import Comm, Partition, PartitionedRun, data_parallel_gradient, spawn
 from lpm.kernels import compiled_kernels
 from lpm.networks import erdos_renyi, household_cliques
-from substeps.epidemic import Dwell, EpiState, Progression, Transmission, incidence, initial_state, seirm, stage_counts
+from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
+                               seirm, stage_counts)
 
 WORLDS = (1, 2, 4)
 
@@ -39,21 +40,22 @@ WORLDS = (1, 2, 4)
 # ----------------------------------------------------------------------------- cases
 
 
-def seir_case(n: int = 3000, seed: int = 0, infected: int = 10) -> tuple[Model, Params, EpiState]:
+def seir_case(n: int = 3000, seed: int = 0, infected: int = 10) -> tuple[Model, Params, EpiSystem, EpiState]:
     """Households + Erdős–Rényi community SEIR with deaths and a lockdown on the community layer."""
     disease = seirm(Dwell.gamma(3.0, 1.5), Dwell.gamma(5.0, 2.0), 0.05)
     hh = torch.randint(0, max(n // 3, 1), (n,), generator=torch.Generator().manual_seed(seed))
     # duplicate edges stay separate (no coalescing: it would import torch_geometric in every spawned process)
     net = Network.from_layers({"household": household_cliques(hh), "community": erdos_renyi(n, 6.0, seed=seed + 1)}, n,
                               coalesce=False)
-    state = initial_state(disease, n, infected, seed=seed, network=net, layer_scale=torch.ones(2),
-                          layer_scale_base=torch.ones(2))
+    system = epi_system(disease, network=net, layer_scale_base=torch.ones(2))
+    state = initial_state(disease, n, infected, seed=seed, layer_scale=torch.ones(2))
     sched = torch.ones(60, 2)
     sched[10:30, 1] = 0.3
     model = Model([Modulate("lockdown", "layer_scale", "layer_scale_base", [Intervention("lockdown", sched)]),
                    Progression(disease), Transmission(disease, use_layer_scale=True)],
-                  {"incidence": incidence(disease), **stage_counts(disease)}, state_type=EpiState, name="seir")
-    return model, Params(beta=Positive(0.08)), state
+                  {"incidence": incidence(disease), **stage_counts(disease)}, state_type=EpiState, system_type=EpiSystem,
+                  name="seir")
+    return model, Params(beta=Positive(0.08)), system, state
 
 
 @dataclass(frozen=True)
@@ -71,17 +73,18 @@ class Tally(Substep):
     def __init__(self, num_stages: int) -> None:
         self.num_stages = num_stages
 
-    def __call__(self, params: Params, state: TallyState, t: int, rng: torch.Generator) -> TallyState:
+    def __call__(self, params: Params, system: System, state: TallyState, t: int, rng: torch.Generator) -> TallyState:
         return state.replace(tally=torch.bincount(state.stage.long(), minlength=self.num_stages).float())
 
 
-def tally_case(n: int = 2000, seed: int = 0) -> tuple[Model, Params, TallyState]:
+def tally_case(n: int = 2000, seed: int = 0) -> tuple[Model, Params, EpiSystem, TallyState]:
     """:func:`seir_case` with a :class:`Tally` substep and an observable that reads only ``tally``."""
-    model, params, state = seir_case(n, seed)
-    C = len(state.stages)
+    model, params, system, state = seir_case(n, seed)
+    C = len(system.stages)
     state = TallyState(**dict(state.items()), tally=torch.zeros(C))
-    obs = {**model.observables, "tally": Observable(lambda s: s.tally.clone(), reads=("tally",))}
-    return Model([*model.substeps, Tally(C)], obs, state_type=TallyState, name="seir-tally"), params, state
+    obs = {**model.observables, "tally": Observable(lambda y, s: s.tally.clone(), reads=("tally",))}
+    return (Model([*model.substeps, Tally(C)], obs, state_type=TallyState, system_type=EpiSystem, name="seir-tally"),
+            params, system, state)
 
 
 class FrontierDraw(Substep):
@@ -89,18 +92,18 @@ class FrontierDraw(Substep):
 
     name, reads, writes = "frontier_draw", ("stage", "timer"), ("timer",)
 
-    def __call__(self, params: Params, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
+    def __call__(self, params: Params, system: System, state: EpiState, t: int, rng: torch.Generator) -> EpiState:
         k = int((state.stage == 2).sum())
         u = torch.rand(k, generator=rng)
         return state.replace(timer=state.timer + (u > 2.0).sum().to(state.timer.dtype))
 
 
-def nyc_case(scale: float, days: int, cache_dir: str) -> tuple[Model, Params, Any, tuple[str, ...], Any]:
+def nyc_case(scale: float, days: int, cache_dir: str) -> tuple[Model, Params, Any, Any, tuple[str, ...], Any]:
     """The NYC COVID-19 model (rule-based archetype decisions) at a small scale; its case window is a sum over agents."""
     from experiments.covid_nyc import build
 
     setup = build(scale=scale, days=days, llm="rule", llm_cache=False, cache_dir=cache_dir)
-    return setup.model, setup.params, setup.state, ("recent_cases",), setup.state.area
+    return setup.model, setup.params, setup.system, setup.state, ("recent_cases",), setup.system.area
 
 
 def _groups(worlds: Sequence[int]) -> dict[int, Any]:
@@ -119,17 +122,17 @@ def equivalence_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one case partitioned over 1, 2, 4 ranks (sub-groups of ``comm``); rank 0 of each returns its observables."""
     torch.set_num_threads(1)
     if spec["case"] == "seir":
-        model, params, state = seir_case(spec.get("n", 3000), spec.get("seed", 0))
+        model, params, system, state = seir_case(spec.get("n", 3000), spec.get("seed", 0))
         sums, area = (), None
     elif spec["case"] == "frontier":
-        model, params, state = seir_case(spec.get("n", 800), spec.get("seed", 0))
-        model = Model([*model.substeps, FrontierDraw()], model.observables, state_type=EpiState)
+        model, params, system, state = seir_case(spec.get("n", 800), spec.get("seed", 0))
+        model = Model([*model.substeps, FrontierDraw()], model.observables, state_type=EpiState, system_type=EpiSystem)
         sums, area = (), None
     elif spec["case"] == "tally":
-        model, params, state = tally_case(spec.get("n", 2000), spec.get("seed", 0))
+        model, params, system, state = tally_case(spec.get("n", 2000), spec.get("seed", 0))
         sums, area = tuple(spec.get("sums", ())), None
     else:
-        model, params, state, sums, area = nyc_case(spec["scale"], spec["days"], spec["cache_dir"])
+        model, params, system, state, sums, area = nyc_case(spec["scale"], spec["days"], spec["cache_dir"])
     out: dict[str, Any] = {}
     groups = _groups(spec["worlds"])
     for w in spec["worlds"]:
@@ -138,19 +141,19 @@ def equivalence_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
         sub = Comm(groups[w]) if comm.world > 1 else comm
         part = _partition(spec.get("partition", "blocks"), state.stage.numel(), w, area)
         try:
-            run = PartitionedRun(model, params, state, part, sub, sums=sums)
+            run = PartitionedRun(model, params, system, state, part, sub, sums=sums)
             res = run.simulate(spec["steps"], seed=spec.get("seed", 0), check=spec.get("check", False))
         except Exception as exc:  # reported to the caller (the tests check the message)
             out[w] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
-        cut = part.edge_cut(state.network.edge_index)
+        cut = part.edge_cut(system.network.edge_index)
         out[w] = {"obs": {k: v.clone() for k, v in res.observables.items()}, "meta": res.meta, "cut": cut}
     if comm.rank == 0 and spec.get("reference", False):
         with compiled_kernels(False):
-            ref = model.simulate(params, state, spec["steps"], seed=spec.get("seed", 0), progress=False)
+            ref = model.simulate(params, system, state, spec["steps"], seed=spec.get("seed", 0), progress=False)
         out["reference"] = {k: v.clone() for k, v in ref.observables.items()}
         if spec.get("compiled", False):  # the compiled kernels' first call compiles them (seconds)
-            ref_c = model.simulate(params, state, spec["steps"], seed=spec.get("seed", 0), progress=False)
+            ref_c = model.simulate(params, system, state, spec["steps"], seed=spec.get("seed", 0), progress=False)
             out["reference_compiled"] = {k: v.clone() for k, v in ref_c.observables.items()}
     for g in groups.values():
         if g is not None:
@@ -158,9 +161,9 @@ def equivalence_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _seir_predict(model: Model, params: Params, state: EpiState, steps: int):
+def _seir_predict(model: Model, params: Params, system: EpiSystem, state: EpiState, steps: int):
     def predict(seed: int) -> dict[str, torch.Tensor]:
-        res = model.simulate(params, state, steps, seed=seed, grad=True, progress=False)
+        res = model.simulate(params, system, state, steps, seed=seed, grad=True, progress=False)
         return {"incidence": res["incidence"], "deaths": res["M"]}
 
     return predict
@@ -176,9 +179,9 @@ def _seir_loss(target: torch.Tensor):
 def gradient_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     """Data-parallel gradient of a replicate-mean loss over 1, 2, 4 ranks; rank 0 also the plain single-process one."""
     torch.set_num_threads(1)
-    model, params, state = seir_case(spec.get("n", 600), 0)
+    model, params, system, state = seir_case(spec.get("n", 600), 0)
     target = torch.full((spec["steps"],), 3.0)
-    predict, loss = _seir_predict(model, params, state, spec["steps"]), _seir_loss(target)
+    predict, loss = _seir_predict(model, params, system, state, spec["steps"]), _seir_loss(target)
     out: dict[str, Any] = {}
     groups = _groups(spec["worlds"])
     for w in spec["worlds"]:
@@ -199,24 +202,35 @@ def gradient_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
-    """Stop a run part-way with per-rank checkpoints, resume it, and try resuming with fewer ranks."""
+    """Stop a run part-way with per-rank checkpoints, resume it, and try resuming with fewer ranks or another system."""
     torch.set_num_threads(1)
-    model, params, state = seir_case(spec.get("n", 1500), 0)
+    model, params, system, state = seir_case(spec.get("n", 1500), 0)
     groups = _groups((2, comm.world))
     path = Path(spec["dir"])
     out: dict[str, Any] = {}
-    full = PartitionedRun(model, params, state, Partition.blocks(state.stage.numel(), comm.world), comm)
+    n = state.stage.numel()
+    full = PartitionedRun(model, params, system, state, Partition.blocks(n, comm.world), comm)
     out["full"] = full.simulate(spec["steps"], seed=3).observables
-    run = PartitionedRun(model, params, state, Partition.blocks(state.stage.numel(), comm.world), comm)
+    run = PartitionedRun(model, params, system, state, Partition.blocks(n, comm.world), comm)
     first = run.simulate(spec["steps"], seed=3, checkpoint=path, every=5, stop_after=spec["stop"])
     out["stopped_at"] = first.meta["steps"]
-    again = PartitionedRun(model, params, state, Partition.blocks(state.stage.numel(), comm.world), comm)
+    # the system is not checkpointed: one edge weight changed into the last rank's agents must stop every rank
+    net = system.network
+    last = (net.edge_index[1] == n - 1).nonzero()[:1, 0]
+    other = system.replace(network=net.replace(weight=net.weight.index_fill(0, last, 2.0 * float(net.weight[last]))))
+    try:
+        PartitionedRun(model, params, other, state, Partition.blocks(n, comm.world), comm).simulate(
+            spec["steps"], seed=3, checkpoint=path, every=5)
+        out["system_change_error"] = None
+    except Exception as exc:  # the message is what the test checks
+        out["system_change_error"] = f"{type(exc).__name__}: {exc}"
+    again = PartitionedRun(model, params, system, state, Partition.blocks(n, comm.world), comm)
     resumed = again.simulate(spec["steps"], seed=3, checkpoint=path, every=5)
     out["resumed"] = resumed.observables
     out["resumed_from"] = resumed.meta["resumed_from"]
     if comm.rank < 2:
         try:
-            small = PartitionedRun(model, params, state, Partition.blocks(state.stage.numel(), 2), Comm(groups[2]))
+            small = PartitionedRun(model, params, system, state, Partition.blocks(n, 2), Comm(groups[2]))
             small.simulate(spec["steps"], seed=3, checkpoint=path, every=5)
             out["rank_change_error"] = None
         except Exception as exc:  # the message is what the test checks
@@ -248,25 +262,25 @@ def scaling_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     for mode in ("strong", "weak"):
         for w in spec["worlds"]:
             n = spec["n"] if mode == "strong" else spec["n"] * w
-            model, params, state = seir_case(n, 0, infected=max(10, n // 500))
+            model, params, system, state = seir_case(n, 0, infected=max(10, n // 500))
             if comm.rank < w:
                 sub = Comm(groups[w]) if comm.world > 1 else comm
                 part = Partition.blocks(n, w)
                 walls, comms, halos = [], [], []
-                PartitionedRun(model, params, state, part, sub).simulate(min(spec["steps"], 5), seed=1)  # warm-up
+                PartitionedRun(model, params, system, state, part, sub).simulate(min(spec["steps"], 5), seed=1)  # warm-up
                 for _ in range(spec["repeats"]):
-                    run = PartitionedRun(model, params, state, part, sub)
+                    run = PartitionedRun(model, params, system, state, part, sub)
                     res = run.simulate(spec["steps"], seed=1)
                     walls.append(res.meta["wall_seconds"])
                     comms.append(res.meta["comm_seconds"])
                     halos.append(res.meta["halo_bytes"])
-                cut, share = part.edge_cut(state.network.edge_index)
+                cut, share = part.edge_cut(system.network.edge_index)
                 mine = {"wall": statistics.median(walls), "comm": statistics.median(comms), "halo_bytes": halos[-1],
                         "comm_bytes": res.meta["comm_bytes"], "owned": res.meta["owned"], "ghosts": res.meta["ghosts"]}
                 every = sub.all_gather_object(mine)
                 if sub.rank == 0:
                     steps = spec["steps"]
-                    rows.append({"mode": mode, "ranks": w, "agents": n, "edges": int(state.network.num_edges),
+                    rows.append({"mode": mode, "ranks": w, "agents": n, "edges": int(system.network.num_edges),
                                  "edge_cut": cut, "edge_cut_share": share, "steps": steps,
                                  "wall_s_per_step": max(e["wall"] for e in every) / steps,
                                  "comm_share": max(e["comm"] / max(e["wall"], 1e-12) for e in every),
@@ -328,10 +342,11 @@ def _plan(rows: list[dict[str, Any]], nyc: list[dict[str, Any]]) -> list[str]:
 def nyc_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
     """The NYC model partitioned by borough over 1, 2, 4 ranks: halo bytes, ghosts, cut, bytes per agent and edge."""
     torch.set_num_threads(1)
-    model, params, state, sums, area = nyc_case(spec["scale"], spec["days"], spec["cache_dir"])
-    n, e = int(state.stage.numel()), int(state.network.num_edges)
-    net_bytes = sum(v.numel() * v.element_size() for k, v in state.network.flat_tensors().items() if k != "rowptr")
-    st_bytes = sum(v.numel() * v.element_size() for k, v in state.flat_tensors().items()
+    model, params, system, state, sums, area = nyc_case(spec["scale"], spec["days"], spec["cache_dir"])
+    n, e = int(state.stage.numel()), int(system.network.num_edges)
+    net_bytes = sum(v.numel() * v.element_size() for k, v in system.network.flat_tensors().items() if k != "rowptr")
+    # bytes per agent of its rows in the state and the system (what a rank holds per owned or ghost row)
+    st_bytes = sum(v.numel() * v.element_size() for struct in (state, system) for k, v in struct.flat_tensors().items()
                    if not k.startswith("network/") and v.dim() and v.shape[0] == n)
     groups = _groups(spec["worlds"])
     rows = []
@@ -339,9 +354,9 @@ def nyc_worker(comm: Comm, spec: dict[str, Any]) -> dict[str, Any]:
         if comm.rank < w:
             sub = Comm(groups[w]) if comm.world > 1 else comm
             part = Partition.by_group(area, w)
-            res = PartitionedRun(model, params, state, part, sub, sums=sums).simulate(spec["days"], seed=0)
+            res = PartitionedRun(model, params, system, state, part, sub, sums=sums).simulate(spec["days"], seed=0)
             every = sub.all_gather_object(res.meta)
-            cut, share = part.edge_cut(state.network.edge_index)
+            cut, share = part.edge_cut(system.network.edge_index)
             if sub.rank == 0:
                 rows.append({"ranks": w, "agents": n, "edges": e, "edge_cut_share": share, "steps": spec["days"],
                              "ghosts": sum(m["ghosts"] for m in every),
@@ -439,12 +454,12 @@ PLAN_NOTES = [
 
 def overhead(n: int, steps: int, repeats: int) -> dict[str, float]:
     """Seconds of the 1-rank partitioned run against ``Model.simulate`` (torch path), same process, medians."""
-    model, params, state = seir_case(n, 0, infected=max(10, n // 500))
-    run = PartitionedRun(model, params, state, Partition.blocks(n, 1))
+    model, params, system, state = seir_case(n, 0, infected=max(10, n // 500))
+    run = PartitionedRun(model, params, system, state, Partition.blocks(n, 1))
 
     def plain() -> None:
         with compiled_kernels(False):
-            model.simulate(params, state, steps, seed=1, progress=False)
+            model.simulate(params, system, state, steps, seed=1, progress=False)
 
     plain()
     run.simulate(steps, seed=1)

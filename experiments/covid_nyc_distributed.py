@@ -1,4 +1,8 @@
-"""The NYC COVID-19 model partitioned over ranks: ``lpm run covid-nyc --ranks 4 [--scale 0.002 --days 30]``.
+"""The NYC COVID-19 model partitioned over ranks: ``lpm run covid-nyc --ranks 4 [--params prior --scale 0.002 --days 30]``.
+
+Partitioned runs use the prior (uncalibrated) parameters, also when ``--params`` is omitted:
+``lpm run covid-nyc`` without ``--ranks`` defaults to the fitted replay, which runs in one
+process; ``--ranks N --params fitted`` is an error that says so.
 
 Without a launcher it spawns ``--ranks`` local gloo processes; under ``torchrun`` (or Slurm
 ``srun`` with ``MASTER_ADDR``/``MASTER_PORT``) every process joins the launcher's group (NCCL
@@ -25,6 +29,9 @@ __all__ = ["run_ranks"]
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lpm run covid-nyc --ranks N",
                                  description="NYC COVID-19 (prior parameters) partitioned over N processes")
+    ap.add_argument("--params", choices=("prior", "fitted"), default="prior",
+                    help="prior (the only choice here): partitioned runs use the uncalibrated model; the fitted replay "
+                         "(the default of `lpm run covid-nyc` without --ranks) runs in one process")
     ap.add_argument("--scale", type=positive_float, default=0.002, help="agents per resident (1.0 = 8.3 million)")
     ap.add_argument("--days", type=positive_int, default=30)
     ap.add_argument("--start", type=date_arg, default="2020-03-01")
@@ -47,12 +54,12 @@ def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
     setup = build(scale=opts["scale"], seed=opts["seed"], start=opts["start"], days=opts["days"], llm="rule",
                   llm_cache=False, cache_dir=opts["cache_dir"])
     n = int(setup.state.stage.numel())
-    part = (Partition.by_group(setup.state.area, comm.world) if opts["partition"] == "area"
+    part = (Partition.by_group(setup.system.area, comm.world) if opts["partition"] == "area"
             else Partition.blocks(n, comm.world))
-    run = PartitionedRun(setup.model, setup.params, setup.state, part, comm, sums=("recent_cases",))
+    run = PartitionedRun(setup.model, setup.params, setup.system, setup.state, part, comm, sums=("recent_cases",))
     res = run.simulate(setup.steps, seed=opts["seed"])
     meta = comm.all_gather_object(res.meta)
-    cut, share = part.edge_cut(setup.state.network.edge_index)
+    cut, share = part.edge_cut(setup.system.network.edge_index)
     if comm.rank == 0:
         out = Path(opts["out"])
         out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +72,7 @@ def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
             elif v.dim() == 1:
                 cols[k] = v.tolist()
         pd.DataFrame(cols).to_csv(out / "daily.csv", index=False)
-        summary = {"ranks": comm.world, "agents": n, "edges": int(setup.state.network.num_edges), "partition": opts["partition"],
+        summary = {"ranks": comm.world, "params": "prior", "agents": n, "edges": int(setup.system.network.num_edges), "partition": opts["partition"],
                    "edge_cut": cut, "edge_cut_share": share, "agents_per_rank": part.sizes(),
                    "ghosts_per_rank": [m["ghosts"] for m in meta],
                    "halo_bytes_per_step": sum(m["halo_bytes"] for m in meta) / max(setup.steps, 1),
@@ -80,6 +87,9 @@ def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
 def run_ranks(argv: Sequence[str], ranks: int) -> int:
     """CLI: ``lpm run covid-nyc --ranks N``: spawn N local gloo processes, or join torchrun's group."""
     a = _parser().parse_args(list(argv))
+    if a.params != "prior":
+        raise DistributedError("--params fitted: the calibrated replay runs in one process (lpm run covid-nyc without "
+                               "--ranks); a partitioned run uses the prior model: pass --params prior or omit --params")
     opts = {"scale": a.scale, "seed": a.seed, "start": a.start, "days": a.days, "partition": a.partition,
             "cache_dir": a.cache_dir, "out": a.out}
     env = os.environ

@@ -2,31 +2,33 @@
 
 Partitioned simulation. A :class:`Partition` gives every agent an owner rank (contiguous
 blocks, or whole groups such as areas). Rank ``r``'s *shard* is an ordinary state of the
-model's type over its *local rows*: the agents it owns plus *ghost* rows, the remote sources
-of the edges that end in its agents, numbered in ascending global id (so every sum over a
-target's in-edges runs in the same order as in the whole population's run). Fields are
-sliced generically by their declared shapes: ``"N"`` axes take the local rows, ``"E"`` axes
-the edges that end in owned agents, integer ``(2, "E")`` fields are remapped to local rows and
-``"N+1"`` row pointers recomputed; every other field is kept whole. Tensors held by the
+model's types (system and state) over its *local rows*: the agents it owns plus *ghost* rows,
+the remote sources of the edges that end in its agents, numbered in ascending global id (so
+every sum over a target's in-edges runs in the same order as in the whole population's run).
+System and state are sliced alike, generically by their declared shapes: ``"N"`` axes take the
+local rows, ``"E"`` axes the edges that end in owned agents, integer ``(2, "E")`` fields (the
+network's ids, found in the system or the state) are remapped to local rows and ``"N+1"`` row
+pointers recomputed; every other field (``"B"``, ``"C+1"``, ``"Tc"``, ...) is kept whole. The
+system never changes, so only state rows travel in the halo exchange. Tensors held by the
 substeps themselves with a leading dimension of the population size (an intervention's
 eligibility, archetype ids) are sliced the same way, on a copy of the substep.
 
 Each step runs the model's own substeps, unchanged, on the shard:
 
-* a substep that reads no edge field updates each row from that row alone, so ghost rows
-  stay equal to their owners' rows;
+* a substep that reads no edge field (of the system or the state) updates each row from that
+  row alone, so ghost rows stay equal to their owners' rows;
 * a substep that reads edges (the network) gets complete inputs for owned rows only;
   afterwards the *halo exchange* sends every owned row another rank holds as a ghost
   (one ``all_to_all`` of the changed agent fields, packed as bytes);
 * a substep writing a field named in ``sums`` (a sum over agents with no agent axis, e.g. a
-  per-area case window) runs on the owned rows and on no rows; the field becomes
+  per-area case window) runs on the owned rows and on no rows (of both system and state); the field becomes
   ``f(no rows) + sum_r (f(owned_r) - f(no rows))`` by ``all_reduce``;
 * any other written field without an agent axis must come out equal on every rank
   (checked on the first step, or every step with ``check=True``).
 
-Observables are evaluated on the owned rows and summed over ranks by ``all_reduce``; an
-observable that declares ``reads`` without any agent field is agent-independent and taken
-as is. Counts summed from the gradient carriers (value exactly 1) are integers in float32, so
+Observables are evaluated on the owned rows (of system and state) and summed over ranks by
+``all_reduce``; an observable that declares ``reads`` without any field with an agent or edge
+axis is agent-independent and taken as is. Counts summed from the gradient carriers (value exactly 1) are integers in float32, so
 their sums are exact in any order: the observables are bit-identical for any number of
 ranks. Observables that are not sums over agents (means, maxima) cannot be partitioned.
 
@@ -75,7 +77,7 @@ from lpm.model import Model, changed_fields
 from lpm.params import ParamsLike
 from lpm.results import Results
 from lpm.rng import Streams
-from lpm.state import State
+from lpm.state import State, Struct, System
 
 __all__ = ["DistributedError", "Comm", "Partition", "Shard", "PartitionedRun", "data_parallel_gradient", "spawn",
            "init_from_env", "localize"]
@@ -274,31 +276,43 @@ def _shape(f: dataclasses.Field) -> tuple:
     return tuple(f.metadata.get("shape", ()))
 
 
-def _has_axis(state: State, sym: str) -> bool:
-    """Whether ``state`` (recursively) has a tensor field with a ``sym`` axis."""
-    for f in dataclasses.fields(state):
-        v = getattr(state, f.name)
-        if isinstance(v, State) and _has_axis(v, sym):
+def _has_axis(struct: Struct, sym: str) -> bool:
+    """Whether ``struct`` (recursively) has a tensor field with a ``sym`` axis."""
+    for f in dataclasses.fields(struct):
+        v = getattr(struct, f.name)
+        if isinstance(v, Struct) and _has_axis(v, sym):
             return True
         if isinstance(v, Tensor) and sym in _shape(f):
             return True
     return False
 
 
-def _agent_fields(state: State) -> list[str]:
-    """Top-level tensor fields with an ``"N"`` axis first (the rows a shard exchanges)."""
-    return [f.name for f in dataclasses.fields(state)
-            if isinstance(getattr(state, f.name), Tensor) and _shape(f)[:1] == ("N",)]
+def _agent_fields(struct: Struct) -> list[str]:
+    """Top-level tensor fields with an ``"N"`` axis first (the rows a shard exchanges or views)."""
+    return [f.name for f in dataclasses.fields(struct)
+            if isinstance(getattr(struct, f.name), Tensor) and _shape(f)[:1] == ("N",)]
 
 
-def _slice_state(state: State, rows: Tensor, n_global: int, edges: Tensor | None, lut: Tensor | None) -> State:
-    """``state`` over the agent rows ``rows`` and, with ``edges``, the edges ``edges`` remapped by ``lut``."""
+def _axis_fields(struct: Struct, syms: Sequence[str]) -> set[str]:
+    """Top-level fields with one of the axes ``syms``, directly or inside a nested struct (e.g. a network)."""
+    out = set()
+    for f in dataclasses.fields(struct):
+        v = getattr(struct, f.name)
+        if (isinstance(v, Tensor) and set(_shape(f)) & set(syms)) or (
+                isinstance(v, Struct) and any(_has_axis(v, s) for s in syms)):
+            out.add(f.name)
+    return out
+
+
+def _slice_state(state: Struct, rows: Tensor, n_global: int, edges: Tensor | None, lut: Tensor | None) -> Struct:
+    """``state`` (a state, a system or a nested struct) over the agent rows ``rows`` and, with ``edges``, the
+    edges ``edges`` remapped by ``lut``; axes other than ``"N"``, ``"N+1"`` and ``"E"`` are kept whole."""
     changes: dict[str, Any] = {}
     agent_id_field = None
     for f in dataclasses.fields(state):
         v = getattr(state, f.name)
         shape = _shape(f)
-        if isinstance(v, State):
+        if isinstance(v, Struct):
             changes[f.name] = _slice_state(v, rows, n_global, edges, lut)
         elif f.metadata.get("static"):
             if isinstance(v, int) and not isinstance(v, bool) and v == n_global and edges is not None:
@@ -436,36 +450,41 @@ class Shard:
         return int(self.ids.numel() - self.owned.numel())
 
 
-def _edge_index(state: State) -> Tensor | None:
-    """The first integer ``(2, "E")`` field found (recursively): the network's source, target ids."""
-    for f in dataclasses.fields(state):
-        v = getattr(state, f.name)
-        if isinstance(v, State):
-            found = _edge_index(v)
-            if found is not None:
-                return found
-        elif isinstance(v, Tensor) and _shape(f) == (2, "E") and not v.is_floating_point():
-            return v
+def _edge_index(*structs: Struct) -> Tensor | None:
+    """The first integer ``(2, "E")`` field found (recursively, in ``structs`` in order): the network's source, target ids."""
+    for struct in structs:
+        for f in dataclasses.fields(struct):
+            v = getattr(struct, f.name)
+            if isinstance(v, Struct):
+                found = _edge_index(v)
+                if found is not None:
+                    return found
+            elif isinstance(v, Tensor) and _shape(f) == (2, "E") and not v.is_floating_point():
+                return v
     return None
 
 
-def make_shard(state: State, partition: Partition, comm: Comm) -> tuple[Shard, Tensor]:
-    """This rank's rows and halo plan for ``state`` under ``partition``, and the global -> local row map.
+def make_shard(system: System, state: State, partition: Partition, comm: Comm) -> tuple[Shard, Tensor]:
+    """This rank's rows and halo plan for ``system`` and ``state`` under ``partition``, and the global -> local row map.
 
-    Every rank holds the whole ``state`` here; a loader that reads only a rank's rows would
-    build the same shard from its agents and their in-edges.
+    Every rank holds the whole ``system`` and ``state`` here; a loader that reads only a rank's
+    rows would build the same shard from its agents and their in-edges (the network is looked
+    for in the system first, then in the state).
     """
-    dims = state.validate()
+    if not isinstance(system, System):
+        raise DistributedError(f"system: expected a System (what never changes during a run), got {type(system).__name__}")
+    dims = system.validate(state.validate())
     n = dims.get("N")
     if n is None:
-        raise DistributedError(f"{type(state).__name__}: no field with an agent axis 'N'; nothing to partition")
+        raise DistributedError(f"{type(system).__name__} and {type(state).__name__}: no field with an agent axis 'N'; "
+                               "nothing to partition")
     if partition.owner.numel() != n:
-        raise DistributedError(f"partition: owner covers {partition.owner.numel()} agents, the state has N = {n}")
+        raise DistributedError(f"partition: owner covers {partition.owner.numel()} agents, the system and state have N = {n}")
     if partition.world != comm.world:
         raise DistributedError(f"partition: made for {partition.world} ranks, the process group has {comm.world}")
     r = comm.rank
     owner = partition.owner.long().cpu()
-    ei = _edge_index(state)
+    ei = _edge_index(system, state)
     mine = owner == r
     if ei is not None:
         src, dst = ei[0].long().cpu(), ei[1].long().cpu()
@@ -506,35 +525,44 @@ def _digest(x: Any) -> str:
 class PartitionedRun:
     """One rank's part of a partitioned run of ``model`` (see the module doc).
 
-    ``state`` is the whole population's initial state (every rank holds it; only the shard is
-    kept). ``sums``: fields without an agent axis that are sums over agents (e.g. a case
-    window by area). ``verify``: after every step, check (one gather of hashes) that every
-    other field without an agent axis came out equal on all ranks. Every rank calls
+    ``system`` and ``state`` are the whole population's (every rank holds them; only the shard
+    of each is kept). ``sums``: state fields without an agent axis that are sums over agents
+    (e.g. a case window by area). ``verify``: after every step, check (one gather of hashes)
+    that every other field without an agent axis came out equal on all ranks. Every rank calls
     :meth:`simulate` with the same arguments.
     """
 
-    def __init__(self, model: Model, params: ParamsLike, state: State, partition: Partition, comm: Comm | None = None,
-                 *, sums: Sequence[str] = (), verify: bool = True) -> None:
+    def __init__(self, model: Model, params: ParamsLike, system: System, state: State, partition: Partition,
+                 comm: Comm | None = None, *, sums: Sequence[str] = (), verify: bool = True) -> None:
         self.model, self.params = model, params
         self.verify = bool(verify)
         self.comm = comm or Comm()
-        model.check(params, state)
-        self.shard, lut = make_shard(state, partition, self.comm)
+        model.check(params, system, state)
+        self.shard, lut = make_shard(system, state, partition, self.comm)
         sh = self.shard
         self.n_global = sh.n_global
+        self.system = _slice_state(system, sh.ids, sh.n_global, sh.edges, lut)
         self.state = _slice_state(state, sh.ids, sh.n_global, sh.edges, lut)
         dev = self.state.device  # index plans live where the state does (CUDA under NCCL)
         sh.ids, sh.owned = sh.ids.to(dev), sh.owned.to(dev)
         sh.send, sh.recv = [x.to(dev) for x in sh.send], [x.to(dev) for x in sh.recv]
         self.sums = tuple(sums)
-        names = set(state.field_names())
+        names, constant = set(state.field_names()), set(system.field_names())
         for f in self.sums:
+            if f in constant:
+                raise DistributedError(f"sums: field {f!r} is a field of the system {type(system).__name__} (constant "
+                                       f"during a run); sums names fields of the state {type(state).__name__}")
             if f not in names:
                 raise DistributedError(f"sums: field {f!r} is not a field of {type(state).__name__}")
-        self.agent_fields = _agent_fields(state)
-        edge_fields = {f.name for f in dataclasses.fields(state)
-                       if ("E" in _shape(f)) or (isinstance(getattr(state, f.name), State) and _has_axis(getattr(state, f.name), "E"))}
+        self.agent_fields = _agent_fields(state)  # only state rows change, so only they travel in the halo
+        self.system_agent_fields = _agent_fields(system)
+        edge_fields = _axis_fields(system, ("E",)) | _axis_fields(state, ("E",))
+        # fields whose value depends on which agents (or edges) a rank holds: observables reading them are summed
+        self.agent_dependent = _axis_fields(system, ("N", "N+1", "E")) | _axis_fields(state, ("N", "N+1", "E"))
         self.owned_ids = sh.ids.index_select(0, sh.owned)
+        # the system never changes: its views on the owned rows and on no rows are made once
+        self.system_owned = self._view(self.system, sh.owned, self.system_agent_fields)
+        self.system_empty = self._view(self.system, sh.owned[:0], self.system_agent_fields)
         self.neighbour: dict[str, bool] = {}
         self.aggregate: dict[str, bool] = {}
         self.local: dict[str, Any] = {}
@@ -556,20 +584,21 @@ class PartitionedRun:
                 self.empty_sub[s.name] = localize(s, empty, sh.n_global)
         self.halo_bytes = 0
         self.halo_seconds = 0.0
+        self._system_digest: str | None = None
 
     # -- views
-    def _view(self, state: State, pos: Tensor, fields: Sequence[str] | None = None) -> State:
-        """``state`` restricted to the local rows ``pos`` (agent fields only; edges untouched)."""
+    def _view(self, struct: Struct, pos: Tensor, agent_fields: Sequence[str], fields: Sequence[str] | None = None) -> Any:
+        """``struct`` (system or state) restricted to the local rows ``pos`` (its ``agent_fields`` only; edges untouched)."""
         if pos.numel() == self.shard.ids.numel():  # no ghost rows: the owned rows are all rows, in order
-            return state
+            return struct
         changes = {}
-        for f in dataclasses.fields(state):
-            if f.name not in self.agent_fields or (fields is not None and f.name not in fields):
+        for f in dataclasses.fields(struct):
+            if f.name not in agent_fields or (fields is not None and f.name not in fields):
                 continue
-            v = getattr(state, f.name)
+            v = getattr(struct, f.name)
             if isinstance(v, Tensor):
                 changes[f.name] = v.index_select(0, pos.to(v.device))
-        return dataclasses.replace(state, **changes)
+        return dataclasses.replace(struct, **changes) if changes else struct
 
     # -- halo
     def _exchange(self, state: State, names: Sequence[str]) -> State:
@@ -605,10 +634,11 @@ class PartitionedRun:
         return dataclasses.replace(state, **changes)
 
     # -- one substep
-    def _call(self, sub: Any, name: str, state: State, t: int, rng: torch.Generator, rows: Tensor) -> State:
+    def _call(self, sub: Any, name: str, system: System, state: State, t: int, rng: torch.Generator,
+              rows: Tensor) -> State:
         log = self._pending if self.comm.world > 1 and self._checking else None
         with _GlobalDraws(name, rng, rows, self.n_global, log):
-            return sub(self.params, state, t, rng)
+            return sub(self.params, system, state, t, rng)
 
     def _substep(self, s: Any, state: State, t: int, streams: Streams, check: bool) -> State:
         rng = streams[s.name]
@@ -616,10 +646,11 @@ class PartitionedRun:
         if self.aggregate[s.name]:
             # runs on the owned rows (a sum over agents must not count ghosts) and on no rows (the agent-free part)
             g_state = rng.get_state()
-            base = self._call(self.empty_sub[s.name], s.name, self._view(state, sh.owned[:0]), t, rng,
-                              sh.ids[:0])
+            base = self._call(self.empty_sub[s.name], s.name, self.system_empty,
+                              self._view(state, sh.owned[:0], self.agent_fields), t, rng, sh.ids[:0])
             rng.set_state(g_state)
-            out = self._call(self.owned_sub[s.name], s.name, self._view(state, sh.owned), t, rng, self.owned_ids)
+            out = self._call(self.owned_sub[s.name], s.name, self.system_owned,
+                             self._view(state, sh.owned, self.agent_fields), t, rng, self.owned_ids)
             changes = {}
             for f in s.writes:
                 new = getattr(out, f)
@@ -634,13 +665,13 @@ class PartitionedRun:
             result = dataclasses.replace(state, **changes)
             moved = [f for f in s.writes if f in self.agent_fields and changes[f] is not getattr(state, f)]
             return self._exchange(result, moved)
-        out = self._call(self.local[s.name], s.name, state, t, rng, sh.ids)
+        out = self._call(self.local[s.name], s.name, self.system, state, t, rng, sh.ids)
         written = changed_fields(state, out)
         if self.neighbour[s.name]:
             out = self._exchange(out, [f for f in self.agent_fields if f in written])
         if self.comm.world > 1 and self._checking:
             for f in written:
-                if f not in self.agent_fields and not isinstance(getattr(out, f), State):
+                if f not in self.agent_fields and not isinstance(getattr(out, f), Struct):
                     self._pending.append((s.name, f"field {f!r} (no agent axis)", _digest(getattr(out, f)),
                                           f"it depends on the agents; declare it in sums=({f!r},) if it is a sum "
                                           "over agents"))
@@ -664,10 +695,10 @@ class PartitionedRun:
     # -- observables
     def _observe(self, state: State) -> dict[str, Tensor]:
         obs = self.model.observables
-        agent = set(self.agent_fields)
+        agent = self.agent_dependent
         reads = set().union(*(o.reads for o in obs.values())) if all(o.reads for o in obs.values()) else None
-        view = self._view(state, self.shard.owned, sorted(reads) if reads is not None else None)
-        vals = {k: o.fn(view) for k, o in obs.items()}
+        view = self._view(state, self.shard.owned, self.agent_fields, sorted(reads) if reads is not None else None)
+        vals = {k: o.fn(self.system_owned, view) for k, o in obs.items()}
         summed = [k for k, o in obs.items() if not (o.reads and not (set(o.reads) & agent))]
         if self.comm.world > 1 and summed:
             flat = torch.cat([vals[k].reshape(-1).to(torch.float64) for k in summed])
@@ -735,9 +766,19 @@ class PartitionedRun:
     def _file(self, path: Path) -> Path:
         return path / f"rank{self.comm.rank}-of-{self.comm.world}.pt"
 
+    def _system_fingerprint(self) -> str:
+        """Content hash of this rank's shard of the system (never checkpointed, so a resume must find the same one)."""
+        if self._system_digest is None:
+            flat = self.system.flat_tensors()
+            parts = [type(self.system).__name__] + [f"{k}={_digest(flat[k])}" for k in sorted(flat)]
+            self._system_digest = hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+        return self._system_digest
+
     def _save(self, path: Path, seed: int, state: State, t: int, records: dict[str, list[Tensor]], streams: Streams) -> None:
         blob = {"world": self.comm.world, "rank": self.comm.rank, "seed": seed, "step": t,
-                "ids": _digest(self.shard.ids), "state": {k: v.detach().cpu() for k, v in state.flat_tensors().items()},
+                "owned_ids": _digest(self.owned_ids.cpu()), "ids": _digest(self.shard.ids),
+                "system": self._system_fingerprint(),
+                "state": {k: v.detach().cpu() for k, v in state.flat_tensors().items()},
                 "records": {k: [x.cpu() for x in v] for k, v in records.items()}, "rng": streams.get_state()}
         tmp = self._file(path).with_suffix(".tmp")
         torch.save(blob, tmp)
@@ -753,14 +794,25 @@ class PartitionedRun:
                                    f"{self.comm.world}; resume with the same number of ranks (resharding a "
                                    "checkpoint is not supported)")
         mine = self._file(path)
+        blob, problem = None, None
         if not mine.exists():
-            raise DistributedError(f"checkpoint {path}: no file for rank {self.comm.rank} ({mine.name})")
-        blob = torch.load(mine, weights_only=False)
-        if blob["ids"] != _digest(self.shard.ids):
-            raise DistributedError(f"checkpoint {mine}: saved for other agents on this rank (a different partition)")
-        if blob["seed"] != seed:
-            raise DistributedError(f"checkpoint {mine}: saved with seed {blob['seed']}, resumed with {seed}")
-        steps = self.comm.all_gather_object(int(blob["step"]))
+            problem = f"checkpoint {path}: no file for rank {self.comm.rank} ({mine.name})"
+        else:
+            blob = torch.load(mine, weights_only=False)
+            # owned rows depend on the partition only; ghost rows and the shard's system also on the system
+            if blob.get("owned_ids") != _digest(self.owned_ids.cpu()):
+                problem = f"checkpoint {mine}: saved for other agents on this rank (a different partition)"
+            elif blob.get("system") != self._system_fingerprint() or blob["ids"] != _digest(self.shard.ids):
+                problem = (f"checkpoint {mine}: saved with a different system (network, agent attributes, schedules "
+                           "or tables); the system is not checkpointed, so resume with the one the run started with")
+            elif blob["seed"] != seed:
+                problem = f"checkpoint {mine}: saved with seed {blob['seed']}, resumed with {seed}"
+        # one gather: a problem found on any rank stops every rank (none waits in a collective for it)
+        verdicts = self.comm.all_gather_object((problem, None if blob is None else int(blob["step"])))
+        for r, (msg, _) in enumerate(verdicts):
+            if msg is not None:
+                raise DistributedError(msg if r == self.comm.rank else f"rank {r}: {msg}")
+        steps = [step for _, step in verdicts]
         if len(set(steps)) != 1:
             raise DistributedError(f"checkpoint {path}: ranks saved at different steps {steps}")
         state = self.state.with_flat_tensors(blob["state"])

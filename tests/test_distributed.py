@@ -9,14 +9,18 @@ The NYC model is the slow test.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import Tensor
 
 from benchmarks.distributed import checkpoint_worker, equivalence_worker, seir_case, suite_worker  # noqa: F401
-from lpm import Intervention, Model, Modulate
-from lpm.distributed import Comm, DistributedError, Partition, PartitionedRun, localize, make_shard, spawn
+from lpm import Intervention, Model, Modulate, Network
+from lpm.distributed import (Comm, DistributedError, Partition, PartitionedRun, _edge_index, _slice_state, localize,
+                             make_shard, spawn)
 from lpm.kernels import GlobalKey, counter_uniform, stream_key
+from lpm.state import System, tensor_field
 from lpm.substep import substep
 
 WORLDS = (1, 2, 4)
@@ -101,6 +105,9 @@ def test_checkpoints_resume_identically_and_refuse_another_rank_count(suite: dic
     assert _equal(out["full"], out["resumed"]) == []
     msg = out["rank_change_error"]
     assert msg is not None and msg.startswith("DistributedError") and "written by [4] rank(s), resumed with 2" in msg
+    # another system (one edge weight, held by rank 3 only): rank 0 stops too, naming the rank that found it
+    msg = out["system_change_error"]
+    assert msg is not None and msg.startswith("DistributedError: rank 3: checkpoint") and "different system" in msg, msg
 
 
 # ----------------------------------------------------------------------------- in-process (one rank)
@@ -144,35 +151,70 @@ def test_localize_slices_agent_tensors_held_by_substeps() -> None:
 
 
 def test_shard_rows_and_remapped_edges() -> None:
-    model, params, state = seir_case(300)
-    shard, lut = make_shard(state, Partition.blocks(300, 1), Comm())
+    model, params, system, state = seir_case(300)
+    shard, lut = make_shard(system, state, Partition.blocks(300, 1), Comm())
     assert shard.num_ghosts == 0 and shard.ids.numel() == 300
-    run = PartitionedRun(model, params, state, Partition.blocks(300, 1))
-    assert torch.equal(run.state.network.edge_index, state.network.edge_index)
-    assert torch.equal(run.state.network.rowptr, state.network.rowptr)
+    run = PartitionedRun(model, params, system, state, Partition.blocks(300, 1))
+    assert torch.equal(run.system.network.edge_index, system.network.edge_index)
+    assert torch.equal(run.system.network.rowptr, system.network.rowptr)
+
+
+@dataclass(frozen=True)
+class _RowsSystem(System):
+    """A system with agent, edge and replicated axes (one of which happens to have N entries)."""
+
+    area: Tensor = tensor_field(("N",), torch.int8)
+    factor: Tensor = tensor_field(("N", "L"), torch.float32)
+    band: Tensor = tensor_field(("B",), torch.float32)
+    rate: Tensor = tensor_field(("C+1",), torch.float32)
+    network: Network = tensor_field((), None)
+
+
+def test_system_is_sliced_like_the_state_only_on_agent_and_edge_axes() -> None:
+    n = 5
+    ei = torch.tensor([[0, 0, 1, 2, 3, 4, 4], [1, 3, 4, 3, 0, 2, 3]])
+    net = Network.from_layers({"a": (ei, torch.arange(7, dtype=torch.float32))}, n, coalesce=False)
+    sys_ = _RowsSystem(area=torch.arange(n, dtype=torch.int8), factor=torch.arange(10.0).reshape(n, 2),
+                       band=torch.arange(5.0), rate=torch.arange(4.0), network=net)
+    owned = torch.tensor([False, False, True, True, False])
+    keep = owned[net.edge_index[1]].nonzero().squeeze(1)  # edges ending in agents 2, 3
+    rows = torch.tensor([0, 2, 3, 4])  # owned 2, 3 and the sources 0 and 4 of their in-edges
+    lut = torch.full((n,), -1, dtype=torch.int64)
+    lut[rows] = torch.arange(4)
+    out = _slice_state(sys_, rows, n, keep, lut)
+    assert torch.equal(out.area, sys_.area[rows]) and torch.equal(out.factor, sys_.factor[rows])
+    assert out.band is sys_.band and out.rate is sys_.rate  # "B" (here of size N) and "C+1" replicate
+    src, dst = net.edge_index[:, keep]
+    assert torch.equal(out.network.edge_index, torch.stack([lut[src], lut[dst]]))
+    assert torch.equal(out.network.weight, net.weight[keep]) and out.network.num_nodes == 4
+    # kept edges 0->3, 2->3, 4->2, 4->3: local sources 0, 1, 3, 3
+    assert torch.equal(out.network.rowptr, torch.tensor([0, 1, 2, 2, 4]))
+    assert _edge_index(System(), out) is out.network.edge_index and _edge_index(System(), System()) is None
 
 
 def test_generator_draws_that_cannot_be_keyed_are_refused() -> None:
-    model, params, state = seir_case(200)
+    model, params, system, state = seir_case(200)
 
     @substep(reads=("timer",), writes=("timer",))
-    def jitter(params, state, t, rng):
+    def jitter(params, system, state, t, rng):
         return state.replace(timer=state.timer + torch.randint(0, 2, state.timer.shape, generator=rng).to(state.timer.dtype))
 
-    bad = Model([*model.substeps, jitter], model.observables, state_type=type(state))
-    run = PartitionedRun(bad, params, state, Partition.blocks(200, 1))
+    bad = Model([*model.substeps, jitter], model.observables, state_type=type(state), system_type=type(system))
+    run = PartitionedRun(bad, params, system, state, Partition.blocks(200, 1))
     with pytest.raises(DistributedError, match="substep 'jitter' draws with randint"):
         run.simulate(3)
 
 
 def test_unknown_sum_field_and_wrong_partition_are_errors() -> None:
-    model, params, state = seir_case(200)
+    model, params, system, state = seir_case(200)
     with pytest.raises(DistributedError, match="sums: field 'nope'"):
-        PartitionedRun(model, params, state, Partition.blocks(200, 1), sums=("nope",))
+        PartitionedRun(model, params, system, state, Partition.blocks(200, 1), sums=("nope",))
+    with pytest.raises(DistributedError, match="sums: field 'layer_scale_base' is a field of the system"):
+        PartitionedRun(model, params, system, state, Partition.blocks(200, 1), sums=("layer_scale_base",))
     with pytest.raises(DistributedError, match="owner covers 100 agents"):
-        PartitionedRun(model, params, state, Partition.blocks(100, 1))
+        PartitionedRun(model, params, system, state, Partition.blocks(100, 1))
     with pytest.raises(DistributedError, match="made for 2 ranks"):
-        PartitionedRun(model, params, state, Partition.blocks(200, 2))
+        PartitionedRun(model, params, system, state, Partition.blocks(200, 2))
 
 
 # ----------------------------------------------------------------------------- NYC (slow)
@@ -202,6 +244,9 @@ def test_cli_ranks_option_is_checked(capsys: pytest.CaptureFixture) -> None:
     assert "cannot run partitioned over ranks" in capsys.readouterr().err
     assert main(["run", "covid-nyc", "--ranks", "0"]) == 2
     assert "--ranks: expected an integer > 0, got 0" in capsys.readouterr().err
+    # the fitted replay (the default without --ranks) is single-process: asked for with --ranks, a clear error
+    assert main(["run", "covid-nyc", "--ranks", "2", "--params", "fitted"]) == 2
+    assert "--params fitted: the calibrated replay runs in one process" in capsys.readouterr().err
 
 
 @pytest.mark.slow
