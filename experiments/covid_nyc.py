@@ -511,7 +511,9 @@ class NYCState(CovidState):
 
 def nyc_isolation_question(name: str = ISOLATION_QUESTION) -> Question:
     """'Will this person stay home this week if they have symptoms?' with the borough's weekly reported cases."""
-    return isolation_question(name, cases_phrase="reported COVID-19 cases in {borough}")
+    return isolation_question(name, cases_phrase="reported COVID-19 cases in {borough}",
+                              resident="A resident of New York City: age {age_band}, {sex}, lives in {borough}, "
+                                       "employment: {employment}.")
 
 
 def nyc_archetypes(pop: Population, areas: Sequence[str]) -> Archetypes:

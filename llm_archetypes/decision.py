@@ -33,7 +33,7 @@ this week?") with age band x sex x borough x employment archetypes::
     link = Link("logit_affine", low=0.0, high=0.95)
     params = Params(beta=Positive(0.05)); params.add_module("isolation_link", link)
     decide = ArchetypeDecision(
-        "isolation_decision", archetypes=arch, question=isolation_question(), asker=asker,
+        "isolation_decision", archetypes=arch, question=isolation_question(resident="A resident of {borough}: age {age_band}, {sex}, employment: {employment}."), asker=asker,
         context=lambda system, s, t: {"cases": float(s.weekly_cases_per_100k)},
         context_reads=("weekly_cases_per_100k",),
         target="isolation", store="isolation_score", every=7, link=link)

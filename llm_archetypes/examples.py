@@ -12,7 +12,7 @@ import re
 
 from llm_archetypes.questions import Bucket, Distribution, Prompt, Question
 
-__all__ = ["CASES_BUCKET", "isolation_question", "isolation_rule"]
+__all__ = ["CASES_BUCKET", "RESIDENT", "isolation_question", "isolation_rule"]
 
 #: Weekly confirmed cases per 100,000 residents, in the bands public dashboards used.
 CASES_BUCKET = Bucket((10.0, 50.0, 100.0, 200.0),
@@ -20,15 +20,20 @@ CASES_BUCKET = Bucket((10.0, 50.0, 100.0, 200.0),
                        "high (100 to 200)", "very high (over 200)"))
 
 
-def isolation_question(name: str = "isolate_if_symptomatic",
-                       cases_phrase: str = "COVID-19 cases in the city") -> Question:
+#: Who the person is, from the archetype attributes the rule and the prompts use.
+RESIDENT = "A person: age {age_band}, {sex}, employment: {employment}."
+
+
+def isolation_question(name: str = "isolate_if_symptomatic", cases_phrase: str = "COVID-19 cases where this person lives",
+                       resident: str = RESIDENT) -> Question:
     """'Will this person stay home this week if they have symptoms?' as a yes/no distribution.
 
-    ``cases_phrase`` names the case series the context reports (it may use attribute
-    placeholders, e.g. ``"reported COVID-19 cases in {borough}"``).
+    The wording names no place: a study says who and where with ``resident`` (attribute
+    placeholders allowed, e.g. ``"A resident of {city}: age {age_band}, ..."``) and which case
+    series the context reports with ``cases_phrase`` (e.g. ``"reported COVID-19 cases in {borough}"``).
     """
     template = (
-        "A resident of New York City: age {age_band}, {sex}, lives in {borough}, employment: {employment}.\n"
+        resident + "\n"
         "This week " + cases_phrase + " are {cases} per 100,000 people per week.\n"
         "Question: if this person develops a fever and cough this week, will they stay home "
         "and isolate for the whole week?"

@@ -1,6 +1,6 @@
 """Measure the local model: seconds per archetype call, answers across age and case levels, cache hits.
 
-Run: ``python -m llm_archetypes.benchmark --out out/llm_bench`` (needs ``lpm[local-llm]``).
+Run: ``python -m benchmarks.llm_local --out out/llm_bench`` (needs ``lpm[local-llm]``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     backend = TransformersBackend.gemma(device=a.device, batch_size=16)
     load_s = time.perf_counter() - t0
-    q = isolation_question()
+    q = isolation_question(cases_phrase="reported COVID-19 cases in {borough}",
+                           resident="A resident of New York City: age {age_band}, {sex}, lives in {borough}, "
+                                    "employment: {employment}.")
     arch = nyc_like_archetypes()
     prompts = [q.render(arch.labels[k], {"cases": 150.0}) for k in range(16)]
     backend.score(prompts[:2], ["yes", "no"])  # warm-up
