@@ -1,4 +1,4 @@
-"""Golden summary of a reference run of ``sir-demo``: a change in results must be deliberate.
+"""Golden summaries of reference runs (``sir-demo``; 45 days of the NYC model): a change in results must be deliberate.
 
 Refresh after an intended change (and say why in the commit)::
 
@@ -15,6 +15,8 @@ import torch
 
 GOLDEN = Path(__file__).with_name("golden") / "sir_demo.json"
 ARGS = {"agents": 5000, "days": 120, "seed": 0}
+GOLDEN_NYC = Path(__file__).with_name("golden") / "covid_nyc_short.json"
+NYC_ARGS = {"scale": 0.002, "days": 45, "seed": 0, "llm": "rule", "params": "prior"}
 
 
 def sir_demo_summary() -> dict:
@@ -30,10 +32,29 @@ def sir_demo_summary() -> dict:
             "incidence_day_20_35_50": [float(inc[d - 1]) for d in (20, 35, 50)]}
 
 
+def nyc_summary() -> dict:
+    """Per-borough totals and the infection peak of the NYC model (prior parameters) at ``NYC_ARGS`` on CPU."""
+    import tempfile
+
+    from experiments import covid_nyc
+
+    torch.set_num_threads(1)
+    a = NYC_ARGS
+    with tempfile.TemporaryDirectory() as cache:
+        s = covid_nyc.build(scale=a["scale"], seed=a["seed"], days=a["days"], llm=a["llm"], cache_dir=cache)
+        res = s.model.simulate(s.params, s.system, s.state, a["days"], seed=a["seed"], progress=False)
+    totals = {k: dict(zip(s.areas, res[k].double().sum(0).tolist()))
+              for k in ("infections", "symptomatic_onsets", "cases", "hospitalizations", "deaths")}
+    city = res["infections"].double().sum(1)
+    return {"args": a, "agents": int(s.state.stage.numel()), "totals": totals, "infection_peak_day": int(city.argmax()) + 1,
+            "mean_isolation_answer": round(float(res["isolation_answers"].double().mean()), 4)}
+
+
 def refresh() -> None:
-    """Rewrite the golden file from the current code."""
+    """Rewrite the golden files from the current code."""
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(sir_demo_summary(), indent=2) + "\n")
+    GOLDEN_NYC.write_text(json.dumps(nyc_summary(), indent=2) + "\n")
 
 
 def test_sir_demo_matches_golden_summary() -> None:
@@ -42,9 +63,15 @@ def test_sir_demo_matches_golden_summary() -> None:
     assert got == want, f"sir-demo summary changed: {got} != golden {want}; if intended, run python {__file__} --refresh"
 
 
+def test_short_nyc_run_matches_golden_summary() -> None:
+    want = json.loads(GOLDEN_NYC.read_text())
+    got = json.loads(json.dumps(nyc_summary()))
+    assert got == want, f"NYC summary changed: {got} != golden {want}; if intended, run python {__file__} --refresh"
+
+
 if __name__ == "__main__":
     if "--refresh" in sys.argv:
         refresh()
-        print(GOLDEN.read_text())
+        print(GOLDEN.read_text(), GOLDEN_NYC.read_text())
     else:
-        print(json.dumps(sir_demo_summary(), indent=2))
+        print(json.dumps(sir_demo_summary(), indent=2), json.dumps(nyc_summary(), indent=2))
