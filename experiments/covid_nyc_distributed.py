@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 from lpm.cli import date_arg, positive_float, positive_int
 from lpm.distributed import Comm, DistributedError, Partition, PartitionedRun, init_from_env, spawn
+from lpm.outputs import OutputDir
 
 __all__ = ["run_ranks"]
+
+OUTPUT_FILES = ("daily.csv", "summary.json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,8 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--partition", choices=("area", "blocks"), default="area",
                     help="area: whole boroughs per rank; blocks: contiguous agent ids")
     ap.add_argument("--cache-dir", default=None, help="population cache (default ~/.cache/lpm or $LPM_CACHE_DIR)")
-    ap.add_argument("--out", default="out/covid_nyc_ranks", help="output directory (rank 0 writes)")
+    ap.add_argument("--out", default="out/covid_nyc_ranks", help="output directory (rank 0 writes; must be empty or "
+                                                                 "absent, unless --overwrite)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of an earlier run in --out (default: refuse a non-empty --out)")
     return ap
+
+
+def _output_dir(opts: dict[str, Any]) -> OutputDir:
+    """``--out`` checked up front (lpm.outputs.OutputDir): files are staged and moved into place at the end."""
+    return OutputDir(opts["out"], OUTPUT_FILES, overwrite=opts["overwrite"])
 
 
 def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +61,7 @@ def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
     from experiments.covid_nyc import build
 
     torch.set_num_threads(1)
+    od = _output_dir(opts) if comm.rank == 0 else None
     setup = build(scale=opts["scale"], seed=opts["seed"], start=opts["start"], days=opts["days"], llm="rule",
                   llm_cache=False, cache_dir=opts["cache_dir"])
     n = int(setup.state.stage.numel())
@@ -60,9 +71,7 @@ def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
     res = run.simulate(setup.steps, seed=opts["seed"])
     meta = comm.all_gather_object(res.meta)
     cut, share = part.edge_cut(setup.system.network.edge_index)
-    if comm.rank == 0:
-        out = Path(opts["out"])
-        out.mkdir(parents=True, exist_ok=True)
+    if od is not None:
         cols: dict[str, Any] = {"date": [d.date() for d in setup.dates]}
         for k, v in res.observables.items():
             labels = res.labels.get(k)
@@ -71,7 +80,7 @@ def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
                     cols[f"{k}:{a}"] = v[:, j].tolist()
             elif v.dim() == 1:
                 cols[k] = v.tolist()
-        pd.DataFrame(cols).to_csv(out / "daily.csv", index=False)
+        pd.DataFrame(cols).to_csv(od / "daily.csv", index=False)
         summary = {"ranks": comm.world, "params": "prior", "agents": n, "edges": int(setup.system.network.num_edges), "partition": opts["partition"],
                    "edge_cut": cut, "edge_cut_share": share, "agents_per_rank": part.sizes(),
                    "ghosts_per_rank": [m["ghosts"] for m in meta],
@@ -79,7 +88,8 @@ def _rank_main(comm: Comm, opts: dict[str, Any]) -> dict[str, Any]:
                    "wall_seconds": max(m["wall_seconds"] for m in meta),
                    "comm_seconds_max": max(m["comm_seconds"] for m in meta),
                    "infections": float(res["infections"].sum()), "cases": float(res["cases"].sum())}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (od / "summary.json").write_text(json.dumps(summary, indent=2))
+        od.commit()
         print(json.dumps(summary, indent=2))
     return {"rank": comm.rank}
 
@@ -91,7 +101,7 @@ def run_ranks(argv: Sequence[str], ranks: int) -> int:
         raise DistributedError("--params fitted: the calibrated replay runs in one process (lpm run covid-nyc without "
                                "--ranks); a partitioned run uses the prior model: pass --params prior or omit --params")
     opts = {"scale": a.scale, "seed": a.seed, "start": a.start, "days": a.days, "partition": a.partition,
-            "cache_dir": a.cache_dir, "out": a.out}
+            "cache_dir": a.cache_dir, "out": a.out, "overwrite": a.overwrite}
     env = os.environ
     launched = "RANK" in env and "WORLD_SIZE" in env
     slurm = not launched and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
@@ -104,6 +114,7 @@ def run_ranks(argv: Sequence[str], ranks: int) -> int:
         return 0
     from experiments.covid_nyc import build
 
+    _output_dir(opts).abort()  # a bad --out fails here, before the population is built and processes start
     # the population is built once here; the ranks load it from the cache
     build(scale=a.scale, seed=a.seed, start=a.start, days=1, llm="off", cache_dir=a.cache_dir)
     spawn(_rank_main, ranks, opts)

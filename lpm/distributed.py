@@ -245,6 +245,13 @@ class Partition:
     @staticmethod
     def by_group(group: Tensor, world: int) -> "Partition":
         """Whole groups (e.g. home areas) per rank, largest first onto the least loaded rank."""
+        if not isinstance(group, Tensor) or group.dim() != 1 or group.is_floating_point() or group.is_complex():
+            got = f"{group.dtype} {tuple(group.shape)}" if isinstance(group, Tensor) else type(group).__name__
+            raise DistributedError(f"group: expected a 1-D integer tensor [N] of group codes, got {got}")
+        if group.numel() and int(group.min()) < 0:
+            raise DistributedError(f"group: expected codes >= 0, found minimum {int(group.min())}")
+        if world < 1:
+            raise DistributedError(f"world: expected >= 1, got {world}")
         g = group.long().cpu()
         sizes = torch.bincount(g)
         load = [0] * world

@@ -9,6 +9,7 @@ The NYC model is the slow test.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -249,6 +250,16 @@ def test_cli_ranks_option_is_checked(capsys: pytest.CaptureFixture) -> None:
     assert "--params fitted: the calibrated replay runs in one process" in capsys.readouterr().err
 
 
+def test_cli_ranks_refuses_a_non_empty_out_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--out follows lpm.outputs.OutputDir: an earlier run's files are kept unless --overwrite (no process starts)."""
+    from lpm.cli import main
+
+    (tmp_path / "daily.csv").write_text("an earlier run\n")
+    assert main(["run", "covid-nyc", "--ranks", "2", "--out", str(tmp_path)]) == 2
+    assert "not empty (daily.csv)" in capsys.readouterr().err
+    assert (tmp_path / "daily.csv").read_text() == "an earlier run\n"
+
+
 @pytest.mark.slow
 def test_cli_ranks_and_torchrun_write_the_same_nyc_run(tmp_path) -> None:
     import shutil
@@ -267,3 +278,16 @@ def test_cli_ranks_and_torchrun_write_the_same_nyc_run(tmp_path) -> None:
     a = (tmp_path / "one" / "daily.csv").read_text()
     assert a == (tmp_path / "two" / "daily.csv").read_text() and len(a.splitlines()) == 9
     assert '"ranks": 2' in (tmp_path / "two" / "summary.json").read_text()
+
+
+def test_partition_by_group_rejects_bad_codes_naming_the_field() -> None:
+    from lpm.distributed import DistributedError, Partition
+
+    for bad, msg in ((torch.tensor([0.0, 1.0, float("nan")]), "group: expected a 1-D integer tensor"),
+                     (torch.tensor([[0, 1]]), "group: expected a 1-D integer tensor"),
+                     (torch.tensor([0, -1, 1]), "group: expected codes >= 0")):
+        with pytest.raises(DistributedError, match=msg):
+            Partition.by_group(bad, 2)
+    with pytest.raises(DistributedError, match="world: expected >= 1"):
+        Partition.by_group(torch.tensor([0, 1]), 0)
+    assert Partition.by_group(torch.tensor([0, 0, 1, 2], dtype=torch.int8), 2).sizes() == [2, 2]
