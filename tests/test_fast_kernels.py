@@ -236,7 +236,7 @@ def test_compiled_backward_equals_torch_autograd(estimator: str, case: str) -> N
         out.append((r, g))
     assert float(out[0][0].observables["incidence"].sum()) > 0.3 * n
     _same(out[0][0], out[1][0])
-    assert torch.equal(out[0][0].final_state.acted, out[1][0].final_state.acted) if estimator == "presence" else True
+    assert torch.equal(out[0][0].final_state.source_load, out[1][0].final_state.source_load) if estimator == "presence" else True
     assert float(out[1][1].abs()) > 0
     assert torch.allclose(out[0][1], out[1][1], rtol=2e-5), (float(out[0][1]), float(out[1][1]))
 

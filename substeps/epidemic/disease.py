@@ -206,7 +206,7 @@ class EpiState(State):
     layer_scale: Tensor | None = tensor_field(("L",), (torch.float32, torch.float64), "per-layer contact multiplier this step", optional=True)
     contact_factor: Tensor | None = tensor_field(("N", "L"), (torch.float32, torch.float64), "per-agent, per-layer multiplier of onward contacts (isolation)", optional=True)
     entered_step: Tensor | None = tensor_field((), (torch.int64,), "step at which `entered` was last reset (None: never)", optional=True)
-    acted: Tensor | None = tensor_field(("N", "K"), torch.float32, "summed per-layer source factor of the agent's transmitting steps (written by gradient runs of the presence estimator)", optional=True)
+    source_load: Tensor | None = tensor_field(("N", "K"), torch.float32, "summed per-layer source factor of the agent's transmitting steps (written by gradient runs of the presence estimator)", optional=True)
 
 
 def _const(value: float) -> Callable[[Params, System, State], Tensor]:

@@ -455,12 +455,12 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
         presence = sub.estimator == "presence"
         src_load = np.zeros((nf, 1), np.float32)
         if presence:
-            load = state.acted
+            load = state.source_load
             if load is None:
                 load = torch.zeros((n, sub._load_width(system)), dtype=torch.float32)
             src_load = load.index_select(0, idx).numpy()
             # the torch path's own accumulation (same operations, so the same bits)
-            extra["acted"] = sub._accumulate_load(system, state, load, iota, idx)
+            extra["source_load"] = sub._accumulate_load(system, state, load, iota, idx)
         saved = _StepRecord(
             front=idx.numpy(), src_stage=state.stage.numpy()[idx.numpy()], cand=cand[:nc].copy(), fc=f_out[:nc].copy(),
             hit=hit_out[:nc].copy(), src_load=src_load,

@@ -34,7 +34,7 @@ each agent's score to its infectors'. Two couplings (``Transmission(estimator=..
   linear coupling; time is about 1.5-2x. The hazard an infector has put on a contact so far
   is the edge's constant part (``beta dt w`` times the contact's current susceptibility) times
   the infector's summed per-layer source factor (infectiousness x contact factor x layer
-  scale over the steps it transmitted: ``acted [N, K]``, written in gradient runs), so
+  scale over the steps it transmitted: ``source_load [N, K]``, written in gradient runs), so
   isolation, contact schedules and stage changes during the infectious period are exact.
 * ``"linear"``: the coupling is the derivative of the force with respect to a scaling of the
   infector's infectiousness. First-order exact when each contact's hazard is small
@@ -210,7 +210,7 @@ class Transmission(Substep):
         self.reads = tuple(reads)
         self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
         if network and estimator == "presence":
-            self.writes += ("acted",)
+            self.writes += ("source_load",)
         self.params = (beta,)
         self._infectious_codes = [c for c, s in enumerate(disease.stages) if disease.infectiousness.get(s, 0.0) > 0]
 
@@ -308,12 +308,12 @@ class Transmission(Substep):
             # survival (1 - p = exp(-lambda)) and infection both enter the agent's path likelihood
             factor = event_carrier(torch.where(hit, p, torch.exp(-lam)), torch.ones_like(hit))
             if targets is not None and self.estimator == "presence":
-                load = state.acted
+                load = state.source_load
                 if load is None:
                     load = torch.zeros((stage.numel(), self._load_width(system)), dtype=torch.float32, device=stage.device)
                 # value 0: added, not multiplied, so that nothing more per candidate is kept for backward
                 factor = factor + self._presence(params, system, state, iota, cand, hit, em.detach(), load, idx)
-                extra["acted"] = self._accumulate_load(system, state, load, iota, idx)
+                extra["source_load"] = self._accumulate_load(system, state, load, iota, idx)
             carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
         return state.replace(
             **extra,
