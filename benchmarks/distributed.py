@@ -1,6 +1,6 @@
 """Partitioned runs over torch.distributed: equivalence checks and strong/weak scaling.
 
-``python -m benchmarks.distributed [--quick] [--out benchmarks/results]`` spawns 4 local gloo
+``python -m benchmarks.distributed [--quick] [--out DIR]`` spawns 4 local gloo
 processes once and, inside them, runs the same network SEIR on process groups of 1, 2 and 4
 ranks: strong scaling (fixed population), weak scaling (population proportional to ranks),
 halo bytes per step, time share spent communicating, ghost rows and edge cut; it writes
@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -427,7 +428,7 @@ PLAN_NOTES = [
     "- Halo volume is 4 B per ghost row per step. On one 8-GPU node the worst case (random blocks, 330M agents) "
     "is ~1.2 GB per rank and step, ~12 ms at the 100 GB/s assumed (~2.6 ms at NVLink 4's 450 GB/s per "
     "direction); partitioned by area ~0.24 GB, ~2.4 ms (~0.5 ms). Compute per step for comparison: the engine's "
-    "forward pass runs ~5e9 agent-days/s on one H200 at 3e7 agents (benchmarks/results/gpu/scaling.md), so a "
+    "forward pass runs ~5e9 agent-days/s on one H200 at 3e7 agents (benchmarks/results/h200.md), so a "
     "day of 330M agents is ~66 ms on one GPU and ~8 ms per rank on 8. Hence: by area the halo is ~6-30% of a "
     "step, with random blocks it would exceed the compute; the partition matters more than the link. Across 8 "
     "nodes (64 ranks) by area: ~30 MB per rank and step, ~2.4 ms at 100 Gb/s against ~1 ms of compute, so "
@@ -482,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=40000, help="agents for strong scaling (weak: n per rank)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "lpm-bench"),
+                    help="report folder (default outside the repository; commit with benchmarks.collect)")
     ap.add_argument("--nyc-scale", type=float, default=0.005, help="scale of the NYC case")
     ap.add_argument("--nyc-days", type=int, default=30)
     ap.add_argument("--cache-dir", default=None, help="NYC population cache")

@@ -5,7 +5,8 @@
 #   3. the scaling benchmark on the device up to N = 1e7 (more where it fits),
 #   4. the NYC model at scale 1.0 when experiments.covid_nyc is present.
 # Usage: benchmarks/gpu_check.sh [OUTDIR] [--device cuda|cpu] [--quick]
-# OUTDIR defaults to $OUT, else benchmarks/results/gpu. Logs and JSON land in OUTDIR.
+# OUTDIR defaults to $OUT, else $TMPDIR/lpm-gpu-check (never the repository). Logs and JSON land in OUTDIR;
+# commit them as one pair with: python -m benchmarks.collect --machine h200 OUTDIR
 # --device cpu --quick is a fast smoke run of every stage (the test suite runs it).
 # GPU_CHECK_SKIP="tests nyc" leaves stages out (names: install tests bench nyc).
 set -u
@@ -18,11 +19,11 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift 2 ;;
     --device=*) DEVICE="${1#*=}"; shift ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) OUTDIR="$1"; shift ;;
   esac
 done
-OUTDIR="${OUTDIR:-${OUT:-$REPO/benchmarks/results/gpu}}"
+OUTDIR="${OUTDIR:-${OUT:-${TMPDIR:-/tmp}/lpm-gpu-check}}"
 mkdir -p "$OUTDIR"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONUNBUFFERED=1
@@ -89,4 +90,4 @@ skip nyc || { timeout "$NYC_LIMIT" "$PY" -m benchmarks.run --device "$DEVICE" --
   >> "$OUTDIR/bench.log" 2>&1
 note "nyc: exit $? ; results in $OUTDIR/nyc.json"; }
 
-note "gpu_check: done in $(( $(date +%s) - START )) s"
+note "gpu_check: done in $(( $(date +%s) - START )) s; summary for the repository: python -m benchmarks.collect --machine NAME $OUTDIR"
