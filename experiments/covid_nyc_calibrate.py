@@ -109,7 +109,7 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
     policy = [d for d in POLICY_DATES if train_dates[grad_from] < pd.Timestamp(d) <= train_end_ts]
     x = cal.covariates(train_dates[grad_from:], policy_dates=policy)
     net = cal.CovariateNet(x.shape[1], hidden=16, max_mult=3.0)
-    params = cal.NetworkParams(setup.params, {"contact_mult": (net, x.to(device))}, weekly=True,
+    params = cal.CovariateNetParams(setup.params, {"contact_mult": (net, x.to(device))}, weekly=True,
                                last_block=14).to(device)
     for name in ("ihr_scale", "isolation"):
         getattr(setup.params, "raw_" + name).requires_grad_(False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Self, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Self, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -141,6 +141,13 @@ class ParamsLike(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
     def to(self, *args: Any, **kwargs: Any) -> Any: ...
 

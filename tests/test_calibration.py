@@ -297,7 +297,7 @@ def test_network_calibrator_learns_a_time_varying_multiplier() -> None:
     base.set(ascertainment=0.3)
     for p in (base.raw_ascertainment, base.raw_ifr):
         p.requires_grad_(False)
-    net = cal.NetworkParams(base, {"contact_mult": (cal.CovariateNet(x.shape[1], hidden=8), x)})
+    net = cal.CovariateNetParams(base, {"contact_mult": (cal.CovariateNet(x.shape[1], hidden=8), x)})
     before = float(cal.Problem(tv, sy, st, T, OBS, obs, cal.Loss("poisson"), (0,)).objective(net, grad=False))
     res = cal.fit(tv, net, obs, cal.Loss("poisson"), 25, system=sy, state=st, obs_model=OBS, seeds=(0,), lr=0.1, progress=False)
     m = net.contact_mult.detach()
@@ -382,7 +382,7 @@ def test_weekly_blocks_align_to_the_end_and_schedule_starts_late() -> None:
         net.body[-1].bias.fill_(0.3)
         net.body[-1].weight.fill_(1.0)
     x = torch.linspace(-1, 1, 24).view(24, 1)
-    p = cal.NetworkParams(base, {"m": (net, x)}, weekly=True, last_block=14)
+    p = cal.CovariateNetParams(base, {"m": (net, x)}, weekly=True, last_block=14)
     m = p.m.detach()
     assert torch.allclose(m[-14:], m[-1].expand(14)) and not torch.isclose(m[-15], m[-14])
     assert torch.allclose(m[3:10], m[3].expand(7)) and torch.allclose(m[:3], m[0].expand(3))

@@ -2,7 +2,7 @@
 
 A small MLP maps per-day covariates ``[T, F]`` (mobility, day of week, policy steps, a
 smooth time basis) to a positive multiplier ``[T]`` (or ``[T, K]``), e.g. a transmission
-multiplier. :class:`NetworkParams` wraps an ``lpm.Params`` and exposes the network output
+multiplier. :class:`CovariateNetParams` wraps an ``lpm.Params`` and exposes the network output
 as one more named parameter, so substeps read it like any other parameter; the substep
 :class:`ParamSchedule` applies it as ``target = base * params.<name>[t]`` each step (the
 ``Modulate`` pattern with a learned schedule). Both the base parameters and the network
@@ -29,7 +29,7 @@ from lpm.params import Params
 from lpm.state import State, StateError, System, lookup
 from lpm.substep import Substep
 
-__all__ = ["CovariateNet", "NetworkParams", "ParamSchedule", "covariates"]
+__all__ = ["CovariateNet", "CovariateNetParams", "ParamSchedule", "covariates"]
 
 
 def covariates(dates: Sequence, *, mobility: pd.Series | None = None, policy_dates: Sequence[Any] = (),
@@ -75,7 +75,7 @@ class CovariateNet(nn.Module):
         return y.squeeze(-1) if self.outputs == 1 else y
 
 
-class NetworkParams(nn.Module):
+class CovariateNetParams(nn.Module):
     """``lpm.Params`` plus named parameters computed by networks from fixed covariates.
 
     Reads of a network-backed name return ``net(covariates)`` (``[T]`` or ``[T, K]``);
