@@ -25,8 +25,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from lpm.errors import DataError
 from lpm.params import Params
-from lpm.state import State, StateError, System, lookup
+from lpm.state import State, System, lookup
 from lpm.substep import Substep
 
 __all__ = ["CovariateNet", "CovariateNetParams", "ParamSchedule", "covariates"]
@@ -43,7 +44,7 @@ def covariates(dates: Sequence, *, mobility: pd.Series | None = None, policy_dat
         m.index = pd.DatetimeIndex(pd.to_datetime(m.index)).normalize()
         m = m.reindex(d).ffill().bfill()
         if m.isna().all():
-            raise StateError("covariates: mobility series has no values in the simulated window")
+            raise DataError("covariates: mobility series has no values in the simulated window")
         v = m.to_numpy(float)
         cols.append((v - v.mean()) / (v.std() + 1e-9))
     dow = d.day_of_week.to_numpy()

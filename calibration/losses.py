@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from lpm.state import StateError
+from lpm.errors import ConfigError
 
 __all__ = ["poisson_nll", "negbin_nll", "mse_log1p", "Loss"]
 
@@ -55,7 +55,7 @@ class Loss:
 
     def __post_init__(self) -> None:
         if self.kind not in ("poisson", "negbin", "mse_log1p"):
-            raise StateError(f"loss kind: expected poisson, negbin or mse_log1p, got {self.kind!r}")
+            raise ConfigError(f"loss kind: expected poisson, negbin or mse_log1p, got {self.kind!r}")
 
     def elementwise(self, mu: Tensor, y: Tensor, params: Any = None) -> Tensor:
         """Elementwise loss of ``mu`` vs ``y`` (same shape)."""
@@ -71,11 +71,11 @@ class Loss:
         out = {}
         for s in obs.series:
             if s not in pred:
-                raise StateError(f"loss: no prediction for series {s!r}; have {sorted(pred)}")
+                raise ConfigError(f"loss: no prediction for series {s!r}; have {sorted(pred)}")
             m = obs.mask[s]
             y = obs.values[s]
             if pred[s].shape[-2:] != y.shape:
-                raise StateError(f"loss: series {s!r} prediction shape {tuple(pred[s].shape)} vs data {tuple(y.shape)}")
+                raise ConfigError(f"loss: series {s!r} prediction shape {tuple(pred[s].shape)} vs data {tuple(y.shape)}")
             e = self.elementwise(pred[s], y, params)
             out[s] = torch.where(m, e, torch.zeros_like(e)).sum((-2, -1)) / m.sum().clamp_min(1)
         return out

@@ -23,13 +23,9 @@ from typing import Any, Iterator, Mapping, Protocol, Self, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lpm.state import StateError
+from lpm.errors import ParamError
 
 __all__ = ["ParamError", "Params", "ParamsLike", "Positive", "Interval", "Real", "Fixed", "ParamSpec", "check_params"]
-
-
-class ParamError(StateError):
-    """A parameter is undefined, not fittable or outside its domain (a :class:`StateError` for old callers)."""
 
 
 def check_params(params: nn.Module, where: str = "") -> None:

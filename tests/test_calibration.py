@@ -232,8 +232,9 @@ def test_parameter_recovery_from_a_distant_start() -> None:
     model, params, system, state, obs = _problem(T=56, N=3000)
     params.set(beta=0.3, ascertainment=0.6)
     params.raw_ifr.requires_grad_(False)
-    res = cal.fit(model, params, obs, cal.Loss("poisson"), 10, system=system, state=state, obs_model=OBS, seeds=(0, 1), lr=1.0,
-                  optimizer="lbfgs", progress=False)
+    prob = cal.Problem(model, system, state, None, OBS, obs, cal.Loss("poisson"), seeds=(0, 1))
+    lbfgs = torch.optim.LBFGS([p for p in params.parameters() if p.requires_grad], lr=1.0, max_iter=4, history_size=10)
+    res = cal.fit(prob, params, lbfgs, 10, hooks=[cal.TrustRegion(1.0)])
     got = params.values()
     err = {k: abs(float(got[k]) - TRUE[k]) / TRUE[k] for k in ("beta", "ascertainment")}
     assert res.losses[-1] < res.losses[0]
@@ -243,16 +244,21 @@ def test_parameter_recovery_from_a_distant_start() -> None:
 def test_resume_equals_uninterrupted(tmp_path) -> None:
     model, params, system, state, obs = _problem(T=14, N=1000, seeds=(0,))
     start = {"beta": 0.3, "ascertainment": 0.6, "ifr": 0.1}
-    kw = dict(system=system, state=state, obs_model=OBS, seeds=(0,), lr=0.1, lr_min=0.01, lr_steps=4, keep_best=True, grad_from=3,
-              progress=False)
+    prob = cal.Problem(model, system, state, None, OBS, obs, cal.Loss("negbin"), seeds=(0,), grad_from=3)
+
+    def run(steps: int, hooks: list) -> cal.FitResult:
+        opt = torch.optim.Adam(cal.param_groups(params, lr=0.1))  # a fresh optimizer, as in a new process
+        return cal.fit(prob, params, opt, steps, scheduler=cal.cosine_decay(opt, 4, final=0.1),
+                       hooks=[*hooks, cal.KeepBest()])
+
     params.set(**start)
-    full = cal.fit(model, params, obs, cal.Loss("negbin"), 4, **kw)
+    full = run(4, [])
     want = {k: v.clone() for k, v in params.values().items()}
     params.set(**start)
     ck = tmp_path / "run.pt"
-    cal.fit(model, params, obs, cal.Loss("negbin"), 2, checkpoint=ck, **kw)
+    run(2, [cal.Checkpoint(ck)])
     params.set(beta=0.9, ascertainment=0.9, ifr=0.5)  # a fresh process would start elsewhere
-    resumed = cal.fit(model, params, obs, cal.Loss("negbin"), 4, checkpoint=ck, **kw)
+    resumed = run(4, [cal.Checkpoint(ck)])
     assert resumed.losses == full.losses and resumed.sims == full.sims
     for k, v in params.values().items():
         assert torch.equal(v, want[k]), k
@@ -298,8 +304,9 @@ def test_network_calibrator_learns_a_time_varying_multiplier() -> None:
     for p in (base.raw_ascertainment, base.raw_ifr):
         p.requires_grad_(False)
     net = cal.CovariateNetParams(base, {"contact_mult": (cal.CovariateNet(x.shape[1], hidden=8), x)})
-    before = float(cal.Problem(tv, sy, st, T, OBS, obs, cal.Loss("poisson"), (0,)).objective(net, grad=False))
-    res = cal.fit(tv, net, obs, cal.Loss("poisson"), 25, system=sy, state=st, obs_model=OBS, seeds=(0,), lr=0.1, progress=False)
+    prob = cal.Problem(tv, sy, st, T, OBS, obs, cal.Loss("poisson"), (0,))
+    before = float(prob.objective(net, grad=False))
+    res = cal.fit(prob, net, torch.optim.Adam(cal.param_groups(net, lr=0.1)), 25)
     m = net.contact_mult.detach()
     assert res.losses[-1] < before
     assert float(m[20:].mean()) < 0.75 * float(m[:10].mean()), m  # it learned the drop

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lpm.errors import ParamError
 from lpm import (Checkpoint, Intervention, Model, ModelError, Modulate, Network, Observable, Params, Positive, State,
                  StateError, System, TrajectoryRecorder, substep, tensor_field)
 from lpm.networks import erdos_renyi
@@ -68,7 +69,7 @@ def test_reading_a_missing_optional_field_or_param_fails_at_run() -> None:
     with pytest.raises(ModelError, match="substep 'transmission' reads field 'network', which is None in this system"):
         model.simulate(Params(beta=Positive(0.1)), system, state, 2)
     net = Network.from_layers({"r": erdos_renyi(50, 4.0)}, 50)
-    with pytest.raises(StateError, match="substep 'transmission': needs parameter 'beta'"):
+    with pytest.raises(ParamError, match="substep 'transmission': needs parameter 'beta'"):
         model.simulate(Params(gamma=Positive(0.1)), system.replace(network=net), state, 2)
     with pytest.raises(ModelError, match="system: expected a System"):
         model.simulate(Params(beta=Positive(0.1)), state, state, 2)

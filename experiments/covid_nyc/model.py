@@ -200,8 +200,6 @@ _NET_FIELDS = ("edge_index", "weight", "layer", "rowptr")
 
 def _read_population(path: Path, expect: dict[str, Any]) -> tuple[Population, Network]:
     """Load a cached population (data only, checksummed, keyed by the inputs' hash) and validate it like a fresh one."""
-    from lpm.errors import CheckpointError
-
     tensors, meta = load_tensors(path, expect, what="population cache")
     try:
         pop = Population(**{k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("population/")},
