@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lpm.errors import DataError
-from lpm.params import Params
+from lpm.params import Params, ParamsLike
 from lpm.state import State, System, lookup
 from lpm.substep import Substep
 
@@ -164,7 +164,7 @@ class ParamSchedule(Substep):
         self.target, self.base, self.param = target, base, param
         self.start = int(start)
 
-    def __call__(self, params: Any, system: System, state: State, t: int, rng: torch.Generator) -> State:
+    def __call__(self, params: ParamsLike, system: System, state: State, t: int, rng: torch.Generator) -> State:
         value = lookup(system, state, self.base)
         if t < self.start:
             return state.replace(**{self.target: value})

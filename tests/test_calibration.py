@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import calibration as cal
-from lpm import Interval, Model, Params, Positive, StateError, System
+from lpm import Fixed, Interval, Model, Params, ParamsLike, Positive, StateError, System
+from lpm.errors import ConfigError
 from conftest import DEVICE  # one source: the device fixture's value
 from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
                                seirm)
@@ -401,3 +402,25 @@ def test_weekly_blocks_align_to_the_end_and_schedule_starts_late() -> None:
     assert torch.equal(sched(p, System(), st, 4, None)["mixing"], torch.ones(2, 2))
     assert torch.allclose(sched(p, System(), st, 5, None)["mixing"], m[0] * torch.ones(2, 2))
     assert torch.allclose(sched(p, System(), st, 500, None)["mixing"], m[-1] * torch.ones(2, 2))  # held after the window
+
+
+def test_fit_hooks_keep_best_and_trust_region() -> None:
+    """KeepBest ends at the lowest evaluated loss (a fixed function under common random numbers);
+    TrustRegion bounds every step of the unconstrained vector; both Params and the covariate-network
+    parameters are ParamsLike."""
+    model, params, system, state, obs = _problem(T=14, N=1000, seeds=(0,))
+    prob = cal.Problem(model, system, state, None, OBS, obs, cal.Loss("poisson"), seeds=(0,))
+    assert prob.steps == 14 and isinstance(params, ParamsLike)
+    params.set(beta=0.3, ascertainment=0.6)
+    res = cal.fit(prob, params, torch.optim.Adam(params.parameters(), lr=1.5), 6, hooks=[cal.KeepBest()])
+    assert res.best_loss == min(res.losses) and res.losses[-1] > res.best_loss  # a large rate overshoots ...
+    assert float(prob.objective(params, grad=False)) == pytest.approx(res.best_loss, rel=1e-6)  # ... and is undone
+    params.set(beta=0.3, ascertainment=0.6)
+    x0 = cal.raw_vector(params)
+    cal.fit(prob, params, torch.optim.SGD(params.parameters(), lr=100.0), 1, hooks=[cal.TrustRegion(0.05)],
+            max_grad_norm=None)
+    assert float((cal.raw_vector(params) - x0).norm()) == pytest.approx(0.05, rel=1e-4)
+    net = cal.CovariateNetParams(params, {"m": (cal.CovariateNet(2, hidden=2), torch.zeros(14, 2))})
+    assert isinstance(net, ParamsLike)
+    with pytest.raises(ConfigError, match="no trainable tensors"):
+        cal.fit(prob, Params(beta=Fixed(0.1)), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), 1)
