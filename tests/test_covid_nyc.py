@@ -256,3 +256,16 @@ def test_schedules_and_archetype_ids_live_in_the_system(cache, device: str):
     assert {"vaccination", "age"} <= set(mods["vaccination"].reads) and setup.decision.ids == "archetype"
     off = nyc.build(**BASE, device=device, days=12, cache_dir=cache, llm="off", disable=("reopening", "vaccination"))
     assert off.system.reopening is None and off.system.vaccination is None and off.system.archetype is None
+
+
+def test_package_runs_as_a_module(tmp_path):
+    """``python -m experiments.covid_nyc`` is ``lpm run covid-nyc``: a bad option is one error line, exit status 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-m", "experiments.covid_nyc", "--params", "prior", "--boroughs", "XX",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1], env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2, p.stderr
+    assert "lpm: error: boroughs: expected distinct codes" in p.stderr and not (tmp_path / "o").exists()

@@ -1,8 +1,8 @@
-"""``python -m experiments.covid_nyc [args]``: the same as ``lpm run covid-nyc [args]``."""
+"""``python -m experiments.covid_nyc [args]``: the same as ``lpm run covid-nyc [args]`` (errors printed the same way)."""
 
 import sys
 
-from experiments.covid_nyc.cli import run
+from lpm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(main(["run", "covid-nyc", *sys.argv[1:]]))
