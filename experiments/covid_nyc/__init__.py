@@ -88,7 +88,9 @@ The package: :mod:`~experiments.covid_nyc.data` (loaders of the bundled tables),
 :mod:`~experiments.covid_nyc.behaviour` (archetypes and the weekly isolation question),
 :mod:`~experiments.covid_nyc.model` (:class:`NYCConfig`, population cache, :func:`build`) and
 :mod:`~experiments.covid_nyc.cli` (``lpm run/calibrate covid-nyc``, plots; also
-``python -m experiments.covid_nyc``). The names below are re-exported here.
+``python -m experiments.covid_nyc``). The names below are re-exported here for reading; to
+point the loaders at other copies of the tables, set the file names on
+:mod:`experiments.covid_nyc.data` (e.g. ``data.MTA_FILE``), which they read at call time.
 """
 
 from experiments.covid_nyc import data
