@@ -8,7 +8,6 @@ a week, with its own borough's reported cases per 100,000 over the last week
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -20,7 +19,7 @@ from lpm.errors import ConfigError
 from lpm.population import Population
 from llm_archetypes import AnswerCache, ArchetypeDecision, Archetypes, Asker, Backend, Link, Question, make_backend
 from llm_archetypes.examples import CASES_BUCKET, isolation_question, isolation_rule
-from experiments.covid_nyc.data import AGE_LABELS, NAMES
+from experiments.covid_nyc.data import AGE_LABELS, NAMES, cache_root
 
 if TYPE_CHECKING:
     from experiments.covid_nyc.model import NYCConfig, NYCSetup
@@ -79,10 +78,6 @@ class WeeklyCases:
         return [{"cases": float(r)} for r in rate.tolist()]
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or os.environ.get("LPM_CACHE_DIR") or Path.home() / ".cache" / "lpm") / "covid_nyc"
-
-
 def make_asker(config: "NYCConfig") -> Asker:
     """The asker of ``config.llm`` (a backend name or a Backend) with the answer cache and fallback the config names."""
     llm = config.llm
@@ -94,7 +89,7 @@ def make_asker(config: "NYCConfig") -> Asker:
     share = None if p_yes is None else (0.05 if config.llm_max_fallback_share is None else config.llm_max_fallback_share)
     if config.llm_cache is False:
         return Asker(backend, mode="off", fallback=fallback, max_fallback_share=share)
-    path = (_cache_root(config.cache_dir) / "llm_answers.sqlite" if config.llm_cache in (None, True)
+    path = (cache_root(config.cache_dir) / "llm_answers.sqlite" if config.llm_cache in (None, True)
             else Path(config.llm_cache))
     return Asker(backend, cache=AnswerCache(path), mode=config.llm_mode, fallback=fallback, max_fallback_share=share)
 

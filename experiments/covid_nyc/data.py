@@ -7,6 +7,7 @@ call time, so a test or a user can point the study at other copies of the tables
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +48,11 @@ AGE_RATE_FILE = DATA / "covid_cases" / "nyc_weekly_case_rate_age.csv"
 INCOME_COLUMNS = tuple(f"DP03_{k:04d}E" for k in range(52, 62))
 INCOME_LABELS = ("<10k", "10-15k", "15-25k", "25-35k", "35-50k", "50-75k", "75-100k", "100-150k", "150-200k", "200k+")
 
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where the study caches populations and LLM answers: ``cache_dir``, else ``$LPM_CACHE_DIR``, else ``~/.cache/lpm``."""
+    return Path(cache_dir or os.environ.get("LPM_CACHE_DIR") or Path.home() / ".cache" / "lpm") / "covid_nyc"
 
 
 def _check_boroughs(boroughs: Sequence[str] | None) -> tuple[str, ...]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ from substeps.epidemic.covid import (PARAM_DOCS, CovidState, CovidSystem, age_ta
 from llm_archetypes import ArchetypeDecision, Asker, Backend, Link
 from experiments.covid_nyc.behaviour import CASE_WINDOW, LLM_KINDS, isolation_decision, make_asker, nyc_archetypes
 from experiments.covid_nyc.data import (AGE_LABELS, AGE_LOWER, AGE_UPPER, CENSUS_FILE, DP03_FILE, FLOWS_FILE, LAYERS,
-                                        MATRIX_DIR, _check_boroughs, load_contact_matrices, load_flows, load_marginals)
+                                        MATRIX_DIR, _check_boroughs, cache_root, load_contact_matrices, load_flows,
+                                        load_marginals)
 from experiments.covid_nyc.schedules import POLICIES, area_schedule, check_dates, policies, test_capacity, vaccination
 
 __all__ = ["DEFAULT_SCALE", "NYC_DEFAULTS", "NYCConfig", "NYCState", "NYCSystem", "NYCSetup", "build", "build_population",
@@ -155,7 +155,7 @@ def _data_hash() -> str:
 
 
 def _cache_path(cache_dir: str | Path | None, scale: float, seed: int, areas: Sequence[str]) -> Path:
-    root = Path(cache_dir or os.environ.get("LPM_CACHE_DIR") or Path.home() / ".cache" / "lpm") / "covid_nyc"
+    root = cache_root(cache_dir)
     key = hashlib.sha256(f"{CACHE_VERSION}|{scale!r}|{seed}|{','.join(areas)}|{_data_hash()}".encode()).hexdigest()[:20]
     return root / f"population_{key}.h5"
 
