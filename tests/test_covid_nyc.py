@@ -232,6 +232,8 @@ def test_config_holds_options_and_params_hold_values(cache, device: str):
         nyc.NYCConfig(days=0)
     with pytest.raises(ConfigError, match=r"build: unknown option\(s\) \['betta'\]"):
         nyc.build(nyc.NYCConfig(**BASE, days=5, cache_dir=cache, llm="off"), betta=0.3)
+    with pytest.raises(ConfigError, match=r"build: expected an NYCConfig .* got float 0.01"):
+        nyc.build(0.01)
     cfg = nyc.NYCConfig(**BASE, device=device, days=5, cache_dir=cache, llm="off")
     assert cfg.boroughs == ("SI",) and cfg.dates[-1] == pd.Timestamp("2020-03-05")
     setup = nyc.build(cfg, params={"beta": 0.4, "ascertainment": 0.2})

@@ -261,6 +261,9 @@ def build(config: NYCConfig | None = None, /, *, params: Mapping[str, float] | N
     answers to per-agent compliance ``state.isolation``, and the parameter ``isolation`` is
     the share of non-household contacts an isolating agent drops.
     """
+    if config is not None and not isinstance(config, NYCConfig):
+        raise ConfigError(f"build: expected an NYCConfig (or options as keywords: build(scale=0.01, ...)), "
+                          f"got {type(config).__name__} {config!r}")
     values = {**NYC_DEFAULTS, **dict(params or {})}
     legacy = {k: options.pop(k) for k in list(options) if k in PARAM_DOCS}
     values.update(legacy)
