@@ -4,8 +4,9 @@
   aggregation, citywide totals) and date alignment with masking of bad data.
 * :mod:`calibration.losses`: Poisson / negative-binomial NLL, MSE on log(1 + x).
 * :mod:`calibration.rollout`: chunked, checkpointed differentiable rollouts.
-* :mod:`calibration.network`: covariate networks producing time-varying parameters.
-* :mod:`calibration.fit`: the one loop (Adam / L-BFGS, CRN replicates, checkpoint/resume)
+* :mod:`calibration.covariate_net`: covariate networks producing time-varying parameters.
+* :mod:`calibration.fit`: the one loop (any torch optimizer and scheduler, CRN replicates; progress,
+  checkpoint/resume, keep-best and trust region as hooks)
   and gradient-free baselines (Nelder–Mead, random search) on a simulation budget.
 * :mod:`calibration.gradcheck`: autograd vs finite differences.
 * :mod:`calibration.forecast`: anchored ensemble forecasts with fitted noise, stacking with a
@@ -14,13 +15,14 @@
 Imports only ``lpm`` and third-party packages.
 """
 
-from calibration.fit import FitResult, Problem, fit, nelder_mead, random_search, raw_vector, set_raw_vector
+from calibration.fit import (Checkpoint, FitHook, FitResult, FitRun, KeepBest, OnStep, Problem, Progress, TrustRegion,
+                             cosine_decay, fit, nelder_mead, param_groups, random_search, raw_vector, set_raw_vector)
 from calibration.forecast import (QUANTILES, anchored_draws, fit_dispersion, model_weight, naive_mean, quantiles,
                                   sample_counts, scores,
                                   trend_sd, weekday_factors, wis)
 from calibration.gradcheck import GradCheck, gradient_check
 from calibration.losses import Loss, mse_log1p, negbin_nll, poisson_nll
-from calibration.network import CovariateNet, NetworkParams, ParamSchedule, covariates
+from calibration.covariate_net import CovariateNet, CovariateNetParams, ParamSchedule, covariates
 from calibration.observation import (DataWarning, ObservationModel, Observed, Stream, aggregation_matrix, align,
                                      convolve_delay, gamma_delay, lag_delay)
 from calibration.rollout import make_streams, rollout
@@ -32,8 +34,9 @@ __all__ = [
     "aggregation_matrix", "DataWarning",
     "Loss", "poisson_nll", "negbin_nll", "mse_log1p",
     "rollout", "make_streams",
-    "CovariateNet", "NetworkParams", "ParamSchedule", "covariates",
-    "fit", "Problem", "FitResult", "nelder_mead", "random_search", "raw_vector", "set_raw_vector",
+    "CovariateNet", "CovariateNetParams", "ParamSchedule", "covariates",
+    "fit", "Problem", "FitResult", "FitRun", "FitHook", "Progress", "Checkpoint", "KeepBest", "TrustRegion", "OnStep",
+    "param_groups", "cosine_decay", "nelder_mead", "random_search", "raw_vector", "set_raw_vector",
     "gradient_check", "GradCheck",
     "sample_counts", "quantiles", "wis", "scores", "QUANTILES", "fit_dispersion", "weekday_factors", "trend_sd",
     "anchored_draws", "naive_mean", "model_weight",

@@ -1,20 +1,34 @@
-"""One calibration loop for direct parameters and calibration networks.
+"""One calibration loop for direct parameters and covariate networks: an ordinary torch loop.
 
-:func:`fit` minimises ``E_seeds[ loss(obs_model(rollout(params)), data) ]`` over every
-trainable tensor of ``params`` (an ``lpm.Params``, or a :class:`NetworkParams` whose
-network weights are trained with the base parameters). The expectation is estimated by
-``R`` replicates whose seeds stay the same every iteration (common random numbers), so
-successive iterates see the same noise and the objective is a fixed function of the
-parameters. Gradients come from the model's event estimators (see
+:func:`fit` minimises ``E_seeds[ loss(obs_model(rollout(params)), data) ]`` (a
+:class:`Problem`) over every trainable tensor of ``params`` (anything :class:`~lpm.params.ParamsLike`:
+an ``lpm.Params``, or a :class:`~calibration.covariate_net.CovariateNetParams` whose network
+weights are trained with the base parameters) with the optimizer and optional learning-rate
+scheduler the caller constructs::
+
+    prob = Problem(model, system, state, None, obs_model, data, Loss("negbin"), seeds=(0, 1))
+    opt = torch.optim.Adam(param_groups(params, lr=0.02, scale={"nets.": 0.2}))
+    res = fit(prob, params, opt, 40, scheduler=cosine_decay(opt, 40, final=0.1),
+              hooks=[Checkpoint("run.pt"), KeepBest(), Progress()])
+
+The expectation is estimated by ``R`` replicates whose seeds stay the same every iteration
+(common random numbers), so successive iterates see the same noise and the objective is a
+fixed function of the parameters. Gradients come from the model's event estimators (see
 :func:`calibration.gradcheck.gradient_check` for what they estimate and their bias).
 
-A run is resumable: with ``checkpoint=path`` the parameters, optimizer state, RNG states
-(torch global and the replicate seeds), iteration and traces are saved every
-``checkpoint_every`` iterations (``torch.save``, atomic rename), and a later call with
-the same path continues from there to the identical result as an uninterrupted run.
-Checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain containers,
-never code) and carry the caller's ``fingerprint``: a file that is not a checkpoint, or one
-of a different problem, is refused with a message naming the file or the difference.
+Everything else is a hook (:class:`FitHook`), called at the start, after each objective
+evaluation, before and right after each optimizer step, after each recorded iteration, and
+at the end: :class:`Progress` (a
+progress bar), :class:`Checkpoint` (resumable runs), :class:`KeepBest` (restore the best
+evaluated iterate), :class:`TrustRegion` (bound an L-BFGS step), :class:`OnStep` (any callable).
+
+A run is resumable with :class:`Checkpoint`: the parameters, optimizer and scheduler
+states, torch RNG state, iteration and traces are saved every ``every`` iterations
+(``torch.save``, atomic rename), and a later call with the same path continues from there to
+the identical result as an uninterrupted run. Checkpoints are read with
+``torch.load(weights_only=True)`` (tensors and plain containers, never code) and carry the
+caller's ``fingerprint``: a file that is not a checkpoint, or one of a different problem, is
+refused with a message naming the file or the difference.
 """
 
 from __future__ import annotations
@@ -25,31 +39,39 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lpm.errors import CheckpointError
+from lpm.errors import CheckpointError, ConfigError
 from lpm.model import Model
-from lpm.params import check_params
-from lpm.state import State, StateError, System
+from lpm.params import ParamsLike, check_params
+from lpm.state import State, System
 from calibration.losses import Loss
 from calibration.observation import ObservationModel, Observed
 from calibration.rollout import rollout
 from calibration.validation import require_observed
 
-__all__ = ["Problem", "FitResult", "fit", "nelder_mead", "random_search", "raw_vector", "set_raw_vector"]
+__all__ = ["Problem", "FitResult", "FitRun", "FitHook", "Progress", "Checkpoint", "KeepBest", "TrustRegion", "OnStep",
+           "fit", "param_groups", "cosine_decay", "nelder_mead", "random_search", "raw_vector", "set_raw_vector"]
 
 
 @dataclass
 class Problem:
-    """What a calibration simulates and compares: model, system, initial state, steps, observation model, data, loss."""
+    """What a calibration simulates and compares: model, system, initial state, steps, observation model, data, loss.
+
+    ``steps=None``: one simulated step per data day (``data.agg``'s columns, else
+    ``len(data.dates)``). ``average="prediction"`` (default): loss of the replicate-mean
+    prediction, an estimate of the expected observable that is smoother at small counts;
+    ``"loss"``: mean of the per-replicate losses (the expected loss). ``grad_from``: truncated
+    gradient (see :func:`calibration.rollout.rollout`).
+    """
 
     model: Model
     system: System
     state: State
-    steps: int
+    steps: int | None
     obs_model: ObservationModel
     data: Observed
     loss: Loss
@@ -58,21 +80,23 @@ class Problem:
     average: str = "prediction"
     grad_from: int = 0
 
-    def predict(self, params: Any, seed: int, grad: bool = True) -> dict[str, Tensor]:
+    def __post_init__(self) -> None:
+        if self.average not in ("prediction", "loss"):
+            raise ConfigError(f"average: expected 'prediction' or 'loss', got {self.average!r}")
+        if self.steps is None:
+            self.steps = self.data.agg.shape[1] if self.data.agg is not None else len(self.data.dates)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.seeds:
+            raise ConfigError("seeds: expected at least one replicate seed, got none")
+
+    def predict(self, params: ParamsLike, seed: int, grad: bool = True) -> dict[str, Tensor]:
         """Expected data on the data grid from one simulation."""
-        sim, _ = rollout(self.model, params, self.system, self.state, self.steps, seed=int(seed), chunk=self.chunk, grad=grad,
-                         grad_from=self.grad_from)
+        sim, _ = rollout(self.model, params, self.system, self.state, self.steps, seed=int(seed), chunk=self.chunk,
+                         grad=grad, grad_from=self.grad_from)
         return self.obs_model.predict(params, sim, self.data)
 
-    def objective(self, params: Any, grad: bool = True) -> Tensor:
-        """Loss over the replicate seeds (one simulation per seed).
-
-        ``average="prediction"`` (default): loss of the replicate-mean prediction, an
-        estimate of the expected observable that is smoother at small counts;
-        ``"loss"``: mean of the per-replicate losses (the expected loss).
-        """
-        if self.average not in ("prediction", "loss"):
-            raise StateError(f"average: expected 'prediction' or 'loss', got {self.average!r}")
+    def objective(self, params: ParamsLike, grad: bool = True) -> Tensor:
+        """Loss over the replicate seeds (one simulation per seed), averaged as ``average`` says."""
         with torch.enable_grad() if grad else torch.no_grad():
             preds = [self.predict(params, s, grad) for s in self.seeds]
             if self.average == "loss":
@@ -85,7 +109,7 @@ class Problem:
 class FitResult:
     """Trace of a calibration: loss per iteration, simulations used, parameter values, wall time."""
 
-    params: Any
+    params: ParamsLike
     losses: list[float] = field(default_factory=list)
     sims: list[int] = field(default_factory=list)
     values: list[dict[str, list]] = field(default_factory=list)
@@ -100,24 +124,188 @@ class FitResult:
         return self.losses[-1] if self.losses else math.nan
 
 
-def _snapshot(params: Any) -> dict[str, list]:
-    out = {}
-    for n in params.fitted():
-        v = getattr(params, n).detach().cpu()
-        out[n] = v.tolist()
-    return out
+@dataclass
+class FitRun:
+    """What hooks see: the problem, parameters, optimizer, scheduler, iterations asked for, and the trace so far."""
+
+    problem: Problem
+    params: ParamsLike
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: int
+    result: FitResult
 
 
-def _save(path: Path, params: nn.Module, opt: torch.optim.Optimizer, res: FitResult, seeds: Sequence[int],
-          fingerprint: dict[str, Any] | None = None) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"params": params.state_dict(), "optimizer": opt.state_dict(), "iteration": res.iterations,
-                "losses": res.losses, "sims": res.sims, "values": res.values, "seconds": res.seconds,
-                "torch_rng": torch.get_rng_state(), "seeds": list(map(int, seeds)),
-                "best_loss": res.best_loss, "best_state": res.best_state,
-                "fingerprint": None if fingerprint is None else json.dumps(fingerprint, sort_keys=True, default=str)},
-               tmp)
-    os.replace(tmp, path)
+class FitHook:
+    """A piece of a fit's bookkeeping; override the events it needs (each default does nothing)."""
+
+    def start(self, run: FitRun) -> None:
+        """Before the first iteration (e.g. restore a checkpoint)."""
+
+    def evaluated(self, run: FitRun, loss: float) -> None:
+        """After each objective evaluation and backward pass, before the optimizer moves the parameters."""
+
+    def before_step(self, run: FitRun) -> None:
+        """Before each optimizer step."""
+
+    def stepped(self, run: FitRun) -> None:
+        """Right after each optimizer step, before the parameters are checked and recorded (e.g. to project them)."""
+
+    def after_step(self, run: FitRun) -> None:
+        """After each iteration is recorded in ``run.result``."""
+
+    def end(self, run: FitRun) -> None:
+        """After the last iteration."""
+
+
+class OnStep(FitHook):
+    """Call ``fn(iteration, loss, params)`` after every iteration."""
+
+    def __init__(self, fn: Callable[[int, float, ParamsLike], None]) -> None:
+        self.fn = fn
+
+    def after_step(self, run: FitRun) -> None:
+        """Call the function with the iteration just done."""
+        self.fn(run.result.iterations, run.result.losses[-1], run.params)
+
+
+class Progress(FitHook):
+    """A tqdm progress bar over the iterations, showing the last loss."""
+
+    def __init__(self, desc: str = "calibrate") -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def start(self, run: FitRun) -> None:
+        """Open the bar at the iteration the run starts from (after a resume: the checkpoint's)."""
+        from tqdm.auto import tqdm
+
+        if run.result.iterations < run.steps:
+            self.bar = tqdm(total=run.steps, initial=run.result.iterations, desc=self.desc, unit="it", leave=False)
+
+    def after_step(self, run: FitRun) -> None:
+        """Advance the bar."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{run.result.losses[-1]:.4g}")
+            self.bar.update(1)
+
+    def end(self, run: FitRun) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class KeepBest(FitHook):
+    """Remember the parameters of the lowest evaluated loss and restore them at the end.
+
+    Under common random numbers the objective is a fixed function of the parameters, so
+    this is a legitimate choice, not a noisy one. The best loss and state are kept in the
+    result (and so in a checkpoint).
+    """
+
+    def evaluated(self, run: FitRun, loss: float) -> None:
+        """Snapshot the parameters just evaluated if their loss is the lowest so far."""
+        if loss < run.result.best_loss:
+            run.result.best_loss = loss
+            run.result.best_state = {k: v.detach().clone() for k, v in run.params.state_dict().items()}
+
+    def end(self, run: FitRun) -> None:
+        """Load the best parameters."""
+        if run.result.best_state is not None:
+            run.params.load_state_dict(run.result.best_state)
+
+
+class TrustRegion(FitHook):
+    """Pull an optimizer step longer than ``max_step`` (raw, unconstrained units) back to that radius.
+
+    With a noisy (sampled) objective the curvature pairs of L-BFGS can be wrong and one step
+    can throw a rate to the edge of its domain, where its gradient vanishes for good; a
+    clipped step also invalidates the stored curvature, so the optimizer's state is reset.
+    """
+
+    def __init__(self, max_step: float = 1.0) -> None:
+        if not max_step > 0:
+            raise ConfigError(f"max_step: expected > 0, got {max_step!r}")
+        self.max_step = float(max_step)
+        self.before: list[Tensor] = []
+
+    def _trainable(self, run: FitRun) -> list[Tensor]:
+        return [p for p in run.params.parameters() if p.requires_grad]
+
+    def before_step(self, run: FitRun) -> None:
+        """Remember where the step starts."""
+        self.before = [p.detach().clone() for p in self._trainable(run)]
+
+    def stepped(self, run: FitRun) -> None:
+        """Clip the step just taken to the radius."""
+        trainable = self._trainable(run)
+        with torch.no_grad():
+            deltas = [p - b for p, b in zip(trainable, self.before)]
+            norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas)))
+            if norm > self.max_step:
+                for p, b, d in zip(trainable, self.before, deltas):
+                    p.copy_(b + d * (self.max_step / norm))
+                run.optimizer.state.clear()
+
+
+class Checkpoint(FitHook):
+    """Save the run to ``path`` every ``every`` iterations (and at the last); resume from it if it exists.
+
+    ``fingerprint``: a JSON-ready record of what defines the problem (scale, dates, window,
+    ...), saved in the file; resuming with a different one is an error naming the
+    difference. Put it first among the hooks, so the others start from the restored run.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: int = 1, fingerprint: Mapping[str, Any] | None = None) -> None:
+        if int(every) < 1:
+            raise ConfigError(f"every: expected >= 1 iterations between checkpoints, got {every!r}")
+        self.path = Path(path)
+        self.every = int(every)
+        self.fingerprint = None if fingerprint is None else dict(fingerprint)
+
+    def _fp(self) -> str | None:
+        return None if self.fingerprint is None else json.dumps(self.fingerprint, sort_keys=True, default=str)
+
+    def start(self, run: FitRun) -> None:
+        """Restore parameters, optimizer, scheduler, RNG and traces from the file, if there is one."""
+        if not self.path.exists():
+            return
+        path, res = self.path, run.result
+        ck = _load(path)
+        saved_fp = ck.get("fingerprint")
+        if self.fingerprint is not None and saved_fp != self._fp():
+            diff = _fp_diff(json.loads(saved_fp) if isinstance(saved_fp, str) else {}, self.fingerprint)
+            raise CheckpointError(f"checkpoint {path}: written by a different calibration; cannot resume: "
+                                  f"{'; '.join(diff)} (use another --out, or drop --resume)")
+        if list(ck["seeds"]) != list(run.problem.seeds):
+            raise CheckpointError(f"checkpoint {path}: saved with seeds {ck['seeds']}, resumed with "
+                                  f"{list(run.problem.seeds)}")
+        run.params.load_state_dict(ck["params"])
+        check_params(run.params, f"restored from checkpoint {path}")
+        run.optimizer.load_state_dict(ck["optimizer"])
+        if run.scheduler is not None and ck.get("scheduler") is not None:
+            run.scheduler.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["torch_rng"])
+        res.losses, res.sims, res.values = list(ck["losses"]), list(ck["sims"]), list(ck["values"])
+        res.iterations, res.seconds = int(ck["iteration"]), float(ck["seconds"])
+        res.best_loss, res.best_state = float(ck.get("best_loss", math.inf)), ck.get("best_state")
+
+    def after_step(self, run: FitRun) -> None:
+        """Save every ``every`` iterations and at the last."""
+        res = run.result
+        if res.iterations % self.every == 0 or res.iterations == run.steps:
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            torch.save({"params": run.params.state_dict(), "optimizer": run.optimizer.state_dict(),
+                        "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
+                        "iteration": res.iterations, "losses": res.losses, "sims": res.sims, "values": res.values,
+                        "seconds": res.seconds, "torch_rng": torch.get_rng_state(), "seeds": list(run.problem.seeds),
+                        "best_loss": res.best_loss, "best_state": res.best_state, "fingerprint": self._fp()}, tmp)
+            os.replace(tmp, self.path)
+
+
+def _snapshot(params: ParamsLike) -> dict[str, list]:
+    return {n: getattr(params, n).detach().cpu().tolist() for n in params.fitted()}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -140,154 +328,95 @@ def _fp_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if saved.get(k) != json.loads(json.dumps(now.get(k), default=str))] or ["no fingerprint in the file"]
 
 
-def _limit_step(trainable: Sequence[Tensor], before: Sequence[Tensor], max_step: float | None,
-                opt: torch.optim.Optimizer) -> None:
-    """Trust region for L-BFGS: pull a step longer than ``max_step`` (raw units) back to that radius.
+def param_groups(params: ParamsLike, lr: float, scale: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: trainable tensors at ``lr`` times the factor of their name's first matching prefix.
 
-    With a noisy (sampled) objective the curvature pairs can be wrong and one L-BFGS step
-    can throw a rate to the edge of its domain, where its gradient vanishes for good; a
-    clipped step also invalidates the stored curvature, so the history is reset.
+    E.g. ``scale={"nets.": 0.2}`` for a network whose many weights all move one output.
     """
-    if max_step is None:
-        return
-    with torch.no_grad():
-        deltas = [p - b for p, b in zip(trainable, before)]
-        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas)))
-        if norm > max_step:
-            for p, b, d in zip(trainable, before, deltas):
-                p.copy_(b + d * (max_step / norm))
-            opt.state.clear()
+    groups: dict[float, list[Tensor]] = {}
+    for n, p in params.named_parameters():
+        if p.requires_grad:
+            f = next((v for k, v in (scale or {}).items() if n.startswith(k)), 1.0)
+            groups.setdefault(float(f), []).append(p)
+    return [{"params": ps, "lr": lr * f} for f, ps in groups.items()]
 
 
-def fit(model: Model, params: nn.Module, data: Observed, loss: Loss, steps: int, *, system: System, state: State,
-        obs_model: ObservationModel, sim_steps: int | None = None, seeds: Sequence[int] = (0,),
-        optimizer: str = "adam", lr: float = 0.05, chunk: int | None = None,
-        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1, progress: bool = True,
-        callback: Callable[[int, float, Any], None] | None = None, max_grad_norm: float | None = 10.0,
-        average: str = "prediction", lr_min: float | None = None, grad_from: int = 0,
-        keep_best: bool = False, lr_steps: int | None = None, lr_scale: dict[str, float] | None = None,
-        max_step: float | None = 1.0, fingerprint: dict[str, Any] | None = None) -> FitResult:
-    """Fit ``params`` for ``steps`` optimizer iterations; returns the trace (params are updated in place).
+def cosine_decay(optimizer: torch.optim.Optimizer, steps: int, final: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay of every group's learning rate to ``final`` times its initial value over ``steps`` iterations."""
+    if steps < 1 or not 0.0 <= final <= 1.0:
+        raise ConfigError(f"cosine_decay: expected steps >= 1 and final in [0, 1], got {steps!r}, {final!r}")
 
-    ``sim_steps``: simulated steps per rollout (default: one per data day, ``data.agg``'s
-    columns or ``len(data.dates)``). ``optimizer``: ``"adam"`` or ``"lbfgs"`` (one
-    L-BFGS iteration may evaluate the objective several times; every evaluation is
-    counted in ``sims``). ``lr_min``: with Adam, cosine decay of the learning rate from
-    ``lr`` to ``lr_min`` over ``lr_steps`` iterations (default ``steps``; a function of the
-    iteration number, so a resumed run with the same ``lr_steps`` follows the same
-    schedule). ``grad_from``: truncated gradient (see :func:`calibration.rollout.rollout`).
-    ``keep_best`` (Adam): at the end, restore the
-    parameters with the lowest evaluated loss (the objective is a fixed function under
-    common random numbers, so this is a legitimate choice, not a noisy one). ``lr_scale``
-    (Adam): learning-rate factor per parameter-name prefix, e.g. ``{"nets.": 0.2}`` for a
-    network whose many weights all move one output. ``fingerprint``: a JSON-ready record of
-    what defines the problem (scale, dates, window, ...), saved in the checkpoint; resuming
-    with a different one is an error naming the difference. Parameters are checked finite
-    and in their domain after every step (a NaN stops the fit naming the parameter).
+    def factor(i: int) -> float:
+        return final + 0.5 * (1.0 - final) * (1 + math.cos(math.pi * min(1.0, i / max(1, steps - 1))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(problem: Problem, params: ParamsLike, optimizer: torch.optim.Optimizer, steps: int, *,
+        scheduler: Any = None, hooks: Sequence[FitHook] = (), max_grad_norm: float | None = 10.0) -> FitResult:
+    """Run ``optimizer`` on ``problem``'s objective until ``steps`` iterations are done; returns the trace.
+
+    The parameters are updated in place. Each iteration is ``optimizer.step(closure)`` (one
+    evaluation for Adam; L-BFGS may evaluate several times, and every evaluation is counted
+    in ``sims``), gradients clipped to ``max_grad_norm``, then ``scheduler.step()``. The
+    parameters are checked finite and in their domain after every step (a NaN stops the fit
+    naming the parameter), and so is the loss.
     """
-    require_observed(data, 1, what="fit: data")
-    T = sim_steps or (data.agg.shape[1] if data.agg is not None else len(data.dates))
-    prob = Problem(model, system, state, T, obs_model, data, loss, tuple(seeds), chunk, average, grad_from)
+    require_observed(problem.data, 1, what="fit: data")
     trainable = [p for p in params.parameters() if p.requires_grad]
     if not trainable:
-        raise StateError("fit: params has no trainable tensors")
-    if optimizer == "adam":
-        groups: dict[float, list[Tensor]] = {}
-        for n, p in params.named_parameters():
-            if p.requires_grad:
-                f = next((v for k, v in (lr_scale or {}).items() if n.startswith(k)), 1.0)
-                groups.setdefault(float(f), []).append(p)
-        opt: torch.optim.Optimizer = torch.optim.Adam(
-            [{"params": ps, "lr": lr * f, "scale": f} for f, ps in groups.items()], lr=lr)
-    elif optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(trainable, lr=lr, max_iter=4, history_size=10)
-    else:
-        raise StateError(f"optimizer: expected 'adam' or 'lbfgs', got {optimizer!r}")
+        raise ConfigError("fit: params has no trainable tensors")
     res = FitResult(params)
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        ck = _load(path)
-        saved_fp = ck.get("fingerprint")
-        if fingerprint is not None and saved_fp != json.dumps(fingerprint, sort_keys=True, default=str):
-            diff = _fp_diff(json.loads(saved_fp) if isinstance(saved_fp, str) else {}, fingerprint)
-            raise CheckpointError(f"checkpoint {path}: written by a different calibration; cannot resume: "
-                                  f"{'; '.join(diff)} (use another --out, or drop --resume)")
-        if list(ck["seeds"]) != list(map(int, seeds)):
-            raise StateError(f"checkpoint {path}: saved with seeds {ck['seeds']}, resumed with {list(seeds)}")
-        params.load_state_dict(ck["params"])
-        check_params(params, f"restored from checkpoint {path}")
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"])
-        res.losses, res.sims, res.values = list(ck["losses"]), list(ck["sims"]), list(ck["values"])
-        res.iterations, res.seconds = int(ck["iteration"]), float(ck["seconds"])
-        res.best_loss, res.best_state = float(ck.get("best_loss", math.inf)), ck.get("best_state")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=min(res.iterations, steps), desc="calibrate", unit="it", leave=False)
+    run = FitRun(problem, params, optimizer, scheduler, int(steps), res)
+    for h in hooks:
+        h.start(run)
     sims = res.sims[-1] if res.sims else 0
-    if res.iterations >= steps and bar is not None:
-        bar.close()
-        bar = None
     t0 = time.perf_counter() - res.seconds
     while res.iterations < steps:
-        evals = [0]
+        evals, last = 0, math.nan
 
         def closure() -> Tensor:
-            opt.zero_grad(set_to_none=True)
-            L = prob.objective(params, grad=True)
+            nonlocal evals, last
+            optimizer.zero_grad(set_to_none=True)
+            L = problem.objective(params, grad=True)
             L.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            evals[0] += 1
-            closure.last = float(L.detach())  # type: ignore[attr-defined]
+            evals += 1
+            last = float(L.detach())
+            for h in hooks:
+                h.evaluated(run, last)
             return L
 
-        if optimizer == "adam" and lr_min is not None:
-            frac = res.iterations / max(1, (lr_steps or steps) - 1)
-            for group in opt.param_groups:
-                group["lr"] = group["scale"] * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(1.0, frac))))
-        if optimizer == "lbfgs":
-            before = [p.detach().clone() for p in trainable]
-            opt.step(closure)
-            _limit_step(trainable, before, max_step, opt)
-        else:
-            closure()
-            if keep_best and closure.last < res.best_loss:  # type: ignore[attr-defined]
-                res.best_loss = closure.last  # type: ignore[attr-defined]
-                res.best_state = {k: v.detach().clone() for k, v in params.state_dict().items()}
-            opt.step()
+        for h in hooks:
+            h.before_step(run)
+        optimizer.step(closure)
+        for h in hooks:
+            h.stepped(run)
+        if scheduler is not None:
+            scheduler.step()
         check_params(params, f"after fit iteration {res.iterations + 1}")
-        sims += evals[0] * len(prob.seeds)
-        L = closure.last  # type: ignore[attr-defined]
-        if not math.isfinite(L):
-            raise FloatingPointError(f"fit: loss became {L} at iteration {res.iterations}")
+        sims += evals * len(problem.seeds)
+        if not math.isfinite(last):
+            raise FloatingPointError(f"fit: loss became {last} at iteration {res.iterations}")
         res.iterations += 1
-        res.losses.append(L)
+        res.losses.append(last)
         res.sims.append(sims)
         res.values.append(_snapshot(params))
         res.seconds = time.perf_counter() - t0
-        if bar is not None:
-            bar.set_postfix(loss=f"{L:.4g}")
-            bar.update(1)
-        if callback is not None:
-            callback(res.iterations, L, params)
-        if path is not None and (res.iterations % checkpoint_every == 0 or res.iterations == steps):
-            _save(path, params, opt, res, seeds, fingerprint)
-    if bar is not None:
-        bar.close()
-    if keep_best and res.best_state is not None:
-        params.load_state_dict(res.best_state)
+        for h in hooks:
+            h.after_step(run)
+    for h in hooks:
+        h.end(run)
     return res
 
 
-def raw_vector(params: nn.Module) -> Tensor:
+def raw_vector(params: ParamsLike) -> Tensor:
     """All trainable tensors of ``params`` flattened into one unconstrained vector (detached)."""
     return torch.cat([p.detach().reshape(-1) for p in params.parameters() if p.requires_grad])
 
 
-def set_raw_vector(params: nn.Module, x: Tensor) -> None:
+def set_raw_vector(params: ParamsLike, x: Tensor) -> None:
     """Write an unconstrained vector back into ``params``' trainable tensors (inverse of :func:`raw_vector`)."""
     i = 0
     with torch.no_grad():
@@ -298,7 +427,7 @@ def set_raw_vector(params: nn.Module, x: Tensor) -> None:
                 i += n
 
 
-def nelder_mead(prob: Problem, params: nn.Module, budget: int, *, step: float = 0.5,
+def nelder_mead(prob: Problem, params: ParamsLike, budget: int, *, step: float = 0.5,
                 progress: bool = False) -> FitResult:
     """Gradient-free baseline: Nelder–Mead on the unconstrained parameter vector.
 
@@ -374,7 +503,7 @@ def nelder_mead(prob: Problem, params: nn.Module, budget: int, *, step: float = 
     return res
 
 
-def random_search(prob: Problem, params: nn.Module, budget: int, *, scale: float = 1.0, seed: int = 0) -> FitResult:
+def random_search(prob: Problem, params: ParamsLike, budget: int, *, scale: float = 1.0, seed: int = 0) -> FitResult:
     """Gradient-free baseline: Gaussian random search around the best point (``budget`` simulations)."""
     t0 = time.perf_counter()
     res = FitResult(params)

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from lpm.state import StateError
+from lpm.errors import ConfigError
+from lpm.params import ParamsLike
 
 __all__ = ["poisson_nll", "negbin_nll", "mse_log1p", "Loss"]
 
@@ -55,9 +56,9 @@ class Loss:
 
     def __post_init__(self) -> None:
         if self.kind not in ("poisson", "negbin", "mse_log1p"):
-            raise StateError(f"loss kind: expected poisson, negbin or mse_log1p, got {self.kind!r}")
+            raise ConfigError(f"loss kind: expected poisson, negbin or mse_log1p, got {self.kind!r}")
 
-    def elementwise(self, mu: Tensor, y: Tensor, params: Any = None) -> Tensor:
+    def elementwise(self, mu: Tensor, y: Tensor, params: ParamsLike | None = None) -> Tensor:
         """Elementwise loss of ``mu`` vs ``y`` (same shape)."""
         if self.kind == "poisson":
             return poisson_nll(mu, y)
@@ -66,21 +67,21 @@ class Loss:
             return negbin_nll(mu, y, k)
         return mse_log1p(mu, y)
 
-    def per_series(self, pred: Mapping[str, Tensor], obs: Any, params: Any = None) -> dict[str, Tensor]:
+    def per_series(self, pred: Mapping[str, Tensor], obs: Any, params: ParamsLike | None = None) -> dict[str, Tensor]:
         """Mean loss over valid cells, per series (``obs`` is an :class:`~calibration.observation.Observed`)."""
         out = {}
         for s in obs.series:
             if s not in pred:
-                raise StateError(f"loss: no prediction for series {s!r}; have {sorted(pred)}")
+                raise ConfigError(f"loss: no prediction for series {s!r}; have {sorted(pred)}")
             m = obs.mask[s]
             y = obs.values[s]
             if pred[s].shape[-2:] != y.shape:
-                raise StateError(f"loss: series {s!r} prediction shape {tuple(pred[s].shape)} vs data {tuple(y.shape)}")
+                raise ConfigError(f"loss: series {s!r} prediction shape {tuple(pred[s].shape)} vs data {tuple(y.shape)}")
             e = self.elementwise(pred[s], y, params)
             out[s] = torch.where(m, e, torch.zeros_like(e)).sum((-2, -1)) / m.sum().clamp_min(1)
         return out
 
-    def __call__(self, pred: Mapping[str, Tensor], obs: Any, params: Any = None) -> Tensor:
+    def __call__(self, pred: Mapping[str, Tensor], obs: Any, params: ParamsLike | None = None) -> Tensor:
         """Weighted sum over series of the per-series mean losses."""
         parts = self.per_series(pred, obs, params)
         return sum(float(self.weights.get(s, 1.0)) * v for s, v in parts.items())

@@ -15,13 +15,12 @@ truncated BPTT). Long histories are fitted on a recent window at a fraction of t
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lpm.model import Model
+from lpm.params import ParamsLike
 from lpm.rng import Streams
 from lpm.state import State, System
 
@@ -33,7 +32,7 @@ def make_streams(model: Model, seed: int, device: torch.device | str) -> Streams
     return Streams(int(seed), [s.name for s in model.substeps], device)
 
 
-def _run_steps(model: Model, params: Any, system: System, state: State, t0: int, t1: int, streams: Streams,
+def _run_steps(model: Model, params: ParamsLike, system: System, state: State, t0: int, t1: int, streams: Streams,
                rng_state: dict[str, Tensor] | None) -> tuple[State, dict[str, Tensor], dict[str, Tensor] | None]:
     if rng_state is not None:
         # a private copy: the recomputation in backward must not disturb the caller's streams
@@ -47,7 +46,7 @@ def _run_steps(model: Model, params: Any, system: System, state: State, t0: int,
     return state, {k: torch.stack(v) for k, v in records.items()}, (streams.get_state() if rng_state is not None else None)
 
 
-def rollout(model: Model, params: Any, system: System, state: State, steps: int, *, seed: int = 0, start: int = 0,
+def rollout(model: Model, params: ParamsLike, system: System, state: State, steps: int, *, seed: int = 0, start: int = 0,
             chunk: int | None = None, grad: bool = True, streams: Streams | None = None,
             grad_from: int = 0) -> tuple[dict[str, Tensor], State]:
     """Run steps ``start .. start + steps - 1`` over ``system``; return observables ``{name: [steps, ...]}`` and the final state.

@@ -42,9 +42,11 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,10 +57,11 @@ import torch
 import calibration as cal
 from lpm import Model
 from lpm.cli import date_arg, device_arg, positive_float, positive_int, probability
+from lpm.errors import ConfigError
 from lpm.outputs import OutputDir
 from experiments import covid_nyc
 
-__all__ = ["calibrate", "observed_until", "setup_problem", "DEFAULT_SCALE"]
+__all__ = ["calibrate", "observed_until", "setup_problem", "CalibrationSetup", "DEFAULT_SCALE"]
 
 DEFAULT_SCALE = 0.002
 DEFAULT_WINDOW = 56
@@ -82,10 +85,26 @@ def observed_until(start: Any, train_end: Any, boroughs: Sequence[str] | None = 
     return df
 
 
+@dataclass
+class CalibrationSetup:
+    """What :func:`setup_problem` assembles: the built study, the model with its learned multiplier, and the data."""
+
+    setup: covid_nyc.NYCSetup  # the prior model's build (system, state, dates, areas, scale)
+    model: Model  # the prior plan plus the learned contact multiplier after the policies
+    params: cal.CovariateNetParams  # the study's parameters plus the multiplier network
+    obs_model: cal.ObservationModel
+    data: cal.Observed  # the fitted window, boroughs only
+    full: cal.Observed  # every training day, boroughs and the citywide total
+    train_dates: pd.DatetimeIndex
+    frame: pd.DataFrame  # the observed frame up to train_end
+    grad_from: int  # first day with gradients (the start of the fitted window)
+    data_warnings: list[str]
+
+
 def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-01", scale: float = DEFAULT_SCALE,
                   seed: int = 0, device: str = "cpu", window: int = DEFAULT_WINDOW,
                   llm: str = "rule", initial_prevalence: float | None = None,
-                  extrapolate: bool = False) -> dict[str, Any]:
+                  extrapolate: bool = False) -> CalibrationSetup:
     """Model (with learned contact multiplier), params, observation model and training data.
 
     ``window``: days before ``train_end`` that are fitted with gradients (the data before
@@ -94,13 +113,15 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
     train_end_ts = pd.Timestamp(train_end)
     days_train = int((train_end_ts - pd.Timestamp(start)).days) + 1
     if days_train < 14:
-        raise ValueError(f"--train-end: need at least 14 training days after {start}, got {days_train}")
+        raise ConfigError(f"--train-end: need at least 14 training days after {start}, got {days_train}")
     if window < 14:
-        raise ValueError(f"--window: expected >= 14 days, got {window}")
+        raise ConfigError(f"--window: expected >= 14 days, got {window}")
     cal.check_train_end(observed_until(start, train_end), start, train_end, min_days=14)  # before any simulation
-    extra = {} if initial_prevalence is None else {"initial_prevalence": float(initial_prevalence)}
-    setup = covid_nyc.build(scale=scale, seed=seed, device=device, start=start, days=days_train + int(forecast_days),
-                            llm=llm, extrapolate=extrapolate, **extra)
+    config = covid_nyc.NYCConfig(scale=scale, seed=seed, device=device, start=start,
+                                 days=days_train + int(forecast_days), llm=llm, extrapolate=extrapolate)
+    if initial_prevalence is not None:
+        config = dataclasses.replace(config, initial_prevalence=float(initial_prevalence))
+    setup = covid_nyc.build(config)
     train_dates = setup.dates[:days_train]
     grad_from = max(0, days_train - int(window))
     # the learned multiplier acts on the fitted window only: before it the model runs on its
@@ -109,18 +130,13 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
     policy = [d for d in POLICY_DATES if train_dates[grad_from] < pd.Timestamp(d) <= train_end_ts]
     x = cal.covariates(train_dates[grad_from:], policy_dates=policy)
     net = cal.CovariateNet(x.shape[1], hidden=16, max_mult=3.0)
-    params = cal.NetworkParams(setup.params, {"contact_mult": (net, x.to(device))}, weekly=True,
+    params = cal.CovariateNetParams(setup.params, {"contact_mult": (net, x.to(device))}, weekly=True,
                                last_block=14).to(device)
-    for name in ("ihr_scale", "isolation"):
-        getattr(setup.params, "raw_" + name).requires_grad_(False)
-    link = getattr(setup.params, "isolation_link", None)
-    if isinstance(link, torch.nn.Module):
-        link.requires_grad_(False)  # answers -> compliance: not identifiable from case counts alone
-    subs = list(setup.model.substeps)
-    at = [s.name for s in subs].index("policies") + 1
-    subs.insert(at, cal.ParamSchedule("calibrated_contacts", "layer_scale", "layer_scale", "contact_mult",
-                                      start=grad_from))
-    model = Model(subs, setup.model.observables, state_type=type(setup.state), system_type=type(setup.system), dt=setup.model.dt, name="covid-nyc-cal")
+    setup.params.freeze("ihr_scale", "isolation")
+    if setup.decision is not None and setup.decision.link is not None:
+        setup.decision.link.requires_grad_(False)  # answers -> compliance: not identifiable from case counts alone
+    model = setup.model.inserted("policies", cal.ParamSchedule("calibrated_contacts", "layer_scale", "layer_scale",
+                                                               "contact_mult", start=grad_from), name="covid-nyc-cal")
     areas = setup.areas
     obs_model = cal.ObservationModel([
         cal.Stream("cases", "cases", 1.0 / setup.scale, cal.gamma_delay(*CASE_DELAY)),
@@ -135,9 +151,8 @@ def setup_problem(train_end: str, forecast_days: int, *, start: str = "2020-03-0
     data = cal.Observed(full.dates, tuple(areas), {s: v[:, :len(areas)] for s, v in full.values.items()}, fit_mask,
                         full.freq, full.agg, full.masked)
     cal.require_observed(data, 7, what="fitted window")
-    return {"setup": setup, "model": model, "params": params, "obs_model": obs_model, "data": data, "full": full,
-            "train_dates": train_dates, "frame": frame, "grad_from": grad_from,
-            "data_warnings": [str(m.message) for m in w]}
+    return CalibrationSetup(setup, model, params, obs_model, data, full, train_dates, frame, grad_from,
+                            [str(m.message) for m in w])
 
 
 PREVALENCE_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
@@ -161,8 +176,8 @@ def choose_prevalence(train_end: str, *, start: str = "2020-03-01", scale: float
     a = np.log1p(obs[:7 * W].reshape(W, 7).sum(1))
     errs = {}
     for prev in grid:  # a handful of candidates, each one short no-grad simulation
-        setup = covid_nyc.build(scale=scale, seed=seed, device=device, start=start, days=days, llm=llm,
-                                initial_prevalence=float(prev))
+        setup = covid_nyc.build(covid_nyc.NYCConfig(scale=scale, seed=seed, device=device, start=start, days=days,
+                                                    llm=llm, initial_prevalence=float(prev)))
         with torch.no_grad():
             sim, _ = cal.rollout(setup.model, setup.params, setup.system, setup.state, days, seed=int(seed), grad=False)
         cases = cal.convolve_delay(sim["cases"].double().sum(-1), cal.gamma_delay(*CASE_DELAY)).cpu().numpy()
@@ -173,15 +188,15 @@ def choose_prevalence(train_end: str, *, start: str = "2020-03-01", scale: float
     return float(best), errs
 
 
-def data_init(p: dict[str, Any], seed: int) -> dict[str, float]:
+def data_init(p: CalibrationSetup, seed: int) -> dict[str, float]:
     """Initial guess from the data: rescale ascertainment and ifr_scale so that one simulation's cases and
     deaths over the fitted window match the observed totals (cases are linear in ascertainment, deaths
     nearly linear in ifr_scale); returns the ratios applied."""
-    params, data = p["params"], p["data"]
-    T = len(p["train_dates"])
+    params, data = p.params, p.data
+    T = len(p.train_dates)
     with torch.no_grad():
-        sim, _ = cal.rollout(p["model"], params, p["setup"].system, p["setup"].state, T, seed=int(seed), grad=False)
-        pred = p["obs_model"].predict(params, sim, data)
+        sim, _ = cal.rollout(p.model, params, p.setup.system, p.setup.state, T, seed=int(seed), grad=False)
+        pred = p.obs_model.predict(params, sim, data)
     out = {}
     for series, name, lo, hi in (("cases", "ascertainment", 0.02, 0.95), ("deaths", "ifr_scale", 0.1, 10.0)):
         m = data.mask[series]
@@ -205,7 +220,7 @@ def default_steps(days_train: int, window: int) -> int:
     return int(np.clip(3200 // (warm + 3 * min(window, days_train)), 3, 16))
 
 
-def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed: int = 0,
+def forecast(p: CalibrationSetup, seeds: Sequence[int], *, draws: int = 100, seed: int = 0,
              fit_days: int = 28) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Ensemble forecast (model stacked with the baseline) and last-week-flat baseline (naive), same interval method.
 
@@ -214,25 +229,25 @@ def forecast(p: dict[str, Any], seeds: Sequence[int], *, draws: int = 100, seed:
     :func:`calibration.model_weight`), the baseline's, and the fitted noise settings per series
     (with the model-only forecast frame under ``"model_only"``).
     """
-    setup, model, params = p["setup"], p["model"], p["params"]
+    setup, model, params = p.setup, p.model, p.params
     T = len(setup.dates)
-    T0 = len(p["train_dates"])
+    T0 = len(p.train_dates)
     mus = {s: [] for s in SERIES}
     with torch.no_grad():
         for s in seeds:
             sim, _ = cal.rollout(model, params, setup.system, setup.state, T, seed=int(s), grad=False)
-            daily = p["obs_model"].expected_daily(params, sim)
+            daily = p.obs_model.expected_daily(params, sim)
             for name in SERIES:
                 mus[name].append(torch.cat([daily[name], daily[name].sum(-1, keepdim=True)], -1).cpu())  # [T, A+1]
     areas = (*setup.areas, CITY)
-    full = p["full"]
+    full = p.full
     rows, naive_rows, model_rows, noise = [], [], [], {}
     lo_fit = max(7, T0 - fit_days)
     for name in SERIES:
         mu = torch.stack(mus[name]).double()  # [R, T, A+1]
         y = full.values[name].cpu().double()  # [T0, A+1]
         ok = full.mask[name].cpu()
-        dow = cal.weekday_factors(y[:, -1], p["train_dates"])
+        dow = cal.weekday_factors(y[:, -1], p.train_dates)
         dow_t = dow.double()[torch.as_tensor(setup.dates.day_of_week.to_numpy().copy())].view(1, T, 1)
         # noise around the model's shape, level-corrected per area as the forecast's anchor does
         fit_mu = (mu.mean(0) * dow_t[0])[lo_fit:T0]
@@ -374,17 +389,19 @@ def calibrate(argv: Sequence[str]) -> int:
         choose_prevalence(a.train_end, start=a.start, scale=a.scale, seed=a.seed, device=a.device, llm=a.llm)
     p = setup_problem(a.train_end, a.forecast_days, start=a.start, scale=a.scale, seed=a.seed, device=a.device,
                       window=a.window, llm=a.llm, initial_prevalence=prevalence, extrapolate=a.extrapolate)
-    for w in p["data_warnings"]:
+    for w in p.data_warnings:
         print("data:", w)
-    days_train = len(p["train_dates"])
+    days_train = len(p.train_dates)
     steps = a.steps if a.steps is not None else default_steps(days_train, a.window)
     init = data_init(p, a.seed) if not (a.resume and state_file.exists()) else {}
     loss = cal.Loss("negbin", dispersion=a.dispersion)
-    res = cal.fit(p["model"], p["params"], p["data"], loss, steps, system=p["setup"].system, state=p["setup"].state, obs_model=p["obs_model"],
-                  seeds=tuple(a.seed + i for i in range(a.fit_replicates)), lr=a.lr, lr_min=a.lr / 10, chunk=a.chunk,
-                  checkpoint=state_file, progress=True,
-                  grad_from=p["grad_from"], keep_best=True, lr_scale={"nets.": 0.2},
-                  fingerprint={k: getattr(a, k) for k in FINGERPRINT_ARGS} | {"initial_prevalence": prevalence})
+    prob = cal.Problem(p.model, p.setup.system, p.setup.state, None, p.obs_model, p.data, loss,
+                       seeds=tuple(a.seed + i for i in range(a.fit_replicates)), chunk=a.chunk, grad_from=p.grad_from)
+    # the network's many weights all move one output: a fifth of the rate; cosine decay to a tenth
+    opt = torch.optim.Adam(cal.param_groups(p.params, a.lr, scale={"nets.": 0.2}))
+    fingerprint = {k: getattr(a, k) for k in FINGERPRINT_ARGS} | {"initial_prevalence": prevalence}
+    res = cal.fit(prob, p.params, opt, steps, scheduler=cal.cosine_decay(opt, steps, final=0.1),
+                  hooks=[cal.Checkpoint(state_file, fingerprint=fingerprint), cal.KeepBest(), cal.Progress()])
     fit_seconds = time.perf_counter() - t0
     fc, naive, noise = forecast(p, [a.seed + 100 + i for i in range(a.replicates)], draws=a.draws, seed=a.seed)
     model_only = noise.pop("model_only")
@@ -394,7 +411,7 @@ def calibrate(argv: Sequence[str]) -> int:
     later_fc[cols].to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
     naive.rename(columns={"q05": "lower_90", "q95": "upper_90"})[cols].to_csv(out / "forecast_naive.csv", index=False,
                                                                               date_format="%Y-%m-%d")
-    (out / "params.json").write_text(json.dumps(p["params"].to_dict(), indent=2))
+    (out / "params.json").write_text(json.dumps(p.params.to_dict(), indent=2))
     import h5py
 
     with h5py.File(out / "calibration.h5", "w") as f:
@@ -408,15 +425,15 @@ def calibrate(argv: Sequence[str]) -> int:
             for a_ in sub["area"].unique():
                 s = sub[sub.area == a_]
                 g[f"{name}/{a_}"] = s[["q05", "q25", "median", "q75", "q95"]].to_numpy(np.float32)
-        g["dates"] = np.asarray(p["setup"].dates.strftime("%Y-%m-%d").tolist(), dtype="S10")
+        g["dates"] = np.asarray(p.setup.dates.strftime("%Y-%m-%d").tolist(), dtype="S10")
     summary: dict[str, Any] = {"train_end": str(train_end.date()), "forecast_days": a.forecast_days, "scale": a.scale,
-                               "steps": steps, "window": a.window, "grad_from_day": p["grad_from"],
+                               "steps": steps, "window": a.window, "grad_from_day": p.grad_from,
                                "simulations": res.sims[-1] if res.sims else 0, "data_init_ratios": init,
                                "initial_prevalence": prevalence, "prevalence_shape_errors": prevalence_errors,
                                "loss_first": res.losses[0] if res.losses else None,
                                "loss_last": res.losses[-1] if res.losses else None, "noise": noise,
-                               "train_scores": score(fc, p["frame"], None, train_end),
-                               "data_warnings": p["data_warnings"]}
+                               "train_scores": score(fc, p.frame, None, train_end),
+                               "data_warnings": p.data_warnings}
     later = None
     if a.validate:
         # read only now, after the forecast is on disk
@@ -426,7 +443,7 @@ def calibrate(argv: Sequence[str]) -> int:
         summary["validation_scores"] = score(fc, later, train_end, end)
         summary["naive_validation_scores"] = score(naive, later, train_end, end)
         summary["model_only_validation_scores"] = score(model_only, later, train_end, end)
-    _plots(out, fc, p["frame"], train_end, res, later)
+    _plots(out, fc, p.frame, train_end, res, later)
     summary["seconds"] = time.perf_counter() - t0
     summary["fit_seconds"] = fit_seconds
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lpm import Model, Params, StateError
+from lpm.errors import ConfigError, DataError
+from lpm import Model, Params
 from lpm.cli import Experiment
 from substeps.economy import (CURRENT_LAW, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, EconState, EconSystem, default_params,
                               economy_model, format_schedule, load_dp03, parse_schedule, piecewise_tax, prepare,
@@ -72,7 +73,7 @@ def load_age_share(areas: Sequence[str], path: Path = DP05_FILE) -> Tensor:
     for a in areas:
         r = df[df["GEO_ID"] == GEO[a]]
         if len(r) != 1:
-            raise StateError(f"{path.name}: column 'GEO_ID' has no single row for {a} ({GEO[a]})")
+            raise DataError(f"{path.name}: column 'GEO_ID' has no single row for {a} ({GEO[a]})")
         v = pd.to_numeric(r[cols].iloc[0]).to_numpy(dtype=np.float64)
         rows.append([0.8 * v[0] + v[1], v[2] + v[3] + v[4], v[5:].sum()])
     x = torch.tensor(rows, dtype=torch.float64)
@@ -85,10 +86,10 @@ def load_laus(path: Path = LAUS_FILE) -> pd.DataFrame:
     need = ["Area", "Year", "Month", "Unemployment Rate (%)"]
     missing = [c for c in need if c not in df.columns]
     if missing:
-        raise StateError(f"{path.name}: missing column(s) {missing}")
+        raise DataError(f"{path.name}: missing column(s) {missing}")
     unknown = sorted(set(df["Area"]) - set(LAUS_AREA))
     if unknown:
-        raise StateError(f"{path.name}: column 'Area' has unknown value(s) {unknown}")
+        raise DataError(f"{path.name}: column 'Area' has unknown value(s) {unknown}")
     month = pd.to_datetime(df["Year"].astype(str) + "-" + df["Month"], format="%Y-%b").dt.to_period("M")
     out = pd.DataFrame({"month": month, "area": df["Area"].map(LAUS_AREA), "rate": df["Unemployment Rate (%)"].astype(float)})
     return out[out["month"].dt.to_timestamp() <= DATA_END].reset_index(drop=True)
@@ -135,7 +136,7 @@ def build(*, boroughs: Sequence[str] = BOROUGHS, agents: int = 20_000, replicate
     """Model, parameters, system, initial state and week dates of NYC's economy (baseline policy unless ubi/tax given)."""
     areas = tuple(b for b in BOROUGHS if b in boroughs)
     if len(areas) != len(tuple(boroughs)):
-        raise StateError(f"boroughs: expected distinct codes from {BOROUGHS}, got {list(boroughs)}")
+        raise ConfigError(f"boroughs: expected distinct codes from {BOROUGHS}, got {list(boroughs)}")
     dp = load_dp03(DP03_FILE, {a: GEO[a] for a in areas})
     weeks = int((pd.Timestamp(end) - pd.Timestamp(start)).days // 7) + 1
     dates = weekly_dates(start, weeks)
@@ -167,7 +168,7 @@ def _assemble(system: EconSystem, state: EconState, params: Params, dates: pd.Da
               observables: Sequence[str] | None) -> tuple[Model, Params, EconSystem, EconState, pd.DatetimeIndex]:
     decision = None
     if llm not in LLM_KINDS:
-        raise StateError(f"--llm: expected one of {LLM_KINDS}, got {llm!r}")
+        raise ConfigError(f"--llm: expected one of {LLM_KINDS}, got {llm!r}")
     if llm != "none":
         from llm_archetypes import AnswerCache, Asker, default_cache_dir, make_backend
         from substeps.economy.decision import spending_rule
@@ -191,7 +192,7 @@ def _observed(laus: pd.DataFrame, months: Sequence[pd.Period], areas: Sequence[s
     wide = laus.pivot(index="month", columns="area", values="rate")
     missing = [str(m) for m in months if m not in wide.index]
     if missing:
-        raise StateError(f"{LAUS_FILE.name}: no unemployment rate for month(s) {missing}")
+        raise DataError(f"{LAUS_FILE.name}: no unemployment rate for month(s) {missing}")
     return torch.tensor(wide.loc[list(months), list(areas)].to_numpy(dtype=np.float64), dtype=torch.float32)
 
 
@@ -326,7 +327,7 @@ def _load_fitted(path: str | None) -> dict | None:
         return None
     if not p.exists():
         if path:
-            raise StateError(f"--params: file {p} not found")
+            raise ConfigError(f"--params: file {p} not found")
         return None
     return json.loads(p.read_text())
 

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm import CodeBook, StateError, Struct, check_tensor
 
 __all__ = ["Archetypes", "bin_labels"]
@@ -29,7 +30,7 @@ def bin_labels(edges: Sequence[float], unit: str = "") -> tuple[str, ...]:
     """Readable labels of the ``len(edges) + 1`` intervals cut by ``edges`` ("under 18", "18-44", "65+")."""
     e = [float(x) for x in edges]
     if any(b <= a for a, b in zip(e, e[1:])):
-        raise StateError(f"bins: edges must be strictly increasing, got {list(edges)}")
+        raise ConfigError(f"bins: edges must be strictly increasing, got {list(edges)}")
     fmt = lambda x: f"{x:g}"  # noqa: E731
     sfx = f" {unit}" if unit else ""
     labels = [f"under {fmt(e[0])}{sfx}"]
@@ -69,24 +70,24 @@ class Archetypes:
         :func:`bin_labels` unless a code book is given for the binned codes).
         """
         if not attributes:
-            raise StateError("attributes: expected at least one attribute name")
+            raise ConfigError("attributes: expected at least one attribute name")
         codebooks = dict(codebooks or {})
         bins = dict(bins or {})
         for name in list(codebooks) + list(bins):
             if name not in attributes:
-                raise StateError(f"codebooks/bins: {name!r} is not among attributes {list(attributes)}")
+                raise ConfigError(f"codebooks/bins: {name!r} is not among attributes {list(attributes)}")
         columns: list[Tensor] = []
         decoders: list[tuple[str, ...] | None] = []
         n: int | None = None
         for name in attributes:
             if isinstance(source, Struct):
                 if name not in source.field_names():
-                    raise StateError(f"attribute {name!r}: not a field of {type(source).__name__}; "
+                    raise ConfigError(f"attribute {name!r}: not a field of {type(source).__name__}; "
                                      f"fields: {list(source.field_names())}")
                 value = getattr(source, name)
             else:
                 if name not in source:
-                    raise StateError(f"attribute {name!r}: missing; given: {sorted(source)}")
+                    raise ConfigError(f"attribute {name!r}: missing; given: {sorted(source)}")
                 value = source[name]
             dims = check_tensor(f"attribute {name}", value, ("N",), dims={"N": n} if n is not None else None)
             n = dims["N"]
@@ -99,12 +100,12 @@ class Archetypes:
                     labels = bin_labels(bins[name])
             else:
                 if value.is_floating_point():
-                    raise StateError(f"attribute {name!r}: floating values need bins={{{name!r}: [edges]}}")
+                    raise ConfigError(f"attribute {name!r}: floating values need bins={{{name!r}: [edges]}}")
                 code = value.detach().long()
             if labels is not None and code.numel():
                 lo, hi = int(code.min()), int(code.max())
                 if lo < 0 or hi >= len(labels):
-                    raise StateError(f"attribute {name!r}: codes must lie in [0, {len(labels) - 1}] for its "
+                    raise ConfigError(f"attribute {name!r}: codes must lie in [0, {len(labels) - 1}] for its "
                                      f"code book of {len(labels)} labels, found [{lo}, {hi}]")
             columns.append(code)
             decoders.append(labels)

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lpm.errors import LPMError
+from lpm.errors import ConfigError, LPMError
 
 from llm_archetypes.archetypes import Archetypes
 from llm_archetypes.backends import Backend, BackendError, stable_hash
@@ -266,8 +266,14 @@ class Asker:
             f"fallback value, more than max_fallback_share={bound:g}; the backend {self.backend.name} "
             f"({self.backend.model}) last failed with: {st.last_error or self.backend.last_error or 'unknown'}")
 
-    def ask_archetypes(self, archetypes: Archetypes, question: Question, context: Mapping[str, Any]) -> Answers:
-        """Render one prompt per archetype under ``context`` and ask them all (K prompts)."""
-        prompts = [question.render(archetypes.labels[k], context) for k in range(archetypes.K)]
+    def ask_archetypes(self, archetypes: Archetypes, question: Question,
+                       context: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Answers:
+        """Render one prompt per archetype under ``context`` (shared, or one per archetype) and ask them all (K prompts)."""
+        if isinstance(context, Mapping):
+            context = [context] * archetypes.K
+        elif len(context) != archetypes.K:
+            raise ConfigError(f"context: expected one mapping, or one per archetype (K={archetypes.K}), "
+                              f"got {len(context)}")
+        prompts = [question.render(archetypes.labels[k], context[k]) for k in range(archetypes.K)]
         self.stats.decisions += 1
         return self.ask(question, prompts)

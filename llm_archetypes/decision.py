@@ -54,6 +54,8 @@ import torch
 from torch import Tensor
 
 from lpm import Observable, Params, State, Substep, System, check_tensor
+from lpm.errors import ConfigError
+from lpm.state import lookup
 
 from llm_archetypes.archetypes import Archetypes
 from llm_archetypes.asking import Asker
@@ -66,18 +68,22 @@ __all__ = ["ArchetypeDecision"]
 class ArchetypeDecision(Substep):
     """Every ``every`` steps ask the K archetypes ``question``; write ``link(scores)[archetype_id]`` to ``target``.
 
-    ``context(system, state, t) -> {name: value}`` computes the prompt's context from the
-    system and state (numeric values are bucketed by the question); ``context_reads`` names
-    the fields it reads. ``store`` is a ``[K]`` float field holding the last raw scores, so the substep
-    stays a pure function of the state. Decisions happen at ``t = offset, offset + every, ...``.
+    ``context(system, state, t)`` computes the prompt's context from the system and state
+    (numeric values are bucketed by the question): one ``{name: value}`` for all archetypes,
+    or a sequence of K of them, one per archetype (e.g. the cases in each archetype's own
+    area); ``context_reads`` names the fields it reads. ``store`` is a ``[K]`` float field
+    holding the last raw scores, so the substep stays a pure function of the state. Decisions
+    happen at ``t = offset, offset + every, ...``. ``ids`` names a system field ``[N]`` with each
+    agent's archetype id (it then moves with the system); without it the archetypes' own ids
+    are moved to the scores' device on first use.
     """
 
     def __init__(self, name: str, *, archetypes: Archetypes, question: Question, asker: Asker,
-                 context: Callable[[System, State, int], Mapping[str, Any]], target: str, store: str,
-                 every: int = 7, offset: int = 0, link: Link | None = None,
-                 context_reads: Sequence[str] = ()) -> None:
+                 context: Callable[[System, State, int], Mapping[str, Any] | Sequence[Mapping[str, Any]]],
+                 target: str, store: str, every: int = 7, offset: int = 0, link: Link | None = None,
+                 context_reads: Sequence[str] = (), ids: str | None = None) -> None:
         if every < 1:
-            raise ValueError(f"every: expected >= 1 steps between decisions, got {every}")
+            raise ConfigError(f"every: expected >= 1 steps between decisions, got {every}")
         self.name = name
         self.archetypes = archetypes
         self.question = question
@@ -88,7 +94,8 @@ class ArchetypeDecision(Substep):
         self.every = int(every)
         self.offset = int(offset)
         self.link = link
-        self.reads = tuple(dict.fromkeys((store, *context_reads)))
+        self.ids = ids
+        self.reads = tuple(dict.fromkeys((store, *context_reads, *((ids,) if ids else ()))))
         self.optional_reads = (target,)  # its dtype, when the initial state sets it, is kept
         self.writes = (target, store)
 
@@ -108,9 +115,12 @@ class ArchetypeDecision(Substep):
             ans = self.asker.ask_archetypes(self.archetypes, self.question, ctx)
             scores = ans.scores.to(device=scores.device, dtype=scores.dtype)
         value = self.link(scores) if self.link is not None else scores
-        if self.archetypes.archetype_id.device != value.device:  # move the [N] ids once, not every step
-            self.archetypes = self.archetypes.to(value.device)
-        per_agent = self.archetypes.broadcast(value)
+        if self.ids is not None:
+            per_agent = value[lookup(system, state, self.ids).long()]
+        else:
+            if self.archetypes.archetype_id.device != value.device:  # move the [N] ids once, not every step
+                self.archetypes = self.archetypes.to(value.device)
+            per_agent = self.archetypes.broadcast(value)
         old = getattr(state, self.target)
         if old is not None:
             per_agent = per_agent.to(old.dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lpm.errors import ConfigError
 from lpm import StateError
 
 __all__ = ["Link"]
@@ -30,11 +31,11 @@ class Link(nn.Module):
                  slope: float = 1.0, bias: float = 0.0, eps: float = 1e-4) -> None:
         super().__init__()
         if kind not in ("logit_affine", "affine"):
-            raise StateError(f"Link kind: expected 'logit_affine' or 'affine', got {kind!r}")
+            raise ConfigError(f"Link kind: expected 'logit_affine' or 'affine', got {kind!r}")
         if not low < high:
-            raise StateError(f"Link: expected low < high, got ({low}, {high})")
+            raise ConfigError(f"Link: expected low < high, got ({low}, {high})")
         if num < 1:
-            raise StateError(f"Link num: expected >= 1 (1 per question or K per archetype), got {num}")
+            raise ConfigError(f"Link num: expected >= 1 (1 per question or K per archetype), got {num}")
         self.kind = kind
         self.low = float(low)
         self.high = float(high)

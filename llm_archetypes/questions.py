@@ -22,7 +22,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from lpm import StateError
+from lpm.errors import ConfigError
 
 from llm_archetypes.archetypes import bin_labels
 
@@ -47,13 +47,13 @@ class Bucket:
         if not self.labels:
             object.__setattr__(self, "labels", bin_labels(edges, self.unit))
         if len(self.labels) != len(edges) + 1:
-            raise StateError(f"Bucket: expected {len(edges) + 1} labels for {len(edges)} edges, got {len(self.labels)}")
+            raise ConfigError(f"Bucket: expected {len(edges) + 1} labels for {len(edges)} edges, got {len(self.labels)}")
 
     def level(self, value: float) -> int:
         """Index of the bucket holding ``value`` (right-closed edges go up)."""
         v = float(value)
         if not math.isfinite(v):
-            raise StateError(f"Bucket: expected a finite context value, got {value!r}")
+            raise ConfigError(f"Bucket: expected a finite context value, got {value!r}")
         return sum(v >= e for e in self.edges)
 
     def __call__(self, value: float) -> str:
@@ -75,7 +75,7 @@ class Number:
 
     def __post_init__(self) -> None:
         if not float(self.low) < float(self.high):
-            raise StateError(f"Number: expected low < high, got ({self.low}, {self.high})")
+            raise ConfigError(f"Number: expected low < high, got ({self.low}, {self.high})")
 
     def instruction(self) -> str:
         """What the model is told to answer."""
@@ -118,13 +118,13 @@ class Choice:
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", tuple(self.options))
         if len(self.options) < 2 or len({_norm(o) for o in self.options}) != len(self.options):
-            raise StateError(f"{type(self).__name__}: expected >= 2 distinct options, got {self.options}")
+            raise ConfigError(f"{type(self).__name__}: expected >= 2 distinct options, got {self.options}")
         if not self.values:
             n = len(self.options)
             object.__setattr__(self, "values", tuple(1.0 - i / (n - 1) for i in range(n)))
         object.__setattr__(self, "values", tuple(float(v) for v in self.values))
         if len(self.values) != len(self.options):
-            raise StateError(f"{type(self).__name__}: expected one value per option ({len(self.options)}), "
+            raise ConfigError(f"{type(self).__name__}: expected one value per option ({len(self.options)}), "
                              f"got {len(self.values)}")
 
     def instruction(self) -> str:
@@ -241,7 +241,7 @@ class Question:
             elif isinstance(v, str):
                 labels[k] = v
             else:
-                raise StateError(f"question {self.name!r}: context value {k!r}={v!r} is numeric but has no "
+                raise ConfigError(f"question {self.name!r}: context value {k!r}={v!r} is numeric but has no "
                                  f"Bucket in buckets (unbucketed numbers make every prompt unique)")
         return labels, levels
 
@@ -251,7 +251,7 @@ class Question:
         try:
             body = self.template.format(**attributes, **labels)
         except KeyError as e:
-            raise StateError(f"question {self.name!r}: template needs {e.args[0]!r}; attributes "
+            raise ConfigError(f"question {self.name!r}: template needs {e.args[0]!r}; attributes "
                              f"{sorted(attributes)}, context {sorted(labels)}") from None
         parts = [body.rstrip()]
         if self.instruct:

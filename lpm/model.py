@@ -146,6 +146,15 @@ class Model:
         if state_type is not None:
             self._check_fields(state_type, system_type)
 
+    def inserted(self, after: str, *substeps: Substep, name: str | None = None) -> "Model":
+        """A copy of this model with ``substeps`` placed right after the substep named ``after`` (checked again)."""
+        names = [s.name for s in self.substeps]
+        if after not in names:
+            raise ModelError(f"after: no substep named {after!r}; the plan is {names}")
+        at = names.index(after) + 1
+        return Model([*self.substeps[:at], *substeps, *self.substeps[at:]], self.observables, state_type=self.state_type,
+                     system_type=self.system_type, dt=self.dt, time_unit=self.time_unit, name=name or self.name)
+
     def _check_fields(self, state_type: type[State], system_type: type[System] | None) -> None:
         """Check declarations against the types; reads only when the system type is known."""
         state_fields = set(state_type.field_names())

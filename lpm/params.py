@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Self, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Self, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from lpm.state import StateError
+from lpm.errors import ParamError
 
 __all__ = ["ParamError", "Params", "ParamsLike", "Positive", "Interval", "Real", "Fixed", "ParamSpec", "check_params"]
-
-
-class ParamError(StateError):
-    """A parameter is undefined, not fittable or outside its domain (a :class:`StateError` for old callers)."""
 
 
 def check_params(params: nn.Module, where: str = "") -> None:
@@ -141,6 +137,13 @@ class ParamsLike(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
     def to(self, *args: Any, **kwargs: Any) -> Any: ...
 

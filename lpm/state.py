@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Self, Sequence
 import torch
 from torch import Tensor
 
-from lpm.errors import LPMError
+from lpm.errors import ConfigError, LPMError
 
 __all__ = [
     "Struct",
@@ -257,7 +257,7 @@ class CodeBook:
 
     def __post_init__(self) -> None:
         if len(set(self.labels)) != len(self.labels):
-            raise StateError(f"CodeBook {self.name}: labels must be unique, got {self.labels}")
+            raise ConfigError(f"CodeBook {self.name}: labels must be unique, got {self.labels}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -267,7 +267,7 @@ class CodeBook:
         try:
             return self.labels.index(label)
         except ValueError:
-            raise StateError(f"CodeBook {self.name}: unknown label {label!r}; known: {self.labels}") from None
+            raise ConfigError(f"CodeBook {self.name}: unknown label {label!r}; known: {self.labels}") from None
 
     def encode(self, labels: Sequence[str], dtype: torch.dtype = torch.int8) -> Tensor:
         """Codes of a sequence of labels as a tensor."""

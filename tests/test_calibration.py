@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import calibration as cal
-from lpm import Interval, Model, Params, Positive, StateError, System
+from lpm import Fixed, Interval, Model, Params, ParamsLike, Positive, StateError, System
+from lpm.errors import ConfigError
 from conftest import DEVICE  # one source: the device fixture's value
 from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
                                seirm)
@@ -232,8 +233,9 @@ def test_parameter_recovery_from_a_distant_start() -> None:
     model, params, system, state, obs = _problem(T=56, N=3000)
     params.set(beta=0.3, ascertainment=0.6)
     params.raw_ifr.requires_grad_(False)
-    res = cal.fit(model, params, obs, cal.Loss("poisson"), 10, system=system, state=state, obs_model=OBS, seeds=(0, 1), lr=1.0,
-                  optimizer="lbfgs", progress=False)
+    prob = cal.Problem(model, system, state, None, OBS, obs, cal.Loss("poisson"), seeds=(0, 1))
+    lbfgs = torch.optim.LBFGS([p for p in params.parameters() if p.requires_grad], lr=1.0, max_iter=4, history_size=10)
+    res = cal.fit(prob, params, lbfgs, 10, hooks=[cal.TrustRegion(1.0)])
     got = params.values()
     err = {k: abs(float(got[k]) - TRUE[k]) / TRUE[k] for k in ("beta", "ascertainment")}
     assert res.losses[-1] < res.losses[0]
@@ -243,16 +245,21 @@ def test_parameter_recovery_from_a_distant_start() -> None:
 def test_resume_equals_uninterrupted(tmp_path) -> None:
     model, params, system, state, obs = _problem(T=14, N=1000, seeds=(0,))
     start = {"beta": 0.3, "ascertainment": 0.6, "ifr": 0.1}
-    kw = dict(system=system, state=state, obs_model=OBS, seeds=(0,), lr=0.1, lr_min=0.01, lr_steps=4, keep_best=True, grad_from=3,
-              progress=False)
+    prob = cal.Problem(model, system, state, None, OBS, obs, cal.Loss("negbin"), seeds=(0,), grad_from=3)
+
+    def run(steps: int, hooks: list) -> cal.FitResult:
+        opt = torch.optim.Adam(cal.param_groups(params, lr=0.1))  # a fresh optimizer, as in a new process
+        return cal.fit(prob, params, opt, steps, scheduler=cal.cosine_decay(opt, 4, final=0.1),
+                       hooks=[*hooks, cal.KeepBest()])
+
     params.set(**start)
-    full = cal.fit(model, params, obs, cal.Loss("negbin"), 4, **kw)
+    full = run(4, [])
     want = {k: v.clone() for k, v in params.values().items()}
     params.set(**start)
     ck = tmp_path / "run.pt"
-    cal.fit(model, params, obs, cal.Loss("negbin"), 2, checkpoint=ck, **kw)
+    run(2, [cal.Checkpoint(ck)])
     params.set(beta=0.9, ascertainment=0.9, ifr=0.5)  # a fresh process would start elsewhere
-    resumed = cal.fit(model, params, obs, cal.Loss("negbin"), 4, checkpoint=ck, **kw)
+    resumed = run(4, [cal.Checkpoint(ck)])
     assert resumed.losses == full.losses and resumed.sims == full.sims
     for k, v in params.values().items():
         assert torch.equal(v, want[k]), k
@@ -297,9 +304,10 @@ def test_network_calibrator_learns_a_time_varying_multiplier() -> None:
     base.set(ascertainment=0.3)
     for p in (base.raw_ascertainment, base.raw_ifr):
         p.requires_grad_(False)
-    net = cal.NetworkParams(base, {"contact_mult": (cal.CovariateNet(x.shape[1], hidden=8), x)})
-    before = float(cal.Problem(tv, sy, st, T, OBS, obs, cal.Loss("poisson"), (0,)).objective(net, grad=False))
-    res = cal.fit(tv, net, obs, cal.Loss("poisson"), 25, system=sy, state=st, obs_model=OBS, seeds=(0,), lr=0.1, progress=False)
+    net = cal.CovariateNetParams(base, {"contact_mult": (cal.CovariateNet(x.shape[1], hidden=8), x)})
+    prob = cal.Problem(tv, sy, st, T, OBS, obs, cal.Loss("poisson"), (0,))
+    before = float(prob.objective(net, grad=False))
+    res = cal.fit(prob, net, torch.optim.Adam(cal.param_groups(net, lr=0.1)), 25)
     m = net.contact_mult.detach()
     assert res.losses[-1] < before
     assert float(m[20:].mean()) < 0.75 * float(m[:10].mean()), m  # it learned the drop
@@ -382,7 +390,7 @@ def test_weekly_blocks_align_to_the_end_and_schedule_starts_late() -> None:
         net.body[-1].bias.fill_(0.3)
         net.body[-1].weight.fill_(1.0)
     x = torch.linspace(-1, 1, 24).view(24, 1)
-    p = cal.NetworkParams(base, {"m": (net, x)}, weekly=True, last_block=14)
+    p = cal.CovariateNetParams(base, {"m": (net, x)}, weekly=True, last_block=14)
     m = p.m.detach()
     assert torch.allclose(m[-14:], m[-1].expand(14)) and not torch.isclose(m[-15], m[-14])
     assert torch.allclose(m[3:10], m[3].expand(7)) and torch.allclose(m[:3], m[0].expand(3))
@@ -394,3 +402,25 @@ def test_weekly_blocks_align_to_the_end_and_schedule_starts_late() -> None:
     assert torch.equal(sched(p, System(), st, 4, None)["mixing"], torch.ones(2, 2))
     assert torch.allclose(sched(p, System(), st, 5, None)["mixing"], m[0] * torch.ones(2, 2))
     assert torch.allclose(sched(p, System(), st, 500, None)["mixing"], m[-1] * torch.ones(2, 2))  # held after the window
+
+
+def test_fit_hooks_keep_best_and_trust_region() -> None:
+    """KeepBest ends at the lowest evaluated loss (a fixed function under common random numbers);
+    TrustRegion bounds every step of the unconstrained vector; both Params and the covariate-network
+    parameters are ParamsLike."""
+    model, params, system, state, obs = _problem(T=14, N=1000, seeds=(0,))
+    prob = cal.Problem(model, system, state, None, OBS, obs, cal.Loss("poisson"), seeds=(0,))
+    assert prob.steps == 14 and isinstance(params, ParamsLike)
+    params.set(beta=0.3, ascertainment=0.6)
+    res = cal.fit(prob, params, torch.optim.Adam(params.parameters(), lr=1.5), 6, hooks=[cal.KeepBest()])
+    assert res.best_loss == min(res.losses) and res.losses[-1] > res.best_loss  # a large rate overshoots ...
+    assert float(prob.objective(params, grad=False)) == pytest.approx(res.best_loss, rel=1e-6)  # ... and is undone
+    params.set(beta=0.3, ascertainment=0.6)
+    x0 = cal.raw_vector(params)
+    cal.fit(prob, params, torch.optim.SGD(params.parameters(), lr=100.0), 1, hooks=[cal.TrustRegion(0.05)],
+            max_grad_norm=None)
+    assert float((cal.raw_vector(params) - x0).norm()) == pytest.approx(0.05, rel=1e-4)
+    net = cal.CovariateNetParams(params, {"m": (cal.CovariateNet(2, hidden=2), torch.zeros(14, 2))})
+    assert isinstance(net, ParamsLike)
+    with pytest.raises(ConfigError, match="no trainable tensors"):
+        cal.fit(prob, Params(beta=Fixed(0.1)), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), 1)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lpm.errors import ConfigError, ParamError
 from lpm import (Checkpoint, Intervention, Model, ModelError, Modulate, Network, Observable, Params, Positive, State,
                  StateError, System, TrajectoryRecorder, substep, tensor_field)
 from lpm.networks import erdos_renyi
@@ -68,7 +69,7 @@ def test_reading_a_missing_optional_field_or_param_fails_at_run() -> None:
     with pytest.raises(ModelError, match="substep 'transmission' reads field 'network', which is None in this system"):
         model.simulate(Params(beta=Positive(0.1)), system, state, 2)
     net = Network.from_layers({"r": erdos_renyi(50, 4.0)}, 50)
-    with pytest.raises(StateError, match="substep 'transmission': needs parameter 'beta'"):
+    with pytest.raises(ParamError, match="substep 'transmission': needs parameter 'beta'"):
         model.simulate(Params(gamma=Positive(0.1)), system.replace(network=net), state, 2)
     with pytest.raises(ModelError, match="system: expected a System"):
         model.simulate(Params(beta=Positive(0.1)), state, state, 2)
@@ -185,3 +186,41 @@ def test_modulate_applies_schedule_on_its_dates(device: str) -> None:
     assert res["who"].tolist() == [3.0, 2.0, 2.0, 2.0, 2.0, 2.0]  # no compounding across steps
     with pytest.raises(StateError, match="schedule: expected values >= 0"):
         Intervention("bad", torch.tensor([-1.0]))
+
+
+def test_interventions_named_by_system_fields_equal_tensor_ones_and_plans_insert_by_name(device: str) -> None:
+    """Schedule, group and eligibility held by the system (moved with it) give the same run as tensors held by the substep."""
+    @dataclass(frozen=True)
+    class Env(State):
+        sus: torch.Tensor = tensor_field(("N",), torch.float32)
+
+    @dataclass(frozen=True)
+    class Sys(System):
+        sus_base: torch.Tensor = tensor_field(("N",), torch.float32)
+        vacc: torch.Tensor = tensor_field(("T", "G"), torch.float32)
+        band: torch.Tensor = tensor_field(("N",), torch.int8)
+        elig: torch.Tensor = tensor_field(("N",), torch.bool)
+
+    g = torch.Generator().manual_seed(0)
+    sy = Sys(torch.rand(7, generator=g), torch.rand(5, 3, generator=g), torch.tensor([0, 1, 2, 2, 1, 0, 1], dtype=torch.int8),
+             torch.tensor([True, True, False, True, False, True, True])).to(device)
+    named = Intervention("v", "vacc", eligible="elig", group="band")
+    held = Intervention("v", sy.vacc.cpu(), eligible=sy.elig.cpu(), group=sy.band.cpu())  # on the CPU: followed lazily
+    obs = {"sus": Observable(lambda y, s: s.sus.clone())}
+    runs = []
+    for iv in (named, held):
+        model = Model([Modulate("vaccination", "sus", "sus_base", [iv])], obs, state_type=Env, system_type=Sys)
+        runs.append(model.simulate(Params(), sy, Env(torch.ones(7, device=device)), 6)["sus"])
+    torch.testing.assert_close(runs[0], runs[1])
+    want = sy.sus_base.cpu() * torch.where(sy.elig.cpu(), sy.vacc.cpu()[4][sy.band.cpu().long()], torch.ones(7))
+    torch.testing.assert_close(runs[0][5].cpu(), want)  # step 5 holds the schedule's last row
+    assert Modulate("vaccination", "sus", "sus_base", [named]).reads == ("sus_base", "vacc", "elig", "band")
+    with pytest.raises(ConfigError, match="schedule must be"):
+        Intervention("bad", torch.ones(2, 2, 2))
+    # a plan grows by name, not by list position
+    first = Model([Modulate("a", "sus", "sus_base", [named]), Modulate("c", "sus", "sus", [])], obs, state_type=Env,
+                  system_type=Sys)
+    grown = first.inserted("a", Modulate("b", "sus", "sus", [named]), name="grown")
+    assert [s.name for s in grown.substeps] == ["a", "b", "c"] and grown.name == "grown"
+    with pytest.raises(ModelError, match=r"no substep named 'x'; the plan is \['a', 'c'\]"):
+        first.inserted("x", Modulate("b", "sus", "sus", []))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from lpm.errors import ConfigError, ParamError
 from lpm import CodeBook, Fixed, Interval, Params, Positive, Real, State, StateError, tensor_field
 
 
@@ -62,9 +63,9 @@ def test_codebook_roundtrip() -> None:
     codes = cb.encode(["MN", "SI", "BX"])
     assert codes.dtype == torch.int8 and codes.tolist() == [2, 4, 0]
     assert cb.decode(codes) == ["MN", "SI", "BX"]
-    with pytest.raises(StateError, match="unknown label 'NJ'"):
+    with pytest.raises(ConfigError, match="unknown label 'NJ'"):
         cb.code("NJ")
-    with pytest.raises(StateError, match="unique"):
+    with pytest.raises(ConfigError, match="unique"):
         CodeBook("x", ("a", "a"))
 
 
@@ -89,16 +90,16 @@ def test_params_constraints_roundtrip_and_grad() -> None:
 
 
 def test_params_bad_values_name_the_parameter() -> None:
-    with pytest.raises(StateError, match=r"parameter beta: expected values in \(0.0, inf\)"):
+    with pytest.raises(ParamError, match=r"parameter beta: expected values in \(0.0, inf\)"):
         Params(beta=Positive(-0.1))
-    with pytest.raises(StateError, match="parameter gamma: expected finite"):
+    with pytest.raises(ParamError, match="parameter gamma: expected finite"):
         Params(gamma=Positive(float("nan")))
-    with pytest.raises(StateError, match=r"parameter frac: expected values in \(0.0, 1.0\)"):
+    with pytest.raises(ParamError, match=r"parameter frac: expected values in \(0.0, 1.0\)"):
         Params(frac=Interval(1.5, 0.0, 1.0))
     p = Params(beta=Positive(0.1))
-    with pytest.raises(StateError, match="parameter betta: unknown"):
+    with pytest.raises(ParamError, match="parameter betta: unknown"):
         p.set(betta=0.2)
-    with pytest.raises(StateError, match="needs parameter 'gamma'"):
+    with pytest.raises(ParamError, match="needs parameter 'gamma'"):
         p.require("gamma", owner="substep 'recovery'")
 
 
@@ -114,7 +115,7 @@ def test_freeze_holds_a_parameter_and_unfreeze_releases_it() -> None:
     assert float(p.ifr) == pytest.approx(0.01) and float(p.beta) != pytest.approx(0.3)
     p.unfreeze("ifr")
     assert p.frozen() == () and p.raw("ifr").requires_grad
-    with pytest.raises(StateError, match="parameter gamma: Fixed"):
+    with pytest.raises(ParamError, match="parameter gamma: Fixed"):
         p.freeze("gamma")
-    with pytest.raises(StateError, match="needs parameter 'nope'"):
+    with pytest.raises(ParamError, match="needs parameter 'nope'"):
         p.freeze("nope")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from experiments import covid_nyc as nyc
+from lpm.errors import ConfigError
 from llm_archetypes import RuleBackend
 from llm_archetypes.examples import isolation_rule
 from substeps.epidemic.covid import age_tables
@@ -172,7 +173,8 @@ def test_one_call_per_nonempty_archetype_per_week(cache, device: str):
 
 
 def test_weekly_context_is_last_weeks_reported_cases_per_100k(cache, device: str):
-    setup = nyc.build(**BASE, device=device, days=40, cache_dir=cache, llm_cache=False, ascertainment=0.9, beta=0.5)
+    setup = nyc.build(**BASE, device=device, days=40, cache_dir=cache, llm_cache=False,
+                      params={"ascertainment": 0.9, "beta": 0.5})
     res = setup.simulate(seed=2)
     cases = res["cases"][:, 0].detach().cpu().double()
     n = float((setup.population.area == 0).sum())
@@ -204,7 +206,7 @@ def test_replay_with_raising_backend_is_identical(cache, tmp_path, device: str):
 
 
 def test_gradient_reaches_the_isolation_link(cache, device: str):
-    setup = nyc.build(**BASE, device=device, days=30, cache_dir=cache, llm_cache=False, beta=0.5)
+    setup = nyc.build(**BASE, device=device, days=30, cache_dir=cache, llm_cache=False, params={"beta": 0.5})
     link = setup.params.isolation_link
     assert {id(p) for p in link.parameters()} <= {id(p) for p in setup.params.parameters()}  # the optimiser sees it
     res = setup.simulate(seed=1, grad=True)
@@ -220,3 +222,52 @@ def test_llm_off_keeps_the_plain_model(cache, device: str):
     assert "isolation_decision" not in [s.name for s in setup.model.substeps]
     with pytest.raises(ValueError, match="llm: expected one of"):
         nyc.build(**BASE, device=device, days=10, cache_dir=cache, llm="gpt")
+
+
+def test_config_holds_options_and_params_hold_values(cache, device: str):
+    """Options are NYCConfig fields, checked on construction; parameter values go through params=."""
+    with pytest.raises(ConfigError, match=r"disable: unknown policies \['lockdown'\]"):
+        nyc.NYCConfig(disable=("lockdown",))
+    with pytest.raises(ConfigError, match=r"days: expected > 0, got 0"):
+        nyc.NYCConfig(days=0)
+    with pytest.raises(ConfigError, match=r"build: unknown option\(s\) \['betta'\]"):
+        nyc.build(nyc.NYCConfig(**BASE, days=5, cache_dir=cache, llm="off"), betta=0.3)
+    with pytest.raises(ConfigError, match=r"build: expected an NYCConfig .* got float 0.01"):
+        nyc.build(0.01)
+    cfg = nyc.NYCConfig(**BASE, device=device, days=5, cache_dir=cache, llm="off")
+    assert cfg.boroughs == ("SI",) and cfg.dates[-1] == pd.Timestamp("2020-03-05")
+    setup = nyc.build(cfg, params={"beta": 0.4, "ascertainment": 0.2})
+    assert setup.config == cfg
+    assert abs(float(setup.params.beta) - 0.4) < 1e-6 and abs(float(setup.params.ascertainment) - 0.2) < 1e-6
+    assert abs(float(nyc.build(cfg).params.beta) - nyc.NYC_DEFAULTS["beta"]) < 1e-6
+
+
+def test_schedules_and_archetype_ids_live_in_the_system(cache, device: str):
+    """Policies, vaccination and archetype ids are system fields on the run's device; substeps name them."""
+    setup = nyc.build(**BASE, device=device, days=12, cache_dir=cache, llm_cache=False)
+    sy, dates = setup.system, setup.dates
+    for iv in nyc.policies(dates):
+        torch.testing.assert_close(getattr(sy, iv.name).cpu(), iv.schedule)
+    torch.testing.assert_close(sy.vaccination.cpu(), nyc.vaccination(dates, setup.population.age).schedule)
+    torch.testing.assert_close(sy.archetype.cpu(), setup.decision.archetypes.archetype_id)
+    for name in ("school_closure", "stay_at_home", "reopening", "vaccination", "archetype", "area_schedule"):
+        assert getattr(sy, name).device.type == torch.device(device).type, name
+    mods = {s.name: s for s in setup.model.substeps}
+    assert [iv.schedule for iv in mods["policies"].interventions] == ["school_closure", "stay_at_home", "reopening"]
+    assert {"school_closure", "stay_at_home", "reopening"} <= set(mods["policies"].reads)
+    assert {"vaccination", "age"} <= set(mods["vaccination"].reads) and setup.decision.ids == "archetype"
+    off = nyc.build(**BASE, device=device, days=12, cache_dir=cache, llm="off", disable=("reopening", "vaccination"))
+    assert off.system.reopening is None and off.system.vaccination is None and off.system.archetype is None
+
+
+def test_package_runs_as_a_module(tmp_path):
+    """``python -m experiments.covid_nyc`` is ``lpm run covid-nyc``: a bad option is one error line, exit status 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-m", "experiments.covid_nyc", "--params", "prior", "--boroughs", "XX",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1], env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2, p.stderr
+    assert "lpm: error: boroughs: expected distinct codes" in p.stderr and not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lpm import Model, Params, Positive, State, StateError, System, tensor_field
+from lpm.errors import ConfigError
 from llm_archetypes import (
     Archetypes, ArchetypeDecision, AnswerCache, Asker, Bucket, Choice, Link, Number, ParseError,
     Question, RuleBackend, survey,
@@ -61,9 +62,9 @@ def test_bins_and_errors() -> None:
     arch = Archetypes.from_attributes({"age": ages}, ["age"], bins={"age": [18, 65]})
     assert [arch.labels[int(k)]["age"] for k in arch.archetype_id] == [
         "under 18", "under 18", "18 to under 65", "18 to under 65", "18 to under 65", "65 or more", "65 or more"]
-    with pytest.raises(StateError, match="age.*bins"):
+    with pytest.raises(ConfigError, match="age.*bins"):
         Archetypes.from_attributes({"age": ages}, ["age"])
-    with pytest.raises(StateError, match="sex.*code book"):
+    with pytest.raises(ConfigError, match="sex.*code book"):
         Archetypes.from_attributes({"sex": torch.tensor([0, 2])}, ["sex"], codebooks={"sex": SEX})
     with pytest.raises(StateError, match="dimension N"):
         Archetypes.from_attributes({"a": torch.zeros(3, dtype=torch.long), "b": torch.zeros(4, dtype=torch.long)}, ["a", "b"])
@@ -117,9 +118,9 @@ def test_question_parsing_and_buckets() -> None:
         "50 or more cases per 100k", "50 or more cases per 100k"]
     q = Question("q", "Age {age}. Cases {cases}.", num, buckets={"cases": b})
     assert q.render({"age": "65+"}, {"cases": 12.0}) == q.render({"age": "65+"}, {"cases": 47.0})
-    with pytest.raises(StateError, match="no Bucket"):
+    with pytest.raises(ConfigError, match="no Bucket"):
         q.render({"age": "65+"}, {"cases": 12.0, "deaths": 3.0})
-    with pytest.raises(StateError, match="template needs 'age'"):
+    with pytest.raises(ConfigError, match="template needs 'age'"):
         q.render({}, {"cases": 1.0})
 
 
@@ -208,3 +209,43 @@ def test_decision_gradient_reaches_link_params(tmp_path) -> None:
     ids = decide.archetypes.archetype_id.to(DEVICE)
     z = torch.sigmoid(torch.logit(sc.clamp(1e-4, 1 - 1e-4)))[:, ids]
     torch.testing.assert_close(link.bias.grad, (0.95 * z * (1 - z)).mean(1).sum().reshape(1), rtol=1e-4, atol=1e-6)
+
+
+@dataclass(frozen=True)
+class TownSystemWithIds(TownSystem):
+    """The toy town with each agent's archetype id held by the system (moved with it)."""
+
+    archetype: Tensor = tensor_field(("N",), torch.int64, "archetype id", default=None)
+
+
+def test_per_archetype_context_sees_its_own_borough_and_ids_come_from_the_system() -> None:
+    """Context as K dicts (cases in each archetype's borough): the answer follows its own borough's level."""
+    pop = population(800)
+    arch = Archetypes.from_attributes(pop, list(BOOKS), codebooks=BOOKS)
+    boro = arch.codes[:, arch.attributes.index("borough")].long().cpu()
+    level = torch.tensor([0.0, 5.0, 50.0, 500.0, 5000.0])  # cases per 100k by borough: distinct buckets
+    asker = Asker(RuleBackend(isolation_rule), mode="off")
+    decide = ArchetypeDecision("isolation_decision", archetypes=arch, question=isolation_question(), asker=asker,
+                               context=lambda y, s, t: [{"cases": float(level[b])} for b in boro.tolist()],
+                               target="isolation", store="isolation_score", every=7, ids="archetype")
+    assert "archetype" in decide.reads
+    system = TownSystemWithIds(**pop, archetype=arch.archetype_id.to(DEVICE))
+    state = TownState(cases=torch.tensor(0.0, device=DEVICE), isolation=torch.zeros(800, device=DEVICE),
+                      isolation_score=decide.initial_scores(device=DEVICE))
+    model = Model([decide], {"scores": decide.observable()}, state_type=TownState, system_type=TownSystemWithIds)
+    res = model.simulate(Params(), system, state, 1, progress=False)
+    scores = res["scores"][0].cpu()
+    assert asker.stats.calls == arch.K and asker.stats.decisions == 1
+    # the same archetype attributes in two boroughs: the busier borough answers "isolate" more often
+    shared = Archetypes.from_attributes(pop, list(BOOKS), codebooks=BOOKS)
+    want = torch.tensor([isolation_rule(isolation_question().render(shared.labels[k], {"cases": float(level[b])}))[0]
+                         for k, b in enumerate(boro.tolist())])
+    torch.testing.assert_close(scores, want)
+    assert len(set(boro.tolist())) > 1 and len(set(want.tolist())) > 1
+    # agents get their own archetype's answer through the system's ids
+    torch.testing.assert_close(res.final_state.isolation, scores.to(DEVICE)[system.archetype])
+    # one context per archetype, or one for all: anything else names the count
+    bad = ArchetypeDecision("d", archetypes=arch, question=isolation_question(), asker=asker,
+                            context=lambda y, s, t: [{"cases": 1.0}] * 3, target="isolation", store="isolation_score")
+    with pytest.raises(ConfigError, match=rf"one per archetype \(K={arch.K}\), got 3"):
+        bad(Params(), system, state, 0, torch.Generator())

@@ -325,5 +325,6 @@ def test_planted_pickle_as_calibration_checkpoint_is_refused_not_executed(tmp_pa
     frame, dates = synthetic_frame(model, params, system, state, 10, seeds=(1,))
     data = cal.align(frame, dates, areas=AREAS)
     with pytest.raises(CheckpointError, match="refused"):
-        cal.fit(model, params, data, cal.Loss("poisson"), 1, system=system, state=state, obs_model=OBS, checkpoint=ck, progress=False)
+        cal.fit(cal.Problem(model, system, state, None, OBS, data, cal.Loss("poisson")), params,
+                torch.optim.Adam(params.parameters()), 1, hooks=[cal.Checkpoint(ck)])
     assert not marker.exists()

@@ -88,7 +88,7 @@ def test_library_error_is_one_line_exit_2_from_the_console(tmp_path: Path) -> No
 def test_unexpected_exceptions_keep_their_traceback(monkeypatch) -> None:
     from experiments import covid_nyc as nyc
 
-    monkeypatch.setattr(nyc, "build", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(nyc.cli, "build", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["run", "covid-nyc", "--params", "prior", "--out", "/tmp/lpm-never-written-" + str(os.getpid())])
 
@@ -120,9 +120,9 @@ def test_extrapolation_is_explicit_and_says_how(cache: Path) -> None:
     from experiments import covid_nyc as nyc
 
     with pytest.warns(nyc.DataWarning, match="after 2021-03-31 the last 7-day mean is held"):
-        nyc.build(0.005, 0, "cpu", "2021-03-28", 7, ["SI"], cache_dir=cache, llm="off", extrapolate=True)
+        nyc.build(nyc.NYCConfig(0.005, 0, "cpu", "2021-03-28", 7, ("SI",), cache_dir=cache, llm="off", extrapolate=True))
     with pytest.raises(Exception, match="initial_prevalence: expected a share in \\[0, 1\\], got 1.5"):
-        nyc.build(0.005, 0, "cpu", "2020-03-01", 7, ["SI"], cache_dir=cache, llm="off", initial_prevalence=1.5)
+        nyc.NYCConfig(0.005, 0, "cpu", "2020-03-01", 7, ("SI",), cache_dir=cache, llm="off", initial_prevalence=1.5)
 
 
 def test_bad_mobility_values_are_errors_not_filled(tmp_path: Path, monkeypatch) -> None:
@@ -133,7 +133,7 @@ def test_bad_mobility_values_are_errors_not_filled(tmp_path: Path, monkeypatch) 
     df.loc[10, col] = -0.3
     bad = tmp_path / "mta.csv"
     df.to_csv(bad, index=False)
-    monkeypatch.setattr(nyc, "MTA_FILE", bad)
+    monkeypatch.setattr(nyc.data, "MTA_FILE", bad)
     dates = pd.date_range("2020-03-01", periods=30)
     with pytest.raises(DataError, match=rf"mta.csv: column '{col}', row for 2020-03-11: expected a number >= 0"):
         nyc.area_schedule(dates, ("SI",))
@@ -150,7 +150,6 @@ def test_case_data_is_validated_before_the_simulation(tmp_path: Path, monkeypatc
     df.loc[5, "SI_CASE_COUNT"] = -4
     bad = tmp_path / "cases.csv"
     df.to_csv(bad, index=False)
-    monkeypatch.setattr(nyc, "CASES_FILE", bad)
     monkeypatch.setattr(nyc.load_observed, "__defaults__", (None, bad))
     monkeypatch.setattr(nyc.NYCSetup, "simulate", lambda *a, **k: pytest.fail("simulated before validating the data"))
     rc, _, err = run(["run", "covid-nyc", "--params", "prior", *TINY, "--out", str(tmp_path / "o"), "--cache-dir", str(cache)], capsys)

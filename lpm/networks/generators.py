@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm.state import StateError, check_tensor
 
 __all__ = [
@@ -42,9 +43,9 @@ def symmetrize(edge_index: Tensor, num_nodes: int) -> Tensor:
 def erdos_renyi(num_nodes: int, mean_degree: float, seed: int | torch.Generator | None = 0, device: torch.device | str = "cpu") -> Tensor:
     """G(n, m) random graph with ``m = n * mean_degree / 2`` undirected edges (sparse regime)."""
     if num_nodes < 2:
-        raise StateError(f"num_nodes: expected >= 2, got {num_nodes}")
+        raise ConfigError(f"num_nodes: expected >= 2, got {num_nodes}")
     if mean_degree < 0 or mean_degree >= num_nodes - 1:
-        raise StateError(f"mean_degree: expected in [0, {num_nodes - 1}), got {mean_degree}")
+        raise ConfigError(f"mean_degree: expected in [0, {num_nodes - 1}), got {mean_degree}")
     g = make_generator(seed, device)
     m = int(round(num_nodes * mean_degree / 2))
     # oversample slightly so that dropping self-loops/duplicates still leaves about m edges

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm.state import StateError, Struct, check_tensor, static_field, tensor_field
 
 __all__ = ["Network", "EdgeIndex"]
@@ -46,9 +47,9 @@ class Network(Struct):
     ) -> "Network":
         """Build from ``{name: edge_index}`` or ``{name: (edge_index, weight)}``; validates ids."""
         if not isinstance(num_nodes, int) or num_nodes <= 0:
-            raise StateError(f"num_nodes: expected a positive int, got {num_nodes!r}")
+            raise ConfigError(f"num_nodes: expected a positive int, got {num_nodes!r}")
         if len(layers) > 127:
-            raise StateError(f"layers: at most 127 layers, got {len(layers)}")
+            raise ConfigError(f"layers: at most 127 layers, got {len(layers)}")
         eis, ws, ls = [], [], []
         for code, (name, spec) in enumerate(layers.items()):
             ei, w = (spec if isinstance(spec, tuple) else (spec, None))
@@ -127,7 +128,7 @@ class Network(Struct):
     def layer_code(self, name: str) -> int:
         """Code of layer ``name``."""
         if name not in self.layer_names:
-            raise StateError(f"layer {name!r}: unknown; layers are {self.layer_names}")
+            raise ConfigError(f"layer {name!r}: unknown; layers are {self.layer_names}")
         return self.layer_names.index(name)
 
     def out_degree(self) -> Tensor:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm.networks.generators import contact_matrix_sbm, make_generator, symmetrize
-from lpm.state import StateError, check_tensor
+from lpm.state import check_tensor
 
 __all__ = [
     "preferential_attachment",
@@ -34,7 +35,7 @@ _INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 def _check_n(num_nodes: int, low: int = 2) -> None:
     if not isinstance(num_nodes, int) or num_nodes < low:
-        raise StateError(f"num_nodes: expected an int >= {low}, got {num_nodes!r}")
+        raise ConfigError(f"num_nodes: expected an int >= {low}, got {num_nodes!r}")
 
 
 def _pa_targets(num_nodes: int, m: int, g: torch.Generator, device: torch.device | str) -> Tensor:
@@ -75,7 +76,7 @@ def preferential_attachment(num_nodes: int, m: int, seed: int | torch.Generator 
     """Scale-free Barabasi-Albert graph (undirected, ``m`` ties per new node, P(k) ~ k^-3)."""
     _check_n(num_nodes)
     if not isinstance(m, int) or m < 1 or m >= num_nodes:
-        raise StateError(f"m: expected an int in [1, {num_nodes}), got {m!r}")
+        raise ConfigError(f"m: expected an int in [1, {num_nodes}), got {m!r}")
     g = make_generator(seed, device)
     return symmetrize(_pa_targets(num_nodes, m, g, device), num_nodes)
 
@@ -88,9 +89,9 @@ def small_world(num_nodes: int, k: int, p: float, seed: int | torch.Generator | 
     """
     _check_n(num_nodes, 3)
     if not isinstance(k, int) or k < 2 or k % 2 or k >= num_nodes:
-        raise StateError(f"k: expected an even int in [2, {num_nodes}), got {k!r}")
+        raise ConfigError(f"k: expected an even int in [2, {num_nodes}), got {k!r}")
     if not 0.0 <= p <= 1.0:
-        raise StateError(f"p: expected a rewiring probability in [0, 1], got {p}")
+        raise ConfigError(f"p: expected a rewiring probability in [0, 1], got {p}")
     g = make_generator(seed, device)
     i = torch.arange(num_nodes, device=device).repeat_interleave(k // 2)
     j = (i + torch.arange(1, k // 2 + 1, device=device).repeat(num_nodes)) % num_nodes
@@ -109,9 +110,9 @@ def homophilous_sbm(group: Tensor, mean_degree: float, homophily: float,
     """
     check_tensor("group", group, ("N",), _INT, low=0)
     if not 0.0 <= homophily <= 1.0:
-        raise StateError(f"homophily: expected in [0, 1], got {homophily}")
+        raise ConfigError(f"homophily: expected in [0, 1], got {homophily}")
     if mean_degree <= 0:
-        raise StateError(f"mean_degree: expected > 0, got {mean_degree}")
+        raise ConfigError(f"mean_degree: expected > 0, got {mean_degree}")
     n_g = torch.bincount(group.long()).double().cpu()  # the small [G, G] table is built on the host
     share = n_g / n_g.sum()
     G = n_g.numel()
@@ -129,7 +130,7 @@ def follow_graph(num_nodes: int, m: int, reciprocity: float = 0.3, seed: int | t
     """
     _check_n(num_nodes)
     if not 0.0 <= reciprocity <= 1.0:
-        raise StateError(f"reciprocity: expected in [0, 1], got {reciprocity}")
+        raise ConfigError(f"reciprocity: expected in [0, 1], got {reciprocity}")
     g = make_generator(seed, device)
     follower_followed = _pa_targets(num_nodes, m, g, device)  # new -> older = follower -> followed
     ei = follower_followed.flip(0)
@@ -145,7 +146,7 @@ def degree_distribution(edge_index: Tensor, num_nodes: int, direction: str = "ou
     """``(degree [N], counts [k_max + 1])``: degrees (``out``/``in`` edges) and their histogram."""
     check_tensor("edge_index", edge_index, (2, "E"), _INT)
     if direction not in ("out", "in"):
-        raise StateError(f"direction: expected 'out' or 'in', got {direction!r}")
+        raise ConfigError(f"direction: expected 'out' or 'in', got {direction!r}")
     row = edge_index[0 if direction == "out" else 1].long()
     deg = torch.bincount(row, minlength=num_nodes)
     return deg, torch.bincount(deg)

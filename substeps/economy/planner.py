@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lpm import StateError
+from lpm.errors import ConfigError
 from substeps.economy.tax import piecewise_tax
 
 __all__ = ["StaticEconomy", "Allocation", "optimise_schedule", "saez_rates", "WELFARE"]
@@ -84,7 +84,7 @@ class StaticEconomy:
             return alloc.V.mean()
         if kind == "atkinson2":
             return -torch.exp(-alloc.V).mean()
-        raise StateError(f"welfare: expected one of {WELFARE}, got {kind!r}")
+        raise ConfigError(f"welfare: expected one of {WELFARE}, got {kind!r}")
 
     def certainty_equivalent(self, alloc: "Allocation", kind: str) -> float:
         """Welfare as the equally-distributed consumption that gives the same W, $/week."""
@@ -137,7 +137,7 @@ def saez_rates(econ: StaticEconomy, num_bands: int, welfare: str, *, iters: int 
                start: Tensor | None = None) -> tuple[Tensor, Allocation]:
     """Saez (2002) extensive-margin optimum: ``tau [num_bands]`` (tax = ``tau_k (w - h)``) at the fixed point, and its allocation."""
     if welfare not in WELFARE:
-        raise StateError(f"welfare: expected one of {WELFARE}, got {welfare!r}")
+        raise ConfigError(f"welfare: expected one of {WELFARE}, got {welfare!r}")
     tau = torch.full((num_bands,), 0.2, dtype=torch.float64) if start is None else start.double().clone()
     band = econ.band.long()
     w = econ.wage.double()

@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lpm import CodeBook, StateError
+from lpm.errors import ConfigError, DataError
+from lpm import CodeBook
 from substeps.economy.state import AGE_BANDS, INCOME_BANDS, INCOME_EDGES, INDUSTRIES, EconState, EconSystem
 
 __all__ = ["Dp03", "load_dp03", "synthesize", "LF_PRIOR", "AGE_WAGE"]
@@ -74,16 +75,16 @@ def load_dp03(path: str | Path, geo_ids: Mapping[str, str]) -> Dp03:
     cols = ["DP03_0001E", "DP03_0003E", "DP03_0005E", *INDUSTRY_COLUMNS, *INCOME_COLUMNS, *PENSION_COLUMNS]
     missing = [c for c in ["GEO_ID", *cols] if c not in df.columns]
     if missing:
-        raise StateError(f"{path.name}: missing column(s) {missing}")
+        raise DataError(f"{path.name}: missing column(s) {missing}")
     rows = []
     for name, geo in geo_ids.items():
         r = df[df["GEO_ID"] == geo]
         if len(r) != 1:
-            raise StateError(f"{path.name}: column 'GEO_ID' has {len(r)} rows for {name}={geo!r}, expected 1")
+            raise DataError(f"{path.name}: column 'GEO_ID' has {len(r)} rows for {name}={geo!r}, expected 1")
         vals = pd.to_numeric(r[cols].iloc[0], errors="coerce")
         if vals.isna().any() or (vals < 0).any():
             bad = list(vals.index[vals.isna() | (vals < 0)])
-            raise StateError(f"{path.name}: {name}: columns {bad} must be non-negative numbers")
+            raise DataError(f"{path.name}: {name}: columns {bad} must be non-negative numbers")
         rows.append(vals.to_numpy(dtype=np.float64))
     m = torch.tensor(np.stack(rows))
     nj = len(INDUSTRY_COLUMNS)
@@ -117,12 +118,12 @@ def synthesize(dp03: Dp03, agents: int, *, age_share: Tensor, replicates: int = 
     """
     A, J = len(dp03.areas), dp03.industry.shape[1]
     if agents < A:
-        raise StateError(f"agents: expected at least one per area ({A}), got {agents}")
+        raise ConfigError(f"agents: expected at least one per area ({A}), got {agents}")
     if replicates < 1:
-        raise StateError(f"replicates: expected >= 1, got {replicates}")
+        raise ConfigError(f"replicates: expected >= 1, got {replicates}")
     age_share = torch.as_tensor(age_share, dtype=torch.float64)
     if age_share.shape != (A, len(AGE_BANDS)) or bool((age_share < 0).any()):
-        raise StateError(f"age_share: expected non-negative [A={A}, {len(AGE_BANDS)}], got {tuple(age_share.shape)}")
+        raise ConfigError(f"age_share: expected non-negative [A={A}, {len(AGE_BANDS)}], got {tuple(age_share.shape)}")
     g = torch.Generator().manual_seed(seed)
     per_area = torch.round(dp03.pop16 / dp03.pop16.sum() * agents).long().clamp_min(1)
     area1 = torch.repeat_interleave(torch.arange(A), per_area)
@@ -140,7 +141,7 @@ def synthesize(dp03: Dp03, agents: int, *, age_share: Tensor, replicates: int = 
     in_lf = torch.rand(N, generator=g, dtype=torch.float64) < p_lf
     urate = dp03.unemployment_rate if initial_unemployment is None else torch.as_tensor(initial_unemployment, dtype=torch.float64)
     if urate.shape != (A,) or bool((urate < 0).any()) or bool((urate >= 1).any()):
-        raise StateError(f"initial_unemployment: expected [A={A}] rates in [0, 1), got {urate.tolist()}")
+        raise ConfigError(f"initial_unemployment: expected [A={A}] rates in [0, 1), got {urate.tolist()}")
     employed = in_lf & (torch.rand(N, generator=g, dtype=torch.float64) >= urate[area])
     ish = dp03.industry / dp03.industry.sum(1, keepdim=True)
     industry = torch.multinomial(ish[area], 1, generator=g).squeeze(1)

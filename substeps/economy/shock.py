@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lpm import StateError
+from lpm.errors import ConfigError, DataError
 
 __all__ = ["weekly_dates", "step_table", "closure_schedule", "ui_schedule"]
 
@@ -23,7 +23,7 @@ __all__ = ["weekly_dates", "step_table", "closure_schedule", "ui_schedule"]
 def weekly_dates(start: str | pd.Timestamp, weeks: int) -> pd.DatetimeIndex:
     """First day of each of ``weeks`` consecutive weeks from ``start``."""
     if weeks < 1:
-        raise StateError(f"weeks: expected >= 1, got {weeks}")
+        raise ConfigError(f"weeks: expected >= 1, got {weeks}")
     return pd.date_range(pd.Timestamp(start), periods=weeks, freq="7D")
 
 
@@ -32,22 +32,22 @@ def step_table(df: pd.DataFrame, key: str, value: str, keys: Sequence[str], week
     """Weekly means ``[T, len(keys)]`` of the step functions in ``df`` (columns ``date``, ``key``, ``value``)."""
     for c in ("date", key, value):
         if c not in df.columns:
-            raise StateError(f"{file}: missing column {c!r}")
+            raise DataError(f"{file}: missing column {c!r}")
     unknown = sorted(set(df[key]) - set(keys))
     if unknown:
-        raise StateError(f"{file}: column {key!r} has unknown value(s) {unknown}; expected one of {list(keys)}")
+        raise DataError(f"{file}: column {key!r} has unknown value(s) {unknown}; expected one of {list(keys)}")
     days = pd.date_range(week_starts[0], week_starts[-1] + pd.Timedelta(days=6), freq="D")
     out = np.zeros((len(days), len(keys)))
     df = df.assign(date=pd.to_datetime(df["date"])).sort_values("date")
     for j, k in enumerate(keys):
         rows = df[df[key] == k]
         if rows.empty:
-            raise StateError(f"{file}: no rows for {key}={k!r}")
+            raise DataError(f"{file}: no rows for {key}={k!r}")
         series = pd.Series(rows[value].to_numpy(dtype=np.float64), index=rows["date"])
         series = series[~series.index.duplicated(keep="last")]
         filled = series.reindex(series.index.union(days)).ffill().reindex(days)
         if filled.isna().any():
-            raise StateError(f"{file}: {key}={k!r} has no value before {days[int(np.argmax(filled.isna().to_numpy()))].date()}")
+            raise DataError(f"{file}: {key}={k!r} has no value before {days[int(np.argmax(filled.isna().to_numpy()))].date()}")
         out[:, j] = filled.to_numpy()
     T = len(week_starts)
     return torch.tensor(out.reshape(T, 7, len(keys)).mean(1), dtype=torch.float32)
@@ -59,7 +59,7 @@ def closure_schedule(path: str | Path, industries: Sequence[str], week_starts: p
     df = pd.read_csv(path)
     x = step_table(df, "industry", "closed_share", industries, week_starts, path.name)
     if bool((x < 0).any()) or bool((x > 1).any()):
-        raise StateError(f"{path.name}: column 'closed_share' must lie in [0, 1]")
+        raise DataError(f"{path.name}: column 'closed_share' must lie in [0, 1]")
     return x
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lpm import StateError, check_tensor
+from lpm.errors import ConfigError
+from lpm import check_tensor
 
 __all__ = ["piecewise_tax", "weekly_tax", "parse_schedule", "format_schedule", "gini", "poverty_rate",
            "CURRENT_LAW", "WEEKS_PER_YEAR"]
@@ -32,9 +33,9 @@ def _check_schedule(thresholds: Tensor, rates: Tensor) -> None:
     check_tensor("tax_thresholds", thresholds, ("B",))
     check_tensor("tax_rates", rates, (thresholds.shape[0],))
     if float(thresholds[0]) != 0.0:
-        raise StateError(f"tax_thresholds: the first bracket must start at 0 $/year, got {float(thresholds[0])}")
+        raise ConfigError(f"tax_thresholds: the first bracket must start at 0 $/year, got {float(thresholds[0])}")
     if bool((thresholds[1:] <= thresholds[:-1]).any()):
-        raise StateError(f"tax_thresholds: expected strictly increasing $/year, got {thresholds.tolist()}")
+        raise ConfigError(f"tax_thresholds: expected strictly increasing $/year, got {thresholds.tolist()}")
 
 
 def piecewise_tax(income: Tensor, thresholds: Tensor, rates: Tensor) -> Tensor:
@@ -60,18 +61,18 @@ def parse_schedule(text: str) -> tuple[Tensor, Tensor]:
         if not part:
             continue
         if part.count(":") != 1:
-            raise StateError(f"--tax: expected THRESHOLD:RATE pairs separated by commas, got {part!r} in {text!r}")
+            raise ConfigError(f"--tax: expected THRESHOLD:RATE pairs separated by commas, got {part!r} in {text!r}")
         a, b = part.split(":")
         try:
             pairs.append((float(a), float(b)))
         except ValueError:
-            raise StateError(f"--tax: {part!r} is not two numbers THRESHOLD:RATE") from None
+            raise ConfigError(f"--tax: {part!r} is not two numbers THRESHOLD:RATE") from None
     if not pairs:
-        raise StateError(f"--tax: empty schedule {text!r}")
+        raise ConfigError(f"--tax: empty schedule {text!r}")
     th = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     r = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
     if bool((r <= -1).any()) or bool((r >= 1).any()):
-        raise StateError(f"--tax: marginal rates must lie in (-1, 1), got {r.tolist()}")
+        raise ConfigError(f"--tax: marginal rates must lie in (-1, 1), got {r.tolist()}")
     _check_schedule(th, r)
     return th, r
 

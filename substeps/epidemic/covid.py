@@ -55,11 +55,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError, ParamError
 from lpm.interventions import Intervention, Modulate
 from lpm.model import Model, Observable
 from lpm.params import Interval, Params, Positive
 from lpm.kernels import stage_mask
-from lpm.state import State, StateError, System, tensor_field
+from lpm.state import State, System, tensor_field
 from lpm.substep import Substep
 from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, EpiSystem, Transition, epi_system
 from substeps.epidemic.substeps import Progression, Transmission, event_carrier
@@ -127,7 +128,7 @@ def covid_system(disease: DiseaseModel, *, age_mid: Sequence[float] | Tensor, ar
     ``Ia`` 0.1); ``fields``: the network, ``layer_scale_base`` and other system fields.
     """
     if area_schedule.dim() != 3:
-        raise StateError(f"area_schedule: expected [T, A, L], got shape {tuple(area_schedule.shape)}")
+        raise ConfigError(f"area_schedule: expected [T, A, L], got shape {tuple(area_schedule.shape)}")
     t = age_tables(age_mid)
     rates = dict(test_rates or {"Is": 1.0, "Ia": 0.1})
     table = torch.zeros(len(disease.stages) + 1)
@@ -198,7 +199,7 @@ def covid_params(**overrides: object) -> Params:
     }
     for k, v in overrides.items():
         if k not in specs:
-            raise StateError(f"covid_params: unknown parameter {k!r}; known: {sorted(specs)}")
+            raise ParamError(f"covid_params: unknown parameter {k!r}; known: {sorted(specs)}")
         specs[k] = _respec(specs[k], float(v)) if isinstance(v, (int, float)) else v
     return Params(**specs)
 
@@ -250,7 +251,7 @@ class ReportedWindow(Substep):
 
     def __init__(self, num_areas: int, window: int = 7, name: str = "reported_window") -> None:
         if window < 1 or num_areas < 1:
-            raise StateError(f"{name}: expected window >= 1 and num_areas >= 1, got {window}, {num_areas}")
+            raise ConfigError(f"{name}: expected window >= 1 and num_areas >= 1, got {window}, {num_areas}")
         self.num_areas = int(num_areas)
         self.window = int(window)
         self.name = name

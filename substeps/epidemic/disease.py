@@ -16,9 +16,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm.networks import Network
 from lpm.params import Params
-from lpm.state import CodeBook, State, StateError, System, static_field, tensor_field
+from lpm.state import CodeBook, State, System, static_field, tensor_field
 
 __all__ = ["Dwell", "Transition", "DiseaseModel", "EpiState", "EpiSystem", "epi_system", "sir", "seir", "seirm"]
 
@@ -33,9 +34,9 @@ class Dwell:
     def __post_init__(self) -> None:
         p = torch.tensor(self.pmf, dtype=torch.float64)
         if p.numel() == 0 or bool((p < 0).any()) or not math.isclose(float(p.sum()), 1.0, abs_tol=1e-6):
-            raise StateError(f"Dwell {self.label}: pmf must be non-negative and sum to 1, got sum {float(p.sum()):.6f}")
+            raise ConfigError(f"Dwell {self.label}: pmf must be non-negative and sum to 1, got sum {float(p.sum()):.6f}")
         if p.numel() > 32000:
-            raise StateError(f"Dwell {self.label}: at most 32000 steps (int16 timers), got {p.numel()}")
+            raise ConfigError(f"Dwell {self.label}: at most 32000 steps (int16 timers), got {p.numel()}")
 
     @property
     def mean(self) -> float:
@@ -46,7 +47,7 @@ class Dwell:
     def geometric(rate_per_day: float, dt: float = 1.0, tail: float = 1e-7) -> "Dwell":
         """Memoryless exit with probability ``1 - exp(-rate dt)`` per step (mean ~ 1/rate days)."""
         if not rate_per_day > 0 or math.isinf(rate_per_day):  # "not >" also refuses NaN
-            raise StateError(f"Dwell.geometric: rate_per_day must be a finite number > 0, got {rate_per_day}")
+            raise ConfigError(f"Dwell.geometric: rate_per_day must be a finite number > 0, got {rate_per_day}")
         q = -math.expm1(-rate_per_day * dt)
         n = max(1, min(32000, int(math.ceil(math.log(tail) / math.log1p(-q))) if q < 1 else 1))
         pmf = [q * (1 - q) ** k for k in range(n)]
@@ -57,7 +58,7 @@ class Dwell:
     def fixed(days: float, dt: float = 1.0) -> "Dwell":
         """Deterministic dwell of ``round(days / dt)`` steps (at least one)."""
         if not 0 < days < math.inf:
-            raise StateError(f"Dwell.fixed: days must be a finite number > 0, got {days}")
+            raise ConfigError(f"Dwell.fixed: days must be a finite number > 0, got {days}")
         k = max(1, int(round(days / dt)))
         return Dwell(tuple([0.0] * (k - 1) + [1.0]), f"fixed({days} days)")
 
@@ -65,7 +66,7 @@ class Dwell:
     def gamma(mean_days: float, sd_days: float, dt: float = 1.0, tail: float = 1e-6) -> "Dwell":
         """Gamma(mean, sd) discretized to steps by CDF differences (peaked for sd < mean)."""
         if not (0 < mean_days < math.inf and 0 < sd_days < math.inf):
-            raise StateError(f"Dwell.gamma: mean_days and sd_days must be finite numbers > 0, got {mean_days}, {sd_days}")
+            raise ConfigError(f"Dwell.gamma: mean_days and sd_days must be finite numbers > 0, got {mean_days}, {sd_days}")
         shape = (mean_days / sd_days) ** 2
         scale = sd_days**2 / mean_days
         upper = mean_days + 12 * sd_days
@@ -112,21 +113,21 @@ class DiseaseModel:
     def __post_init__(self) -> None:
         known = set(self.stages)
         if len(self.stages) > 127:
-            raise StateError("stages: at most 127 (int8 codes)")
+            raise ConfigError("stages: at most 127 (int8 codes)")
         for name in [self.entry, self.susceptible, *self.infectiousness, *self.dwell, *self.transitions]:
             if name not in known:
-                raise StateError(f"DiseaseModel: stage {name!r} is not in stages {self.stages}")
+                raise ConfigError(f"DiseaseModel: stage {name!r} is not in stages {self.stages}")
         for src, tr in self.transitions.items():
             for dst in (tr.to, tr.alt):
                 if dst is not None and dst not in known:
-                    raise StateError(f"DiseaseModel: transition {src}->{dst}: unknown stage {dst!r}")
+                    raise ConfigError(f"DiseaseModel: transition {src}->{dst}: unknown stage {dst!r}")
             if src not in self.dwell:
-                raise StateError(f"DiseaseModel: stage {src!r} has a transition but no dwell distribution")
+                raise ConfigError(f"DiseaseModel: stage {src!r} has a transition but no dwell distribution")
             if (tr.alt is None) != (tr.alt_prob is None):
-                raise StateError(f"DiseaseModel: transition from {src!r} needs both alt and alt_prob, or neither")
+                raise ConfigError(f"DiseaseModel: transition from {src!r} needs both alt and alt_prob, or neither")
         for s, v in self.infectiousness.items():
             if v < 0:
-                raise StateError(f"infectiousness[{s!r}]: expected >= 0, got {v}")
+                raise ConfigError(f"infectiousness[{s!r}]: expected >= 0, got {v}")
 
     @property
     def codebook(self) -> CodeBook:
@@ -188,7 +189,7 @@ def epi_system(disease: DiseaseModel, *, system_type: type[EpiSystem] = EpiSyste
     names = set(system_type.field_names())
     unknown = sorted(set(fields) - names)
     if unknown:
-        raise StateError(f"epi_system: {system_type.__name__} has no field(s) {unknown}; fields: {sorted(names)}")
+        raise ConfigError(f"epi_system: {system_type.__name__} has no field(s) {unknown}; fields: {sorted(names)}")
     system = system_type(infectiousness=disease.infectiousness_table(), dwell_cdf=disease.dwell_table(),
                          next_stage=disease.next_stage_table(), stages=disease.stages, **fields)
     return system.to(device)

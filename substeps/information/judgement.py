@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lpm.state import StateError, check_tensor
+from lpm.errors import ConfigError
+from lpm.state import check_tensor
 
 __all__ = ["ArchetypeProfile", "Judgement", "JudgeFn", "rule_judgement"]
 
@@ -65,7 +66,7 @@ def rule_judgement(profile: ArchetypeProfile, stances: Tensor, *, c0: float = 1.
     """Deterministic rule-based judgement (see module docstring for the rule)."""
     check_tensor("stances", stances, ("S",), low=-1.0, high=1.0)
     if len(profile.names) == 0:
-        raise StateError("profile: expected at least one archetype")
+        raise ConfigError("profile: expected at least one archetype")
     dist = (profile.ideology[:, None] - stances[None, :].to(profile.ideology.dtype)).abs()
     conv = torch.sigmoid(c0 - c1 * dist + c2 * (1 - profile.degree)[:, None])
     prop = (1 + a1 * (profile.age - 45) / 20).clamp(0.2, 3.0)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm import Network, Params, State, StateError, Substep, System, check_tensor, static_field, tensor_field
 from lpm.sampling import bernoulli_st
 
@@ -101,7 +102,7 @@ def initial_information(num_agents: int, spreaders: Tensor, *, network: Network 
 def top_spreaders(network: Network, share: float) -> Tensor:
     """Mask ``[N]`` of the ``share`` of agents with the most followers (out-degree)."""
     if not 0 <= share <= 1:
-        raise StateError(f"share: expected in [0, 1], got {share}")
+        raise ConfigError(f"share: expected in [0, 1], got {share}")
     n = network.num_nodes
     k = int(round(share * n))
     mask = torch.zeros(n, dtype=torch.bool, device=network.rowptr.device)
@@ -116,9 +117,9 @@ class Spread(Substep):
     def __init__(self, name: str = "spread", *, role_share: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
                  role_accept: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0), label_belief: float = 1.0) -> None:
         if len(role_share) != len(ROLES) or len(role_accept) != len(ROLES):
-            raise StateError(f"role_share, role_accept: expected {len(ROLES)} values ({ROLES})")
+            raise ConfigError(f"role_share, role_accept: expected {len(ROLES)} values ({ROLES})")
         if not 0 <= label_belief <= 1:
-            raise StateError(f"label_belief: expected in [0, 1], got {label_belief}")
+            raise ConfigError(f"label_belief: expected in [0, 1], got {label_belief}")
         self.name = name
         self.role_share = torch.tensor(role_share, dtype=torch.float32)
         self.role_accept = torch.tensor(role_accept, dtype=torch.float32)

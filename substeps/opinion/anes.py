@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError, DataError
 from lpm.sampling import categorical_sample
-from lpm.state import StateError
 
 __all__ = ["AnesPopulation", "load_anes96", "anes_population", "default_anes_path", "PID_LABELS"]
 
@@ -45,11 +45,11 @@ def load_anes96(path: str | Path | None = None) -> pd.DataFrame:
     df = pd.read_csv(p)
     missing = [c for c in _COLUMNS if c not in df.columns]
     if missing:
-        raise StateError(f"{p}: missing column(s) {missing}; expected {list(_COLUMNS)}")
+        raise DataError(f"{p}: missing column(s) {missing}; expected {list(_COLUMNS)}")
     for col, lo, hi in (("selfLR", 1, 7), ("PID", 0, 6), ("educ", 1, 7)):
         v = df[col]
         if v.isna().any() or (v < lo).any() or (v > hi).any() or (v != v.round()).any():
-            raise StateError(f"{p}: column {col} must hold integer codes {lo}..{hi}")
+            raise DataError(f"{p}: column {col} must hold integer codes {lo}..{hi}")
     return df
 
 
@@ -72,7 +72,7 @@ def anes_population(num_agents: int, seed: int = 0, path: str | Path | None = No
                     device: torch.device | str = "cpu") -> AnesPopulation:
     """Draw ``num_agents`` agents: archetype by survey share, opinion from its selfLR distribution."""
     if num_agents < 1:
-        raise StateError(f"num_agents: expected >= 1, got {num_agents}")
+        raise ConfigError(f"num_agents: expected >= 1, got {num_agents}")
     df = load_anes96(path)
     pid = torch.tensor(df["PID"].to_numpy(), dtype=torch.long)
     degree = torch.tensor((df["educ"] >= 6).to_numpy(), dtype=torch.long)

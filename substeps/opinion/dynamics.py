@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm import Params, Substep
-from lpm.state import StateError
 from substeps.opinion.state import OpinionState, OpinionSystem
 
 __all__ = ["BoundedConfidence", "PairwiseBoundedConfidence", "st_gate", "Anchoring"]
@@ -60,9 +60,9 @@ class BoundedConfidence(Substep):
     def __init__(self, name: str = "opinion", *, normalize: str = "degree", repulsion: bool = False,
                  tau: float = 0.02, use_exposure: bool = True, clamp: bool = True) -> None:
         if normalize not in ("degree", "confidence"):
-            raise StateError(f"normalize: expected 'degree' or 'confidence', got {normalize!r}")
+            raise ConfigError(f"normalize: expected 'degree' or 'confidence', got {normalize!r}")
         if tau <= 0:
-            raise StateError(f"tau: expected > 0 (gate temperature), got {tau}")
+            raise ConfigError(f"tau: expected > 0 (gate temperature), got {tau}")
         self.name = name
         self.normalize = normalize
         self.repulsion = repulsion
@@ -102,7 +102,7 @@ class PairwiseBoundedConfidence(Substep):
     def __init__(self, name: str = "pairwise", *, rate: float = 0.5, symmetric: bool = True, tau: float = 0.02,
                  use_exposure: bool = True) -> None:
         if rate <= 0:
-            raise StateError(f"rate: expected > 0 (sampled edges per agent per step), got {rate}")
+            raise ConfigError(f"rate: expected > 0 (sampled edges per agent per step), got {rate}")
         self.name = name
         self.rate = float(rate)
         self.symmetric = symmetric

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm.errors import ConfigError
 from lpm import Network, Params, Substep
-from lpm.state import StateError
 from substeps.opinion.state import OpinionState, OpinionSystem
 
 __all__ = ["Feed", "segment_topk", "HomophilousRewiring", "RANKINGS"]
@@ -59,11 +59,11 @@ class Feed(Substep):
     def __init__(self, k: int, ranking: str = "recency", *, post_rate: float = 0.5, noise: float = 1e-3,
                  name: str = "feed") -> None:
         if ranking not in RANKINGS:
-            raise StateError(f"ranking: expected one of {RANKINGS}, got {ranking!r}")
+            raise ConfigError(f"ranking: expected one of {RANKINGS}, got {ranking!r}")
         if k < 1:
-            raise StateError(f"k: expected >= 1 posts per feed, got {k}")
+            raise ConfigError(f"k: expected >= 1 posts per feed, got {k}")
         if not 0 < post_rate <= 1:
-            raise StateError(f"post_rate: expected in (0, 1], got {post_rate}")
+            raise ConfigError(f"post_rate: expected in (0, 1], got {post_rate}")
         self.name = name
         self.k = int(k)
         self.ranking = ranking
@@ -103,9 +103,9 @@ class HomophilousRewiring(Substep):
 
     def __init__(self, rate: float = 0.05, window: int = 50, name: str = "rewiring") -> None:
         if not 0 < rate <= 1:
-            raise StateError(f"rate: expected a share of edges in (0, 1], got {rate}")
+            raise ConfigError(f"rate: expected a share of edges in (0, 1], got {rate}")
         if window < 1:
-            raise StateError(f"window: expected >= 1 rank, got {window}")
+            raise ConfigError(f"window: expected >= 1 rank, got {window}")
         self.name = name
         self.rate = float(rate)
         self.window = int(window)

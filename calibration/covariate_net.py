@@ -2,7 +2,7 @@
 
 A small MLP maps per-day covariates ``[T, F]`` (mobility, day of week, policy steps, a
 smooth time basis) to a positive multiplier ``[T]`` (or ``[T, K]``), e.g. a transmission
-multiplier. :class:`NetworkParams` wraps an ``lpm.Params`` and exposes the network output
+multiplier. :class:`CovariateNetParams` wraps an ``lpm.Params`` and exposes the network output
 as one more named parameter, so substeps read it like any other parameter; the substep
 :class:`ParamSchedule` applies it as ``target = base * params.<name>[t]`` each step (the
 ``Modulate`` pattern with a learned schedule). Both the base parameters and the network
@@ -25,11 +25,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lpm.params import Params
-from lpm.state import State, StateError, System, lookup
+from lpm.errors import DataError
+from lpm.params import Params, ParamsLike
+from lpm.state import State, System, lookup
 from lpm.substep import Substep
 
-__all__ = ["CovariateNet", "NetworkParams", "ParamSchedule", "covariates"]
+__all__ = ["CovariateNet", "CovariateNetParams", "ParamSchedule", "covariates"]
 
 
 def covariates(dates: Sequence, *, mobility: pd.Series | None = None, policy_dates: Sequence[Any] = (),
@@ -43,7 +44,7 @@ def covariates(dates: Sequence, *, mobility: pd.Series | None = None, policy_dat
         m.index = pd.DatetimeIndex(pd.to_datetime(m.index)).normalize()
         m = m.reindex(d).ffill().bfill()
         if m.isna().all():
-            raise StateError("covariates: mobility series has no values in the simulated window")
+            raise DataError("covariates: mobility series has no values in the simulated window")
         v = m.to_numpy(float)
         cols.append((v - v.mean()) / (v.std() + 1e-9))
     dow = d.day_of_week.to_numpy()
@@ -75,7 +76,7 @@ class CovariateNet(nn.Module):
         return y.squeeze(-1) if self.outputs == 1 else y
 
 
-class NetworkParams(nn.Module):
+class CovariateNetParams(nn.Module):
     """``lpm.Params`` plus named parameters computed by networks from fixed covariates.
 
     Reads of a network-backed name return ``net(covariates)`` (``[T]`` or ``[T, K]``);
@@ -163,7 +164,7 @@ class ParamSchedule(Substep):
         self.target, self.base, self.param = target, base, param
         self.start = int(start)
 
-    def __call__(self, params: Any, system: System, state: State, t: int, rng: torch.Generator) -> State:
+    def __call__(self, params: ParamsLike, system: System, state: State, t: int, rng: torch.Generator) -> State:
         value = lookup(system, state, self.base)
         if t < self.start:
             return state.replace(**{self.target: value})
