@@ -14,28 +14,37 @@ likewise). The value stays exactly 1, so the forward pass is the exact agent-bas
 the gradient of the carrier is ``d log P(agent's own path | forces)``. Observables sum
 carriers (of agents entering a stage, or in it), so their gradient is the agent-local score
 function, and infectious agents push ``iota * carrier`` to their contacts, which couples
-each agent's score to its infectors'. Two couplings (``Transmission(estimator=...)``):
+each agent's score to its infectors'. Three couplings (``Transmission(estimator=...)``):
 
-* ``"presence"`` (default): the credit an infector ``l`` receives from a contact ``k``'s path
+* ``"presence"`` (default): ``"edge-presence"`` across contacts, and inside the cliques of
+  the layer ``clique_layer`` (default ``"household"``, when the network has it) the score
+  function: every event's factor also multiplies the carriers of its still-susceptible
+  clique mates (:meth:`Transmission._share_in_cliques`), and clique edges push no gradient
+  onto their sources' carriers. The per-edge credit below drops the interaction between two
+  infectors of one target when one infected the other (removing ``l`` also removes the
+  housemate ``l`` infected, whose hazard on ``k`` the per-edge ratio keeps), which is what
+  households are made of: 0.80 of the exact derivative on isolated households of 5 (Reed-Frost,
+  ``test_isolated_households_gradient_exact``), 0.64 against finite differences on households
+  of 5 with SEIR dwell, 0.43 of 8; the clique score function is exact for the household's
+  internal randomness (``E[1[k] sum of scores] = dE[1[k]]``) at the price of the score
+  function's variance over a few housemates. Measured table: ``benchmarks/results/gradients.md``.
+  Under autograd on a network with the clique layer this runs on the torch path (the
+  compiled kernels have no clique sharing).
+* ``"edge-presence"``: the credit an infector ``l`` receives from a contact ``k``'s path
   is the likelihood ratio of that path with and without ``l``, ``1 - P(path | no l) /
   P(path | l)``. This is the score-function identity ``dE[f] = sum_l E[s_l (f - f_{-l})]``
   (``f_{-l}``, the outcome without ``l``, is a valid baseline for ``l``'s score) with the
   counterfactual estimated by importance weights on the direct contacts, and recursively
   down the infection tree (each factor has mean 1, so dropping the cross terms adds no
-  bias for independent contacts; in households, where contacts of one infector also infect
-  each other, the dropped cross terms leave a small bias). Measured against central finite
-  differences with common random numbers (``benchmarks/results/gradients.md``): ratios
-  0.95-1.03 at 8, 30, 60 and 150 days on well-mixed and Erdős–Rényi SEIRs, 0.91-0.95 at 30-150
-  days on household + community; on the NYC model (weekly onsets / one week's contacts) 1.0
-  at 30 days and 0.87 +- 0.07 at 60 days against curvature-corrected differences; 0.95 +- 0.04
-  and 1.005 against the exact derivative on two-generation trees with strong edges, constant
-  or time-varying (``tests/test_epidemic_gradients.py``). Per-edge
+  bias for independent contacts; where contacts of one infector also infect each other,
+  households, the dropped interaction biases it low, see above). Per-edge
   terms are recomputed in backward (:class:`_PresenceCoupling`), so memory is that of the
   linear coupling; time is about 1.5-2x. The hazard an infector has put on a contact so far
   is the edge's constant part (``beta dt w`` times the contact's current susceptibility) times
   the infector's summed per-layer source factor (infectiousness x contact factor x layer
   scale over the steps it transmitted: ``source_load [N, K]``, written in gradient runs), so
-  isolation, contact schedules and stage changes during the infectious period are exact.
+  isolation, contact schedules and stage changes during the infectious period are exact
+  (1.005 of the exact derivative on two-generation trees with a time-varying hazard).
 * ``"linear"``: the coupling is the derivative of the force with respect to a scaling of the
   infector's infectiousness. First-order exact when each contact's hazard is small
   (well-mixed); on networks it credits an infection with ``h e^-L / (1 - e^-L) - A`` instead
