@@ -51,7 +51,7 @@ each agent's score to its infectors'. Three couplings (``Transmission(estimator=
   of ``1 - R`` and underestimates gradients that compound over generations (0.75-0.8 at
   30-60 days on network SEIRs, 0.78 on the tree).
 
-Both are identical for well-mixed transmission (no per-contact terms). The full score
+All three are identical for well-mixed transmission (no per-contact terms). The full score
 function (``f - b`` times every agent's path score) is unbiased but its variance grows
 with the number of events (it sums N x T scores); the pruned single-alternative
 (StochasticAD-style) estimator needs a coupled perturbed rollout per derivative. The
@@ -74,6 +74,7 @@ import torch
 from torch import Tensor
 
 from lpm.kernels import counter_uniform, frontier_edges, mark_indices, push_compact, stage_mask, stream_key
+from lpm.errors import ConfigError
 from lpm.params import Params
 from lpm.state import StateError, lookup
 from lpm.substep import Substep
@@ -200,7 +201,7 @@ class Transmission(Substep):
                  use_layer_scale: bool = False, use_contact_factor: bool = False, use_susceptibility: bool = False,
                  estimator: str = "presence", clique_layer: str | None = "household") -> None:
         if estimator not in ESTIMATORS:
-            raise ValueError(f"Transmission estimator: expected one of {ESTIMATORS}, got {estimator!r}")
+            raise ConfigError(f"Transmission estimator: expected one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
         self.clique_layer = clique_layer
         self.disease = disease
