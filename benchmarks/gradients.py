@@ -341,7 +341,9 @@ def markdown(rows: list[dict]) -> str:
     out = ["| case | target | estimator | seeds | H (days) | autograd ± s.e. | finite diff. ± s.e. (step) | ratio ± s.e. | variance / sim | wall s / sim | B retained / agent-day |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['case']} | {r.get('target', '')} | {r['estimator']} | {r.get('seeds', '')} | {r['horizon']} | {r['autograd']:.4g} ± {r['autograd_se']:.2g} | "
+        end = r.get("outcome_end_day", r["horizon"])
+        hz = f"{r['horizon']}" if end == r["horizon"] else f"{r['horizon']} (day {end})"
+        out.append(f"| {r['case']} | {r.get('target', '')} | {r['estimator']} | {r.get('seeds', '')} | {hz} | {r['autograd']:.4g} ± {r['autograd_se']:.2g} | "
                    f"{r['fd']:.4g} ± {r['fd_se']:.2g} ({r.get('rel_step', float('nan')):.0%}{', R' if r.get('richardson') else ''}) | {r['ratio']:.3f} ± {r['ratio_se']:.3f} | "
                    f"{r['var_per_sim']:.3g} | {r['wall_s']:.2f} | {r['bytes_per_agent_day']:.1f} |")
     return "\n".join(out) + "\n"
