@@ -141,6 +141,27 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
                 f"d onsets(week ending H) / d contact multiplier(week of 2020-{day})")
 
 
+_RECORD_FIELDS = ("front", "src_stage", "cand", "fc", "hit", "src_load")
+
+
+def record_bytes(*outputs: Tensor) -> int:
+    """Bytes the compiled transmission steps keep outside autograd's saved tensors (their per-step
+    numpy records, :class:`substeps.epidemic.fast._StepRecord`), found by walking the graph of ``outputs``."""
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    total = 0
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        rec = getattr(node, "rec", None)
+        if rec is not None:
+            total += sum(int(getattr(rec, k).nbytes) for k in _RECORD_FIELDS if hasattr(rec, k))
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+    return total
+
+
 def _constrained(raw: Tensor) -> Tensor:
     """``softplus(raw)``: the Positive transform of :mod:`lpm.params` (checked by the tests)."""
     return torch.nn.functional.softplus(raw)
@@ -185,6 +206,7 @@ def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor 
     saved = SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         out, _ = case.run(case.theta, 1000, True, estimator)
+    retained = saved.total + record_bytes(out)
     del out
     days = max(case.horizons)
     if fd is None:
@@ -199,7 +221,7 @@ def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor 
                          autograd=a_m, autograd_se=a_se, fd=f_m, fd_se=f_se,
                          ratio=ratio, ratio_se=abs(ratio) * math.sqrt((a_se / a_m) ** 2 + (f_se / f_m) ** 2) if a_m and f_m else float("nan"),
                          var_per_sim=float(ag.var()), wall_s=statistics.median(wall),
-                         bytes_per_agent_day=saved.total / (case.agents * days)))
+                         bytes_per_agent_day=retained / (case.agents * days)))
     return rows
 
 
@@ -236,6 +258,7 @@ def memory(n: int, estimators: list[str], days: int = 50) -> list[dict]:
             saved = bc.SavedBytes()
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                 res = model.simulate(params, system, state, days, seed=1, grad=True, progress=False)
+            kept = saved.total + record_bytes(res["incidence"])
             inc = res["incidence"].detach()
             attack = float(inc.sum() + seeded) / n
             # what the graph keeps grows with the infectious frontier (and the candidates it touches)
@@ -243,10 +266,10 @@ def memory(n: int, estimators: list[str], days: int = 50) -> list[dict]:
             inf_days = float(counted.simulate(params, system, state, days, seed=1, progress=False)["infectious"].sum())
             (g,) = torch.autograd.grad(res["incidence"].sum(), params.raw_beta)
             rows.append(dict(workload=name, n=n, estimator=est, days=days, attack_rate=attack,
-                             infectious_per_agent_day=inf_days / (n * days), bytes_per_infectious_day=saved.total / inf_days,
-                             bytes_per_agent_day=saved.total / (n * days), grad_finite=bool(torch.isfinite(g))))
+                             infectious_per_agent_day=inf_days / (n * days), bytes_per_infectious_day=kept / inf_days,
+                             bytes_per_agent_day=kept / (n * days), grad_finite=bool(torch.isfinite(g))))
             print(f"memory {name:<5} N={n:.0e} {days:>3} d {est:<9} attack {attack:.3f}  infectious/agent-day {inf_days / (n * days):.3f}  "
-                  f"retained {saved.total / (n * days):6.1f} B/agent-day = {saved.total / inf_days:6.1f} B/infectious agent-day", flush=True)
+                  f"retained {kept / (n * days):6.1f} B/agent-day = {kept / inf_days:6.1f} B/infectious agent-day", flush=True)
             del res, g
     return rows
 
