@@ -145,7 +145,7 @@ def _presence_delta(spec, idx: Tensor, src_stage: Tensor, src_load: Tensor, src_
     inside = where >= 0
     if clique is not None:
         # inside a clique the score function carries the dependence (see Transmission._share_in_cliques)
-        inside = inside & (net.layer.index_select(0, pos) != clique)
+        inside = inside & ~clique.index_select(0, net.layer.index_select(0, pos).long())
     keep = inside.nonzero().squeeze(1)
     pos, local, where = pos[keep], local[keep].long(), where[keep]
     # per-edge hazard = edge part (constant over the source's infectious period) x source part (this step)
@@ -199,11 +199,11 @@ class Transmission(Substep):
 
     def __init__(self, disease: DiseaseModel, *, network: bool = True, beta: str = "beta", name: str = "transmission",
                  use_layer_scale: bool = False, use_contact_factor: bool = False, use_susceptibility: bool = False,
-                 estimator: str = "presence", clique_layer: str | None = "household") -> None:
+                 estimator: str = "presence", clique_layer: str | tuple[str, ...] | None = "household") -> None:
         if estimator not in ESTIMATORS:
             raise ConfigError(f"Transmission estimator: expected one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
-        self.clique_layer = clique_layer
+        self.clique_layer = (clique_layer,) if isinstance(clique_layer, str) else tuple(clique_layer or ())
         self.disease = disease
         self.name = name
         self.network = network
@@ -230,24 +230,26 @@ class Transmission(Substep):
         self._infectious_codes = [c for c, s in enumerate(disease.stages) if disease.infectiousness.get(s, 0.0) > 0]
 
     def _force(self, system: EpiSystem, state: EpiState, iota: Tensor, idx: Tensor | None = None,
-               clique: int | None = None) -> tuple[Tensor, Tensor | None]:
+               clique: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Force ``[N]`` and, on a network, the targets ``[A]`` of the infectious agents' edges (``idx``: the frontier);
         ``clique``: a layer whose pushes carry no gradient onto the sources' carriers."""
         if self.network:
             # only the infectious frontier is visited: gathers, products and edges are O(active)
             if idx is None:
                 idx = stage_mask(state.stage, self._infectious_codes).nonzero().squeeze(1)
-            value = iota.index_select(0, state.stage.index_select(0, idx).long()) * state.carrier.index_select(0, idx)
+            io = iota.index_select(0, state.stage.index_select(0, idx).long())
+            value = io * state.carrier.index_select(0, idx)
             if self.use_contact_factor:
                 value = value.unsqueeze(1) * state.contact_factor.index_select(0, idx)
             net = system.network
             if clique is not None:
                 # the clique's dependence on its infected members is the members' score (_share_in_cliques):
-                # coupling it through the carrier as well would count it twice
+                # coupling it through the carrier as well would count it twice (the contact factor keeps its gradient)
+                held = io * state.carrier.detach().index_select(0, idx)
+                held = held.unsqueeze(1) * state.contact_factor.index_select(0, idx) if self.use_contact_factor else held.unsqueeze(1)
                 if value.dim() == 1:
-                    value = value.unsqueeze(1).expand(-1, net.num_layers)
-                col = torch.arange(net.num_layers, device=value.device) == clique
-                value = torch.where(col, value.detach(), value)
+                    value = value.unsqueeze(1)
+                value = torch.where(clique, held, value).expand(-1, net.num_layers)
             scale = state.layer_scale if self.use_layer_scale else None
             return push_compact(net.edge_index[1], net.weight, net.layer, net.rowptr, net.num_nodes, idx, value, scale)
         inf = iota[state.stage.long()]
@@ -269,15 +271,17 @@ class Transmission(Substep):
         xs += [state.susceptibility] if self.use_susceptibility else []
         return any(x is not None and x.requires_grad for x in xs)
 
-    def _clique_code(self, system: EpiSystem) -> int | None:
-        """Layer code of ``clique_layer`` when the presence estimator runs on a network that has it, else None."""
-        if self.estimator != "presence" or not self.network or self.clique_layer is None:
+    def _clique_code(self, system: EpiSystem) -> Tensor | None:
+        """``[K] bool``: the layers of ``clique_layer`` when the presence estimator runs on a network that has one, else None."""
+        if self.estimator != "presence" or not self.network or not self.clique_layer:
             return None
         names = system.network.layer_names
-        return names.index(self.clique_layer) if self.clique_layer in names else None
+        if not any(n in names for n in self.clique_layer):
+            return None
+        return torch.tensor([n in self.clique_layer for n in names], device=system.network.layer.device)
 
     def _share_in_cliques(self, system: EpiSystem, stage: Tensor, carrier: Tensor, cand: Tensor, factor: Tensor,
-                          clique: int) -> Tensor:
+                          clique: Tensor) -> Tensor:
         """``carrier`` with each candidate's ``factor`` applied to itself and to its clique mates still susceptible.
 
         The per-edge presence credit drops the interaction between infectors of one target (a
@@ -294,7 +298,7 @@ class Transmission(Substep):
         net = system.network
         d = self.disease
         pos, local = frontier_edges(net.rowptr, cand)
-        on = (net.layer.index_select(0, pos) == clique).nonzero().squeeze(1)
+        on = clique.index_select(0, net.layer.index_select(0, pos).long()).nonzero().squeeze(1)
         pos, local = pos.index_select(0, on), local.index_select(0, on).long()
         mates = net.edge_index[1].index_select(0, pos).long()
         sus = (stage.index_select(0, mates) == d.code(d.susceptible)).nonzero().squeeze(1)
