@@ -1,13 +1,14 @@
 """Gradient estimators against finite differences, per case and horizon.
 
-``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc,nyc-short] [--estimators presence,linear]``
+``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc,nyc-lag,nyc-short] [--estimators presence,edge-presence,linear]``
 
 For each case (an SEIR with gamma latent 3 +- 1.5 and infectious 5 +- 2 days, 1% seeded, on
 a well-mixed population, an Erdős–Rényi network of mean degree 10, or households (cliques
 of mean size 3) + an Erdős–Rényi community of mean degree 6) and each horizon H, the target
 is the gradient of an expected outcome: cumulative infections through day H with respect
 to ``beta``. The NYC cases (``nyc``, ``nyc-short``) differentiate the calibrated model's weekly
-symptomatic onsets with respect to one week's contact multiplier (see :func:`_nyc_case`);
+symptomatic onsets with respect to one week's contact multiplier (see :func:`_nyc_case`; ``nyc-lag``
+counts each horizon from the start of the perturbed week);
 there a 10% step with ``--richardson`` removes the finite difference's curvature bias.
 ``--memory 1e5,1e6`` measures the bytes retained on the SEIR and shared SIR workloads. Printed
 per row: the autograd estimate (mean ± s.e. over seeds), the central finite difference with
