@@ -7,7 +7,7 @@ finds every number measured on a machine in one place, and logs or half-finished
 land in the repository. A SOURCE is a JSON file (its sibling ``.md``, if any, becomes the
 section's text) or a folder (each ``*.json`` in it; a ``*summary.txt`` there is quoted once).
 Sources named in a later call replace the sections of the same name and keep the others, so
-the CPU pair can be refreshed one benchmark at a time.
+the CPU pair can be refreshed one benchmark at a time; ``--drop NAME`` removes a superseded one.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _section(path: Path) -> dict[str, Any]:
 
 
 def collect(machine: str, sources: Sequence[str | Path], out: str | Path = RESULTS,
-            description: str = "") -> tuple[Path, Path]:
+            description: str = "", drop: Sequence[str] = ()) -> tuple[Path, Path]:
     """Merge the sources into ``out/MACHINE.json`` and ``out/MACHINE.md``; return both paths."""
     if not machine or not machine.replace("-", "").replace("_", "").isalnum():
         raise CollectError(f"machine: expected a short name of letters, digits, '-' or '_', got {machine!r}")
@@ -66,6 +66,10 @@ def collect(machine: str, sources: Sequence[str | Path], out: str | Path = RESUL
     jpath, mpath = out / f"{machine}.json", out / f"{machine}.md"
     old: dict[str, Any] = json.loads(jpath.read_text()) if jpath.is_file() else {}
     sections = {s["name"]: s for s in old.get("sections", [])}
+    for name in drop:
+        if name not in sections:
+            raise CollectError(f"drop: no section {name!r} in {jpath}; it has {sorted(sections)}")
+        del sections[name]
     notes: dict[str, str] = dict(old.get("notes", {}))
     for p in _sources([Path(s) for s in sources]):
         sections[p.stem] = _section(p)
@@ -97,9 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--machine", required=True, help="e.g. cpu (this 2-core box) or h200")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the committed pairs")
     ap.add_argument("--description", default="", help="one paragraph on the machine and when it was measured")
-    ap.add_argument("sources", nargs="+", help="JSON files or folders written by the benchmarks")
+    ap.add_argument("--drop", action="append", default=[], help="remove this section (a superseded benchmark)")
+    ap.add_argument("sources", nargs="*", help="JSON files or folders written by the benchmarks")
     a = ap.parse_args(argv)
-    for p in collect(a.machine, a.sources, a.out, a.description):
+    for p in collect(a.machine, a.sources, a.out, a.description, a.drop):
         print(p)
     return 0
 

@@ -1,13 +1,14 @@
 """Gradient estimators against finite differences, per case and horizon.
 
-``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc,nyc-short] [--estimators presence,linear]``
+``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc,nyc-lag,nyc-short] [--estimators presence,edge-presence,linear]``
 
 For each case (an SEIR with gamma latent 3 +- 1.5 and infectious 5 +- 2 days, 1% seeded, on
 a well-mixed population, an Erdős–Rényi network of mean degree 10, or households (cliques
 of mean size 3) + an Erdős–Rényi community of mean degree 6) and each horizon H, the target
 is the gradient of an expected outcome: cumulative infections through day H with respect
 to ``beta``. The NYC cases (``nyc``, ``nyc-short``) differentiate the calibrated model's weekly
-symptomatic onsets with respect to one week's contact multiplier (see :func:`_nyc_case`);
+symptomatic onsets with respect to one week's contact multiplier (see :func:`_nyc_case`; ``nyc-lag``
+counts each horizon from the start of the perturbed week);
 there a 10% step with ``--richardson`` removes the finite difference's curvature bias.
 ``--memory 1e5,1e6`` measures the bytes retained on the SEIR and shared SIR workloads. Printed
 per row: the autograd estimate (mean ± s.e. over seeds), the central finite difference with
@@ -45,6 +46,7 @@ class Case:
     run: Callable[[float, int, bool, str], tuple[Tensor, Tensor | None]]
     horizons: tuple[int, ...]
     target: str
+    lags: tuple[int, ...] | None = None  # the horizon each outcome is reported under (default: ``horizons``)
 
 
 def _seir():
@@ -88,8 +90,11 @@ def _epi_case(name: str, n: int, kind: str, beta: float, horizons: tuple[int, ..
     return Case(name, n, beta, run, horizons, "d cum. infections(H) / d beta")
 
 
-def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14) -> Case:
+def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14, lags: bool = False) -> Case:
     """The calibrated NYC model: d (citywide cases-to-be in the week ending at day H) / d (contact multiplier of week j).
+
+    ``lags``: ``horizons`` count from the start of week ``j`` (the gradient's span: the outcome week
+    ends H days after the perturbed week begins), not from the simulation's start.
 
     ``theta`` multiplies the non-household contacts of every borough in week ``j`` (the week of
     day ``week_day``: 2020-03-15 by default, 2020-03-01 for the 8-day horizon, which ends before
@@ -102,7 +107,9 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
     from experiments import covid_nyc_fit as nf
     from lpm.rng import Streams
 
-    T = max(horizons)
+    wk_start = week_day - int(pd.Timestamp("2020-03-01").day_of_week + week_day) % 7 if lags else 0
+    ends = tuple(wk_start + h for h in horizons) if lags else tuple(horizons)
+    T = max(ends)
     end = max(pd.Timestamp("2020-03-01") + pd.Timedelta(days=T), pd.Timestamp("2020-05-17"))
     cfg = nf.FitConfig(train_end=str(end.date()), scale=scale)
     p = nf.make_problem(cfg)
@@ -124,12 +131,36 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
 
             sim, _ = rollout(p.model, p.params, p.system0, p.state0, T, grad=grad, streams=Streams(seed, names, p.state0.device))
         onsets = sim["testable"].sum(1)
-        out = torch.stack([onsets[h - 7:h].sum() for h in horizons])
+        out = torch.stack([onsets[h - 7:h].sum() for h in ends])
         return out, (raw if grad else None)
 
     day = (pd.Timestamp("2020-03-01") + pd.Timedelta(days=week_day)).strftime("%m-%d")
+    if lags:
+        return Case(f"NYC {scale} ({p.population.num_agents // 1000}k), j={day}", p.population.num_agents, 1.0, run, ends,
+                    f"d onsets(week ending H days after week j starts) / d contact multiplier(week j of 2020-{day})", tuple(horizons))
     return Case(f"NYC {scale} ({p.population.num_agents // 1000}k), j={day}", p.population.num_agents, 1.0, run, horizons,
                 f"d onsets(week ending H) / d contact multiplier(week of 2020-{day})")
+
+
+_RECORD_FIELDS = ("front", "src_stage", "cand", "fc", "hit", "src_load")
+
+
+def record_bytes(*outputs: Tensor) -> int:
+    """Bytes the compiled transmission steps keep outside autograd's saved tensors (their per-step
+    numpy records, :class:`substeps.epidemic.fast._StepRecord`), found by walking the graph of ``outputs``."""
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    total = 0
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        rec = getattr(node, "rec", None)
+        if rec is not None:
+            total += sum(int(getattr(rec, k).nbytes) for k in _RECORD_FIELDS if hasattr(rec, k))
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+    return total
 
 
 def _constrained(raw: Tensor) -> Tensor:
@@ -176,6 +207,7 @@ def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor 
     saved = SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         out, _ = case.run(case.theta, 1000, True, estimator)
+    retained = saved.total + record_bytes(out)
     del out
     days = max(case.horizons)
     if fd is None:
@@ -186,11 +218,11 @@ def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor 
         a_m, a_se = float(ag.mean()), float(ag.std() / math.sqrt(seeds))
         f_m, f_se = float(f.mean()), float(f.std() / math.sqrt(seeds))
         ratio = a_m / f_m if f_m != 0 else float("nan")
-        rows.append(dict(case=case.name, estimator=estimator, horizon=hz, target=case.target, seeds=seeds, rel_step=rel_step, richardson=richardson,
+        rows.append(dict(case=case.name, estimator=estimator, horizon=case.lags[k] if case.lags else hz, outcome_end_day=hz, target=case.target, seeds=seeds, rel_step=rel_step, richardson=richardson,
                          autograd=a_m, autograd_se=a_se, fd=f_m, fd_se=f_se,
                          ratio=ratio, ratio_se=abs(ratio) * math.sqrt((a_se / a_m) ** 2 + (f_se / f_m) ** 2) if a_m and f_m else float("nan"),
                          var_per_sim=float(ag.var()), wall_s=statistics.median(wall),
-                         bytes_per_agent_day=saved.total / (case.agents * days)))
+                         bytes_per_agent_day=retained / (case.agents * days)))
     return rows
 
 
@@ -227,6 +259,7 @@ def memory(n: int, estimators: list[str], days: int = 50) -> list[dict]:
             saved = bc.SavedBytes()
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                 res = model.simulate(params, system, state, days, seed=1, grad=True, progress=False)
+            kept = saved.total + record_bytes(res["incidence"])
             inc = res["incidence"].detach()
             attack = float(inc.sum() + seeded) / n
             # what the graph keeps grows with the infectious frontier (and the candidates it touches)
@@ -234,10 +267,10 @@ def memory(n: int, estimators: list[str], days: int = 50) -> list[dict]:
             inf_days = float(counted.simulate(params, system, state, days, seed=1, progress=False)["infectious"].sum())
             (g,) = torch.autograd.grad(res["incidence"].sum(), params.raw_beta)
             rows.append(dict(workload=name, n=n, estimator=est, days=days, attack_rate=attack,
-                             infectious_per_agent_day=inf_days / (n * days), bytes_per_infectious_day=saved.total / inf_days,
-                             bytes_per_agent_day=saved.total / (n * days), grad_finite=bool(torch.isfinite(g))))
+                             infectious_per_agent_day=inf_days / (n * days), bytes_per_infectious_day=kept / inf_days,
+                             bytes_per_agent_day=kept / (n * days), grad_finite=bool(torch.isfinite(g))))
             print(f"memory {name:<5} N={n:.0e} {days:>3} d {est:<9} attack {attack:.3f}  infectious/agent-day {inf_days / (n * days):.3f}  "
-                  f"retained {saved.total / (n * days):6.1f} B/agent-day = {saved.total / inf_days:6.1f} B/infectious agent-day", flush=True)
+                  f"retained {kept / (n * days):6.1f} B/agent-day = {kept / inf_days:6.1f} B/infectious agent-day", flush=True)
             del res, g
     return rows
 
@@ -256,13 +289,18 @@ def cases(names: list[str], quick: bool) -> list[Case]:
             out.append(_epi_case("household+community SEIR", n, "household", 0.05, hz))
         elif name == "nyc":
             out.append(_nyc_case((30, 60, 150) if not quick else (30, 60)))
+        elif name == "nyc-lag":
+            # outcome weeks ending 8, 22, 30, 52 and 60 days after the perturbed week (2020-03-09..15) starts:
+            # all inside the first wave (22 and 52 are the weeks ending on days 30 and 60 of earlier runs);
+            # 150 days after it the model city has no transmission (see benchmarks/results/cpu.md, section gradients)
+            out.append(_nyc_case((8, 22, 30, 52, 60), lags=True))
         elif name == "nyc-short":
             # 8 days from 2020-03-01: no onsets yet at this scale (both sides are exactly 0); the week
             # right after the perturbed one (days 14-20) is the shortest non-trivial horizon
             out.append(_nyc_case((8,), week_day=0))
             out.append(_nyc_case((21,)))
         else:
-            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household, nyc, nyc-short")
+            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household, nyc, nyc-lag, nyc-short")
     return out
 
 
@@ -323,11 +361,13 @@ def _line(r: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as one Markdown table (what ``benchmarks/results/gradients.md`` holds)."""
+    """The rows as one Markdown table (what ``benchmarks/results/cpu.md, section gradients`` holds)."""
     out = ["| case | target | estimator | seeds | H (days) | autograd ± s.e. | finite diff. ± s.e. (step) | ratio ± s.e. | variance / sim | wall s / sim | B retained / agent-day |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['case']} | {r.get('target', '')} | {r['estimator']} | {r.get('seeds', '')} | {r['horizon']} | {r['autograd']:.4g} ± {r['autograd_se']:.2g} | "
+        end = r.get("outcome_end_day", r["horizon"])
+        hz = f"{r['horizon']}" if end == r["horizon"] else f"{r['horizon']} (day {end})"
+        out.append(f"| {r['case']} | {r.get('target', '')} | {r['estimator']} | {r.get('seeds', '')} | {hz} | {r['autograd']:.4g} ± {r['autograd_se']:.2g} | "
                    f"{r['fd']:.4g} ± {r['fd_se']:.2g} ({r.get('rel_step', float('nan')):.0%}{', R' if r.get('richardson') else ''}) | {r['ratio']:.3f} ± {r['ratio_se']:.3f} | "
                    f"{r['var_per_sim']:.3g} | {r['wall_s']:.2f} | {r['bytes_per_agent_day']:.1f} |")
     return "\n".join(out) + "\n"

@@ -37,6 +37,10 @@ def test_sections_merge_and_replace_by_name(tmp_path: Path) -> None:
     assert {s["name"]: s["data"] for s in blob["sections"]} == {"grad": {"ratio": 0.9}, "sir": {"rate": 2.0}}
     assert blob["description"] == "a test box" and "[0 s] done" in mpath.read_text()
     assert sorted(p.name for p in out.iterdir()) == ["box.json", "box.md"]
+    collect("box", [], out, drop=["grad"])
+    assert [s["name"] for s in json.loads(jpath.read_text())["sections"]] == ["sir"]
+    with pytest.raises(CollectError, match="no section 'grad'"):
+        collect("box", [], out, drop=["grad"])
 
 
 def test_bad_sources_name_the_problem(tmp_path: Path) -> None:

@@ -452,7 +452,7 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
     carrier = state.carrier
     if grad:
         idx = torch.from_numpy(front[:nf].copy())
-        presence = sub.estimator == "presence"
+        presence = sub.estimator != "linear"
         src_load = np.zeros((nf, 1), np.float32)
         if presence:
             load = state.source_load

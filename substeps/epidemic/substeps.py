@@ -14,35 +14,46 @@ likewise). The value stays exactly 1, so the forward pass is the exact agent-bas
 the gradient of the carrier is ``d log P(agent's own path | forces)``. Observables sum
 carriers (of agents entering a stage, or in it), so their gradient is the agent-local score
 function, and infectious agents push ``iota * carrier`` to their contacts, which couples
-each agent's score to its infectors'. Two couplings (``Transmission(estimator=...)``):
+each agent's score to its infectors'. Three couplings (``Transmission(estimator=...)``):
 
-* ``"presence"`` (default): the credit an infector ``l`` receives from a contact ``k``'s path
+* ``"presence"`` (default): ``"edge-presence"`` across contacts, and inside the cliques of
+  the layer ``clique_layer`` (default ``"household"``, when the network has it) the score
+  function: every event's factor also multiplies the carriers of its still-susceptible
+  clique mates (:meth:`Transmission._share_in_cliques`), and clique edges push no gradient
+  onto their sources' carriers. The per-edge credit below drops the interaction between two
+  infectors of one target when one infected the other (removing ``l`` also removes the
+  housemate ``l`` infected, whose hazard on ``k`` the per-edge ratio keeps), which is what
+  households are made of: 0.80 of the exact derivative on isolated households of 5 (Reed-Frost,
+  ``test_isolated_households_gradient_exact``), 0.64 against finite differences on households
+  of 5 with SEIR dwell, 0.43 of 8; the clique score function is exact for the household's
+  internal randomness (``E[1[k] sum of scores] = dE[1[k]]``) at the price of the score
+  function's variance over a few housemates. Measured table: ``benchmarks/results/cpu.md, section gradients``.
+  Under autograd on a network with the clique layer this runs on the torch path (the
+  compiled kernels have no clique sharing). Only one layer of disjoint cliques is exact: a
+  clique member's carrier holds its own clique's events, which members of another group it
+  belongs to do not collect (naming NYC's school and work layers too gave 0.2-0.6, far lower).
+* ``"edge-presence"``: the credit an infector ``l`` receives from a contact ``k``'s path
   is the likelihood ratio of that path with and without ``l``, ``1 - P(path | no l) /
   P(path | l)``. This is the score-function identity ``dE[f] = sum_l E[s_l (f - f_{-l})]``
   (``f_{-l}``, the outcome without ``l``, is a valid baseline for ``l``'s score) with the
   counterfactual estimated by importance weights on the direct contacts, and recursively
   down the infection tree (each factor has mean 1, so dropping the cross terms adds no
-  bias for independent contacts; in households, where contacts of one infector also infect
-  each other, the dropped cross terms leave a small bias). Measured against central finite
-  differences with common random numbers (``benchmarks/results/gradients.md``): ratios
-  0.95-1.03 at 8, 30, 60 and 150 days on well-mixed and Erdős–Rényi SEIRs, 0.91-0.95 at 30-150
-  days on household + community; on the NYC model (weekly onsets / one week's contacts) 1.0
-  at 30 days and 0.87 +- 0.07 at 60 days against curvature-corrected differences; 0.95 +- 0.04
-  and 1.005 against the exact derivative on two-generation trees with strong edges, constant
-  or time-varying (``tests/test_epidemic_gradients.py``). Per-edge
+  bias for independent contacts; where contacts of one infector also infect each other,
+  households, the dropped interaction biases it low, see above). Per-edge
   terms are recomputed in backward (:class:`_PresenceCoupling`), so memory is that of the
   linear coupling; time is about 1.5-2x. The hazard an infector has put on a contact so far
   is the edge's constant part (``beta dt w`` times the contact's current susceptibility) times
   the infector's summed per-layer source factor (infectiousness x contact factor x layer
   scale over the steps it transmitted: ``source_load [N, K]``, written in gradient runs), so
-  isolation, contact schedules and stage changes during the infectious period are exact.
+  isolation, contact schedules and stage changes during the infectious period are exact
+  (1.005 of the exact derivative on two-generation trees with a time-varying hazard).
 * ``"linear"``: the coupling is the derivative of the force with respect to a scaling of the
   infector's infectiousness. First-order exact when each contact's hazard is small
   (well-mixed); on networks it credits an infection with ``h e^-L / (1 - e^-L) - A`` instead
   of ``1 - R`` and underestimates gradients that compound over generations (0.75-0.8 at
   30-60 days on network SEIRs, 0.78 on the tree).
 
-Both are identical for well-mixed transmission (no per-contact terms). The full score
+All three are identical for well-mixed transmission (no per-contact terms). The full score
 function (``f - b`` times every agent's path score) is unbiased but its variance grows
 with the number of events (it sums N x T scores); the pruned single-alternative
 (StochasticAD-style) estimator needs a coupled perturbed rollout per derivative. The
@@ -65,6 +76,7 @@ import torch
 from torch import Tensor
 
 from lpm.kernels import counter_uniform, frontier_edges, mark_indices, push_compact, stage_mask, stream_key
+from lpm.errors import ConfigError
 from lpm.params import Params
 from lpm.state import StateError, lookup
 from lpm.substep import Substep
@@ -76,7 +88,7 @@ __all__ = ["Transmission", "Progression", "initial_state", "event_carrier", "com
 _TINY = 1e-30
 
 #: gradient estimators of :class:`Transmission` (see the module docstring)
-ESTIMATORS = ("presence", "linear")
+ESTIMATORS = ("presence", "edge-presence", "linear")
 
 
 def event_carrier(q: Tensor, mask: Tensor) -> Tensor:
@@ -126,13 +138,17 @@ def _presence_delta(spec, idx: Tensor, src_stage: Tensor, src_load: Tensor, src_
     survival steps add ``-e^A (e^h - 1)`` (so a survived window totals ``1 - e^A``) and the
     infection step ``e^A (1 - (1 - e^-(L - h)) / (1 - e^-L))``. ``delta`` is the difference.
     """
-    net, iota, dt = spec
+    net, iota, dt, clique = spec
     N = net.num_nodes
     pos, local = frontier_edges(net.rowptr, idx)
     dst = net.edge_index[1].index_select(0, pos).long()
     slot = torch.full((N,), -1, dtype=torch.int64, device=cand.device).index_put_((cand,), torch.arange(cand.numel(), device=cand.device))
     where = slot.index_select(0, dst)
-    keep = (where >= 0).nonzero().squeeze(1)
+    inside = where >= 0
+    if clique is not None:
+        # inside a clique the score function carries the dependence (see Transmission._share_in_cliques)
+        inside = inside & ~clique.index_select(0, net.layer.index_select(0, pos).long())
+    keep = inside.nonzero().squeeze(1)
     pos, local, where = pos[keep], local[keep].long(), where[keep]
     # per-edge hazard = edge part (constant over the source's infectious period) x source part (this step)
     edge = beta.to(em.dtype) * dt * net.weight.index_select(0, pos).to(em.dtype)
@@ -185,10 +201,11 @@ class Transmission(Substep):
 
     def __init__(self, disease: DiseaseModel, *, network: bool = True, beta: str = "beta", name: str = "transmission",
                  use_layer_scale: bool = False, use_contact_factor: bool = False, use_susceptibility: bool = False,
-                 estimator: str = "presence") -> None:
+                 estimator: str = "presence", clique_layer: str | tuple[str, ...] | None = "household") -> None:
         if estimator not in ESTIMATORS:
-            raise ValueError(f"Transmission estimator: expected one of {ESTIMATORS}, got {estimator!r}")
+            raise ConfigError(f"Transmission estimator: expected one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
+        self.clique_layer = (clique_layer,) if isinstance(clique_layer, str) else tuple(clique_layer or ())
         self.disease = disease
         self.name = name
         self.network = network
@@ -209,21 +226,32 @@ class Transmission(Substep):
             reads.append("susceptibility")
         self.reads = tuple(reads)
         self.writes = ("stage", "timer", "carrier", "entered", "entered_step")
-        if network and estimator == "presence":
+        if network and estimator != "linear":
             self.writes += ("source_load",)
         self.params = (beta,)
         self._infectious_codes = [c for c, s in enumerate(disease.stages) if disease.infectiousness.get(s, 0.0) > 0]
 
-    def _force(self, system: EpiSystem, state: EpiState, iota: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Force ``[N]`` and, on a network, the targets ``[A]`` of the infectious agents' edges (``idx``: the frontier)."""
+    def _force(self, system: EpiSystem, state: EpiState, iota: Tensor, idx: Tensor | None = None,
+               clique: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Force ``[N]`` and, on a network, the targets ``[A]`` of the infectious agents' edges (``idx``: the frontier);
+        ``clique``: a layer whose pushes carry no gradient onto the sources' carriers."""
         if self.network:
             # only the infectious frontier is visited: gathers, products and edges are O(active)
             if idx is None:
                 idx = stage_mask(state.stage, self._infectious_codes).nonzero().squeeze(1)
-            value = iota.index_select(0, state.stage.index_select(0, idx).long()) * state.carrier.index_select(0, idx)
+            io = iota.index_select(0, state.stage.index_select(0, idx).long())
+            value = io * state.carrier.index_select(0, idx)
             if self.use_contact_factor:
                 value = value.unsqueeze(1) * state.contact_factor.index_select(0, idx)
             net = system.network
+            if clique is not None:
+                # the clique's dependence on its infected members is the members' score (_share_in_cliques):
+                # coupling it through the carrier as well would count it twice (the contact factor keeps its gradient)
+                held = io * state.carrier.detach().index_select(0, idx)
+                held = held.unsqueeze(1) * state.contact_factor.index_select(0, idx) if self.use_contact_factor else held.unsqueeze(1)
+                if value.dim() == 1:
+                    value = value.unsqueeze(1)
+                value = torch.where(clique, held, value).expand(-1, net.num_layers)
             scale = state.layer_scale if self.use_layer_scale else None
             return push_compact(net.edge_index[1], net.weight, net.layer, net.rowptr, net.num_nodes, idx, value, scale)
         inf = iota[state.stage.long()]
@@ -234,6 +262,54 @@ class Transmission(Substep):
         sizes = torch.bincount(g, minlength=G).to(value.dtype).clamp_min(1)
         prevalence = value.new_zeros(G).index_add(0, g, value) / sizes
         return (mixing.to(value.dtype) @ prevalence)[g], None
+
+    def _needs_grad(self, beta: Tensor, state: EpiState) -> bool:
+        """Whether this step's hazards or carriers carry a gradient."""
+        if not torch.is_grad_enabled():
+            return False
+        xs = [beta, state.carrier]
+        xs += [state.contact_factor] if self.use_contact_factor else []
+        xs += [state.layer_scale] if self.use_layer_scale else []
+        xs += [state.susceptibility] if self.use_susceptibility else []
+        return any(x is not None and x.requires_grad for x in xs)
+
+    def _clique_code(self, system: EpiSystem) -> Tensor | None:
+        """``[K] bool``: the layers of ``clique_layer`` when the presence estimator runs on a network that has one, else None."""
+        if self.estimator != "presence" or not self.network or not self.clique_layer:
+            return None
+        names = system.network.layer_names
+        if not any(n in names for n in self.clique_layer):
+            return None
+        return torch.tensor([n in self.clique_layer for n in names], device=system.network.layer.device)
+
+    def _share_in_cliques(self, system: EpiSystem, stage: Tensor, carrier: Tensor, cand: Tensor, factor: Tensor,
+                          clique: Tensor) -> Tensor:
+        """``carrier`` with each candidate's ``factor`` applied to itself and to its clique mates still susceptible.
+
+        The per-edge presence credit drops the interaction between infectors of one target (a
+        housemate infected by ``l`` and ``l`` itself both act on ``k``; removing ``l`` removes
+        both), which biases gradients low where a household's members infect one another
+        (0.64 on isolated households of 5). Inside a clique the dependence is instead carried by
+        the score function: a susceptible agent's carrier collects the path scores of its
+        housemates' events (value 1, gradient ``d log P``), so ``E[1[k] * sum of scores] =
+        dE[1[k]]`` is exact for the clique's internal randomness, and each event's factor
+        still holds the presence coupling to infectors outside the clique. Events after an
+        agent's own infection do not change whether it is counted, so only the susceptible
+        mates (stage at the start of the step) collect them.
+        """
+        net = system.network
+        d = self.disease
+        pos, local = frontier_edges(net.rowptr, cand)
+        on = clique.index_select(0, net.layer.index_select(0, pos).long()).nonzero().squeeze(1)
+        pos, local = pos.index_select(0, on), local.index_select(0, on).long()
+        mates = net.edge_index[1].index_select(0, pos).long()
+        sus = (stage.index_select(0, mates) == d.code(d.susceptible)).nonzero().squeeze(1)
+        mates, local = mates.index_select(0, sus), local.index_select(0, sus)
+        # value exactly 0 (factor is q / q + 0 = 1): the product below leaves every carrier's value unchanged
+        logf = torch.log(factor.clamp_min(_TINY))
+        who, inv = torch.unique(torch.cat([cand, mates]), return_inverse=True)
+        total = logf.new_zeros(who.numel()).index_add(0, inv, torch.cat([logf, logf.index_select(0, local)]))
+        return carrier.index_put((who,), carrier.index_select(0, who) * torch.exp(total))
 
     def _load_width(self, system: EpiSystem) -> int:
         """Layers the source factor varies over: the network's when a per-layer factor is read, else 1."""
@@ -267,7 +343,7 @@ class Transmission(Substep):
         susc = state.susceptibility.detach().index_select(0, cand) if self.use_susceptibility else None
         scale = state.layer_scale.detach() if self.use_layer_scale else None
         beta = getattr(params, self.beta).detach().reshape(())
-        spec = (system.network, iota, self.disease.dt)
+        spec = (system.network, iota, self.disease.dt, self._clique_code(system))
         corr = _PresenceCoupling.apply(state.carrier, spec, idx, src_stage, src_load, src_cf, cand, em, hit, susc, scale, beta)
         return corr
 
@@ -278,11 +354,13 @@ class Transmission(Substep):
         beta = getattr(params, self.beta)
         if beta.numel() != 1:
             raise StateError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
-        fast = fused_transmission(self, params, system, state, t, rng)  # the compiled twin of what follows, when it applies
+        clique = self._clique_code(system) if self._needs_grad(beta, state) else None
+        # the compiled kernels have no clique sharing: under autograd with a clique layer the torch path runs
+        fast = fused_transmission(self, params, system, state, t, rng) if clique is None else None  # the compiled twin of what follows
         if fast is not None:
             return fast
         idx = stage_mask(stage, self._infectious_codes).nonzero().squeeze(1) if self.network else None
-        F, targets = self._force(system, state, iota, idx)
+        F, targets = self._force(system, state, iota, idx, clique)
         at_risk = stage == d.code(d.susceptible)
         # only at-risk agents that feel a force can change (or carry a score): F = 0 elsewhere
         # gives p = 0, no event and a survival factor of exactly 1, so the rest is O(candidates)
@@ -307,14 +385,17 @@ class Transmission(Substep):
         if lam.requires_grad:
             # survival (1 - p = exp(-lambda)) and infection both enter the agent's path likelihood
             factor = event_carrier(torch.where(hit, p, torch.exp(-lam)), torch.ones_like(hit))
-            if targets is not None and self.estimator == "presence":
+            if targets is not None and self.estimator != "linear":
                 load = state.source_load
                 if load is None:
                     load = torch.zeros((stage.numel(), self._load_width(system)), dtype=torch.float32, device=stage.device)
                 # value 0: added, not multiplied, so that nothing more per candidate is kept for backward
                 factor = factor + self._presence(params, system, state, iota, cand, hit, em.detach(), load, idx)
                 extra["source_load"] = self._accumulate_load(system, state, load, iota, idx)
-            carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
+            if clique is not None:
+                carrier = self._share_in_cliques(system, stage, carrier, cand, factor, clique)
+            else:
+                carrier = carrier.index_put((cand,), carrier.index_select(0, cand) * factor)
         return state.replace(
             **extra,
             stage=stage.index_put((ev,), entry_t),
