@@ -1,7 +1,7 @@
 """Gradient validation: autograd vs central finite differences of the expected loss.
 
 What the gradient estimates (the path-likelihood carrier estimator of
-``substeps/epidemic/substeps.py``). Discrete events (infection, progression, branching)
+``substeps/epidemic/dynamics.py``). Discrete events (infection, progression, branching)
 are sampled exactly in the forward pass. Every step, each agent at risk of an event has
 its ``carrier`` multiplied by ``q / sg(q)``, where ``q`` is the probability of what actually
 happened to it: ``p`` if the event occurred, ``1 - p`` if it did not (the *survival* term;

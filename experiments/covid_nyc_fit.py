@@ -99,7 +99,7 @@ from lpm.outputs import OutputDir
 from lpm.rng import Streams
 from lpm.substep import Substep
 from substeps.epidemic.covid import age_tables
-from substeps.epidemic.substeps import _draw_dwell, _entered_this_step, event_carrier
+from substeps.epidemic.dynamics import _draw_dwell, _entered_this_step, event_carrier
 
 __all__ = ["FitConfig", "FitState", "Problem", "make_problem", "sequential_fit", "forecast_from", "covariates",
            "variant_share", "dose_days", "vaccination_coverage", "load_cli", "replay", "calibrate", "run_fitted",

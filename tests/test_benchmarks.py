@@ -164,7 +164,7 @@ def _dense_transmission_cls():
     """Transmission evaluated densely over all N agents and all edges: the specification the compact path must match."""
     from substeps.epidemic import Transmission
     from lpm.kernels import counter_uniform, stream_key
-    from substeps.epidemic.substeps import _TINY, _draw_dwell, event_carrier
+    from substeps.epidemic.dynamics import _TINY, _draw_dwell, event_carrier
 
     class DenseTransmission(Transmission):
         """Every agent, every edge, every step (no frontier, no candidates)."""

@@ -1,6 +1,6 @@
 """Gradients through the discrete sampler against exact values and finite differences.
 
-Estimator: the *presence* path-likelihood carrier (see substeps/epidemic/substeps.py), the
+Estimator: the *presence* path-likelihood carrier (see substeps/epidemic/dynamics.py), the
 default of :class:`Transmission`: per-edge presence credit across contacts, the score
 function inside household cliques. ``estimator="edge-presence"`` (per-edge credit
 everywhere) is about 20% low on households where members infect each other (exact

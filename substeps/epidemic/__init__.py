@@ -17,7 +17,7 @@ stage counts then show each day's exits one step later.
 
 from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, EpiSystem, Transition, epi_system, seir, seirm, sir
 from substeps.epidemic.observables import incidence, prevalence, stage_counts
-from substeps.epidemic.substeps import Progression, Transmission, compartment_counts, event_carrier, initial_state
+from substeps.epidemic.dynamics import Progression, Transmission, compartment_counts, event_carrier, initial_state
 
 __all__ = [
     "DiseaseModel", "Dwell", "EpiState", "EpiSystem", "epi_system", "Transition", "sir", "seir", "seirm",

@@ -63,7 +63,7 @@ from lpm.kernels import stage_mask
 from lpm.state import State, System, tensor_field
 from lpm.substep import Substep
 from substeps.epidemic.disease import DiseaseModel, Dwell, EpiState, EpiSystem, Transition, epi_system
-from substeps.epidemic.substeps import Progression, Transmission, event_carrier
+from substeps.epidemic.dynamics import Progression, Transmission, event_carrier
 
 __all__ = ["CovidState", "CovidSystem", "covid_system", "age_tables", "covid_disease", "covid_params", "AreaContacts", "Isolation",
            "ReportedWindow", "Testing", "covid_model", "covid_observables", "STAGES", "PARAM_DOCS"]

@@ -31,7 +31,7 @@ from lpm.kernels import compiled_available, is_replicated, stream_key
 if TYPE_CHECKING:  # pragma: no cover
     from lpm.params import Params
     from substeps.epidemic.disease import EpiState, EpiSystem
-    from substeps.epidemic.substeps import Progression, Transmission
+    from substeps.epidemic.dynamics import Progression, Transmission
 
 __all__ = ["fused_transmission", "fused_progression", "applies"]
 
@@ -224,7 +224,7 @@ def _kernels() -> dict[str, object]:
 
             The same chain rule torch's autograd applies to the torch path (``carrier * q / sg(q)``
             at the candidates, ``lambda = beta dt F susc``, ``F`` summed over the frontier's edges),
-            plus the presence coupling's per-edge credit (:func:`substeps.epidemic.substeps._presence_delta`),
+            plus the presence coupling's per-edge credit (:func:`substeps.epidemic.dynamics._presence_delta`),
             recomputed from the frontier as the torch path's backward does. Each candidate's terms go
             to one 8-byte record ``rec[j] = (dL/dF, dL/dfactor)`` (infected ones also to a bitmask and
             their hazard to ``hit_L``), so an edge costs a test of a cached candidate bitmask and at

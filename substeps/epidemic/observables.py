@@ -2,7 +2,7 @@
 
 Every observable sums the agents' gradient carriers (value exactly 1) rather than counting
 booleans, so its value is the exact count and its gradient is the estimator's (see
-:mod:`substeps.epidemic.substeps`): stage counts and prevalence are differentiable like
+:mod:`substeps.epidemic.dynamics`): stage counts and prevalence are differentiable like
 incidence.
 """
 
