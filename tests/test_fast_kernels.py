@@ -258,3 +258,30 @@ def test_compiled_backward_carrier_gradient_equals_torch() -> None:
         grads.append(g)
     assert float(grads[1].abs().sum()) > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+@needs_numba
+def test_compiled_graph_build_equals_torch_and_is_a_simple_er_graph() -> None:
+    """ER edges and the CSR sort: the compiled path gives the torch path's graph bit for bit; G(n, m) contract holds."""
+    n, deg = 60_000, 10.0
+    nets = {}
+    for compiled in (True, False):
+        with compiled_kernels(compiled):
+            ei = erdos_renyi(n, deg, seed=5)
+            hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(1))
+            w = torch.rand(ei.shape[1], generator=torch.Generator().manual_seed(2))
+            nets[compiled] = (ei, Network.from_layers({"household": household_cliques(hh), "community": (ei, w)}, n,
+                                                      coalesce=False))
+    (ei, net), (ei_t, net_t) = nets[True], nets[False]
+    assert torch.equal(ei, ei_t)
+    for f in ("edge_index", "weight", "layer", "rowptr"):
+        assert torch.equal(getattr(net, f), getattr(net_t, f)), f
+    net.validate()
+    src, dst = ei
+    assert ei.shape[1] == 2 * int(round(n * deg / 2)) and bool((src != dst).all())
+    key = src * n + dst
+    assert torch.unique(key).numel() == key.numel()  # no duplicate edges
+    assert torch.equal(torch.sort(key).values, torch.sort(dst * n + src).values)  # symmetric
+    d = torch.bincount(src, minlength=n).double()
+    assert abs(float(d.mean()) - deg) < 1e-9
+    assert 0.9 * deg < float(d.var()) < 1.1 * deg  # binomial degrees: variance ~ mean (a ring or a regular graph fails)

@@ -75,7 +75,22 @@ class Network(Struct):
     @staticmethod
     def build(edge_index: Tensor, weight: Tensor, layer: Tensor, num_nodes: int, layer_names: Sequence[str]) -> "Network":
         """Sort edges by source, compute the CSR pointer and pick compact index dtypes."""
-        src = edge_index[0].long()
+        from lpm.kernels import compiled_available
+
+        src = edge_index[0]
+        if (src.device.type == "cpu" and compiled_available() and src.numel() > 1 << 16 and not weight.requires_grad
+                and weight.dtype in (torch.float32, torch.float64) and int(src.min()) >= 0 and int(src.max()) < num_nodes):
+            from lpm.compiled import csr_by_source
+
+            # a counting sort: the stable argsort's order, in linear time (minutes -> seconds at 1e8 edges);
+            # ids out of range take the torch path, whose validate() names them
+            out = torch.empty((2, src.numel()), dtype=_index_dtype(num_nodes))
+            w, lay, rowptr = csr_by_source(src.contiguous().numpy(), edge_index[1].contiguous().numpy(),
+                                           weight.contiguous().numpy(), layer.contiguous().numpy(), int(num_nodes),
+                                           out[0].numpy(), out[1].numpy())
+            return Network(out, torch.from_numpy(w), torch.from_numpy(lay), torch.from_numpy(rowptr), int(num_nodes),
+                           tuple(layer_names))
+        src = src.long()
         order = torch.argsort(src, stable=True)
         edge_index = edge_index[:, order].to(_index_dtype(num_nodes))
         counts = torch.bincount(src, minlength=num_nodes)
