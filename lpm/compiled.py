@@ -11,10 +11,55 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from lpm.kernels import _MASK32, _MUL1, _MUL2_SIGNED
 
-__all__ = ["uniform", "uniforms", "inverse_cdf", "unique_pair_keys", "stable_source_order", "csr_by_source", "pair_edges", "undirected_from_keys"]
+__all__ = ["uniform", "uniforms", "inverse_cdf", "prefetch", "unique_pair_keys", "stable_source_order", "csr_by_source", "pair_edges", "undirected_from_keys"]
+
+@intrinsic
+def _llvm_prefetch(typingctx, arr, idx):  # pragma: no cover - compiled
+    """``llvm.prefetch`` (write intent, keep in all cache levels) of ``arr[idx]``."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(inline="always")
+def _no_prefetch(arr, idx):  # pragma: no cover - compiled
+    pass
+
+
+@numba.njit(cache=True)
+def _probe_prefetch(a):  # pragma: no cover - compiled
+    _llvm_prefetch(a, 1)
+    return a[0]
+
+
+def _pick_prefetch():
+    """The prefetch intrinsic where this LLVM accepts it, else a no-op (prefetching changes speed, never results)."""
+    try:
+        _probe_prefetch(np.zeros(2, np.uint8))
+        return _llvm_prefetch
+    except Exception:  # an LLVM without the opaque-pointer intrinsic name
+        return _no_prefetch
+
+
+#: ``prefetch(arr, i)``: ask the cache for ``arr[i]`` ahead of a random access (no bounds check: only pass valid i)
+prefetch = _pick_prefetch()
 
 _M1 = np.int64(_MUL1)
 _M2 = np.int64(_MUL2_SIGNED)

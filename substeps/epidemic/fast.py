@@ -43,7 +43,7 @@ def _kernels() -> dict[str, object]:
     if not _KERNELS:
         import numba
 
-        from lpm.compiled import inverse_cdf, uniform
+        from lpm.compiled import inverse_cdf, prefetch, uniform
 
         tiny = np.float32(1e-30)
 
@@ -57,6 +57,8 @@ def _kernels() -> dict[str, object]:
             nc = 0
             for k in range(nf):
                 i = front[k]
+                if k + 8 < nf:
+                    prefetch(dst, rowptr[front[k + 8]])
                 si = stage[i]
                 val = iota[si] * carrier[i]
                 for e in range(rowptr[i], rowptr[i + 1]):
@@ -121,6 +123,8 @@ def _kernels() -> dict[str, object]:
                 while k < nf:
                     b = rowptr[front[k] + 1]
                     stop = min(b, e + (cap - h))  # each edge keeps at most one entry: never past the buffer
+                    if k + 8 < nf:  # the edge block a few sources ahead: one cache miss per source hidden
+                        prefetch(dst, rowptr[front[k + 8]])
                     for x in range(e, stop):
                         j = dst[x]
                         hits[h] = j
@@ -132,6 +136,8 @@ def _kernels() -> dict[str, object]:
                     if k < nf:
                         e = rowptr[front[k]]
                 for q in range(h):
+                    if q + 32 < h:  # random writes into the stage bytes: ask for them well ahead
+                        prefetch(st, hits[q + 32])
                     j = hits[q]
                     s = st[j]
                     if s == s_code:
@@ -185,6 +191,8 @@ def _kernels() -> dict[str, object]:
                     nc += st[i] >= umarked
             events = 0
             for k in range(nc):
+                if k + 16 < nc:
+                    prefetch(st, cand[k + 16])
                 j = cand[k]
                 if counted:
                     f = np.float32(0)
