@@ -395,6 +395,44 @@ def _constant_weight(weight: Tensor) -> float | None:
     return value
 
 
+_SYS: dict[tuple[int, ...], tuple] = {}
+
+
+def _system_arrays(net, iota: Tensor, cdf: Tensor) -> tuple:
+    """NumPy views of what a run never changes (the network's arrays, infectiousness, dwell CDFs), made once per system.
+
+    Per step this saves a dozen tensor-to-array conversions and the infectious-code table: at N = 1e5
+    a step's Python overhead is as large as its kernels. Tensors modified in place (their version)
+    are seen, and the cache holds only weak references to them."""
+    parts = (net.rowptr, net.edge_index, net.weight, net.layer, iota, cdf)
+    key = tuple(id(x) for x in parts)
+    hit = _SYS.get(key)
+    if hit is not None and all(r() is x for r, x in zip(hit[0], parts)) and hit[1] == tuple(x._version for x in parts):
+        return hit[2]
+    arrays = (_np(net.rowptr), _np(net.edge_index[1]), _np(net.weight), _np(net.layer), _np(iota), _np(cdf),
+              _infectious_bytes(iota), _constant_weight(net.weight))
+    if len(_SYS) > 16:
+        _SYS.clear()
+    _SYS[key] = (tuple(weakref.ref(x) for x in parts), tuple(x._version for x in parts), arrays)
+    return arrays
+
+
+_STEP: dict[int, Tensor] = {}
+
+
+def _step_tensor(t: int) -> Tensor:
+    """``torch.tensor(t)`` (CPU), one per step number: a state's ``entered_step`` is read, never written in place."""
+    x = _STEP.get(t)
+    if x is None:
+        if len(_STEP) > 100_000:
+            _STEP.clear()
+        x = _STEP[t] = torch.tensor(t)
+    return x
+
+
+_EMPTY = (np.zeros((1, 1), np.float32), np.zeros(1, np.float32), np.zeros(1, np.uint8))
+
+
 def _needs_grad(*xs: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
@@ -442,20 +480,19 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
     same_step = state.entered_step is not None and int(state.entered_step) == t
     entered = state.entered.clone() if same_step else torch.full_like(state.entered, -1)
     bdt = np.float32((beta.detach().to(_F32) * d.dt).item())
-    w_const = _constant_weight(net.weight)
+    rowptr_np, dst_np, weight_np, layer_np, iota_np, cdf_np, infectious, w_const = _system_arrays(net, iota, cdf)
     k1, k2 = stream_key(rng, t)
     force, cand, front, hits, sbits = _workspace(n)
-    f_out, hit_out = _record_space(n) if grad else (np.zeros(1, np.float32), np.zeros(1, np.uint8))
-    empty2 = np.zeros((1, 1), np.float32)
-    empty1 = np.zeros(1, np.float32)
+    empty2, empty1, empty_u8 = _EMPTY
+    f_out, hit_out = _record_space(n) if grad else (empty1, empty_u8)
     scale_np = _np(scale) if scale is not None else empty1
     susc_np = _np(susc) if susc is not None else empty1
     _, nf, nc = _kernels()["transmission"](
-        _np(stage), _np(timer), _np(entered), _np(state.carrier), _np(net.rowptr), _np(net.edge_index[1]),
-        _np(net.weight), w_const is not None, np.float32(w_const or 0.0), _np(net.layer), _np(iota),
+        stage.numpy(), timer.numpy(), entered.numpy(), _np(state.carrier), rowptr_np, dst_np,
+        weight_np, w_const is not None, np.float32(w_const or 0.0), layer_np, iota_np,
         _np(cf) if cf is not None else empty2, cf is not None, scale_np, scale is not None, susc_np, susc is not None,
-        bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), _np(cdf), k1, k2, force, cand, front,
-        _infectious_bytes(iota), hits, sbits, grad, f_out, hit_out)
+        bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), cdf_np, k1, k2, force, cand, front,
+        infectious, hits, sbits, grad, f_out, hit_out)
     extra = {}
     carrier = state.carrier
     if grad:
@@ -475,8 +512,7 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
             net=net, iota=_np(iota), scale=scale_np, use_scale=scale is not None, susc=susc_np,
             use_susc=susc is not None, bdt=bdt, dt=float(d.dt), presence=presence)
         carrier = _CompiledTransmission.apply(state.carrier, beta, saved)
-    return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered,
-                         entered_step=torch.tensor(t, device=stage.device))
+    return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered, entered_step=_step_tensor(t))
 
 
 class _StepRecord:
@@ -558,19 +594,29 @@ def fused_progression(sub: "Progression", params: "Params", system: "EpiSystem",
             return None
         qs.append(q.detach().reshape(-1))
     if any(q.numel() == n for q in qs):
-        qarr = torch.stack([q.expand(n) for q in qs])
+        qarr = torch.stack([q.expand(n) for q in qs]).numpy()
     elif qs:
-        qarr = torch.stack(qs)
+        qarr = torch.stack(qs).numpy()
     else:
-        qarr = torch.zeros(0, 1)
-    to, cdf = system.next_stage, system.dwell_cdf
-    alt_src = np.array([a[0] for a in sub._alts], dtype=np.int8)
-    alt_dst = np.array([a[1] for a in sub._alts], dtype=np.int8)
+        qarr = _NO_ALT[0]
+    alts = _ALTS.get(id(sub))
+    if alts is None or alts[0] is not sub._alts:
+        if len(_ALTS) > 64:
+            _ALTS.clear()
+        alts = _ALTS[id(sub)] = (sub._alts, np.array([a[0] for a in sub._alts], dtype=np.int8),
+                                 np.array([a[1] for a in sub._alts], dtype=np.int8))
+    _, alt_src, alt_dst = alts
     fresh_valid = state.entered_step is not None and int(state.entered_step) == t
     stage, timer, entered = torch.empty_like(state.stage), torch.empty_like(state.timer), torch.empty_like(state.entered)
     k1, k2 = stream_key(rng, t)
     first = state.entered_step is None
-    _kernels()["progression"](_np(state.stage), _np(state.timer), _np(state.entered), fresh_valid, first, _np(to), _np(cdf),
-                              alt_src, alt_dst, _np(qarr.contiguous()), k1, k2, _np(stage), _np(timer), _np(entered))
-    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered,
-                         entered_step=torch.tensor(t, device=stage.device))
+    _, _, _, _, _, cdf_np, _, _ = _system_arrays(system.network, system.infectiousness, system.dwell_cdf) \
+        if system.network is not None else (None,) * 5 + (_np(system.dwell_cdf),) + (None,) * 2
+    _kernels()["progression"](state.stage.numpy(), state.timer.numpy(), state.entered.numpy(), fresh_valid, first,
+                              _np(system.next_stage), cdf_np, alt_src, alt_dst, qarr, k1, k2, stage.numpy(), timer.numpy(),
+                              entered.numpy())
+    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered, entered_step=_step_tensor(t))
+
+
+_NO_ALT = (np.zeros((0, 1), np.float32),)
+_ALTS: dict[int, tuple] = {}
