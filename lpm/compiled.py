@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 
 from lpm.kernels import _MASK32, _MUL1, _MUL2_SIGNED
 
-__all__ = ["uniform", "uniforms", "inverse_cdf", "prefetch", "unique_pair_keys", "stable_source_order", "csr_by_source", "pair_edges", "undirected_from_keys"]
+__all__ = ["uniform", "uniforms", "inverse_cdf", "prefetch", "unique_pair_keys", "stable_source_order", "csr_by_source", "pair_edges", "undirected_from_keys", "masked_sum"]
 
 @intrinsic
 def _llvm_prefetch(typingctx, arr, idx):  # pragma: no cover - compiled
@@ -279,3 +279,12 @@ def undirected_from_keys(key, pick, n):  # pragma: no cover - compiled
         out[0, m + k] = hi
         out[1, m + k] = lo
     return out
+
+
+@numba.njit(cache=True, fastmath=True)
+def masked_sum(codes, code, values):  # pragma: no cover - compiled
+    """Sum of ``values`` where ``codes == code``, accumulated in float64 (one pass, no temporaries)."""
+    acc = 0.0
+    for i in range(codes.shape[0]):
+        acc += np.float64(values[i]) if codes[i] == code else 0.0
+    return acc

@@ -322,31 +322,43 @@ def _kernels() -> dict[str, object]:
             """One progression step into the ``*_out`` arrays: count-downs without branches, movers drawn."""
             n = stage.shape[0]
             per_agent = q.shape[1] > 1
+            # first the count-downs of every agent, branch-free so the loop vectorizes (a full-N pass every
+            # step), then the rare movers (timer 1, not fresh) in a second sweep over the timers
+            if fresh_valid:
+                for i in range(n):
+                    e = entered_in[i]
+                    tm = timer[i]
+                    entered_out[i] = e
+                    stage_out[i] = stage[i]
+                    fresh = first | (e >= 0) | (tm < 0)
+                    timer_out[i] = abs(tm) if fresh else tm - np.int16(tm > 0)
+            else:
+                for i in range(n):
+                    tm = timer[i]
+                    entered_out[i] = np.int8(-1)
+                    stage_out[i] = stage[i]
+                    fresh = first | (tm < 0)
+                    timer_out[i] = abs(tm) if fresh else tm - np.int16(tm > 0)
+            if first:
+                return
             for i in range(n):
-                e = entered_in[i] if fresh_valid else np.int8(-1)
+                if timer[i] != 1 or (fresh_valid and entered_in[i] >= 0):
+                    continue
                 s = stage[i]
-                tm = timer[i]
-                entered_out[i] = e
-                stage_out[i] = s
-                # entered this step, pending, or no day lived yet: start the dwell, no count-down
-                fresh = first | (e >= 0) | (tm < 0)
-                down = tm - np.int16(tm > 0)
-                timer_out[i] = abs(tm) if fresh else down
-                if tm == 1 and not fresh:
-                    new = to[s]
-                    u = uniform(i, k1, k2)
-                    ud = u
-                    for a in range(alt_src.shape[0]):
-                        if s == alt_src[a]:
-                            qa = q[a, i] if per_agent else q[a, 0]
-                            if u < qa:
-                                new = alt_dst[a]
-                                ud = u / max(qa, tiny)
-                            else:
-                                ud = (u - qa) / max(np.float32(1) - qa, tiny)
-                    stage_out[i] = new
-                    entered_out[i] = new
-                    timer_out[i] = inverse_cdf(cdf, new, ud)
+                new = to[s]
+                u = uniform(i, k1, k2)
+                ud = u
+                for a in range(alt_src.shape[0]):
+                    if s == alt_src[a]:
+                        qa = q[a, i] if per_agent else q[a, 0]
+                        if u < qa:
+                            new = alt_dst[a]
+                            ud = u / max(qa, tiny)
+                        else:
+                            ud = (u - qa) / max(np.float32(1) - qa, tiny)
+                stage_out[i] = new
+                entered_out[i] = new
+                timer_out[i] = inverse_cdf(cdf, new, ud)
 
         _KERNELS.update(transmission=transmission, transmission_backward=transmission_backward,
                         progression=progression, frontier_bits=frontier_bits, count_bits=count_bits)
