@@ -285,3 +285,24 @@ def test_compiled_graph_build_equals_torch_and_is_a_simple_er_graph() -> None:
     d = torch.bincount(src, minlength=n).double()
     assert abs(float(d.mean()) - deg) < 1e-9
     assert 0.9 * deg < float(d.var()) < 1.1 * deg  # binomial degrees: variance ~ mean (a ring or a regular graph fails)
+
+
+@needs_numba
+def test_masked_sum_equals_torch_where_sum_and_keeps_gradients() -> None:
+    """The compiled observable sum: the exact count on carriers, torch's value on general floats, autograd kept."""
+    from lpm.kernels import masked_sum
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-1, 4, (100_003,), generator=g).to(torch.int8)
+    ones = torch.ones(codes.numel())
+    for code in (-1, 0, 3, 7):
+        expected = torch.where(codes == code, ones, torch.zeros_like(ones)).sum()
+        assert torch.equal(masked_sum(codes, code, ones), expected) and float(expected) == int((codes == code).sum())
+    vals = torch.rand(codes.numel(), generator=g)
+    ref = torch.where(codes == 2, vals, torch.zeros_like(vals)).sum()
+    assert abs(float(masked_sum(codes, 2, vals)) - float(ref)) <= 1e-6 * abs(float(ref))
+    with compiled_kernels(False):
+        assert torch.equal(masked_sum(codes, 2, vals), ref)
+    w = vals.clone().requires_grad_(True)
+    masked_sum(codes, 2, w).backward()
+    assert torch.equal(w.grad, (codes == 2).float())
