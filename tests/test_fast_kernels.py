@@ -306,3 +306,18 @@ def test_masked_sum_equals_torch_where_sum_and_keeps_gradients() -> None:
     w = vals.clone().requires_grad_(True)
     masked_sum(codes, 2, w).backward()
     assert torch.equal(w.grad, (codes == 2).float())
+
+
+def test_network_validation_is_cached_but_sees_in_place_changes() -> None:
+    """A validated network skips its O(E) checks next time, unless a tensor was modified in place."""
+    from lpm.state import StateError
+
+    n = 500
+    net = Network.from_layers({"r": erdos_renyi(n, 6.0, seed=1)}, n)
+    net.validate()
+    net.validate({"N": n})
+    with pytest.raises(StateError, match="num_nodes"):
+        net.validate({"N": n + 1})
+    net.edge_index[1, 3] = n + 7  # in place: the version changes, so the range check runs again
+    with pytest.raises(StateError, match="edge_index"):
+        net.validate()
