@@ -321,3 +321,23 @@ def test_network_validation_is_cached_but_sees_in_place_changes() -> None:
     net.edge_index[1, 3] = n + 7  # in place: the version changes, so the range check runs again
     with pytest.raises(StateError, match="edge_index"):
         net.validate()
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [8, 1003, 40_000])
+def test_frontier_sweep_equals_numpy(n: int) -> None:
+    """The word-at-a-time frontier and susceptible bitmask equal a plain NumPy listing (mixed and uniform runs of codes)."""
+    from substeps.epidemic.fast import _kernels
+
+    rng = np.random.default_rng(n)
+    st = rng.integers(0, 4, n).astype(np.uint8)
+    st[: n // 3] = 0  # long all-susceptible stretch
+    st[n // 3: n // 2] = 3  # long all-recovered stretch
+    st[n // 2: n // 2 + 9] = 1
+    infectious = np.zeros(256, np.uint8)
+    infectious[[1, 2]] = 1
+    front = np.empty(n, np.int32)
+    sbits = np.empty((n + 7) >> 3, np.uint8)
+    k = _kernels()["frontier_bits"](st, infectious, np.uint8(0), front, sbits)
+    assert np.array_equal(front[:k], np.flatnonzero((st == 1) | (st == 2)))
+    assert np.array_equal(np.unpackbits(sbits, bitorder="little")[:n], (st == 0).astype(np.uint8))

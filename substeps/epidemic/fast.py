@@ -84,16 +84,25 @@ def _kernels() -> dict[str, object]:
             The bitmask (N/8 bytes) stays in cache where the stage bytes would not, so the edge sweep
             tests it instead of the codes."""
             n = st.shape[0]
+            nw = n >> 3
+            words = st[: nw << 3].view(np.uint64)
+            ones = np.uint64(0x0101010101010101)
+            low7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+            pattern = np.uint64(s_code) * ones
             k = 0
-            for b in range(n >> 3):
-                v = np.uint8(0)
+            for b in range(nw):
+                w = words[b]
+                # susceptible bytes -> one bit each: zero-byte test of w ^ pattern, high bits gathered by a multiply
+                x = w ^ pattern
+                z = ~(((x & low7) + low7) | x | low7)
+                sbits[b] = np.uint8(((z >> np.uint64(7)) * np.uint64(0x0102040810204080)) >> np.uint64(56))
+                c = w & np.uint64(0xFF)
+                if w == c * ones and infectious[c] == 0:
+                    continue  # eight agents in one non-infectious stage (most words early and late in an epidemic)
                 for q in range(8):
                     i = (b << 3) + q
-                    s = st[i]
                     front[k] = i
-                    k += infectious[s]
-                    v |= np.uint8(s == s_code) << np.uint8(q)
-                sbits[b] = v
+                    k += infectious[st[i]]
             if n & 7:
                 v = np.uint8(0)
                 for i in range(n & ~7, n):
@@ -186,7 +195,17 @@ def _kernels() -> dict[str, object]:
                 # many candidates: list them again in agent order (one branch-free sweep over the bytes),
                 # so the candidate loop here and the compiled backward visit memory in order
                 nc = 0
-                for i in range(st.shape[0]):
+                n = st.shape[0]
+                words = st[: (n >> 3) << 3].view(np.uint64)
+                high = np.uint64(0x8080808080808080)
+                for b in range(n >> 3):
+                    if words[b] & high == 0:
+                        continue  # no candidate among these eight agents
+                    for q in range(8):
+                        i = (b << 3) + q
+                        cand[nc] = i
+                        nc += st[i] >= umarked
+                for i in range(n & ~7, n):
                     cand[nc] = i
                     nc += st[i] >= umarked
             events = 0
