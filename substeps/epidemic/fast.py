@@ -641,10 +641,8 @@ def fused_progression(sub: "Progression", params: "Params", system: "EpiSystem",
     stage, timer, entered = torch.empty_like(state.stage), torch.empty_like(state.timer), torch.empty_like(state.entered)
     k1, k2 = stream_key(rng, t)
     first = state.entered_step is None
-    _, _, _, _, _, cdf_np, _, _ = _system_arrays(system.network, system.infectiousness, system.dwell_cdf) \
-        if system.network is not None else (None,) * 5 + (_np(system.dwell_cdf),) + (None,) * 2
     _kernels()["progression"](state.stage.numpy(), state.timer.numpy(), state.entered.numpy(), fresh_valid, first,
-                              _np(system.next_stage), cdf_np, alt_src, alt_dst, qarr, k1, k2, stage.numpy(), timer.numpy(),
+                              _np(system.next_stage), _np(system.dwell_cdf), alt_src, alt_dst, qarr, k1, k2, stage.numpy(), timer.numpy(),
                               entered.numpy())
     return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered, entered_step=_step_tensor(t))
 
