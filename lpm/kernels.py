@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["stage_mask", "frontier_edges", "push_compact", "mark_indices", "stream_key", "counter_uniform",
-           "GlobalKey", "register_global_ids", "unregister_global_ids", "compiled_available", "compiled_kernels"]
+           "GlobalKey", "register_global_ids", "unregister_global_ids", "compiled_available", "compiled_kernels",
+           "masked_sum"]
 
 
 def stage_mask(stage: Tensor, codes: Sequence[int]) -> Tensor:
@@ -275,3 +276,19 @@ def compiled_kernels(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _ENABLED = old
+
+
+def masked_sum(codes: Tensor, code: int, values: Tensor) -> Tensor:
+    """``torch.where(codes == code, values, 0).sum()``; one compiled pass on CPU when nothing needs a gradient.
+
+    An observable such as incidence is a full-N pass every step: at N = 1e5 the torch version
+    (a comparison, a where, a zeros tensor and a sum) costs as much as a step's transmission kernel.
+    The compiled sum accumulates in float64: on carriers (each exactly 1) both give the exact count.
+    """
+    if (codes.device.type == "cpu" and codes.dim() == 1 and values.shape == codes.shape and values.dtype == torch.float32
+            and not (torch.is_grad_enabled() and values.requires_grad) and codes.is_contiguous() and values.is_contiguous()
+            and codes.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) and compiled_available()):
+        from lpm.compiled import masked_sum as compiled_sum
+
+        return torch.tensor(compiled_sum(codes.numpy(), int(code), values.detach().numpy()), dtype=values.dtype)
+    return torch.where(codes == code, values, torch.zeros_like(values)).sum()

@@ -258,3 +258,86 @@ def test_compiled_backward_carrier_gradient_equals_torch() -> None:
         grads.append(g)
     assert float(grads[1].abs().sum()) > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+@needs_numba
+def test_compiled_graph_build_equals_torch_and_is_a_simple_er_graph() -> None:
+    """ER edges and the CSR sort: the compiled path gives the torch path's graph bit for bit; G(n, m) contract holds."""
+    n, deg = 60_000, 10.0
+    nets = {}
+    for compiled in (True, False):
+        with compiled_kernels(compiled):
+            ei = erdos_renyi(n, deg, seed=5)
+            hh = torch.randint(0, n // 3, (n,), generator=torch.Generator().manual_seed(1))
+            w = torch.rand(ei.shape[1], generator=torch.Generator().manual_seed(2))
+            nets[compiled] = (ei, Network.from_layers({"household": household_cliques(hh), "community": (ei, w)}, n,
+                                                      coalesce=False))
+    (ei, net), (ei_t, net_t) = nets[True], nets[False]
+    assert torch.equal(ei, ei_t)
+    for f in ("edge_index", "weight", "layer", "rowptr"):
+        assert torch.equal(getattr(net, f), getattr(net_t, f)), f
+    net.validate()
+    src, dst = ei
+    assert ei.shape[1] == 2 * int(round(n * deg / 2)) and bool((src != dst).all())
+    key = src * n + dst
+    assert torch.unique(key).numel() == key.numel()  # no duplicate edges
+    assert torch.equal(torch.sort(key).values, torch.sort(dst * n + src).values)  # symmetric
+    d = torch.bincount(src, minlength=n).double()
+    assert abs(float(d.mean()) - deg) < 1e-9
+    assert 0.9 * deg < float(d.var()) < 1.1 * deg  # binomial degrees: variance ~ mean (a ring or a regular graph fails)
+
+
+@needs_numba
+def test_masked_sum_equals_torch_where_sum_and_keeps_gradients() -> None:
+    """The compiled observable sum: the exact count on carriers, torch's value on general floats, autograd kept."""
+    from lpm.kernels import masked_sum
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-1, 4, (100_003,), generator=g).to(torch.int8)
+    ones = torch.ones(codes.numel())
+    for code in (-1, 0, 3, 7):
+        expected = torch.where(codes == code, ones, torch.zeros_like(ones)).sum()
+        assert torch.equal(masked_sum(codes, code, ones), expected) and float(expected) == int((codes == code).sum())
+    vals = torch.rand(codes.numel(), generator=g)
+    ref = torch.where(codes == 2, vals, torch.zeros_like(vals)).sum()
+    assert abs(float(masked_sum(codes, 2, vals)) - float(ref)) <= 1e-6 * abs(float(ref))
+    with compiled_kernels(False):
+        assert torch.equal(masked_sum(codes, 2, vals), ref)
+    w = vals.clone().requires_grad_(True)
+    masked_sum(codes, 2, w).backward()
+    assert torch.equal(w.grad, (codes == 2).float())
+
+
+def test_network_validation_is_cached_but_sees_in_place_changes() -> None:
+    """A validated network skips its O(E) checks next time, unless a tensor was modified in place."""
+    from lpm.state import StateError
+
+    n = 500
+    net = Network.from_layers({"r": erdos_renyi(n, 6.0, seed=1)}, n)
+    net.validate()
+    net.validate({"N": n})
+    with pytest.raises(StateError, match="num_nodes"):
+        net.validate({"N": n + 1})
+    net.edge_index[1, 3] = n + 7  # in place: the version changes, so the range check runs again
+    with pytest.raises(StateError, match="edge_index"):
+        net.validate()
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [8, 1003, 40_000])
+def test_frontier_sweep_equals_numpy(n: int) -> None:
+    """The word-at-a-time frontier and susceptible bitmask equal a plain NumPy listing (mixed and uniform runs of codes)."""
+    from substeps.epidemic.fast import _kernels
+
+    rng = np.random.default_rng(n)
+    st = rng.integers(0, 4, n).astype(np.uint8)
+    st[: n // 3] = 0  # long all-susceptible stretch
+    st[n // 3: n // 2] = 3  # long all-recovered stretch
+    st[n // 2: n // 2 + 9] = 1
+    infectious = np.zeros(256, np.uint8)
+    infectious[[1, 2]] = 1
+    front = np.empty(n, np.int32)
+    sbits = np.empty((n + 7) >> 3, np.uint8)
+    k = _kernels()["frontier_bits"](st, infectious, np.uint8(0), front, sbits)
+    assert np.array_equal(front[:k], np.flatnonzero((st == 1) | (st == 2)))
+    assert np.array_equal(np.unpackbits(sbits, bitorder="little")[:n], (st == 0).astype(np.uint8))

@@ -9,6 +9,7 @@ of *active* sources (the infectious frontier) and scale each layer per step with
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -21,6 +22,9 @@ from lpm.state import StateError, Struct, check_tensor, static_field, tensor_fie
 __all__ = ["Network", "EdgeIndex"]
 
 EdgeIndex = Tensor  # [2, E] source, target
+
+#: id of a network that passed validation -> (weak references to its tensors, their versions, sizes)
+_CHECKED: dict[int, tuple] = {}
 
 
 def _index_dtype(num_nodes: int) -> torch.dtype:
@@ -76,7 +80,22 @@ class Network(Struct):
     @staticmethod
     def build(edge_index: Tensor, weight: Tensor, layer: Tensor, num_nodes: int, layer_names: Sequence[str]) -> "Network":
         """Sort edges by source, compute the CSR pointer and pick compact index dtypes."""
-        src = edge_index[0].long()
+        from lpm.kernels import compiled_available
+
+        src = edge_index[0]
+        if (src.device.type == "cpu" and compiled_available() and src.numel() > 1 << 16 and not weight.requires_grad
+                and weight.dtype in (torch.float32, torch.float64) and int(src.min()) >= 0 and int(src.max()) < num_nodes):
+            from lpm.compiled import csr_by_source
+
+            # a counting sort: the stable argsort's order, in linear time (minutes -> seconds at 1e8 edges);
+            # ids out of range take the torch path, whose validate() names them
+            out = torch.empty((2, src.numel()), dtype=_index_dtype(num_nodes))
+            w, lay, rowptr = csr_by_source(src.contiguous().numpy(), edge_index[1].contiguous().numpy(),
+                                           weight.contiguous().numpy(), layer.contiguous().numpy(), int(num_nodes),
+                                           out[0].numpy(), out[1].numpy())
+            return Network(out, torch.from_numpy(w), torch.from_numpy(lay), torch.from_numpy(rowptr), int(num_nodes),
+                           tuple(layer_names))
+        src = src.long()
         order = torch.argsort(src, stable=True)
         edge_index = edge_index[:, order].to(_index_dtype(num_nodes))
         counts = torch.bincount(src, minlength=num_nodes)
@@ -87,6 +106,15 @@ class Network(Struct):
     def validate(self, dims: dict[str, int] | None = None, prefix: str = "") -> dict[str, int]:
         """Check shapes and that every edge id lies in ``[0, num_nodes)``."""
         dims = super().validate({} if dims is None else dims, prefix)
+        tensors = (self.edge_index, self.weight, self.layer, self.rowptr)
+        key = (tuple(t._version for t in tensors), self.num_nodes, len(self.layer_names))
+        hit = _CHECKED.get(id(self))
+        if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], tensors)):
+            # the same tensors, unmodified, passed the O(E) checks below before (every simulate validates:
+            # at N = 1e5 this saved a tenth of a 50-day run)
+            if "N" in dims and dims["N"] != self.num_nodes:
+                raise StateError(f"{prefix}num_nodes: expected N = {dims['N']} agents, network has {self.num_nodes}")
+            return dims
         if self.rowptr.numel() != self.num_nodes + 1:
             raise StateError(f"{prefix}rowptr: expected {self.num_nodes + 1} entries, got {self.rowptr.numel()}")
         if "N" in dims and dims["N"] != self.num_nodes:
@@ -99,6 +127,10 @@ class Network(Struct):
         if self.num_edges and int(self.layer.min()) < 0:
             raise StateError(f"{prefix}layer: expected codes >= 0, found {int(self.layer.min())}")
         self._check_csr(prefix)
+        if len(_CHECKED) > 64:
+            _CHECKED.clear()
+        # weak references: the same tensor objects (not a new network at a reused id), unmodified in place (versions)
+        _CHECKED[id(self)] = (tuple(weakref.ref(t) for t in tensors), key)
         return dims
 
     def _check_csr(self, prefix: str = "") -> None:

@@ -43,7 +43,7 @@ def _kernels() -> dict[str, object]:
     if not _KERNELS:
         import numba
 
-        from lpm.compiled import inverse_cdf, uniform
+        from lpm.compiled import inverse_cdf, prefetch, uniform
 
         tiny = np.float32(1e-30)
 
@@ -57,6 +57,8 @@ def _kernels() -> dict[str, object]:
             nc = 0
             for k in range(nf):
                 i = front[k]
+                if k + 8 < nf:
+                    prefetch(dst, rowptr[front[k + 8]])
                 si = stage[i]
                 val = iota[si] * carrier[i]
                 for e in range(rowptr[i], rowptr[i + 1]):
@@ -82,16 +84,25 @@ def _kernels() -> dict[str, object]:
             The bitmask (N/8 bytes) stays in cache where the stage bytes would not, so the edge sweep
             tests it instead of the codes."""
             n = st.shape[0]
+            nw = n >> 3
+            words = st[: nw << 3].view(np.uint64)
+            ones = np.uint64(0x0101010101010101)
+            low7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+            pattern = np.uint64(s_code) * ones
             k = 0
-            for b in range(n >> 3):
-                v = np.uint8(0)
+            for b in range(nw):
+                w = words[b]
+                # susceptible bytes -> one bit each: zero-byte test of w ^ pattern, high bits gathered by a multiply
+                x = w ^ pattern
+                z = ~(((x & low7) + low7) | x | low7)
+                sbits[b] = np.uint8(((z >> np.uint64(7)) * np.uint64(0x0102040810204080)) >> np.uint64(56))
+                c = w & np.uint64(0xFF)
+                if w == c * ones and infectious[c] == 0:
+                    continue  # eight agents in one non-infectious stage (most words early and late in an epidemic)
                 for q in range(8):
                     i = (b << 3) + q
-                    s = st[i]
                     front[k] = i
-                    k += infectious[s]
-                    v |= np.uint8(s == s_code) << np.uint8(q)
-                sbits[b] = v
+                    k += infectious[st[i]]
             if n & 7:
                 v = np.uint8(0)
                 for i in range(n & ~7, n):
@@ -121,6 +132,8 @@ def _kernels() -> dict[str, object]:
                 while k < nf:
                     b = rowptr[front[k] + 1]
                     stop = min(b, e + (cap - h))  # each edge keeps at most one entry: never past the buffer
+                    if k + 8 < nf:  # the edge block a few sources ahead: one cache miss per source hidden
+                        prefetch(dst, rowptr[front[k + 8]])
                     for x in range(e, stop):
                         j = dst[x]
                         hits[h] = j
@@ -132,6 +145,8 @@ def _kernels() -> dict[str, object]:
                     if k < nf:
                         e = rowptr[front[k]]
                 for q in range(h):
+                    if q + 32 < h:  # random writes into the stage bytes: ask for them well ahead
+                        prefetch(st, hits[q + 32])
                     j = hits[q]
                     s = st[j]
                     if s == s_code:
@@ -180,11 +195,23 @@ def _kernels() -> dict[str, object]:
                 # many candidates: list them again in agent order (one branch-free sweep over the bytes),
                 # so the candidate loop here and the compiled backward visit memory in order
                 nc = 0
-                for i in range(st.shape[0]):
+                n = st.shape[0]
+                words = st[: (n >> 3) << 3].view(np.uint64)
+                high = np.uint64(0x8080808080808080)
+                for b in range(n >> 3):
+                    if words[b] & high == 0:
+                        continue  # no candidate among these eight agents
+                    for q in range(8):
+                        i = (b << 3) + q
+                        cand[nc] = i
+                        nc += st[i] >= umarked
+                for i in range(n & ~7, n):
                     cand[nc] = i
                     nc += st[i] >= umarked
             events = 0
             for k in range(nc):
+                if k + 16 < nc:
+                    prefetch(st, cand[k + 16])
                 j = cand[k]
                 if counted:
                     f = np.float32(0)
@@ -314,31 +341,43 @@ def _kernels() -> dict[str, object]:
             """One progression step into the ``*_out`` arrays: count-downs without branches, movers drawn."""
             n = stage.shape[0]
             per_agent = q.shape[1] > 1
+            # first the count-downs of every agent, branch-free so the loop vectorizes (a full-N pass every
+            # step), then the rare movers (timer 1, not fresh) in a second sweep over the timers
+            if fresh_valid:
+                for i in range(n):
+                    e = entered_in[i]
+                    tm = timer[i]
+                    entered_out[i] = e
+                    stage_out[i] = stage[i]
+                    fresh = first | (e >= 0) | (tm < 0)
+                    timer_out[i] = abs(tm) if fresh else tm - np.int16(tm > 0)
+            else:
+                for i in range(n):
+                    tm = timer[i]
+                    entered_out[i] = np.int8(-1)
+                    stage_out[i] = stage[i]
+                    fresh = first | (tm < 0)
+                    timer_out[i] = abs(tm) if fresh else tm - np.int16(tm > 0)
+            if first:
+                return
             for i in range(n):
-                e = entered_in[i] if fresh_valid else np.int8(-1)
+                if timer[i] != 1 or (fresh_valid and entered_in[i] >= 0):
+                    continue
                 s = stage[i]
-                tm = timer[i]
-                entered_out[i] = e
-                stage_out[i] = s
-                # entered this step, pending, or no day lived yet: start the dwell, no count-down
-                fresh = first | (e >= 0) | (tm < 0)
-                down = tm - np.int16(tm > 0)
-                timer_out[i] = abs(tm) if fresh else down
-                if tm == 1 and not fresh:
-                    new = to[s]
-                    u = uniform(i, k1, k2)
-                    ud = u
-                    for a in range(alt_src.shape[0]):
-                        if s == alt_src[a]:
-                            qa = q[a, i] if per_agent else q[a, 0]
-                            if u < qa:
-                                new = alt_dst[a]
-                                ud = u / max(qa, tiny)
-                            else:
-                                ud = (u - qa) / max(np.float32(1) - qa, tiny)
-                    stage_out[i] = new
-                    entered_out[i] = new
-                    timer_out[i] = inverse_cdf(cdf, new, ud)
+                new = to[s]
+                u = uniform(i, k1, k2)
+                ud = u
+                for a in range(alt_src.shape[0]):
+                    if s == alt_src[a]:
+                        qa = q[a, i] if per_agent else q[a, 0]
+                        if u < qa:
+                            new = alt_dst[a]
+                            ud = u / max(qa, tiny)
+                        else:
+                            ud = (u - qa) / max(np.float32(1) - qa, tiny)
+                stage_out[i] = new
+                entered_out[i] = new
+                timer_out[i] = inverse_cdf(cdf, new, ud)
 
         _KERNELS.update(transmission=transmission, transmission_backward=transmission_backward,
                         progression=progression, frontier_bits=frontier_bits, count_bits=count_bits)
@@ -385,6 +424,44 @@ def _constant_weight(weight: Tensor) -> float | None:
         _CONST_W.clear()
     _CONST_W[id(weight)] = (weakref.ref(weight), weight._version, value)
     return value
+
+
+_SYS: dict[tuple[int, ...], tuple] = {}
+
+
+def _system_arrays(net, iota: Tensor, cdf: Tensor) -> tuple:
+    """NumPy views of what a run never changes (the network's arrays, infectiousness, dwell CDFs), made once per system.
+
+    Per step this saves a dozen tensor-to-array conversions and the infectious-code table: at N = 1e5
+    a step's Python overhead is as large as its kernels. Tensors modified in place (their version)
+    are seen, and the cache holds only weak references to them."""
+    parts = (net.rowptr, net.edge_index, net.weight, net.layer, iota, cdf)
+    key = tuple(id(x) for x in parts)
+    hit = _SYS.get(key)
+    if hit is not None and all(r() is x for r, x in zip(hit[0], parts)) and hit[1] == tuple(x._version for x in parts):
+        return hit[2]
+    arrays = (_np(net.rowptr), _np(net.edge_index[1]), _np(net.weight), _np(net.layer), _np(iota), _np(cdf),
+              _infectious_bytes(iota), _constant_weight(net.weight))
+    if len(_SYS) > 16:
+        _SYS.clear()
+    _SYS[key] = (tuple(weakref.ref(x) for x in parts), tuple(x._version for x in parts), arrays)
+    return arrays
+
+
+_STEP: dict[int, Tensor] = {}
+
+
+def _step_tensor(t: int) -> Tensor:
+    """``torch.tensor(t)`` (CPU), one per step number: a state's ``entered_step`` is read, never written in place."""
+    x = _STEP.get(t)
+    if x is None:
+        if len(_STEP) > 100_000:
+            _STEP.clear()
+        x = _STEP[t] = torch.tensor(t)
+    return x
+
+
+_EMPTY = (np.zeros((1, 1), np.float32), np.zeros(1, np.float32), np.zeros(1, np.uint8))
 
 
 def _needs_grad(*xs: Tensor | None) -> bool:
@@ -434,20 +511,19 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
     same_step = state.entered_step is not None and int(state.entered_step) == t
     entered = state.entered.clone() if same_step else torch.full_like(state.entered, -1)
     bdt = np.float32((beta.detach().to(_F32) * d.dt).item())
-    w_const = _constant_weight(net.weight)
+    rowptr_np, dst_np, weight_np, layer_np, iota_np, cdf_np, infectious, w_const = _system_arrays(net, iota, cdf)
     k1, k2 = stream_key(rng, t)
     force, cand, front, hits, sbits = _workspace(n)
-    f_out, hit_out = _record_space(n) if grad else (np.zeros(1, np.float32), np.zeros(1, np.uint8))
-    empty2 = np.zeros((1, 1), np.float32)
-    empty1 = np.zeros(1, np.float32)
+    empty2, empty1, empty_u8 = _EMPTY
+    f_out, hit_out = _record_space(n) if grad else (empty1, empty_u8)
     scale_np = _np(scale) if scale is not None else empty1
     susc_np = _np(susc) if susc is not None else empty1
     _, nf, nc = _kernels()["transmission"](
-        _np(stage), _np(timer), _np(entered), _np(state.carrier), _np(net.rowptr), _np(net.edge_index[1]),
-        _np(net.weight), w_const is not None, np.float32(w_const or 0.0), _np(net.layer), _np(iota),
+        stage.numpy(), timer.numpy(), entered.numpy(), _np(state.carrier), rowptr_np, dst_np,
+        weight_np, w_const is not None, np.float32(w_const or 0.0), layer_np, iota_np,
         _np(cf) if cf is not None else empty2, cf is not None, scale_np, scale is not None, susc_np, susc is not None,
-        bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), _np(cdf), k1, k2, force, cand, front,
-        _infectious_bytes(iota), hits, sbits, grad, f_out, hit_out)
+        bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), cdf_np, k1, k2, force, cand, front,
+        infectious, hits, sbits, grad, f_out, hit_out)
     extra = {}
     carrier = state.carrier
     if grad:
@@ -467,8 +543,7 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
             net=net, iota=_np(iota), scale=scale_np, use_scale=scale is not None, susc=susc_np,
             use_susc=susc is not None, bdt=bdt, dt=float(d.dt), presence=presence)
         carrier = _CompiledTransmission.apply(state.carrier, beta, saved)
-    return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered,
-                         entered_step=torch.tensor(t, device=stage.device))
+    return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered, entered_step=_step_tensor(t))
 
 
 class _StepRecord:
@@ -550,19 +625,27 @@ def fused_progression(sub: "Progression", params: "Params", system: "EpiSystem",
             return None
         qs.append(q.detach().reshape(-1))
     if any(q.numel() == n for q in qs):
-        qarr = torch.stack([q.expand(n) for q in qs])
+        qarr = torch.stack([q.expand(n) for q in qs]).numpy()
     elif qs:
-        qarr = torch.stack(qs)
+        qarr = torch.stack(qs).numpy()
     else:
-        qarr = torch.zeros(0, 1)
-    to, cdf = system.next_stage, system.dwell_cdf
-    alt_src = np.array([a[0] for a in sub._alts], dtype=np.int8)
-    alt_dst = np.array([a[1] for a in sub._alts], dtype=np.int8)
+        qarr = _NO_ALT[0]
+    alts = _ALTS.get(id(sub))
+    if alts is None or alts[0] is not sub._alts:
+        if len(_ALTS) > 64:
+            _ALTS.clear()
+        alts = _ALTS[id(sub)] = (sub._alts, np.array([a[0] for a in sub._alts], dtype=np.int8),
+                                 np.array([a[1] for a in sub._alts], dtype=np.int8))
+    _, alt_src, alt_dst = alts
     fresh_valid = state.entered_step is not None and int(state.entered_step) == t
     stage, timer, entered = torch.empty_like(state.stage), torch.empty_like(state.timer), torch.empty_like(state.entered)
     k1, k2 = stream_key(rng, t)
     first = state.entered_step is None
-    _kernels()["progression"](_np(state.stage), _np(state.timer), _np(state.entered), fresh_valid, first, _np(to), _np(cdf),
-                              alt_src, alt_dst, _np(qarr.contiguous()), k1, k2, _np(stage), _np(timer), _np(entered))
-    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered,
-                         entered_step=torch.tensor(t, device=stage.device))
+    _kernels()["progression"](state.stage.numpy(), state.timer.numpy(), state.entered.numpy(), fresh_valid, first,
+                              _np(system.next_stage), _np(system.dwell_cdf), alt_src, alt_dst, qarr, k1, k2, stage.numpy(), timer.numpy(),
+                              entered.numpy())
+    return state.replace(stage=stage, timer=timer, carrier=state.carrier, entered=entered, entered_step=_step_tensor(t))
+
+
+_NO_ALT = (np.zeros((0, 1), np.float32),)
+_ALTS: dict[int, tuple] = {}

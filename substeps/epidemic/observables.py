@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lpm.kernels import stage_mask
+from lpm.kernels import masked_sum, stage_mask
 from lpm.model import Observable
 from lpm.state import lookup
 from substeps.epidemic.disease import DiseaseModel, EpiState, EpiSystem
@@ -37,7 +37,7 @@ def incidence(disease: DiseaseModel, stage: str | None = None, group: str | None
     """
     code = disease.code(stage or disease.entry)
     if group is None:
-        return Observable(lambda y, s: torch.where(s.entered == code, s.carrier, torch.zeros_like(s.carrier)).sum(),
+        return Observable(lambda y, s: masked_sum(s.entered, code, s.carrier),
                           reads=("entered", "carrier"), doc=f"new entries into {stage or disease.entry}")
     G = len(labels) if labels else None
 
