@@ -151,7 +151,7 @@ class FitConfig:
     variant_advantage: float = 0.35
     vaccine_efficacy: tuple[float, float] = (0.5, 0.9)
     beta: float = 0.25
-    replicates: int = 16
+    replicates: int = 4  # forecast simulations per origin (of the shadow city, 10x the agents)
     anchor_days: int = 7  # > 0: forecasts rescale each borough's level to its last days' observed/expected
     draws: int = 40
     hosp_rw_sd: float = 0.04  # prior sd of the change of the log hospital scale from one 14-day segment to the next
@@ -161,6 +161,10 @@ class FitConfig:
     infected_sd: float = 0.01  # ... and the sd of its one-sided penalty
     pause_init: float = 1.0  # initial guess of the first window: log multiplier -pause_init under PAUSE (fitted)
     error_weeks: int = 26  # forecast intervals: the model's own log errors from origins of the last N weeks
+    asc_rw_sd: float = 0.15  # prior sd of the change of log ascertainment from one 14-day segment to the next
+    asc_bounds: tuple[float, float] = (0.02, 0.9)  # plausible range of the ascertainment of testable onsets
+    forecast_scale: float = 0.02  # scale of the shadow city the forecasts run from (0: the pass's own city)
+    forecast_rw: bool = False  # random walk on the future log multiplier in the point replicates
 
 
 # ------------------------------------------------------------------------------------- data
@@ -655,12 +659,22 @@ def weekday_factor(p: Problem, t_end: int) -> Tensor:
     return f[torch.as_tensor(p.dates.day_of_week.to_numpy().copy())]
 
 
-def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1: int) -> dict[str, Tensor]:
-    """Per day in ``[t0, t1)``: ascertainment ``[A]``, hospital and death scales from their block's observed/expected ratio.
+def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1: int,
+                   prev_asc: Tensor | None = None) -> dict[str, Tensor]:
+    """Per day in ``[t0, t1)``: ascertainment ``[A]``, hospital and death scales profiled per segment.
 
     Pieces are :attr:`Problem.segments` (at most 14 days); each uses its days inside ``[t0, t1)``.
+    Hospital and death scales: the segment's observed/expected ratio. Ascertainment: the
+    conditional mode of its log under a random walk from the previous segment (``prev_asc``,
+    then each segment's own value; sd ``asc_rw_sd``), a forward filter: the segment's log
+    ratio is weighted by its precision ``1 / (1/observed + 1/simulated agents + 1/(k days))``,
+    so a borough with few simulated onsets (summer 2020 at scale 0.002: a handful of agents)
+    no longer explains its sampling noise by a jumping ascertainment; bounded to ``asc_bounds``.
     """
+    cfg = p.cfg
+    lo_b, hi_b = float(cfg.asc_bounds[0]), float(cfg.asc_bounds[1])
     out = {s: torch.zeros(t1 - t0, len(p.areas), dtype=torch.float64) for s in SERIES}
+    prev = None if prev_asc is None else prev_asc.detach().double().cpu().clamp(lo_b, hi_b).log()
     for b0, b1 in p.segments:
         lo, hi = max(b0, t0), min(b1, t1)
         if lo >= hi:
@@ -668,7 +682,15 @@ def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1
         sl = slice(lo, hi)
         e_c = (base["cases"][sl] * dow[sl, None]).detach().sum(0)
         o_c = torch.tensor(p.obs["cases"][sl].sum(0))
-        asc = ((o_c + 0.5) / (e_c + 1e-6)).clamp(0.01, 1.0)
+        raw = ((o_c + 0.5) / (e_c + 1e-6)).clamp(lo_b, hi_b).log()
+        if prev is None or cfg.asc_rw_sd <= 0:
+            la = raw
+        else:
+            var = 1.0 / (o_c + 1.0) + 1.0 / (e_c * p.scale + 1.0) + 1.0 / (cfg.dispersion * (hi - lo))
+            w_obs, w_rw = 1.0 / var, 1.0 / cfg.asc_rw_sd ** 2
+            la = (w_obs * raw + w_rw * prev) / (w_obs + w_rw)
+        prev = la
+        asc = la.exp()
         e_h = base["hospitalizations"][sl].detach().sum()
         hs = ((float(p.obs["hospitalizations"][sl].sum()) + 0.5) / (e_h + 1e-6)).clamp(0.05, 20.0)
         e_d = base["deaths"][sl].detach().sum()
@@ -737,11 +759,11 @@ def _hosp_scale_prior(p: Problem, base: dict[str, Tensor], t0: int, t1: int, ref
 
 
 def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: dict[str, Tensor], t0: int, t1: int,
-               dow: Tensor, ref: dict[str, float | None] | None = None) -> tuple[Tensor, dict[str, float]]:
+               dow: Tensor, ref: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, float]]:
     cfg = p.cfg
     full = _cat_hist(hist, sim, t0)
     base = base_series(p, full)
-    sc = profile_scales(p, base, dow, t0, t1)
+    sc = profile_scales(p, base, dow, t0, t1, (ref or {}).get("asc"))
     terms: dict[str, Tensor] = {}
     n = 0
     for s in SERIES:
@@ -777,11 +799,16 @@ def _run(p: Problem, params: WindowParams, state: Any, rng: dict[str, Tensor], t
 
 
 def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28, progress: bool = True,
-                   log: Callable[[str], None] = print) -> FitRecord:
+                   log: Callable[[str], None] = print, shadow: Problem | None = None,
+                   dump_dir: str | Path | None = None) -> FitRecord:
     """Fit every block by gradient through the simulation, window by window (module docstring).
 
     ``origins``: day indices (block starts) at which to forecast ``horizon`` days from the
     pass's own state (the rolling-origin backtest); results in ``FitRecord.forecasts``.
+    ``shadow``: a larger synthetic city (same dates, :func:`make_problem` at
+    ``cfg.forecast_scale``) that follows every committed block with the committed parameters;
+    forecasts run from its state (less sampling noise in the model's growth). ``dump_dir``:
+    write each origin's states, histories, parameters and scales there (``origin_<t>.pt``).
     """
     cfg = p.cfg
     params = p.params
@@ -797,6 +824,13 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
     state = p.state0
     rng = Streams(cfg.seed, [s.name for s in model.substeps], state.device).get_state()
     rec = FitRecord(params.committed, scales, abm, committed_variant, [], hist)
+    names = [s.name for s in model.substeps]
+    if shadow is not None:
+        sh_state = shadow.state0
+        sh_rng = Streams(cfg.seed + 5000, names, sh_state.device).get_state()
+        sh_hist = {k: torch.zeros_like(v) for k, v in hist.items()}
+    if dump_dir is not None:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
     opt_net = torch.optim.Adam([{"params": list(params.net.parameters()), "lr": cfg.lr},
                                 {"params": [params.delta], "lr": cfg.delta_lr}])
     opt_seed = torch.optim.Adam([params.log_seed], lr=cfg.seed_lr)
@@ -834,9 +868,10 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
             elif len(new):  # the first window starts from PAUSE cutting contacts by 1 - exp(-pause_init)
                 params.delta[new] = -cfg.pause_init * params.x[new][..., p.feature_names.index("pause")]
             fitted_week = max(fitted_week, int(wk_win.max()))
-        ref = {"prev": None, "anchor": hosp_anchor}
+        ref: dict[str, Any] = {"prev": None, "anchor": hosp_anchor, "asc": None}
         if t0 > 0:
             ref["prev"] = float(scales["hospitalizations"][t0 - 1, 0])
+            ref["asc"] = scales["cases"][t0 - 1].clone()
         dow = weekday_factor(p, t1)
         iters = cfg.iters_first if first else cfg.iters
         best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
@@ -886,7 +921,7 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
             sim = {k: torch.cat([sim_a[k], sim_b[k]]) if sim_a else sim_b[k] for k in sim_b}
             full = _cat_hist(hist, sim, t0)
             base = base_series(p, full)
-            sc = profile_scales(p, base, dow, t0, t1)
+            sc = profile_scales(p, base, dow, t0, t1, ref.get("asc"))
         params.committed[np.setdiff1d(wk_all, wk)] = float("nan")
         for k in hist:
             hist[k][t0:commit_to] = full[k][t0:commit_to].double()
@@ -902,6 +937,11 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         rec.windows.append({"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()), "iters": iters,
                             "first": info0, "best_loss": best_loss, "losses": losses,
                             "seconds": time.perf_counter() - tw})
+        if shadow is not None:
+            # the shadow city follows the committed block with the committed parameters (no fitting)
+            sim_s, sh_state, sh_rng = _run(shadow, params, sh_state, sh_rng, t0, commit_to, grad=False)
+            for k in sh_hist:
+                sh_hist[k][t0:commit_to] = sim_s[k].double()
         if hosp_anchor is None and i == 0:
             # the first wave's hospital scale (the serosurvey fixes the level there): the later segments' anchor
             hs = scales["hospitalizations"][t_prior:commit_to, 0]
@@ -909,7 +949,19 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         if (t1 in fc_origins or j == K - 1) and t1 < len(p.dates):
             h_fc = horizon if j == K - 1 else min(horizon, 28)
             errs = model_log_errors(p, rec.forecasts, t1, cfg.error_weeks)
-            rec.forecasts[t1] = forecast_from(p, t1, st_end, params, full, sc, dow, h_fc, errors=errs)
+            fc_state, fc_full = st_end, full
+            if shadow is not None:
+                # the shadow runs the not yet committed block with the window's parameters, as the pass did
+                fc_state, fc_full = sh_state, {k: v[:t1] for k, v in sh_hist.items()}
+                if commit_to < t1:
+                    sim_s, fc_state, _ = _run(shadow, params, sh_state, sh_rng, commit_to, t1, grad=False)
+                    fc_full = {k: torch.cat([sh_hist[k][:commit_to], sim_s[k].double()]) for k in sh_hist}
+            if dump_dir is not None:
+                torch.save({"origin": t1, "state": fc_state, "full": fc_full, "pass_state": st_end, "pass_full": full,
+                            "params": _snapshot(params), "sc": sc, "dow": dow, "horizon": h_fc},
+                           Path(dump_dir) / f"origin_{t1}.pt")
+            rec.forecasts[t1] = forecast_from(p, t1, fc_state, params, fc_full, sc, dow, h_fc, errors=errs,
+                                              sim=shadow)
         if j == K - 1:
             rec.final_state, rec.final_streams = st_end, rng_end
         else:
@@ -976,7 +1028,8 @@ def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int]
 
 def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
                   sc: dict[str, Tensor], dow: Tensor, horizon: int, *, replicates: int | None = None,
-                  draws: int | None = None, errors: dict[str, dict[int, np.ndarray]] | None = None) -> dict[str, Any]:
+                  draws: int | None = None, errors: dict[str, dict[int, np.ndarray]] | None = None,
+                  sim: Problem | None = None) -> dict[str, Any]:
     """Predictive draws ``{series: [R * draws, H, A + 1]}`` (last column citywide) from the state at day ``origin``.
 
     Reads nothing after ``dates[origin - 1]``: covariates, variant share and vaccination are
@@ -989,6 +1042,7 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     residuals of the 28 days before the origin) widened by a log-normal sd 0.3 h^0.5.
     """
     cfg = p.cfg
+    ps = sim or p  # the city the replicates run on (``state`` and ``full`` are its own)
     R = int(replicates or cfg.replicates)
     n = int(draws or cfg.draws)
     H = int(min(horizon, len(p.dates) - origin))
@@ -1008,7 +1062,7 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         # network on covariates held at the origin would only add calendar steps it never saw applied
         wl = int(p.week[origin - 1])
         lm_future = lm_now[wl].expand(lm_now.shape[0], -1).clone()
-    d1, d2 = dose_days(p.population.age, p.population.area, p.dates, asof, seed=cfg.seed)
+    d1, d2 = dose_days(ps.population.age, ps.population.area, p.dates, asof, seed=cfg.seed)
     st = state.replace(dose1_day=d1.to(state.device), dose2_day=d2.to(state.device))
     # parameter uncertainty: sd of the fitted week-to-week changes of the log multiplier (after the first wave)
     comm = params.committed.detach().cpu()
@@ -1024,18 +1078,21 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     g = torch.Generator().manual_seed(cfg.seed + 7 * origin)
     T_end = origin + H
     last = {s: sc[s][-1].cpu() for s in SERIES}
-    past = base_series(p, {k: full[k][:origin].double().cpu() for k in full})
+    past = base_series(ps, {k: full[k][:origin].double().cpu() for k in full})
     if cfg.anchor_days > 0:
-        # observation level at the origin: each borough's observed / expected over the last days (data <= origin - 1)
+        # observation level at the origin: each borough's observed / simulated over the last days (data <=
+        # origin - 1). On the pass's own city it stays within 2x of the profiled scale; a shadow city's
+        # level differs from the pass's by its own realisation, so there the ratio is the level itself
         for s in SERIES:
             days = cfg.anchor_days if s == "cases" else 2 * cfg.anchor_days
             lo = origin - days
-            e = (past[s][lo:origin] * sc[s][-days:].cpu() * (dow[lo:origin, None] if s == "cases" else 1.0)).sum(0)
+            e = (past[s][lo:origin] * (dow[lo:origin, None] if s == "cases" else 1.0)).sum(0)
             o = torch.tensor(p.obs[s][lo:origin].sum(0))
-            last[s] = last[s] * ((o + 0.5) / (e + 0.5)).clamp(0.5, 2.0)
+            ratio = (o + 0.5) / (e + 0.5)
+            last[s] = ratio if sim is not None else (ratio / last[s]).clamp(0.5, 2.0) * last[s]
     out: dict[str, list[Tensor]] = {s: [] for s in SERIES}
     for r in range(R):
-        steps_noise = torch.randn(len(weeks), len(p.areas), generator=g) * rw
+        steps_noise = torch.randn(len(weeks), len(p.areas), generator=g) * (rw if cfg.forecast_rw else 0.0)
         if p.dates[origin].day_of_week != 0:
             steps_noise[0] = 0.0
         path = torch.cumsum(steps_noise, 0)
@@ -1044,11 +1101,11 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
             anchor = lm_now[w] if (p.dates[origin].day_of_week != 0 and i == 0) else lm_future[w]
             table[w] = anchor + path[i].to(table.device)
         fp.committed.copy_(table)
-        streams = Streams(cfg.seed + 1000 + r, [s.name for s in p.model.substeps], st.device)
+        streams = Streams(cfg.seed + 1000 + r, [s.name for s in ps.model.substeps], st.device)
         with torch.no_grad():
-            sim, _ = cal.rollout(p.model, fp, p.system0, st, H, start=origin, grad=False, streams=streams)
-            hist_r = {k: torch.cat([full[k][:origin].double().cpu(), sim[k].double().cpu()]) for k in sim}
-            base = base_series(p, hist_r)
+            out_r, _ = cal.rollout(ps.model, fp, ps.system0, st, H, start=origin, grad=False, streams=streams)
+            hist_r = {k: torch.cat([full[k][:origin].double().cpu(), out_r[k].double().cpu()]) for k in out_r}
+            base = base_series(ps, hist_r)
         for s in SERIES:
             mu = base[s][origin:T_end] * last[s] * (dow[origin:T_end, None] if s == "cases" else 1.0)
             out[s].append(mu)
@@ -1060,10 +1117,11 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     ge = np.random.default_rng(cfg.seed + 11 * origin)
     for s in SERIES:
         mu = torch.stack(out[s])  # [R, H, A]
-        point = mu.median(0).values.numpy()  # robust to a replicate whose random walk runs away
+        # the median is robust to a replicate whose random walk runs away; without the walk the mean has less noise
+        point = (mu.median(0).values if cfg.forecast_rw else mu.mean(0)).numpy()
         point = np.concatenate([point, point.sum(-1, keepdims=True)], -1)  # [H, A + 1]
         res["weekly_point"][s] = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
-        fit_mu = (past[s][t_lo:origin] * sc[s][-(origin - t_lo):].cpu()
+        fit_mu = (past[s][t_lo:origin] * (last[s] if sim is not None else sc[s][-(origin - t_lo):].cpu())
                   * (dow[t_lo:origin, None] if s == "cases" else 1.0)).numpy()
         k = _fit_k(fit_mu, p.obs[s][t_lo:origin])
         res["dispersion"][s] = k
@@ -1284,6 +1342,7 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
            progress: bool = True) -> tuple[Problem, FitRecord]:
     """Re-simulate a shipped fit block by block (same scale and seed: the fit's committed history, bit for bit)."""
     cfg = FitConfig(**{**blob["config"], "vaccine_efficacy": tuple(blob["config"]["vaccine_efficacy"]),
+                       "asc_bounds": tuple(blob["config"].get("asc_bounds", FitConfig.asc_bounds)),
                        **({"scale": scale} if scale is not None else {}), **({"seed": seed} if seed is not None else {})})
     p = make_problem(cfg, cache_dir=cache_dir)
     if list(p.areas) != blob["areas"] or len(blob["blocks"]) != len(p.blocks):
@@ -1416,6 +1475,9 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--anchor-days", type=int, default=d.anchor_days,
                     help="rescale the forecast level per borough to the observed/expected ratio of the last N days "
                          "before the origin (default 0: off; an option, not used for the shipped numbers)")
+    ap.add_argument("--forecast-scale", type=float, default=d.forecast_scale,
+                    help="agents per resident of the shadow city the forecasts run from (0: the fitted city itself)")
+    ap.add_argument("--dump-dir", default=None, help="also save every forecast origin's states and parameters there")
     ap.add_argument("--backtest", action="store_true", help="forecast 1-4 weeks from every second Monday "
                     "2020-06-01..2021-02-28 from the pass's own states and score against persistence and trend")
     ap.add_argument("--ship", action="store_true", help=f"also write the fit record to {FIT_FILE} (used by lpm run)")
@@ -1440,7 +1502,9 @@ def calibrate(argv: Sequence[str]) -> int:
     _check_dates(a.train_end, a.start)
     cfg = replace(d, train_end=a.train_end, start=a.start, scale=a.scale, seed=a.seed, iters=a.iters,
                   iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device,
-                  anchor_days=a.anchor_days)
+                  anchor_days=a.anchor_days, forecast_scale=a.forecast_scale)
+    if a.forecast_scale < 0:
+        ap.error(f"--forecast-scale: expected >= 0, got {a.forecast_scale}")
     od = OutputDir(a.out, CALIBRATE_FILES, overwrite=a.overwrite)
     out = od.staging
     torch.manual_seed(cfg.seed)
@@ -1449,8 +1513,12 @@ def calibrate(argv: Sequence[str]) -> int:
     p = make_problem(cfg, horizon=horizon, cache_dir=a.cache_dir)
     print(p.model.plan())
     print(f"{p.population.num_agents:,} agents; {len(p.blocks)} blocks; {p.dates[0].date()}..{p.train_end.date()}")
+    shadow = None
+    if cfg.forecast_scale > 0 and cfg.forecast_scale != cfg.scale:
+        shadow = make_problem(replace(cfg, scale=cfg.forecast_scale), horizon=horizon, cache_dir=a.cache_dir)
+        print(f"forecasts run from a shadow city of {shadow.population.num_agents:,} agents (scale {cfg.forecast_scale})")
     origins = backtest_origins(p) if a.backtest else []
-    rec = sequential_fit(p, origins=origins, horizon=horizon)
+    rec = sequential_fit(p, origins=origins, horizon=horizon, shadow=shadow, dump_dir=a.dump_dir)
     T0 = p.blocks[-1][1]
     fc = rec.forecasts[T0]
     if fc["horizon"] > a.forecast_days:

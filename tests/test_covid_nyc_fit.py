@@ -262,3 +262,40 @@ def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     assert abs(float(d1[:, 5].std()) / float(d1[:, 0].std()) - 3.0) < 0.3
     d2 = fit._error_draws({1: e_area[:2]}, 1, (4000, 6), g)[:, 0]
     assert abs(float(d2[:, 5].std()) / float(d2[:, 0].std()) - 1.0) < 0.15
+
+
+def _asc_problem(scale: float, obs_cases: np.ndarray) -> object:
+    """The fields :func:`profile_scales` reads, one borough."""
+    from types import SimpleNamespace
+
+    T = len(obs_cases)
+    dates = pd.date_range("2020-05-04", periods=T)
+    segs = [(t, min(T, t + 14)) for t in range(0, T, 14)]
+    obs = {"cases": obs_cases[:, None], "hospitalizations": np.ones((T, 1)), "deaths": np.ones((T, 1))}
+    return SimpleNamespace(cfg=fit.FitConfig(), dates=dates, segments=segs, obs=obs, areas=("X",), scale=scale)
+
+
+def test_ascertainment_random_walk_smooths_sampling_noise_not_data() -> None:
+    T = 112  # eight 14-day segments
+    obs = np.repeat(np.array([30.0, 70.0] * 4), 14)  # observed/expected jumps 0.3 <-> 0.7 every segment
+    base = {s: torch.full((T, 1), 100.0, dtype=torch.float64) for s in fit.SERIES}
+    dow = torch.ones(T, dtype=torch.float64)
+    prev = torch.tensor([0.3], dtype=torch.float64)
+
+    def asc(scale: float, prev_asc=prev) -> np.ndarray:
+        sc = fit.profile_scales(_asc_problem(scale, obs), base, dow, 0, T, prev_asc)["cases"][:, 0].numpy()
+        return sc[::14]
+
+    # a large simulated city (expected onsets known precisely): ascertainment follows most of each jump
+    # (log 0.7/0.3 = 0.85; only the NB likelihood's own overdispersion is weighed against the prior)
+    big = asc(1.0)
+    assert float(np.abs(np.diff(np.log(big))).min()) > 0.5 and 0.55 < big[1] < 0.7 and 0.3 < big[2] < 0.4, big
+    # a few simulated agents per segment: the jumps are sampling noise of the simulation, smoothed away
+    small = asc(0.002)  # 100 expected a day x 14 days x 0.002 = 2.8 agents per segment
+    assert float(np.abs(np.diff(np.log(small))).max()) < 0.2, small
+    assert 0.25 < float(small.min()) and float(small.max()) < 0.45
+    # without a previous value or a prior, each segment is its own ratio; never above the plausible ceiling
+    raw = asc(0.002, None)
+    assert abs(raw[0] - (30 * 14 + 0.5) / 1400) < 1e-6
+    high = fit.profile_scales(_asc_problem(1.0, np.full(T, 500.0)), base, dow, 0, T, None)["cases"]
+    assert float(high.max()) == fit.FitConfig().asc_bounds[1]
