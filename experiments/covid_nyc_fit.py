@@ -161,10 +161,12 @@ class FitConfig:
     infected_sd: float = 0.01  # ... and the sd of its one-sided penalty
     pause_init: float = 1.0  # initial guess of the first window: log multiplier -pause_init under PAUSE (fitted)
     error_weeks: int = 26  # forecast intervals: the model's own log errors from origins of the last N weeks
-    asc_rw_sd: float = 0.15  # prior sd of the change of log ascertainment from one 14-day segment to the next
-    asc_bounds: tuple[float, float] = (0.02, 0.9)  # plausible range of the ascertainment of testable onsets
-    forecast_scale: float = 0.02  # scale of the shadow city the forecasts run from (0: the pass's own city)
+    asc_rw_sd: float = 0.0  # prior sd of the change of log ascertainment from one 14-day segment to the next
+    asc_prior_from: str = "2020-05-04"  # segments before: testing ramped up within weeks, no smoothness prior
+    asc_bounds: tuple[float, float] = (0.02, 1.0)  # plausible range of the ascertainment of testable onsets
+    forecast_scale: float = 0.01  # scale of the shadow city the forecasts run from (0: the pass's own city)
     forecast_rw: bool = False  # random walk on the future log multiplier in the point replicates
+    assimilate: bool = True  # shadow forecasts: shift the last block's multiplier to the observed growth
 
 
 # ------------------------------------------------------------------------------------- data
@@ -666,7 +668,8 @@ def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1
     Pieces are :attr:`Problem.segments` (at most 14 days); each uses its days inside ``[t0, t1)``.
     Hospital and death scales: the segment's observed/expected ratio. Ascertainment: the
     conditional mode of its log under a random walk from the previous segment (``prev_asc``,
-    then each segment's own value; sd ``asc_rw_sd``), a forward filter: the segment's log
+    then each segment's own value; sd ``asc_rw_sd``; segments from ``asc_prior_from`` on:
+    testing ramped up within weeks in spring 2020), a forward filter: the segment's log
     ratio is weighted by its precision ``1 / (1/observed + 1/simulated agents + 1/(k days))``,
     so a borough with few simulated onsets (summer 2020 at scale 0.002: a handful of agents)
     no longer explains its sampling noise by a jumping ascertainment; bounded to ``asc_bounds``.
@@ -675,6 +678,7 @@ def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1
     lo_b, hi_b = float(cfg.asc_bounds[0]), float(cfg.asc_bounds[1])
     out = {s: torch.zeros(t1 - t0, len(p.areas), dtype=torch.float64) for s in SERIES}
     prev = None if prev_asc is None else prev_asc.detach().double().cpu().clamp(lo_b, hi_b).log()
+    t_from = int((pd.Timestamp(cfg.asc_prior_from) - p.dates[0]).days)
     for b0, b1 in p.segments:
         lo, hi = max(b0, t0), min(b1, t1)
         if lo >= hi:
@@ -683,7 +687,7 @@ def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1
         e_c = (base["cases"][sl] * dow[sl, None]).detach().sum(0)
         o_c = torch.tensor(p.obs["cases"][sl].sum(0))
         raw = ((o_c + 0.5) / (e_c + 1e-6)).clamp(lo_b, hi_b).log()
-        if prev is None or cfg.asc_rw_sd <= 0:
+        if prev is None or cfg.asc_rw_sd <= 0 or b0 < t_from:
             la = raw
         else:
             var = 1.0 / (o_c + 1.0) + 1.0 / (e_c * p.scale + 1.0) + 1.0 / (cfg.dispersion * (hi - lo))
@@ -939,9 +943,15 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
                             "seconds": time.perf_counter() - tw})
         if shadow is not None:
             # the shadow city follows the committed block with the committed parameters (no fitting)
-            sim_s, sh_state, sh_rng = _run(shadow, params, sh_state, sh_rng, t0, commit_to, grad=False)
-            for k in sh_hist:
-                sh_hist[k][t0:commit_to] = sim_s[k].double()
+            # in two pieces, so the state at the start of the last block is kept for the assimilation
+            cut = tm if t0 < tm < commit_to else commit_to
+            for a_, b_ in ((t0, cut), (cut, commit_to)):
+                if b_ > a_:
+                    sim_s, sh_state, sh_rng = _run(shadow, params, sh_state, sh_rng, a_, b_, grad=False)
+                    for k in sh_hist:
+                        sh_hist[k][a_:b_] = sim_s[k].double()
+                if b_ == cut:
+                    sh_back = (cut, sh_state, sh_hist)
         if hosp_anchor is None and i == 0:
             # the first wave's hospital scale (the serosurvey fixes the level there): the later segments' anchor
             hs = scales["hospitalizations"][t_prior:commit_to, 0]
@@ -958,10 +968,12 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
                     fc_full = {k: torch.cat([sh_hist[k][:commit_to], sim_s[k].double()]) for k in sh_hist}
             if dump_dir is not None:
                 torch.save({"origin": t1, "state": fc_state, "full": fc_full, "pass_state": st_end, "pass_full": full,
+                            "back": None if shadow is None else (sh_back[0], sh_back[1], {k: v[:sh_back[0]].clone()
+                                                                                         for k, v in sh_hist.items()}),
                             "params": _snapshot(params), "sc": sc, "dow": dow, "horizon": h_fc},
                            Path(dump_dir) / f"origin_{t1}.pt")
             rec.forecasts[t1] = forecast_from(p, t1, fc_state, params, fc_full, sc, dow, h_fc, errors=errs,
-                                              sim=shadow)
+                                              sim=shadow, back=sh_back if shadow is not None else None)
         if j == K - 1:
             rec.final_state, rec.final_streams = st_end, rng_end
         else:
@@ -1026,10 +1038,57 @@ def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int]
     return out
 
 
+def assimilate_growth(p: Problem, ps: Problem, fp: WindowParams, state: Any, full: dict[str, Tensor], t_back: int,
+                      origin: int, grid: Sequence[float] = (-0.5, 0.0, 0.5)
+                      ) -> tuple[Tensor, Any, dict[str, Tensor], dict[str, Any]]:
+    """Per-borough offset ``[A]`` on the log multiplier of ``[t_back, origin)`` matching the observed growth; state at ``origin``.
+
+    The shadow city ``ps`` (state at ``t_back``, its history before) is run over the last
+    block once per offset of ``grid`` (all boroughs shifted alike, common random numbers);
+    each borough's offset is the one whose simulated growth of expected cases, last week over
+    the week before, equals the observed growth (linear interpolation, clipped to the grid).
+    A final run with the per-borough offsets gives the state the forecast starts from. Reads
+    observed cases of ``[origin - 14, origin)`` only. ``fp``'s committed table is restored.
+    """
+    cfg = p.cfg
+    A = len(p.areas)
+    weeks = np.unique(p.week[t_back:origin])
+    table0 = fp.committed.clone()
+    with torch.no_grad():
+        lm0 = fp.weekly().detach()
+    obs = p.obs["cases"]
+    g_obs = np.log1p(obs[origin - 7:origin].sum(0)) - np.log1p(obs[origin - 14:origin - 7].sum(0))
+    names = [s.name for s in ps.model.substeps]
+
+    def run(delta: Tensor) -> tuple[np.ndarray, Any, dict[str, Tensor]]:
+        table = table0.clone()
+        table[weeks] = lm0[weeks] + delta.to(table.device)
+        fp.committed.copy_(table)
+        streams = Streams(cfg.seed + 3000 + origin, names, state.device)
+        with torch.no_grad():
+            sim, st = cal.rollout(ps.model, fp, ps.system0, state, origin - t_back, start=t_back, grad=False,
+                                  streams=streams)
+        h = {k: torch.cat([full[k][:t_back].double().cpu(), sim[k].double().cpu()]) for k in sim}
+        b = base_series(ps, h)["cases"].numpy()
+        g = np.log(b[origin - 7:origin].sum(0) + 1e-6) - np.log(b[origin - 14:origin - 7].sum(0) + 1e-6)
+        return g, st, h
+
+    G = np.stack([run(torch.full((A,), float(d)))[0] for d in grid])  # [K, A]
+    delta = np.zeros(A)
+    for a in range(A):
+        g = np.maximum.accumulate(G[:, a])  # growth rises with the multiplier; flat pieces from noise
+        delta[a] = float(np.interp(g_obs[a], g, np.asarray(grid, dtype=np.float64)))
+    d = torch.tensor(delta, dtype=torch.float32)
+    _, st, h = run(d)
+    fp.committed.copy_(table0)
+    return d, st, h, {"grid_growth": G.tolist(), "observed_growth": g_obs.tolist(), "offset": delta.tolist()}
+
+
 def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
                   sc: dict[str, Tensor], dow: Tensor, horizon: int, *, replicates: int | None = None,
                   draws: int | None = None, errors: dict[str, dict[int, np.ndarray]] | None = None,
-                  sim: Problem | None = None) -> dict[str, Any]:
+                  sim: Problem | None = None, back: tuple[int, Any, dict[str, Tensor]] | None = None
+                  ) -> dict[str, Any]:
     """Predictive draws ``{series: [R * draws, H, A + 1]}`` (last column citywide) from the state at day ``origin``.
 
     Reads nothing after ``dates[origin - 1]``: covariates, variant share and vaccination are
@@ -1063,6 +1122,16 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         wl = int(p.week[origin - 1])
         lm_future = lm_now[wl].expand(lm_now.shape[0], -1).clone()
     d1, d2 = dose_days(ps.population.age, ps.population.area, p.dates, asof, seed=cfg.seed)
+    assim: dict[str, Any] = {}
+    if back is not None and sim is not None and cfg.assimilate:
+        # data assimilation on the shadow city: the last block's multiplier per borough is shifted so that
+        # its simulated growth matches the observed one; the shifted multiplier is held in the forecast
+        t_back, st_b, full_b = back
+        st_b = st_b.replace(dose1_day=d1.to(st_b.device), dose2_day=d2.to(st_b.device))
+        delta, state, full, assim = assimilate_growth(p, ps, fp, st_b, full_b, t_back, origin)
+        lm_future = lm_future + delta.to(lm_future.device)
+        lm_now = lm_now.clone()
+        lm_now[int(p.week[origin])] = lm_future[int(p.week[origin])]
     st = state.replace(dose1_day=d1.to(state.device), dose2_day=d2.to(state.device))
     # parameter uncertainty: sd of the fitted week-to-week changes of the log multiplier (after the first wave)
     comm = params.committed.detach().cpu()
@@ -1110,7 +1179,7 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
             mu = base[s][origin:T_end] * last[s] * (dow[origin:T_end, None] if s == "cases" else 1.0)
             out[s].append(mu)
     res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}, "weekly_point": {},
-                           "n_errors": {}}
+                           "n_errors": {}, "assimilation": assim}
     t_lo = origin - min(28, sc["cases"].shape[0])
     Hw = (H + 6) // 7
     day_week = np.arange(H) // 7
@@ -1475,6 +1544,8 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--anchor-days", type=int, default=d.anchor_days,
                     help="rescale the forecast level per borough to the observed/expected ratio of the last N days "
                          "before the origin (default 0: off; an option, not used for the shipped numbers)")
+    ap.add_argument("--asc-rw-sd", type=float, default=d.asc_rw_sd,
+                    help="prior sd of the 14-day change of log ascertainment (0: each segment profiled alone)")
     ap.add_argument("--forecast-scale", type=float, default=d.forecast_scale,
                     help="agents per resident of the shadow city the forecasts run from (0: the fitted city itself)")
     ap.add_argument("--dump-dir", default=None, help="also save every forecast origin's states and parameters there")
@@ -1502,7 +1573,7 @@ def calibrate(argv: Sequence[str]) -> int:
     _check_dates(a.train_end, a.start)
     cfg = replace(d, train_end=a.train_end, start=a.start, scale=a.scale, seed=a.seed, iters=a.iters,
                   iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device,
-                  anchor_days=a.anchor_days, forecast_scale=a.forecast_scale)
+                  anchor_days=a.anchor_days, forecast_scale=a.forecast_scale, asc_rw_sd=a.asc_rw_sd)
     if a.forecast_scale < 0:
         ap.error(f"--forecast-scale: expected >= 0, got {a.forecast_scale}")
     od = OutputDir(a.out, CALIBRATE_FILES, overwrite=a.overwrite)

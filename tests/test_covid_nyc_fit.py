@@ -264,7 +264,7 @@ def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     assert abs(float(d2[:, 5].std()) / float(d2[:, 0].std()) - 1.0) < 0.15
 
 
-def _asc_problem(scale: float, obs_cases: np.ndarray) -> object:
+def _asc_problem(scale: float, obs_cases: np.ndarray, sd: float = 0.15) -> object:
     """The fields :func:`profile_scales` reads, one borough."""
     from types import SimpleNamespace
 
@@ -272,7 +272,8 @@ def _asc_problem(scale: float, obs_cases: np.ndarray) -> object:
     dates = pd.date_range("2020-05-04", periods=T)
     segs = [(t, min(T, t + 14)) for t in range(0, T, 14)]
     obs = {"cases": obs_cases[:, None], "hospitalizations": np.ones((T, 1)), "deaths": np.ones((T, 1))}
-    return SimpleNamespace(cfg=fit.FitConfig(), dates=dates, segments=segs, obs=obs, areas=("X",), scale=scale)
+    return SimpleNamespace(cfg=fit.FitConfig(asc_rw_sd=sd), dates=dates, segments=segs, obs=obs, areas=("X",),
+                           scale=scale)
 
 
 def test_ascertainment_random_walk_smooths_sampling_noise_not_data() -> None:
@@ -297,5 +298,12 @@ def test_ascertainment_random_walk_smooths_sampling_noise_not_data() -> None:
     # without a previous value or a prior, each segment is its own ratio; never above the plausible ceiling
     raw = asc(0.002, None)
     assert abs(raw[0] - (30 * 14 + 0.5) / 1400) < 1e-6
+    off = fit.profile_scales(_asc_problem(0.002, obs, sd=0.0), base, dow, 0, T, prev)["cases"][::14, 0].numpy()
+    assert np.allclose(off, np.repeat([(30 * 14 + 0.5) / 1400, (70 * 14 + 0.5) / 1400], 1)[np.arange(8) % 2])
+    # before asc_prior_from (testing ramped up in spring 2020) segments are not tied together
+    early = _asc_problem(0.002, obs)
+    early.dates = pd.date_range("2020-03-01", periods=T)
+    sp = fit.profile_scales(early, base, dow, 0, T, prev)["cases"][::14, 0].numpy()
+    assert np.allclose(sp[:5], off[:5]) and not np.allclose(sp[5:], off[5:])
     high = fit.profile_scales(_asc_problem(1.0, np.full(T, 500.0)), base, dow, 0, T, None)["cases"]
     assert float(high.max()) == fit.FitConfig().asc_bounds[1]
