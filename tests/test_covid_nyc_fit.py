@@ -307,3 +307,45 @@ def test_ascertainment_random_walk_smooths_sampling_noise_not_data() -> None:
     assert np.allclose(sp[:5], off[:5]) and not np.allclose(sp[5:], off[5:])
     high = fit.profile_scales(_asc_problem(1.0, np.full(T, 500.0)), base, dow, 0, T, None)["cases"]
     assert float(high.max()) == fit.FitConfig().asc_bounds[1]
+
+
+@pytest.mark.slow
+def test_assimilation_follows_the_observed_growth_and_reads_nothing_later() -> None:
+    cfg = fit.FitConfig(train_end="2020-05-17", scale=0.001, seed=1)
+    p = fit.make_problem(cfg, cache_dir=None)
+    p.params.committed[:] = -0.5
+    p.params.log_seed.data.fill_(np.log(1e-4))
+    t_back, origin = 36, 50  # 2020-04-06..04-19: the synthetic epidemic is growing in every borough
+    streams = fit.Streams(5, [s.name for s in p.model.substeps], "cpu")
+    with torch.no_grad():
+        sim, st = fit.cal.rollout(p.model, p.params, p.system0, p.state0, t_back, grad=False, streams=streams)
+    full = {k: v.double() for k, v in sim.items()}
+    # the last block's weeks are not committed yet: the forecast fits them (network + residual)
+    p.params.committed[np.unique(p.week[t_back:])] = float("nan")
+
+    def set_growth(g: np.ndarray) -> None:
+        p.obs["cases"][origin - 14:origin - 7] = 1000.0
+        p.obs["cases"][origin - 7:origin] = (np.expm1(np.log1p(7000.0) + g) / 7)[None, :]
+
+    set_growth(np.zeros(5))
+    _, _, h, info = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert h["infections"].shape[0] == origin
+    G = np.asarray(info["grid_growth"])  # [3 shifts -0.5, 0, 0.5, 5 boroughs], common random numbers
+    mono = (G[1] > G[0] + 0.05) & (G[2] > G[1] + 0.05)
+    assert mono.sum() >= 3, G  # a higher multiplier makes the simulated block grow faster
+    # an observed growth equal to the unshifted simulation's needs no shift; halfway to the +0.5 run's, +0.25
+    set_growth(G[1])
+    d0, _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert np.allclose(d0.numpy()[mono], 0.0, atol=1e-4), d0
+    set_growth((G[1] + G[2]) / 2)
+    offsets = {"falling": None}
+    d1, _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert np.allclose(d1.numpy()[mono], 0.25, atol=1e-4), d1
+    set_growth(G[0] - 1.0)  # beyond the grid: clipped to its end
+    offsets["falling"], _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert np.allclose(offsets["falling"].numpy(), -0.5)
+    # observed days from the origin on are never read
+    p.obs["cases"][origin:] *= 50
+    d2, _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert torch.equal(d2, offsets["falling"])
+    assert bool(torch.isnan(p.params.committed[int(p.week[origin - 1])]).all())  # the table is restored
