@@ -180,6 +180,9 @@ class FitConfig:
     forecast_scale: float = 0.01  # scale of the shadow city the forecasts run from (0: the pass's own city)
     forecast_rw: bool = False  # random walk on the future log multiplier in the point replicates
     assimilate: bool = True  # shadow forecasts: shift the last block's multiplier to the observed growth
+    skill_growth: bool = True  # point = last observed week x exp(b_h x model log growth), b_h fitted on past forecasts
+    skill_shrink: float = 12.0  # pseudo-points shrinking b_h to 0: b_h x n / (n + skill_shrink)
+    shadow_anchor_range: tuple[float, float] = (0.2, 5.0)  # shadow level clamped to this x the pass's scale
 
 
 # ------------------------------------------------------------------------------------- data
@@ -972,6 +975,8 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         if (t1 in fc_origins or j == K - 1) and t1 < len(p.dates):
             h_fc = horizon if j == K - 1 else min(horizon, 28)
             errs = model_log_errors(p, rec.forecasts, t1, cfg.error_weeks)
+            errs_raw = model_log_errors(p, rec.forecasts, t1, cfg.error_weeks, key="weekly_point_raw")
+            skill = growth_skill(p, rec.forecasts, t1, cfg.error_weeks, cfg.skill_shrink)
             fc_state, fc_full = st_end, full
             if shadow is not None:
                 # the shadow runs the not yet committed block with the window's parameters, as the pass did
@@ -986,7 +991,8 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
                             "params": _snapshot(params), "sc": sc, "dow": dow, "horizon": h_fc},
                            Path(dump_dir) / f"origin_{t1}.pt")
             rec.forecasts[t1] = forecast_from(p, t1, fc_state, params, fc_full, sc, dow, h_fc, errors=errs,
-                                              sim=shadow, back=sh_back if shadow is not None else None)
+                                              sim=shadow, back=sh_back if shadow is not None else None,
+                                              errors_raw=errs_raw, skill=skill)
         if j == K - 1:
             rec.final_state, rec.final_streams = st_end, rng_end
         else:
@@ -1003,26 +1009,61 @@ def _fit_k(mu: np.ndarray, y: np.ndarray) -> float:
     return cal.fit_dispersion(torch.tensor(mu).clamp_min(1e-3), torch.tensor(y), lo=1.0, hi=1000.0)
 
 
-def model_log_errors(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26
-                     ) -> dict[str, dict[int, np.ndarray]]:
+def model_log_errors(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26,
+                     key: str = "weekly_point") -> dict[str, dict[int, np.ndarray]]:
     """The model's past log errors ``log(1 + y) - log(1 + point)`` of weekly totals ``{series: {h: [n, A + 1]}}``.
 
     From earlier forecasts of the pass whose target week ended before ``origin`` (data the
     forecast at ``origin`` may read) and whose origin lies within ``weeks`` weeks; one row per
-    earlier origin, one column per borough and the city.
+    earlier origin, one column per borough and the city. ``key``: ``weekly_point`` (the
+    forecast as issued) or ``weekly_point_raw`` (the raw model trajectory).
     """
     out: dict[str, dict[int, list[np.ndarray]]] = {s: {} for s in SERIES}
     for o, fc in forecasts.items():
-        if o >= origin or origin - o > 7 * weeks or "weekly_point" not in fc:
+        if o >= origin or origin - o > 7 * weeks or key not in fc:
             continue
         for s in SERIES:
             obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)
-            for h in range(1, fc["weekly_point"][s].shape[0] + 1):
+            for h in range(1, fc[key][s].shape[0] + 1):
                 if o + 7 * h > origin:
                     break
                 y = obs_all[o + 7 * (h - 1):o + 7 * h].sum(0)
-                out[s].setdefault(h, []).append(np.log1p(y) - np.log1p(fc["weekly_point"][s][h - 1]))
+                out[s].setdefault(h, []).append(np.log1p(y) - np.log1p(fc[key][s][h - 1]))
     return {s: {h: np.stack(v) for h, v in d.items()} for s, d in out.items()}
+
+
+def growth_skill(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26,
+                 shrink: float = 12.0) -> dict[str, dict[int, float]]:
+    """Skill ``{series: {h: b_h}}`` of the model's log growth, fitted on its earlier forecasts (model output statistics).
+
+    For each earlier forecast whose target week ``h`` ended before ``origin`` (the pairs
+    :func:`model_log_errors` uses), the realised log growth ``log(1 + y_h) - log(1 + y_0)``
+    (``y_0``: the observed week before that forecast's origin) is regressed on the model's
+    raw log growth ``g_h`` through the origin, pooled over boroughs and the city:
+    ``b_h = clip(sum(g r) / sum(g^2), 0, 1) * n / (n + shrink)``. Horizons without pairs get 0.
+    """
+    num: dict[str, dict[int, float]] = {s: {} for s in SERIES}
+    den: dict[str, dict[int, float]] = {s: {} for s in SERIES}
+    cnt: dict[str, dict[int, int]] = {s: {} for s in SERIES}
+    for o, fc in forecasts.items():
+        if o >= origin or origin - o > 7 * weeks or "weekly_growth" not in fc:
+            continue
+        for s in SERIES:
+            obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)
+            for h in range(1, fc["weekly_growth"][s].shape[0] + 1):
+                if o + 7 * h > origin:
+                    break
+                r = np.log1p(obs_all[o + 7 * (h - 1):o + 7 * h].sum(0)) - np.log1p(fc["level0"][s])
+                g = fc["weekly_growth"][s][h - 1]
+                num[s][h] = num[s].get(h, 0.0) + float((g * r).sum())
+                den[s][h] = den[s].get(h, 0.0) + float((g * g).sum())
+                cnt[s][h] = cnt[s].get(h, 0) + int(g.size)
+    out: dict[str, dict[int, float]] = {s: {} for s in SERIES}
+    for s in SERIES:
+        for h, n in cnt[s].items():
+            b = min(max(num[s][h] / max(den[s][h], 1e-12), 0.0), 1.0)
+            out[s][h] = b * n / (n + shrink)
+    return out
 
 
 def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int], g: np.random.Generator
@@ -1100,8 +1141,9 @@ def assimilate_growth(p: Problem, ps: Problem, fp: WindowParams, state: Any, ful
 def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
                   sc: dict[str, Tensor], dow: Tensor, horizon: int, *, replicates: int | None = None,
                   draws: int | None = None, errors: dict[str, dict[int, np.ndarray]] | None = None,
-                  sim: Problem | None = None, back: tuple[int, Any, dict[str, Tensor]] | None = None
-                  ) -> dict[str, Any]:
+                  sim: Problem | None = None, back: tuple[int, Any, dict[str, Tensor]] | None = None,
+                  errors_raw: dict[str, dict[int, np.ndarray]] | None = None,
+                  skill: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
     """Predictive draws ``{series: [R * draws, H, A + 1]}`` (last column citywide) from the state at day ``origin``.
 
     Reads nothing after ``dates[origin - 1]``: covariates, variant share and vaccination are
@@ -1112,6 +1154,13 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     log errors (``errors``, :func:`model_log_errors`) resampled around it, or, before enough
     of them exist, the replicates with negative-binomial noise (dispersion fitted on the
     residuals of the 28 days before the origin) widened by a log-normal sd 0.3 h^0.5.
+
+    Skill calibration (``cfg.skill_growth``): the point of week ``h`` becomes
+    ``(1 + y_0) exp(b_h g_h) - 1``, with ``y_0`` the observed week before the origin, ``g_h``
+    the raw trajectory's log growth over it and ``b_h`` from ``skill`` (:func:`growth_skill`,
+    the model's measured skill on earlier forecasts); ``errors`` are then the calibrated
+    forecast's own past errors. The raw trajectory forecast is kept as ``<series>_raw`` (its
+    own past errors ``errors_raw``) and ``weekly_point_raw``.
     """
     cfg = p.cfg
     ps = sim or p  # the city the replicates run on (``state`` and ``full`` are its own)
@@ -1171,7 +1220,13 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
             e = (past[s][lo:origin] * (dow[lo:origin, None] if s == "cases" else 1.0)).sum(0)
             o = torch.tensor(p.obs[s][lo:origin].sum(0))
             ratio = (o + 0.5) / (e + 0.5)
-            last[s] = ratio if sim is not None else (ratio / last[s]).clamp(0.5, 2.0) * last[s]
+            if sim is not None:
+                # the shadow's own level, kept within a range of the pass's scale: a shadow borough with
+                # next to no expected cases in the anchor days would otherwise multiply its next wave
+                lo_f, hi_f = cfg.shadow_anchor_range
+                last[s] = torch.minimum(torch.maximum(ratio, lo_f * last[s]), hi_f * last[s])
+            else:
+                last[s] = (ratio / last[s]).clamp(0.5, 2.0) * last[s]
     out: dict[str, list[Tensor]] = {s: [] for s in SERIES}
     for r in range(R):
         steps_noise = torch.randn(len(weeks), len(p.areas), generator=g) * (rw if cfg.forecast_rw else 0.0)
@@ -1192,6 +1247,7 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
             mu = base[s][origin:T_end] * last[s] * (dow[origin:T_end, None] if s == "cases" else 1.0)
             out[s].append(mu)
     res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}, "weekly_point": {},
+                           "weekly_point_raw": {}, "weekly_growth": {}, "level0": {}, "skill": {},
                            "n_errors": {}, "assimilation": assim}
     t_lo = origin - min(28, sc["cases"].shape[0])
     Hw = (H + 6) // 7
@@ -1202,6 +1258,20 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         # the median is robust to a replicate whose random walk runs away; without the walk the mean has less noise
         point = (mu.median(0).values if cfg.forecast_rw else mu.mean(0)).numpy()
         point = np.concatenate([point, point.sum(-1, keepdims=True)], -1)  # [H, A + 1]
+        wp_raw = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
+        obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)
+        y0 = obs_all[origin - 7:origin].sum(0)  # [A + 1], observed before the origin
+        g_raw = np.log1p(wp_raw) - np.log1p(y0)  # the model's log growth over the last observed week
+        res["weekly_point_raw"][s], res["weekly_growth"][s], res["level0"][s] = wp_raw, g_raw, y0
+        point_raw = point
+        if cfg.skill_growth:
+            sk = (skill or {}).get(s, {})
+            hs = sorted(sk)
+            b = np.array([sk[h] if h in sk else (sk[hs[-1]] if hs and h > hs[-1] else 0.0) for h in range(1, Hw + 1)])
+            res["skill"][s] = b.tolist()
+            wp = np.expm1(np.log1p(y0) + b[:, None] * g_raw)
+            # daily shape of the raw trajectory within each week, rescaled to the calibrated weekly total
+            point = point_raw * (wp / np.maximum(wp_raw, 1e-9))[day_week]
         res["weekly_point"][s] = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
         fit_mu = (past[s][t_lo:origin] * (last[s] if sim is not None else sc[s][-(origin - t_lo):].cpu())
                   * (dow[t_lo:origin, None] if s == "cases" else 1.0)).numpy()
@@ -1209,14 +1279,21 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         res["dispersion"][s] = k
         errs = (errors or {}).get(s, {})
         res["n_errors"][s] = {h: int(e.size) for h, e in errs.items()}
-        if any(e.size >= MODEL_MIN_ERRORS for e in errs.values()):
-            e = _error_draws(errs, Hw, (R * n, point.shape[1]), ge)  # [D, Hw, A + 1]
-            res[s] = point[None] * np.exp(e[:, day_week])
-        else:
-            y = cal.sample_counts(mu.float(), k=k, draws=n, seed=cfg.seed + origin).flatten(0, 1)  # [R * n, H, A]
-            y = torch.cat([y, y.sum(-1, keepdim=True)], -1).numpy()
-            e = _error_draws({}, Hw, (y.shape[0], y.shape[2]), ge)
-            res[s] = y * np.exp(e[:, day_week])
+        y_nb = None
+        errs_raw = (errors_raw or {}).get(s, {}) if cfg.skill_growth else errs
+        for key, pt, ee in ((s, point, errs), (s + "_raw", point_raw, errs_raw)):
+            if key == s + "_raw" and not cfg.skill_growth:
+                res[key] = res[s]
+                continue
+            if any(e.size >= MODEL_MIN_ERRORS for e in ee.values()):
+                e = _error_draws(ee, Hw, (R * n, pt.shape[1]), ge)  # [D, Hw, A + 1]
+                res[key] = pt[None] * np.exp(e[:, day_week])
+            else:
+                if y_nb is None:
+                    y = cal.sample_counts(mu.float(), k=k, draws=n, seed=cfg.seed + origin).flatten(0, 1)
+                    y_nb = torch.cat([y, y.sum(-1, keepdim=True)], -1).numpy()  # [R * n, H, A + 1]
+                e = _error_draws({}, Hw, (y_nb.shape[0], y_nb.shape[2]), ge)
+                res[key] = y_nb * (pt / np.maximum(point_raw, 1e-9))[None] * np.exp(e[:, day_week])
         res[s + "_mean"] = mu.mean(0).numpy()
     return res
 
@@ -1267,12 +1344,12 @@ def insample_metrics(p: Problem, rec: FitRecord) -> dict[str, Any]:
     return out
 
 
-def forecast_frame(p: Problem, fc: dict[str, Any]) -> pd.DataFrame:
-    """Daily model-only forecast: ``date, area, series, median, lower_90, upper_90``."""
+def forecast_frame(p: Problem, fc: dict[str, Any], suffix: str = "") -> pd.DataFrame:
+    """Daily model-only forecast: ``date, area, series, median, lower_90, upper_90`` (``suffix="_raw"``: the raw trajectory)."""
     o, H = fc["origin"], fc["horizon"]
     rows = []
     for s in SERIES:
-        q = np.quantile(fc[s], [0.5, 0.05, 0.95], axis=0)  # [3, H, A + 1]
+        q = np.quantile(fc.get(s + suffix, fc[s]), [0.5, 0.05, 0.95], axis=0)  # [3, H, A + 1]
         for j, a in enumerate((*p.areas, "NYC")):
             rows.append(pd.DataFrame({"date": p.dates[o:o + H], "area": a, "series": s, "median": q[0, :, j],
                                       "lower_90": q[1, :, j], "upper_90": q[2, :, j]}))
@@ -1293,12 +1370,13 @@ def backtest_rows(p: Problem, fc: dict[str, Any], horizons: Sequence[int] = (1, 
             a0, a1 = 7 * (h - 1), 7 * h
             if a1 > fc["horizon"]:
                 continue
-            draws = fc[s][:, a0:a1].sum(1)  # [D, A + 1]
-            qm = np.quantile(draws, LEVELS, axis=0)  # [Q, A + 1]
+            qm = np.quantile(fc[s][:, a0:a1].sum(1), LEVELS, axis=0)  # [Q, A + 1]
+            raw = fc.get(s + "_raw", fc[s])
+            qr = np.quantile(raw[:, a0:a1].sum(1), LEVELS, axis=0)
             t_lo, t_hi = o + a0, o + a1
             truth = obs_all[t_lo:t_hi].sum(0) if t_hi <= T0 else np.full(obs_all.shape[1], np.nan)
             for j, a in enumerate((*p.areas, "NYC")):
-                base = {"model": qm[:, j]}
+                base = {"model": qm[:, j], "model_raw": qr[:, j]}
                 for m in ("persistence", "trend"):
                     base[m] = baseline_quantiles(hist_w[:, j], [h], m)[0]
                 for m, q in base.items():
@@ -1466,7 +1544,7 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
 #: every file ``lpm run covid-nyc`` (the fitted replay) writes into --out
 RUN_FILES = ("daily.csv", "summary.json", "fitted_schedules.png", *(f"insample_{s}.png" for s in SERIES))
 #: every file ``lpm calibrate covid-nyc`` may write into --out
-CALIBRATE_FILES = ("forecast.csv", "insample.csv", "backtest_forecasts.csv", "backtest_scores.csv",
+CALIBRATE_FILES = ("forecast.csv", "forecast_raw.csv", "insample.csv", "backtest_forecasts.csv", "backtest_scores.csv",
                    "backtest_scores_by_scope.csv", "backtest_scores_hosp_deaths.csv", "backtest.png", "fit.json",
                    "summary.json", "fitted_schedules.png", "forecast_nyc.png", *(f"insample_{s}.png" for s in SERIES))
 
@@ -1610,6 +1688,7 @@ def calibrate(argv: Sequence[str]) -> int:
         fc["horizon"] = a.forecast_days
     fdf = forecast_frame(p, fc)
     fdf.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
+    forecast_frame(p, fc, "_raw").to_csv(out / "forecast_raw.csv", index=False, date_format="%Y-%m-%d")
     metrics = insample_metrics(p, rec)
     metrics["calibration_seconds"] = rec.seconds
     metrics["forecast_dispersion"] = fc["dispersion"]

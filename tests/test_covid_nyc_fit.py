@@ -245,6 +245,39 @@ def test_model_errors_use_only_weeks_before_the_origin() -> None:
     assert all(np.array_equal(errs["cases"][h], errs2["cases"][h]) for h in errs["cases"])
 
 
+def test_growth_skill_recovers_the_slope_from_weeks_before_the_origin() -> None:
+    T = 160
+    p = _mini_problem(np.zeros(T))
+    rng = np.random.default_rng(1)
+    y = rng.poisson(300, (T, 5)).astype(float)
+    p.obs = {s: y.copy() for s in fit.SERIES}
+    p.obs_city = {s: p.obs[s].sum(1) for s in fit.SERIES}
+    obs_all = np.concatenate([y, y.sum(1, keepdims=True)], 1)
+    origins = list(range(14, 120, 7))
+    fcs = {}
+    for o in origins:
+        y0 = obs_all[o - 7:o].sum(0)
+        # realised growth = 0.4 x the model's growth + noise: the fit must find b ~ 0.4 at every horizon
+        real = np.stack([np.log1p(obs_all[o + 7 * h:o + 7 * h + 7].sum(0)) - np.log1p(y0) for h in range(4)])
+        g = real / 0.4 + rng.normal(0, 0.01, real.shape)
+        fcs[o] = {"weekly_growth": {s: g for s in fit.SERIES}, "level0": {s: y0 for s in fit.SERIES}}
+    sk = fit.growth_skill(p, fcs, 130, weeks=26, shrink=0.0)
+    assert all(abs(sk["cases"][h] - 0.4) < 0.02 for h in range(1, 5)), sk["cases"]
+    # shrinkage: n / (n + shrink) with n = pairs x 6 columns; no pairs -> no horizon
+    n1 = sum(1 for o in origins if o + 7 <= 130) * 6
+    sk2 = fit.growth_skill(p, fcs, 130, weeks=26, shrink=float(n1))
+    assert abs(sk2["cases"][1] - 0.5 * sk["cases"][1]) < 1e-9
+    assert fit.growth_skill(p, fcs, 20, weeks=26)["cases"] == {}
+    # a model whose growth anti-correlates with the truth gets b = 0 (clipped), never negative
+    neg = {o: {"weekly_growth": {s: -fc["weekly_growth"][s] for s in fit.SERIES}, "level0": fc["level0"]}
+           for o, fc in fcs.items()}
+    assert all(v == 0.0 for v in fit.growth_skill(p, neg, 130)["cases"].values())
+    # data from the origin on is never read
+    p.obs["cases"][130:] *= 50
+    p.obs_city["cases"][130:] *= 50
+    assert fit.growth_skill(p, fcs, 130, weeks=26, shrink=0.0) == sk
+
+
 def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     g = np.random.default_rng(0)
     e = {1: np.linspace(-0.2, 0.2, 30) + 0.5}  # biased by +0.5: centred before use
