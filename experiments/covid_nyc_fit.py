@@ -72,13 +72,24 @@ over the horizon (data assimilation; observed days before the origin only). R re
 simulations from the resulting state, the last fitted week's log multiplier (plus the
 shift) held, variant share and vaccination extrapolated from data before the origin, the
 observation level of each borough anchored to its last ``anchor_days`` observed days over
-the shadow's expected counts. The point forecast is the replicates' mean (their median with
-the optional random walk ``forecast_rw`` on the weekly log multiplier); the predictive
-distribution resamples the model's own past log errors of weekly totals at each horizon
-(:func:`model_log_errors`: forecasts from every earlier block start since 2020-06-01 whose
-target weeks are observed before the origin, the last ``error_weeks`` weeks), so interval
-widths are fitted on training residuals of the forecasts themselves. Model only; no blend
-with a baseline.
+the shadow's expected counts (clamped to ``shadow_anchor_range`` x the fitted city's scale,
+0.2-5x: a shadow borough with next to no expected cases in those days would otherwise
+multiply its next wave). The raw point forecast is the replicates' mean (their median with
+the optional random walk ``forecast_rw`` on the weekly log multiplier).
+
+Skill calibration (``skill_growth``, on by default; model output statistics): the issued
+point of week ``h`` is the observed week before the origin times ``exp(b_h g_h)``, where
+``g_h`` is the raw trajectory's log growth over that week and ``b_h`` in [0, 1] the model's
+measured skill (:func:`growth_skill`): the least-squares slope through the origin of the
+realised log growth on the model's own ``g_h`` over its earlier forecasts whose target weeks
+were observed before the origin, shrunk to 0 by ``n / (n + skill_shrink)``. It is the model's
+growth de-biased by its track record, not a blend with a baseline (``b_h = 1`` is the raw
+trajectory; ``b_h = 0`` says the model's growth has had no skill so far). The raw trajectory
+forecast is kept (``forecast_raw.csv``; ``model_raw`` in the backtest). The predictive
+distribution resamples the issued forecast's own past log errors of weekly totals at each
+horizon (:func:`model_log_errors`: forecasts from every earlier block start since 2020-06-01
+whose target weeks are observed before the origin, the last ``error_weeks`` weeks), so
+interval widths are fitted on training residuals of the forecasts themselves.
 
 Ascertainment smoothness (``asc_rw_sd``, off by default): :func:`profile_scales` can tie each
 segment's log ascertainment to the previous one by a random-walk prior; measured with sd
@@ -176,7 +187,7 @@ class FitConfig:
     error_weeks: int = 26  # forecast intervals: the model's own log errors from origins of the last N weeks
     asc_rw_sd: float = 0.0  # prior sd of the change of log ascertainment from one 14-day segment to the next
     asc_prior_from: str = "2020-05-04"  # segments before: testing ramped up within weeks, no smoothness prior
-    asc_bounds: tuple[float, float] = (0.02, 1.0)  # plausible range of the ascertainment of testable onsets
+    asc_bounds: tuple[float, float] = (0.01, 1.0)  # plausible range of the ascertainment of testable onsets
     forecast_scale: float = 0.01  # scale of the shadow city the forecasts run from (0: the pass's own city)
     forecast_rw: bool = False  # random walk on the future log multiplier in the point replicates
     assimilate: bool = True  # shadow forecasts: shift the last block's multiplier to the observed growth
