@@ -131,6 +131,8 @@ def test_forecast_reads_nothing_after_train_end(tmp_path, monkeypatch) -> None:
     assert set(a["area"]) == {*nyc.BOROUGHS, "NYC"} and set(a["series"]) == {"cases", "hospitalizations", "deaths"}
     assert pd.to_datetime(a["date"]).min() == pd.Timestamp("2020-05-25")
     pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "forecast_raw.csv"),
+                                  pd.read_csv(tmp_path / "b" / "forecast_raw.csv"))
 
 
 @pytest.mark.slow
@@ -382,3 +384,33 @@ def test_assimilation_follows_the_observed_growth_and_reads_nothing_later() -> N
     d2, _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
     assert torch.equal(d2, offsets["falling"])
     assert bool(torch.isnan(p.params.committed[int(p.week[origin - 1])]).all())  # the table is restored
+
+
+@pytest.mark.slow
+def test_skill_calibrated_point_is_the_last_week_times_the_scaled_model_growth() -> None:
+    cfg = fit.FitConfig(train_end="2020-05-17", scale=0.001, seed=1, replicates=2, draws=5)
+    p = fit.make_problem(cfg, cache_dir=None)
+    p.params.committed[:] = -0.5
+    p.params.log_seed.data.fill_(np.log(1e-4))
+    origin = 50
+    streams = fit.Streams(5, [s.name for s in p.model.substeps], "cpu")
+    with torch.no_grad():
+        sim, st = fit.cal.rollout(p.model, p.params, p.system0, p.state0, origin, grad=False, streams=streams)
+    full = {k: v.double() for k, v in sim.items()}
+    sc = {s: torch.full((origin, 5), 0.3, dtype=torch.float64) for s in fit.SERIES}
+    dow = fit.weekday_factor(p, origin)
+    out = {}
+    for b in (0.0, 0.5, 1.0):
+        sk = {s: {1: b, 2: b} for s in fit.SERIES}
+        out[b] = fit.forecast_from(p, origin, st, p.params, full, sc, dow, 14, skill=sk)
+    raw, y0, g = out[1.0]["weekly_point_raw"]["cases"], out[1.0]["level0"]["cases"], out[1.0]["weekly_growth"]["cases"]
+    obs_all = np.concatenate([p.obs["cases"], p.obs_city["cases"][:, None]], 1)
+    assert np.allclose(y0, obs_all[origin - 7:origin].sum(0))
+    assert np.allclose(g, np.log1p(raw) - np.log1p(y0))
+    assert np.allclose(out[1.0]["weekly_point"]["cases"], raw)  # b = 1: the raw trajectory
+    assert np.allclose(out[0.0]["weekly_point"]["cases"], y0[None].repeat(2, 0))  # b = 0: no growth
+    assert np.allclose(np.log1p(out[0.5]["weekly_point"]["cases"]), np.log1p(y0) + 0.5 * g)
+    assert np.abs(g).max() > 0.05  # the test has growth to scale
+    # the raw trajectory's draws do not depend on the skill; the issued ones do
+    assert np.array_equal(out[0.0]["cases_raw"], out[1.0]["cases_raw"])
+    assert not np.allclose(out[0.0]["cases"], out[1.0]["cases"])
