@@ -61,16 +61,40 @@ New weeks of a window start flat at the last fitted week's log multiplier (the n
 otherwise extrapolate on covariates outside the range it was trained on); the first window
 starts from ``-pause_init`` under PAUSE.
 
-Forecast (:func:`forecast_from`): R replicate simulations from the state at the origin, the
-last fitted week's log multiplier held (variant share and vaccination extrapolated from data
-before the origin), plus a random walk on the weekly log multiplier with the sd of the
-fitted weekly changes (parameter uncertainty, capped at ``rw_sd``), the last block's
-observation scales with each borough's level anchored to its last ``anchor_days`` observed
-days. The point forecast is the replicates' median; the predictive distribution resamples
-the model's own past log errors of weekly totals at each horizon (:func:`model_log_errors`:
-forecasts from every earlier block start since 2020-06-01 whose target weeks are observed
-before the origin, the last ``error_weeks`` weeks), so interval widths are fitted on
-training residuals of the forecasts themselves. Model only; no blend with a baseline.
+Forecast (:func:`forecast_from`): the replicates run on a *shadow city* (``forecast_scale``
+0.01, five times the fitted city's agents) that follows every committed block with the
+committed parameters: at scale 0.002 the fitted city has a handful of infected agents per
+borough and week outside the waves, so the growth it implies at an origin is sampling noise.
+At each origin the shadow re-runs the last block with its log multiplier shifted by -0.5, 0,
++0.5 (:func:`assimilate_growth`); per borough the shift whose simulated growth of expected
+cases (last week over the week before) matches the observed growth is interpolated and held
+over the horizon (data assimilation; observed days before the origin only). R replicate
+simulations from the resulting state, the last fitted week's log multiplier (plus the
+shift) held, variant share and vaccination extrapolated from data before the origin, the
+observation level of each borough anchored to its last ``anchor_days`` observed days over
+the shadow's expected counts (clamped to ``shadow_anchor_range`` x the fitted city's scale,
+0.2-5x: a shadow borough with next to no expected cases in those days would otherwise
+multiply its next wave). The raw point forecast is the replicates' mean (their median with
+the optional random walk ``forecast_rw`` on the weekly log multiplier).
+
+Skill calibration (``skill_growth``, on by default; model output statistics): the issued
+point of week ``h`` is the observed week before the origin times ``exp(b_h g_h)``, where
+``g_h`` is the raw trajectory's log growth over that week and ``b_h`` in [0, 1] the model's
+measured skill (:func:`growth_skill`): the least-squares slope through the origin of the
+realised log growth on the model's own ``g_h`` over its earlier forecasts whose target weeks
+were observed before the origin, shrunk to 0 by ``n / (n + skill_shrink)``. It is the model's
+growth de-biased by its track record, not a blend with a baseline (``b_h = 1`` is the raw
+trajectory; ``b_h = 0`` says the model's growth has had no skill so far). The raw trajectory
+forecast is kept (``forecast_raw.csv``; ``model_raw`` in the backtest). The predictive
+distribution resamples the issued forecast's own past log errors of weekly totals at each
+horizon (:func:`model_log_errors`: forecasts from every earlier block start since 2020-06-01
+whose target weeks are observed before the origin, the last ``error_weeks`` weeks), so
+interval widths are fitted on training residuals of the forecasts themselves.
+
+Ascertainment smoothness (``asc_rw_sd``, off by default): :func:`profile_scales` can tie each
+segment's log ascertainment to the previous one by a random-walk prior; measured with sd
+0.15 it kept ascertainment at its spring level through summer 2020 and the fit made the city
+burn instead (79% infected by 2021-03-31), so the shipped fit profiles each segment alone.
 """
 
 from __future__ import annotations
@@ -151,7 +175,7 @@ class FitConfig:
     variant_advantage: float = 0.35
     vaccine_efficacy: tuple[float, float] = (0.5, 0.9)
     beta: float = 0.25
-    replicates: int = 16
+    replicates: int = 4  # forecast simulations per origin (of the shadow city, 10x the agents)
     anchor_days: int = 7  # > 0: forecasts rescale each borough's level to its last days' observed/expected
     draws: int = 40
     hosp_rw_sd: float = 0.04  # prior sd of the change of the log hospital scale from one 14-day segment to the next
@@ -161,6 +185,15 @@ class FitConfig:
     infected_sd: float = 0.01  # ... and the sd of its one-sided penalty
     pause_init: float = 1.0  # initial guess of the first window: log multiplier -pause_init under PAUSE (fitted)
     error_weeks: int = 26  # forecast intervals: the model's own log errors from origins of the last N weeks
+    asc_rw_sd: float = 0.0  # prior sd of the change of log ascertainment from one 14-day segment to the next
+    asc_prior_from: str = "2020-05-04"  # segments before: testing ramped up within weeks, no smoothness prior
+    asc_bounds: tuple[float, float] = (0.01, 1.0)  # plausible range of the ascertainment of testable onsets
+    forecast_scale: float = 0.01  # scale of the shadow city the forecasts run from (0: the pass's own city)
+    forecast_rw: bool = False  # random walk on the future log multiplier in the point replicates
+    assimilate: bool = True  # shadow forecasts: shift the last block's multiplier to the observed growth
+    skill_growth: bool = True  # point = last observed week x exp(b_h x model log growth), b_h fitted on past forecasts
+    skill_shrink: float = 12.0  # pseudo-points shrinking b_h to 0: b_h x n / (n + skill_shrink)
+    shadow_anchor_range: tuple[float, float] = (0.2, 5.0)  # shadow level clamped to this x the pass's scale
 
 
 # ------------------------------------------------------------------------------------- data
@@ -655,12 +688,24 @@ def weekday_factor(p: Problem, t_end: int) -> Tensor:
     return f[torch.as_tensor(p.dates.day_of_week.to_numpy().copy())]
 
 
-def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1: int) -> dict[str, Tensor]:
-    """Per day in ``[t0, t1)``: ascertainment ``[A]``, hospital and death scales from their block's observed/expected ratio.
+def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1: int,
+                   prev_asc: Tensor | None = None) -> dict[str, Tensor]:
+    """Per day in ``[t0, t1)``: ascertainment ``[A]``, hospital and death scales profiled per segment.
 
     Pieces are :attr:`Problem.segments` (at most 14 days); each uses its days inside ``[t0, t1)``.
+    Hospital and death scales: the segment's observed/expected ratio. Ascertainment: the
+    conditional mode of its log under a random walk from the previous segment (``prev_asc``,
+    then each segment's own value; sd ``asc_rw_sd``; segments from ``asc_prior_from`` on:
+    testing ramped up within weeks in spring 2020), a forward filter: the segment's log
+    ratio is weighted by its precision ``1 / (1/observed + 1/simulated agents + 1/(k days))``,
+    so a borough with few simulated onsets (summer 2020 at scale 0.002: a handful of agents)
+    no longer explains its sampling noise by a jumping ascertainment; bounded to ``asc_bounds``.
     """
+    cfg = p.cfg
+    lo_b, hi_b = float(cfg.asc_bounds[0]), float(cfg.asc_bounds[1])
     out = {s: torch.zeros(t1 - t0, len(p.areas), dtype=torch.float64) for s in SERIES}
+    prev = None if prev_asc is None else prev_asc.detach().double().cpu().clamp(lo_b, hi_b).log()
+    t_from = int((pd.Timestamp(cfg.asc_prior_from) - p.dates[0]).days)
     for b0, b1 in p.segments:
         lo, hi = max(b0, t0), min(b1, t1)
         if lo >= hi:
@@ -668,7 +713,15 @@ def profile_scales(p: Problem, base: dict[str, Tensor], dow: Tensor, t0: int, t1
         sl = slice(lo, hi)
         e_c = (base["cases"][sl] * dow[sl, None]).detach().sum(0)
         o_c = torch.tensor(p.obs["cases"][sl].sum(0))
-        asc = ((o_c + 0.5) / (e_c + 1e-6)).clamp(0.01, 1.0)
+        raw = ((o_c + 0.5) / (e_c + 1e-6)).clamp(lo_b, hi_b).log()
+        if prev is None or cfg.asc_rw_sd <= 0 or b0 < t_from:
+            la = raw
+        else:
+            var = 1.0 / (o_c + 1.0) + 1.0 / (e_c * p.scale + 1.0) + 1.0 / (cfg.dispersion * (hi - lo))
+            w_obs, w_rw = 1.0 / var, 1.0 / cfg.asc_rw_sd ** 2
+            la = (w_obs * raw + w_rw * prev) / (w_obs + w_rw)
+        prev = la
+        asc = la.exp()
         e_h = base["hospitalizations"][sl].detach().sum()
         hs = ((float(p.obs["hospitalizations"][sl].sum()) + 0.5) / (e_h + 1e-6)).clamp(0.05, 20.0)
         e_d = base["deaths"][sl].detach().sum()
@@ -737,11 +790,11 @@ def _hosp_scale_prior(p: Problem, base: dict[str, Tensor], t0: int, t1: int, ref
 
 
 def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: dict[str, Tensor], t0: int, t1: int,
-               dow: Tensor, ref: dict[str, float | None] | None = None) -> tuple[Tensor, dict[str, float]]:
+               dow: Tensor, ref: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, float]]:
     cfg = p.cfg
     full = _cat_hist(hist, sim, t0)
     base = base_series(p, full)
-    sc = profile_scales(p, base, dow, t0, t1)
+    sc = profile_scales(p, base, dow, t0, t1, (ref or {}).get("asc"))
     terms: dict[str, Tensor] = {}
     n = 0
     for s in SERIES:
@@ -777,11 +830,16 @@ def _run(p: Problem, params: WindowParams, state: Any, rng: dict[str, Tensor], t
 
 
 def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28, progress: bool = True,
-                   log: Callable[[str], None] = print) -> FitRecord:
+                   log: Callable[[str], None] = print, shadow: Problem | None = None,
+                   dump_dir: str | Path | None = None) -> FitRecord:
     """Fit every block by gradient through the simulation, window by window (module docstring).
 
     ``origins``: day indices (block starts) at which to forecast ``horizon`` days from the
     pass's own state (the rolling-origin backtest); results in ``FitRecord.forecasts``.
+    ``shadow``: a larger synthetic city (same dates, :func:`make_problem` at
+    ``cfg.forecast_scale``) that follows every committed block with the committed parameters;
+    forecasts run from its state (less sampling noise in the model's growth). ``dump_dir``:
+    write each origin's states, histories, parameters and scales there (``origin_<t>.pt``).
     """
     cfg = p.cfg
     params = p.params
@@ -797,6 +855,13 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
     state = p.state0
     rng = Streams(cfg.seed, [s.name for s in model.substeps], state.device).get_state()
     rec = FitRecord(params.committed, scales, abm, committed_variant, [], hist)
+    names = [s.name for s in model.substeps]
+    if shadow is not None:
+        sh_state = shadow.state0
+        sh_rng = Streams(cfg.seed + 5000, names, sh_state.device).get_state()
+        sh_hist = {k: torch.zeros_like(v) for k, v in hist.items()}
+    if dump_dir is not None:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
     opt_net = torch.optim.Adam([{"params": list(params.net.parameters()), "lr": cfg.lr},
                                 {"params": [params.delta], "lr": cfg.delta_lr}])
     opt_seed = torch.optim.Adam([params.log_seed], lr=cfg.seed_lr)
@@ -834,9 +899,10 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
             elif len(new):  # the first window starts from PAUSE cutting contacts by 1 - exp(-pause_init)
                 params.delta[new] = -cfg.pause_init * params.x[new][..., p.feature_names.index("pause")]
             fitted_week = max(fitted_week, int(wk_win.max()))
-        ref = {"prev": None, "anchor": hosp_anchor}
+        ref: dict[str, Any] = {"prev": None, "anchor": hosp_anchor, "asc": None}
         if t0 > 0:
             ref["prev"] = float(scales["hospitalizations"][t0 - 1, 0])
+            ref["asc"] = scales["cases"][t0 - 1].clone()
         dow = weekday_factor(p, t1)
         iters = cfg.iters_first if first else cfg.iters
         best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
@@ -886,7 +952,7 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
             sim = {k: torch.cat([sim_a[k], sim_b[k]]) if sim_a else sim_b[k] for k in sim_b}
             full = _cat_hist(hist, sim, t0)
             base = base_series(p, full)
-            sc = profile_scales(p, base, dow, t0, t1)
+            sc = profile_scales(p, base, dow, t0, t1, ref.get("asc"))
         params.committed[np.setdiff1d(wk_all, wk)] = float("nan")
         for k in hist:
             hist[k][t0:commit_to] = full[k][t0:commit_to].double()
@@ -902,6 +968,17 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         rec.windows.append({"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()), "iters": iters,
                             "first": info0, "best_loss": best_loss, "losses": losses,
                             "seconds": time.perf_counter() - tw})
+        if shadow is not None:
+            # the shadow city follows the committed block with the committed parameters (no fitting)
+            # in two pieces, so the state at the start of the last block is kept for the assimilation
+            cut = tm if t0 < tm < commit_to else commit_to
+            for a_, b_ in ((t0, cut), (cut, commit_to)):
+                if b_ > a_:
+                    sim_s, sh_state, sh_rng = _run(shadow, params, sh_state, sh_rng, a_, b_, grad=False)
+                    for k in sh_hist:
+                        sh_hist[k][a_:b_] = sim_s[k].double()
+                if b_ == cut:
+                    sh_back = (cut, sh_state, sh_hist)
         if hosp_anchor is None and i == 0:
             # the first wave's hospital scale (the serosurvey fixes the level there): the later segments' anchor
             hs = scales["hospitalizations"][t_prior:commit_to, 0]
@@ -909,7 +986,24 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         if (t1 in fc_origins or j == K - 1) and t1 < len(p.dates):
             h_fc = horizon if j == K - 1 else min(horizon, 28)
             errs = model_log_errors(p, rec.forecasts, t1, cfg.error_weeks)
-            rec.forecasts[t1] = forecast_from(p, t1, st_end, params, full, sc, dow, h_fc, errors=errs)
+            errs_raw = model_log_errors(p, rec.forecasts, t1, cfg.error_weeks, key="weekly_point_raw")
+            skill = growth_skill(p, rec.forecasts, t1, cfg.error_weeks, cfg.skill_shrink)
+            fc_state, fc_full = st_end, full
+            if shadow is not None:
+                # the shadow runs the not yet committed block with the window's parameters, as the pass did
+                fc_state, fc_full = sh_state, {k: v[:t1] for k, v in sh_hist.items()}
+                if commit_to < t1:
+                    sim_s, fc_state, _ = _run(shadow, params, sh_state, sh_rng, commit_to, t1, grad=False)
+                    fc_full = {k: torch.cat([sh_hist[k][:commit_to], sim_s[k].double()]) for k in sh_hist}
+            if dump_dir is not None:
+                torch.save({"origin": t1, "state": fc_state, "full": fc_full, "pass_state": st_end, "pass_full": full,
+                            "back": None if shadow is None else (sh_back[0], sh_back[1], {k: v[:sh_back[0]].clone()
+                                                                                         for k, v in sh_hist.items()}),
+                            "params": _snapshot(params), "sc": sc, "dow": dow, "horizon": h_fc},
+                           Path(dump_dir) / f"origin_{t1}.pt")
+            rec.forecasts[t1] = forecast_from(p, t1, fc_state, params, fc_full, sc, dow, h_fc, errors=errs,
+                                              sim=shadow, back=sh_back if shadow is not None else None,
+                                              errors_raw=errs_raw, skill=skill)
         if j == K - 1:
             rec.final_state, rec.final_streams = st_end, rng_end
         else:
@@ -926,26 +1020,61 @@ def _fit_k(mu: np.ndarray, y: np.ndarray) -> float:
     return cal.fit_dispersion(torch.tensor(mu).clamp_min(1e-3), torch.tensor(y), lo=1.0, hi=1000.0)
 
 
-def model_log_errors(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26
-                     ) -> dict[str, dict[int, np.ndarray]]:
+def model_log_errors(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26,
+                     key: str = "weekly_point") -> dict[str, dict[int, np.ndarray]]:
     """The model's past log errors ``log(1 + y) - log(1 + point)`` of weekly totals ``{series: {h: [n, A + 1]}}``.
 
     From earlier forecasts of the pass whose target week ended before ``origin`` (data the
     forecast at ``origin`` may read) and whose origin lies within ``weeks`` weeks; one row per
-    earlier origin, one column per borough and the city.
+    earlier origin, one column per borough and the city. ``key``: ``weekly_point`` (the
+    forecast as issued) or ``weekly_point_raw`` (the raw model trajectory).
     """
     out: dict[str, dict[int, list[np.ndarray]]] = {s: {} for s in SERIES}
     for o, fc in forecasts.items():
-        if o >= origin or origin - o > 7 * weeks or "weekly_point" not in fc:
+        if o >= origin or origin - o > 7 * weeks or key not in fc:
             continue
         for s in SERIES:
             obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)
-            for h in range(1, fc["weekly_point"][s].shape[0] + 1):
+            for h in range(1, fc[key][s].shape[0] + 1):
                 if o + 7 * h > origin:
                     break
                 y = obs_all[o + 7 * (h - 1):o + 7 * h].sum(0)
-                out[s].setdefault(h, []).append(np.log1p(y) - np.log1p(fc["weekly_point"][s][h - 1]))
+                out[s].setdefault(h, []).append(np.log1p(y) - np.log1p(fc[key][s][h - 1]))
     return {s: {h: np.stack(v) for h, v in d.items()} for s, d in out.items()}
+
+
+def growth_skill(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, weeks: int = 26,
+                 shrink: float = 12.0) -> dict[str, dict[int, float]]:
+    """Skill ``{series: {h: b_h}}`` of the model's log growth, fitted on its earlier forecasts (model output statistics).
+
+    For each earlier forecast whose target week ``h`` ended before ``origin`` (the pairs
+    :func:`model_log_errors` uses), the realised log growth ``log(1 + y_h) - log(1 + y_0)``
+    (``y_0``: the observed week before that forecast's origin) is regressed on the model's
+    raw log growth ``g_h`` through the origin, pooled over boroughs and the city:
+    ``b_h = clip(sum(g r) / sum(g^2), 0, 1) * n / (n + shrink)``. Horizons without pairs get 0.
+    """
+    num: dict[str, dict[int, float]] = {s: {} for s in SERIES}
+    den: dict[str, dict[int, float]] = {s: {} for s in SERIES}
+    cnt: dict[str, dict[int, int]] = {s: {} for s in SERIES}
+    for o, fc in forecasts.items():
+        if o >= origin or origin - o > 7 * weeks or "weekly_growth" not in fc:
+            continue
+        for s in SERIES:
+            obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)
+            for h in range(1, fc["weekly_growth"][s].shape[0] + 1):
+                if o + 7 * h > origin:
+                    break
+                r = np.log1p(obs_all[o + 7 * (h - 1):o + 7 * h].sum(0)) - np.log1p(fc["level0"][s])
+                g = fc["weekly_growth"][s][h - 1]
+                num[s][h] = num[s].get(h, 0.0) + float((g * r).sum())
+                den[s][h] = den[s].get(h, 0.0) + float((g * g).sum())
+                cnt[s][h] = cnt[s].get(h, 0) + int(g.size)
+    out: dict[str, dict[int, float]] = {s: {} for s in SERIES}
+    for s in SERIES:
+        for h, n in cnt[s].items():
+            b = min(max(num[s][h] / max(den[s][h], 1e-12), 0.0), 1.0)
+            out[s][h] = b * n / (n + shrink)
+    return out
 
 
 def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int], g: np.random.Generator
@@ -974,9 +1103,58 @@ def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int]
     return out
 
 
+def assimilate_growth(p: Problem, ps: Problem, fp: WindowParams, state: Any, full: dict[str, Tensor], t_back: int,
+                      origin: int, grid: Sequence[float] = (-0.5, 0.0, 0.5)
+                      ) -> tuple[Tensor, Any, dict[str, Tensor], dict[str, Any]]:
+    """Per-borough offset ``[A]`` on the log multiplier of ``[t_back, origin)`` matching the observed growth; state at ``origin``.
+
+    The shadow city ``ps`` (state at ``t_back``, its history before) is run over the last
+    block once per offset of ``grid`` (all boroughs shifted alike, common random numbers);
+    each borough's offset is the one whose simulated growth of expected cases, last week over
+    the week before, equals the observed growth (linear interpolation, clipped to the grid).
+    A final run with the per-borough offsets gives the state the forecast starts from. Reads
+    observed cases of ``[origin - 14, origin)`` only. ``fp``'s committed table is restored.
+    """
+    cfg = p.cfg
+    A = len(p.areas)
+    weeks = np.unique(p.week[t_back:origin])
+    table0 = fp.committed.clone()
+    with torch.no_grad():
+        lm0 = fp.weekly().detach()
+    obs = p.obs["cases"]
+    g_obs = np.log1p(obs[origin - 7:origin].sum(0)) - np.log1p(obs[origin - 14:origin - 7].sum(0))
+    names = [s.name for s in ps.model.substeps]
+
+    def run(delta: Tensor) -> tuple[np.ndarray, Any, dict[str, Tensor]]:
+        table = table0.clone()
+        table[weeks] = lm0[weeks] + delta.to(table.device)
+        fp.committed.copy_(table)
+        streams = Streams(cfg.seed + 3000 + origin, names, state.device)
+        with torch.no_grad():
+            sim, st = cal.rollout(ps.model, fp, ps.system0, state, origin - t_back, start=t_back, grad=False,
+                                  streams=streams)
+        h = {k: torch.cat([full[k][:t_back].double().cpu(), sim[k].double().cpu()]) for k in sim}
+        b = base_series(ps, h)["cases"].numpy()
+        g = np.log(b[origin - 7:origin].sum(0) + 1e-6) - np.log(b[origin - 14:origin - 7].sum(0) + 1e-6)
+        return g, st, h
+
+    G = np.stack([run(torch.full((A,), float(d)))[0] for d in grid])  # [K, A]
+    delta = np.zeros(A)
+    for a in range(A):
+        g = np.maximum.accumulate(G[:, a])  # growth rises with the multiplier; flat pieces from noise
+        delta[a] = float(np.interp(g_obs[a], g, np.asarray(grid, dtype=np.float64)))
+    d = torch.tensor(delta, dtype=torch.float32)
+    _, st, h = run(d)
+    fp.committed.copy_(table0)
+    return d, st, h, {"grid_growth": G.tolist(), "observed_growth": g_obs.tolist(), "offset": delta.tolist()}
+
+
 def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
                   sc: dict[str, Tensor], dow: Tensor, horizon: int, *, replicates: int | None = None,
-                  draws: int | None = None, errors: dict[str, dict[int, np.ndarray]] | None = None) -> dict[str, Any]:
+                  draws: int | None = None, errors: dict[str, dict[int, np.ndarray]] | None = None,
+                  sim: Problem | None = None, back: tuple[int, Any, dict[str, Tensor]] | None = None,
+                  errors_raw: dict[str, dict[int, np.ndarray]] | None = None,
+                  skill: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
     """Predictive draws ``{series: [R * draws, H, A + 1]}`` (last column citywide) from the state at day ``origin``.
 
     Reads nothing after ``dates[origin - 1]``: covariates, variant share and vaccination are
@@ -987,8 +1165,16 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     log errors (``errors``, :func:`model_log_errors`) resampled around it, or, before enough
     of them exist, the replicates with negative-binomial noise (dispersion fitted on the
     residuals of the 28 days before the origin) widened by a log-normal sd 0.3 h^0.5.
+
+    Skill calibration (``cfg.skill_growth``): the point of week ``h`` becomes
+    ``(1 + y_0) exp(b_h g_h) - 1``, with ``y_0`` the observed week before the origin, ``g_h``
+    the raw trajectory's log growth over it and ``b_h`` from ``skill`` (:func:`growth_skill`,
+    the model's measured skill on earlier forecasts); ``errors`` are then the calibrated
+    forecast's own past errors. The raw trajectory forecast is kept as ``<series>_raw`` (its
+    own past errors ``errors_raw``) and ``weekly_point_raw``.
     """
     cfg = p.cfg
+    ps = sim or p  # the city the replicates run on (``state`` and ``full`` are its own)
     R = int(replicates or cfg.replicates)
     n = int(draws or cfg.draws)
     H = int(min(horizon, len(p.dates) - origin))
@@ -1008,7 +1194,17 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         # network on covariates held at the origin would only add calendar steps it never saw applied
         wl = int(p.week[origin - 1])
         lm_future = lm_now[wl].expand(lm_now.shape[0], -1).clone()
-    d1, d2 = dose_days(p.population.age, p.population.area, p.dates, asof, seed=cfg.seed)
+    d1, d2 = dose_days(ps.population.age, ps.population.area, p.dates, asof, seed=cfg.seed)
+    assim: dict[str, Any] = {}
+    if back is not None and sim is not None and cfg.assimilate:
+        # data assimilation on the shadow city: the last block's multiplier per borough is shifted so that
+        # its simulated growth matches the observed one; the shifted multiplier is held in the forecast
+        t_back, st_b, full_b = back
+        st_b = st_b.replace(dose1_day=d1.to(st_b.device), dose2_day=d2.to(st_b.device))
+        delta, state, full, assim = assimilate_growth(p, ps, fp, st_b, full_b, t_back, origin)
+        lm_future = lm_future + delta.to(lm_future.device)
+        lm_now = lm_now.clone()
+        lm_now[int(p.week[origin])] = lm_future[int(p.week[origin])]
     st = state.replace(dose1_day=d1.to(state.device), dose2_day=d2.to(state.device))
     # parameter uncertainty: sd of the fitted week-to-week changes of the log multiplier (after the first wave)
     comm = params.committed.detach().cpu()
@@ -1024,18 +1220,27 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     g = torch.Generator().manual_seed(cfg.seed + 7 * origin)
     T_end = origin + H
     last = {s: sc[s][-1].cpu() for s in SERIES}
-    past = base_series(p, {k: full[k][:origin].double().cpu() for k in full})
+    past = base_series(ps, {k: full[k][:origin].double().cpu() for k in full})
     if cfg.anchor_days > 0:
-        # observation level at the origin: each borough's observed / expected over the last days (data <= origin - 1)
+        # observation level at the origin: each borough's observed / simulated over the last days (data <=
+        # origin - 1). On the pass's own city it stays within 2x of the profiled scale; a shadow city's
+        # level differs from the pass's by its own realisation, so there the ratio is the level itself
         for s in SERIES:
             days = cfg.anchor_days if s == "cases" else 2 * cfg.anchor_days
             lo = origin - days
-            e = (past[s][lo:origin] * sc[s][-days:].cpu() * (dow[lo:origin, None] if s == "cases" else 1.0)).sum(0)
+            e = (past[s][lo:origin] * (dow[lo:origin, None] if s == "cases" else 1.0)).sum(0)
             o = torch.tensor(p.obs[s][lo:origin].sum(0))
-            last[s] = last[s] * ((o + 0.5) / (e + 0.5)).clamp(0.5, 2.0)
+            ratio = (o + 0.5) / (e + 0.5)
+            if sim is not None:
+                # the shadow's own level, kept within a range of the pass's scale: a shadow borough with
+                # next to no expected cases in the anchor days would otherwise multiply its next wave
+                lo_f, hi_f = cfg.shadow_anchor_range
+                last[s] = torch.minimum(torch.maximum(ratio, lo_f * last[s]), hi_f * last[s])
+            else:
+                last[s] = (ratio / last[s]).clamp(0.5, 2.0) * last[s]
     out: dict[str, list[Tensor]] = {s: [] for s in SERIES}
     for r in range(R):
-        steps_noise = torch.randn(len(weeks), len(p.areas), generator=g) * rw
+        steps_noise = torch.randn(len(weeks), len(p.areas), generator=g) * (rw if cfg.forecast_rw else 0.0)
         if p.dates[origin].day_of_week != 0:
             steps_noise[0] = 0.0
         path = torch.cumsum(steps_noise, 0)
@@ -1044,39 +1249,62 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
             anchor = lm_now[w] if (p.dates[origin].day_of_week != 0 and i == 0) else lm_future[w]
             table[w] = anchor + path[i].to(table.device)
         fp.committed.copy_(table)
-        streams = Streams(cfg.seed + 1000 + r, [s.name for s in p.model.substeps], st.device)
+        streams = Streams(cfg.seed + 1000 + r, [s.name for s in ps.model.substeps], st.device)
         with torch.no_grad():
-            sim, _ = cal.rollout(p.model, fp, p.system0, st, H, start=origin, grad=False, streams=streams)
-            hist_r = {k: torch.cat([full[k][:origin].double().cpu(), sim[k].double().cpu()]) for k in sim}
-            base = base_series(p, hist_r)
+            out_r, _ = cal.rollout(ps.model, fp, ps.system0, st, H, start=origin, grad=False, streams=streams)
+            hist_r = {k: torch.cat([full[k][:origin].double().cpu(), out_r[k].double().cpu()]) for k in out_r}
+            base = base_series(ps, hist_r)
         for s in SERIES:
             mu = base[s][origin:T_end] * last[s] * (dow[origin:T_end, None] if s == "cases" else 1.0)
             out[s].append(mu)
     res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}, "weekly_point": {},
-                           "n_errors": {}}
+                           "weekly_point_raw": {}, "weekly_growth": {}, "level0": {}, "skill": {},
+                           "n_errors": {}, "assimilation": assim}
     t_lo = origin - min(28, sc["cases"].shape[0])
     Hw = (H + 6) // 7
     day_week = np.arange(H) // 7
     ge = np.random.default_rng(cfg.seed + 11 * origin)
     for s in SERIES:
         mu = torch.stack(out[s])  # [R, H, A]
-        point = mu.median(0).values.numpy()  # robust to a replicate whose random walk runs away
+        # the median is robust to a replicate whose random walk runs away; without the walk the mean has less noise
+        point = (mu.median(0).values if cfg.forecast_rw else mu.mean(0)).numpy()
         point = np.concatenate([point, point.sum(-1, keepdims=True)], -1)  # [H, A + 1]
+        wp_raw = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
+        obs_all = np.concatenate([p.obs[s], p.obs_city[s][:, None]], 1)
+        y0 = obs_all[origin - 7:origin].sum(0)  # [A + 1], observed before the origin
+        g_raw = np.log1p(wp_raw) - np.log1p(y0)  # the model's log growth over the last observed week
+        res["weekly_point_raw"][s], res["weekly_growth"][s], res["level0"][s] = wp_raw, g_raw, y0
+        point_raw = point
+        if cfg.skill_growth:
+            sk = (skill or {}).get(s, {})
+            hs = sorted(sk)
+            b = np.array([sk[h] if h in sk else (sk[hs[-1]] if hs and h > hs[-1] else 0.0) for h in range(1, Hw + 1)])
+            res["skill"][s] = b.tolist()
+            wp = np.expm1(np.log1p(y0) + b[:, None] * g_raw)
+            # daily shape of the raw trajectory within each week, rescaled to the calibrated weekly total
+            point = point_raw * (wp / np.maximum(wp_raw, 1e-9))[day_week]
         res["weekly_point"][s] = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
-        fit_mu = (past[s][t_lo:origin] * sc[s][-(origin - t_lo):].cpu()
+        fit_mu = (past[s][t_lo:origin] * (last[s] if sim is not None else sc[s][-(origin - t_lo):].cpu())
                   * (dow[t_lo:origin, None] if s == "cases" else 1.0)).numpy()
         k = _fit_k(fit_mu, p.obs[s][t_lo:origin])
         res["dispersion"][s] = k
         errs = (errors or {}).get(s, {})
         res["n_errors"][s] = {h: int(e.size) for h, e in errs.items()}
-        if any(e.size >= MODEL_MIN_ERRORS for e in errs.values()):
-            e = _error_draws(errs, Hw, (R * n, point.shape[1]), ge)  # [D, Hw, A + 1]
-            res[s] = point[None] * np.exp(e[:, day_week])
-        else:
-            y = cal.sample_counts(mu.float(), k=k, draws=n, seed=cfg.seed + origin).flatten(0, 1)  # [R * n, H, A]
-            y = torch.cat([y, y.sum(-1, keepdim=True)], -1).numpy()
-            e = _error_draws({}, Hw, (y.shape[0], y.shape[2]), ge)
-            res[s] = y * np.exp(e[:, day_week])
+        y_nb = None
+        errs_raw = (errors_raw or {}).get(s, {}) if cfg.skill_growth else errs
+        for key, pt, ee in ((s, point, errs), (s + "_raw", point_raw, errs_raw)):
+            if key == s + "_raw" and not cfg.skill_growth:
+                res[key] = res[s]
+                continue
+            if any(e.size >= MODEL_MIN_ERRORS for e in ee.values()):
+                e = _error_draws(ee, Hw, (R * n, pt.shape[1]), ge)  # [D, Hw, A + 1]
+                res[key] = pt[None] * np.exp(e[:, day_week])
+            else:
+                if y_nb is None:
+                    y = cal.sample_counts(mu.float(), k=k, draws=n, seed=cfg.seed + origin).flatten(0, 1)
+                    y_nb = torch.cat([y, y.sum(-1, keepdim=True)], -1).numpy()  # [R * n, H, A + 1]
+                e = _error_draws({}, Hw, (y_nb.shape[0], y_nb.shape[2]), ge)
+                res[key] = y_nb * (pt / np.maximum(point_raw, 1e-9))[None] * np.exp(e[:, day_week])
         res[s + "_mean"] = mu.mean(0).numpy()
     return res
 
@@ -1127,12 +1355,12 @@ def insample_metrics(p: Problem, rec: FitRecord) -> dict[str, Any]:
     return out
 
 
-def forecast_frame(p: Problem, fc: dict[str, Any]) -> pd.DataFrame:
-    """Daily model-only forecast: ``date, area, series, median, lower_90, upper_90``."""
+def forecast_frame(p: Problem, fc: dict[str, Any], suffix: str = "") -> pd.DataFrame:
+    """Daily model-only forecast: ``date, area, series, median, lower_90, upper_90`` (``suffix="_raw"``: the raw trajectory)."""
     o, H = fc["origin"], fc["horizon"]
     rows = []
     for s in SERIES:
-        q = np.quantile(fc[s], [0.5, 0.05, 0.95], axis=0)  # [3, H, A + 1]
+        q = np.quantile(fc.get(s + suffix, fc[s]), [0.5, 0.05, 0.95], axis=0)  # [3, H, A + 1]
         for j, a in enumerate((*p.areas, "NYC")):
             rows.append(pd.DataFrame({"date": p.dates[o:o + H], "area": a, "series": s, "median": q[0, :, j],
                                       "lower_90": q[1, :, j], "upper_90": q[2, :, j]}))
@@ -1153,12 +1381,13 @@ def backtest_rows(p: Problem, fc: dict[str, Any], horizons: Sequence[int] = (1, 
             a0, a1 = 7 * (h - 1), 7 * h
             if a1 > fc["horizon"]:
                 continue
-            draws = fc[s][:, a0:a1].sum(1)  # [D, A + 1]
-            qm = np.quantile(draws, LEVELS, axis=0)  # [Q, A + 1]
+            qm = np.quantile(fc[s][:, a0:a1].sum(1), LEVELS, axis=0)  # [Q, A + 1]
+            raw = fc.get(s + "_raw", fc[s])
+            qr = np.quantile(raw[:, a0:a1].sum(1), LEVELS, axis=0)
             t_lo, t_hi = o + a0, o + a1
             truth = obs_all[t_lo:t_hi].sum(0) if t_hi <= T0 else np.full(obs_all.shape[1], np.nan)
             for j, a in enumerate((*p.areas, "NYC")):
-                base = {"model": qm[:, j]}
+                base = {"model": qm[:, j], "model_raw": qr[:, j]}
                 for m in ("persistence", "trend"):
                     base[m] = baseline_quantiles(hist_w[:, j], [h], m)[0]
                 for m, q in base.items():
@@ -1284,6 +1513,7 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
            progress: bool = True) -> tuple[Problem, FitRecord]:
     """Re-simulate a shipped fit block by block (same scale and seed: the fit's committed history, bit for bit)."""
     cfg = FitConfig(**{**blob["config"], "vaccine_efficacy": tuple(blob["config"]["vaccine_efficacy"]),
+                       "asc_bounds": tuple(blob["config"].get("asc_bounds", FitConfig.asc_bounds)),
                        **({"scale": scale} if scale is not None else {}), **({"seed": seed} if seed is not None else {})})
     p = make_problem(cfg, cache_dir=cache_dir)
     if list(p.areas) != blob["areas"] or len(blob["blocks"]) != len(p.blocks):
@@ -1325,7 +1555,7 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
 #: every file ``lpm run covid-nyc`` (the fitted replay) writes into --out
 RUN_FILES = ("daily.csv", "summary.json", "fitted_schedules.png", *(f"insample_{s}.png" for s in SERIES))
 #: every file ``lpm calibrate covid-nyc`` may write into --out
-CALIBRATE_FILES = ("forecast.csv", "insample.csv", "backtest_forecasts.csv", "backtest_scores.csv",
+CALIBRATE_FILES = ("forecast.csv", "forecast_raw.csv", "insample.csv", "backtest_forecasts.csv", "backtest_scores.csv",
                    "backtest_scores_by_scope.csv", "backtest_scores_hosp_deaths.csv", "backtest.png", "fit.json",
                    "summary.json", "fitted_schedules.png", "forecast_nyc.png", *(f"insample_{s}.png" for s in SERIES))
 
@@ -1416,6 +1646,11 @@ def calibrate(argv: Sequence[str]) -> int:
     ap.add_argument("--anchor-days", type=int, default=d.anchor_days,
                     help="rescale the forecast level per borough to the observed/expected ratio of the last N days "
                          "before the origin (default 0: off; an option, not used for the shipped numbers)")
+    ap.add_argument("--asc-rw-sd", type=float, default=d.asc_rw_sd,
+                    help="prior sd of the 14-day change of log ascertainment (0: each segment profiled alone)")
+    ap.add_argument("--forecast-scale", type=float, default=d.forecast_scale,
+                    help="agents per resident of the shadow city the forecasts run from (0: the fitted city itself)")
+    ap.add_argument("--dump-dir", default=None, help="also save every forecast origin's states and parameters there")
     ap.add_argument("--backtest", action="store_true", help="forecast 1-4 weeks from every second Monday "
                     "2020-06-01..2021-02-28 from the pass's own states and score against persistence and trend")
     ap.add_argument("--ship", action="store_true", help=f"also write the fit record to {FIT_FILE} (used by lpm run)")
@@ -1440,7 +1675,9 @@ def calibrate(argv: Sequence[str]) -> int:
     _check_dates(a.train_end, a.start)
     cfg = replace(d, train_end=a.train_end, start=a.start, scale=a.scale, seed=a.seed, iters=a.iters,
                   iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device,
-                  anchor_days=a.anchor_days)
+                  anchor_days=a.anchor_days, forecast_scale=a.forecast_scale, asc_rw_sd=a.asc_rw_sd)
+    if a.forecast_scale < 0:
+        ap.error(f"--forecast-scale: expected >= 0, got {a.forecast_scale}")
     od = OutputDir(a.out, CALIBRATE_FILES, overwrite=a.overwrite)
     out = od.staging
     torch.manual_seed(cfg.seed)
@@ -1449,8 +1686,12 @@ def calibrate(argv: Sequence[str]) -> int:
     p = make_problem(cfg, horizon=horizon, cache_dir=a.cache_dir)
     print(p.model.plan())
     print(f"{p.population.num_agents:,} agents; {len(p.blocks)} blocks; {p.dates[0].date()}..{p.train_end.date()}")
+    shadow = None
+    if cfg.forecast_scale > 0 and cfg.forecast_scale != cfg.scale:
+        shadow = make_problem(replace(cfg, scale=cfg.forecast_scale), horizon=horizon, cache_dir=a.cache_dir)
+        print(f"forecasts run from a shadow city of {shadow.population.num_agents:,} agents (scale {cfg.forecast_scale})")
     origins = backtest_origins(p) if a.backtest else []
-    rec = sequential_fit(p, origins=origins, horizon=horizon)
+    rec = sequential_fit(p, origins=origins, horizon=horizon, shadow=shadow, dump_dir=a.dump_dir)
     T0 = p.blocks[-1][1]
     fc = rec.forecasts[T0]
     if fc["horizon"] > a.forecast_days:
@@ -1458,6 +1699,7 @@ def calibrate(argv: Sequence[str]) -> int:
         fc["horizon"] = a.forecast_days
     fdf = forecast_frame(p, fc)
     fdf.to_csv(out / "forecast.csv", index=False, date_format="%Y-%m-%d")
+    forecast_frame(p, fc, "_raw").to_csv(out / "forecast_raw.csv", index=False, date_format="%Y-%m-%d")
     metrics = insample_metrics(p, rec)
     metrics["calibration_seconds"] = rec.seconds
     metrics["forecast_dispersion"] = fc["dispersion"]

@@ -131,6 +131,8 @@ def test_forecast_reads_nothing_after_train_end(tmp_path, monkeypatch) -> None:
     assert set(a["area"]) == {*nyc.BOROUGHS, "NYC"} and set(a["series"]) == {"cases", "hospitalizations", "deaths"}
     assert pd.to_datetime(a["date"]).min() == pd.Timestamp("2020-05-25")
     pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "forecast_raw.csv"),
+                                  pd.read_csv(tmp_path / "b" / "forecast_raw.csv"))
 
 
 @pytest.mark.slow
@@ -245,6 +247,39 @@ def test_model_errors_use_only_weeks_before_the_origin() -> None:
     assert all(np.array_equal(errs["cases"][h], errs2["cases"][h]) for h in errs["cases"])
 
 
+def test_growth_skill_recovers_the_slope_from_weeks_before_the_origin() -> None:
+    T = 160
+    p = _mini_problem(np.zeros(T))
+    rng = np.random.default_rng(1)
+    y = rng.poisson(300, (T, 5)).astype(float)
+    p.obs = {s: y.copy() for s in fit.SERIES}
+    p.obs_city = {s: p.obs[s].sum(1) for s in fit.SERIES}
+    obs_all = np.concatenate([y, y.sum(1, keepdims=True)], 1)
+    origins = list(range(14, 120, 7))
+    fcs = {}
+    for o in origins:
+        y0 = obs_all[o - 7:o].sum(0)
+        # realised growth = 0.4 x the model's growth + noise: the fit must find b ~ 0.4 at every horizon
+        real = np.stack([np.log1p(obs_all[o + 7 * h:o + 7 * h + 7].sum(0)) - np.log1p(y0) for h in range(4)])
+        g = real / 0.4 + rng.normal(0, 0.01, real.shape)
+        fcs[o] = {"weekly_growth": {s: g for s in fit.SERIES}, "level0": {s: y0 for s in fit.SERIES}}
+    sk = fit.growth_skill(p, fcs, 130, weeks=26, shrink=0.0)
+    assert all(abs(sk["cases"][h] - 0.4) < 0.02 for h in range(1, 5)), sk["cases"]
+    # shrinkage: n / (n + shrink) with n = pairs x 6 columns; no pairs -> no horizon
+    n1 = sum(1 for o in origins if o + 7 <= 130) * 6
+    sk2 = fit.growth_skill(p, fcs, 130, weeks=26, shrink=float(n1))
+    assert abs(sk2["cases"][1] - 0.5 * sk["cases"][1]) < 1e-9
+    assert fit.growth_skill(p, fcs, 20, weeks=26)["cases"] == {}
+    # a model whose growth anti-correlates with the truth gets b = 0 (clipped), never negative
+    neg = {o: {"weekly_growth": {s: -fc["weekly_growth"][s] for s in fit.SERIES}, "level0": fc["level0"]}
+           for o, fc in fcs.items()}
+    assert all(v == 0.0 for v in fit.growth_skill(p, neg, 130)["cases"].values())
+    # data from the origin on is never read
+    p.obs["cases"][130:] *= 50
+    p.obs_city["cases"][130:] *= 50
+    assert fit.growth_skill(p, fcs, 130, weeks=26, shrink=0.0) == sk
+
+
 def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     g = np.random.default_rng(0)
     e = {1: np.linspace(-0.2, 0.2, 30) + 0.5}  # biased by +0.5: centred before use
@@ -262,3 +297,120 @@ def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     assert abs(float(d1[:, 5].std()) / float(d1[:, 0].std()) - 3.0) < 0.3
     d2 = fit._error_draws({1: e_area[:2]}, 1, (4000, 6), g)[:, 0]
     assert abs(float(d2[:, 5].std()) / float(d2[:, 0].std()) - 1.0) < 0.15
+
+
+def _asc_problem(scale: float, obs_cases: np.ndarray, sd: float = 0.15) -> object:
+    """The fields :func:`profile_scales` reads, one borough."""
+    from types import SimpleNamespace
+
+    T = len(obs_cases)
+    dates = pd.date_range("2020-05-04", periods=T)
+    segs = [(t, min(T, t + 14)) for t in range(0, T, 14)]
+    obs = {"cases": obs_cases[:, None], "hospitalizations": np.ones((T, 1)), "deaths": np.ones((T, 1))}
+    return SimpleNamespace(cfg=fit.FitConfig(asc_rw_sd=sd), dates=dates, segments=segs, obs=obs, areas=("X",),
+                           scale=scale)
+
+
+def test_ascertainment_random_walk_smooths_sampling_noise_not_data() -> None:
+    T = 112  # eight 14-day segments
+    obs = np.repeat(np.array([30.0, 70.0] * 4), 14)  # observed/expected jumps 0.3 <-> 0.7 every segment
+    base = {s: torch.full((T, 1), 100.0, dtype=torch.float64) for s in fit.SERIES}
+    dow = torch.ones(T, dtype=torch.float64)
+    prev = torch.tensor([0.3], dtype=torch.float64)
+
+    def asc(scale: float, prev_asc=prev) -> np.ndarray:
+        sc = fit.profile_scales(_asc_problem(scale, obs), base, dow, 0, T, prev_asc)["cases"][:, 0].numpy()
+        return sc[::14]
+
+    # a large simulated city (expected onsets known precisely): ascertainment follows most of each jump
+    # (log 0.7/0.3 = 0.85; only the NB likelihood's own overdispersion is weighed against the prior)
+    big = asc(1.0)
+    assert float(np.abs(np.diff(np.log(big))).min()) > 0.5 and 0.55 < big[1] < 0.7 and 0.3 < big[2] < 0.4, big
+    # a few simulated agents per segment: the jumps are sampling noise of the simulation, smoothed away
+    small = asc(0.002)  # 100 expected a day x 14 days x 0.002 = 2.8 agents per segment
+    assert float(np.abs(np.diff(np.log(small))).max()) < 0.2, small
+    assert 0.25 < float(small.min()) and float(small.max()) < 0.45
+    # without a previous value or a prior, each segment is its own ratio; never above the plausible ceiling
+    raw = asc(0.002, None)
+    assert abs(raw[0] - (30 * 14 + 0.5) / 1400) < 1e-6
+    off = fit.profile_scales(_asc_problem(0.002, obs, sd=0.0), base, dow, 0, T, prev)["cases"][::14, 0].numpy()
+    assert np.allclose(off, np.repeat([(30 * 14 + 0.5) / 1400, (70 * 14 + 0.5) / 1400], 1)[np.arange(8) % 2])
+    # before asc_prior_from (testing ramped up in spring 2020) segments are not tied together
+    early = _asc_problem(0.002, obs)
+    early.dates = pd.date_range("2020-03-01", periods=T)
+    sp = fit.profile_scales(early, base, dow, 0, T, prev)["cases"][::14, 0].numpy()
+    assert np.allclose(sp[:5], off[:5]) and not np.allclose(sp[5:], off[5:])
+    high = fit.profile_scales(_asc_problem(1.0, np.full(T, 500.0)), base, dow, 0, T, None)["cases"]
+    assert float(high.max()) == fit.FitConfig().asc_bounds[1]
+
+
+@pytest.mark.slow
+def test_assimilation_follows_the_observed_growth_and_reads_nothing_later() -> None:
+    cfg = fit.FitConfig(train_end="2020-05-17", scale=0.001, seed=1)
+    p = fit.make_problem(cfg, cache_dir=None)
+    p.params.committed[:] = -0.5
+    p.params.log_seed.data.fill_(np.log(1e-4))
+    t_back, origin = 36, 50  # 2020-04-06..04-19: the synthetic epidemic is growing in every borough
+    streams = fit.Streams(5, [s.name for s in p.model.substeps], "cpu")
+    with torch.no_grad():
+        sim, st = fit.cal.rollout(p.model, p.params, p.system0, p.state0, t_back, grad=False, streams=streams)
+    full = {k: v.double() for k, v in sim.items()}
+    # the last block's weeks are not committed yet: the forecast fits them (network + residual)
+    p.params.committed[np.unique(p.week[t_back:])] = float("nan")
+
+    def set_growth(g: np.ndarray) -> None:
+        p.obs["cases"][origin - 14:origin - 7] = 1000.0
+        p.obs["cases"][origin - 7:origin] = (np.expm1(np.log1p(7000.0) + g) / 7)[None, :]
+
+    set_growth(np.zeros(5))
+    _, _, h, info = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert h["infections"].shape[0] == origin
+    G = np.asarray(info["grid_growth"])  # [3 shifts -0.5, 0, 0.5, 5 boroughs], common random numbers
+    mono = (G[1] > G[0] + 0.05) & (G[2] > G[1] + 0.05)
+    assert mono.sum() >= 3, G  # a higher multiplier makes the simulated block grow faster
+    # an observed growth equal to the unshifted simulation's needs no shift; halfway to the +0.5 run's, +0.25
+    set_growth(G[1])
+    d0, _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert np.allclose(d0.numpy()[mono], 0.0, atol=1e-4), d0
+    set_growth((G[1] + G[2]) / 2)
+    offsets = {"falling": None}
+    d1, _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert np.allclose(d1.numpy()[mono], 0.25, atol=1e-4), d1
+    set_growth(G[0] - 1.0)  # beyond the grid: clipped to its end
+    offsets["falling"], _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert np.allclose(offsets["falling"].numpy(), -0.5)
+    # observed days from the origin on are never read
+    p.obs["cases"][origin:] *= 50
+    d2, _, _, _ = fit.assimilate_growth(p, p, p.params, st, full, t_back, origin)
+    assert torch.equal(d2, offsets["falling"])
+    assert bool(torch.isnan(p.params.committed[int(p.week[origin - 1])]).all())  # the table is restored
+
+
+@pytest.mark.slow
+def test_skill_calibrated_point_is_the_last_week_times_the_scaled_model_growth() -> None:
+    cfg = fit.FitConfig(train_end="2020-05-17", scale=0.001, seed=1, replicates=2, draws=5)
+    p = fit.make_problem(cfg, cache_dir=None)
+    p.params.committed[:] = -0.5
+    p.params.log_seed.data.fill_(np.log(1e-4))
+    origin = 50
+    streams = fit.Streams(5, [s.name for s in p.model.substeps], "cpu")
+    with torch.no_grad():
+        sim, st = fit.cal.rollout(p.model, p.params, p.system0, p.state0, origin, grad=False, streams=streams)
+    full = {k: v.double() for k, v in sim.items()}
+    sc = {s: torch.full((origin, 5), 0.3, dtype=torch.float64) for s in fit.SERIES}
+    dow = fit.weekday_factor(p, origin)
+    out = {}
+    for b in (0.0, 0.5, 1.0):
+        sk = {s: {1: b, 2: b} for s in fit.SERIES}
+        out[b] = fit.forecast_from(p, origin, st, p.params, full, sc, dow, 14, skill=sk)
+    raw, y0, g = out[1.0]["weekly_point_raw"]["cases"], out[1.0]["level0"]["cases"], out[1.0]["weekly_growth"]["cases"]
+    obs_all = np.concatenate([p.obs["cases"], p.obs_city["cases"][:, None]], 1)
+    assert np.allclose(y0, obs_all[origin - 7:origin].sum(0))
+    assert np.allclose(g, np.log1p(raw) - np.log1p(y0))
+    assert np.allclose(out[1.0]["weekly_point"]["cases"], raw)  # b = 1: the raw trajectory
+    assert np.allclose(out[0.0]["weekly_point"]["cases"], y0[None].repeat(2, 0))  # b = 0: no growth
+    assert np.allclose(np.log1p(out[0.5]["weekly_point"]["cases"]), np.log1p(y0) + 0.5 * g)
+    assert np.abs(g).max() > 0.05  # the test has growth to scale
+    # the raw trajectory's draws do not depend on the skill; the issued ones do
+    assert np.array_equal(out[0.0]["cases_raw"], out[1.0]["cases_raw"])
+    assert not np.allclose(out[0.0]["cases"], out[1.0]["cases"])
