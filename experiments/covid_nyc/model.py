@@ -80,6 +80,7 @@ class NYCConfig:
     llm_model: str | None = None
     llm_fallback: float | None = None
     llm_max_fallback_share: float | None = None
+    estimator: str = "presence"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (normalizing a frozen instance)
@@ -251,8 +252,7 @@ def build(config: NYCConfig | None = None, /, *, params: Mapping[str, float] | N
     """Build the NYC COVID-19 model of ``config`` with parameter values ``params`` (default :data:`NYC_DEFAULTS`).
 
     ``options`` are :class:`NYCConfig` fields, a shorthand for ``build(NYCConfig(**options))``
-    (or changes to ``config``). Parameter names among them (``beta=0.3``) are accepted as
-    values of ``params`` (the form experiments/covid_nyc_fit.py uses); prefer ``params=``.
+    (or changes to ``config``); parameter values go in ``params`` (``params={"beta": 0.3}``).
 
     Isolation behaviour (``llm != 'off'``): once a week each archetype (age band x sex x
     borough x employment) answers whether its members isolate when symptomatic, given its
@@ -265,12 +265,11 @@ def build(config: NYCConfig | None = None, /, *, params: Mapping[str, float] | N
         raise ConfigError(f"build: expected an NYCConfig (or options as keywords: build(scale=0.01, ...)), "
                           f"got {type(config).__name__} {config!r}")
     values = {**NYC_DEFAULTS, **dict(params or {})}
-    legacy = {k: options.pop(k) for k in list(options) if k in PARAM_DOCS}
-    values.update(legacy)
     unknown = sorted(set(options) - _CONFIG_FIELDS)
     if unknown:
-        raise ConfigError(f"build: unknown option(s) {unknown}; options are NYCConfig fields {sorted(_CONFIG_FIELDS)}, "
-                          f"parameters {sorted(PARAM_DOCS)}")
+        hint = [k for k in unknown if k in PARAM_DOCS]
+        raise ConfigError(f"build: unknown option(s) {unknown}; options are NYCConfig fields {sorted(_CONFIG_FIELDS)}"
+                          + (f"; {hint} are parameters: pass params={{{hint[0]!r}: ...}}" if hint else ""))
     cfg = dataclasses.replace(config, **options) if config is not None else NYCConfig(**options)
     areas, dates = cfg.areas, cfg.dates
     check_dates(dates, cfg.extrapolate)
@@ -313,7 +312,7 @@ def build(config: NYCConfig | None = None, /, *, params: Mapping[str, float] | N
     model = covid_model(disease, areas=areas, age_labels=AGE_LABELS, policies=policy_ivs, vaccination=vacc,
                         name="covid-nyc", behaviour=behaviour, individual_isolation=decide is not None,
                         case_window=CASE_WINDOW if decide is not None else 0, observables=extra, state_type=NYCState,
-                        system_type=NYCSystem)
+                        system_type=NYCSystem, estimator=cfg.estimator)
     info.update(agents=N, edges=net.num_edges, **{k: v for k, v in net.summary().items() if k.startswith("mean_degree")})
     if decide is not None:
         info.update(llm=asker.backend.name, llm_model=asker.backend.model, archetypes=decide.archetypes.K,

@@ -326,8 +326,11 @@ def covid_model(disease: DiseaseModel, *, areas: Sequence[str], age_labels: Sequ
                 name: str = "covid", behaviour: Sequence[Substep] = (),
                 individual_isolation: bool = False, case_window: int = 0,
                 observables: Mapping[str, Observable] | None = None, state_type: type[CovidState] = CovidState,
-                system_type: type[CovidSystem] = CovidSystem) -> Model:
+                system_type: type[CovidSystem] = CovidSystem, estimator: str = "presence") -> Model:
     """Assemble the plan: mobility -> policies -> vaccination -> behaviour -> isolation -> transmission -> progression -> testing.
+
+    ``estimator`` is the :class:`Transmission` gradient estimator (``presence``, ``edge-presence``
+    or ``linear``; it changes gradients only, never the forward run).
 
     ``behaviour`` substeps (e.g. a weekly compliance decision writing ``isolation``) run just
     before :class:`Isolation`, which reads per-agent compliance when ``individual_isolation``;
@@ -340,7 +343,8 @@ def covid_model(disease: DiseaseModel, *, areas: Sequence[str], age_labels: Sequ
     steps.append(Modulate("vaccination", "susceptibility", "susceptibility_base", list(vaccination)))
     steps += list(behaviour)
     steps += [Isolation(disease, individual=individual_isolation),
-              Transmission(disease, use_layer_scale=True, use_contact_factor=True, use_susceptibility=True),
+              Transmission(disease, use_layer_scale=True, use_contact_factor=True, use_susceptibility=True,
+                           estimator=estimator),
               Progression(disease),
               Testing()]
     if case_window > 0:
