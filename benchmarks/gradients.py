@@ -104,7 +104,7 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
     """
     import pandas as pd
 
-    from experiments import covid_nyc_fit as nf
+    from experiments.covid_nyc import fit as nf
     from lpm.rng import Streams
 
     wk_start = week_day - int(pd.Timestamp("2020-03-01").day_of_week + week_day) % 7 if lags else 0

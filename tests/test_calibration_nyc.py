@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("experiments.covid_nyc")
 
-from experiments import covid_nyc, covid_nyc_calibrate as study  # noqa: E402
+from experiments import covid_nyc
+from experiments.covid_nyc import window_fit as study  # noqa: E402
 
 
 def _spy(monkeypatch) -> list[pd.Timestamp]:

@@ -185,7 +185,7 @@ def test_weekly_context_is_last_weeks_reported_cases_per_100k(cache, device: str
 
 
 def test_higher_compliance_means_fewer_infections(cache, device: str):
-    kw = dict(**BASE, device=device, days=45, cache_dir=cache, llm_cache=False, isolation=0.99)
+    kw = dict(**BASE, device=device, days=45, cache_dir=cache, llm_cache=False, params={"isolation": 0.99})
     low = nyc.build(**kw, llm=Fixed(0.05)).simulate(seed=4)["infections"].sum(1)
     high = nyc.build(**kw, llm=Fixed(0.95)).simulate(seed=4)["infections"].sum(1)
     first = int(torch.nonzero(low != high)[0]) if bool((low != high).any()) else 45

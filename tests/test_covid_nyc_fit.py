@@ -14,7 +14,7 @@ import torch
 
 from calibration.backtest import LEVELS, baseline_point, baseline_quantiles, score_table, summarize_scores
 from experiments import covid_nyc as nyc
-from experiments import covid_nyc_fit as fit
+from experiments.covid_nyc import fit as fit
 
 
 def test_serosurvey_target_is_the_documented_fact() -> None:

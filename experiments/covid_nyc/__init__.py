@@ -1,7 +1,7 @@
 """COVID-19 in New York City, March 2020 - March 2021, on a synthetic population from census tables.
 
 Run: ``lpm run covid-nyc [--out out/covid_nyc]`` replays the shipped calibration
-(``data/covid_nyc_fit/fit.json``, see :mod:`experiments.covid_nyc_fit`);
+(``data/covid_nyc_fit/fit.json``, see :mod:`experiments.covid_nyc.fit`);
 ``lpm run covid-nyc --params prior [--scale 0.02 --days 396 --device cpu --seed 0 --out out/covid_nyc]``
 runs the uncalibrated model described here.
 

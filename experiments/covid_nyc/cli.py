@@ -1,7 +1,7 @@
 """NYC study command line: ``lpm run covid-nyc`` (fitted replay or the prior model), ``lpm calibrate covid-nyc``, plots.
 
-``run`` dispatches ``--params fitted`` (default) to :mod:`experiments.covid_nyc_fit` and
-``--params prior`` to :func:`run_prior`; ``--ranks N`` to :mod:`experiments.covid_nyc_distributed`.
+``run`` dispatches ``--params fitted`` (default) to :mod:`experiments.covid_nyc.fit` and
+``--params prior`` to :func:`run_prior`; ``--ranks N`` to :mod:`experiments.covid_nyc.distributed`.
 The outputs are listed in the package docstring (:mod:`experiments.covid_nyc`).
 """
 
@@ -98,7 +98,7 @@ def run(argv: Sequence[str]) -> int:
     """CLI: ``--params fitted`` (default) replays the shipped calibration; ``--params prior`` runs the model below."""
     argv = list(argv)
     if "--params" not in argv or argv[argv.index("--params") + 1:argv.index("--params") + 2] != ["prior"]:
-        from experiments.covid_nyc_fit import run_fitted  # imported on use: it imports this module
+        from experiments.covid_nyc.fit import run_fitted  # imported on use: it imports this module
 
         return run_fitted(argv)
     return run_prior(argv)
@@ -222,16 +222,16 @@ def _print_fallbacks(asker: Asker) -> None:
 
 
 def calibrate(argv: Sequence[str]) -> int:
-    """CLI: ``lpm calibrate covid-nyc`` (the sequential whole-history calibration in experiments.covid_nyc_fit)."""
+    """CLI: ``lpm calibrate covid-nyc`` (the sequential whole-history calibration in experiments.covid_nyc.fit)."""
     # imported on use: the calibration study itself imports this module
-    from experiments.covid_nyc_fit import calibrate as run_calibration
+    from experiments.covid_nyc.fit import calibrate as run_calibration
 
     return run_calibration(argv)
 
 
 def run_ranks(argv: Sequence[str], ranks: int) -> int:
-    """CLI: ``lpm run covid-nyc --ranks N`` (the prior model partitioned over N processes; experiments.covid_nyc_distributed)."""
-    from experiments.covid_nyc_distributed import run_ranks as run_partitioned
+    """CLI: ``lpm run covid-nyc --ranks N`` (the prior model partitioned over N processes; experiments.covid_nyc.distributed)."""
+    from experiments.covid_nyc.distributed import run_ranks as run_partitioned
 
     return run_partitioned(argv, ranks)
 

@@ -1,7 +1,7 @@
 """The calibrated NYC COVID-19 model: sequential gradient calibration of the whole history, forecasts, backtest.
 
 Run: ``lpm calibrate covid-nyc --train-end 2021-03-31 --forecast-days 91 [--backtest] --out out/nyc_fit``
-(``python -m experiments.covid_nyc_fit ...``). ``lpm run covid-nyc`` replays the shipped result
+(``python -m experiments.covid_nyc.fit ...``). ``lpm run covid-nyc`` replays the shipped result
 (``data/covid_nyc_fit/fit.json``, written by ``--ship``).
 
 The model (:func:`make_problem`): the synthetic census city of :mod:`experiments.covid_nyc`
@@ -1665,7 +1665,7 @@ def calibrate(argv: Sequence[str]) -> int:
     if a.resume:
         ap.error("--resume: the sequential fit has no checkpoint yet; use --overwrite to rerun")
     # the train end must lie within the data, with enough days behind it, before anything is built
-    from experiments.covid_nyc_calibrate import observed_until
+    from experiments.covid_nyc.window_fit import observed_until
 
     cal.check_train_end(observed_until(a.start, a.train_end), a.start, a.train_end, min_days=14)
     if a.anchor_days < 0 or a.anchor_days > 14:

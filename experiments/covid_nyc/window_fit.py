@@ -2,7 +2,7 @@
 
 Run: ``lpm calibrate covid-nyc --train-end 2020-05-15 --forecast-days 28 --out out/nyc_cal
 [--start 2020-03-01 --steps N --window 56 --scale 0.002 --seed 0 --replicates 4 --validate]``
-(or ``python -m experiments.covid_nyc_calibrate ...``).
+(or ``python -m experiments.covid_nyc.window_fit ...``).
 
 What it does:
 
@@ -352,7 +352,7 @@ def calibrate(argv: Sequence[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-end", required=True, type=date_arg, help="last date of data the fit may read (YYYY-MM-DD)")
     ap.add_argument("--forecast-days", type=positive_int, default=28)
-    ap.add_argument("--out", default="out/covid_nyc_calibrate")
+    ap.add_argument("--out", default="out/covid_nyc_window_fit")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     ap.add_argument("--extrapolate", action="store_true",
                     help="allow forecast dates beyond the covariate data (2021-03-31): covariates are extended")
