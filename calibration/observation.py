@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lpm.state import StateError
+from lpm.errors import ConfigError, DataError
 
 __all__ = ["DataWarning", "Stream", "ObservationModel", "Observed", "align", "gamma_delay", "lag_delay",
            "convolve_delay", "aggregation_matrix"]
@@ -39,7 +39,7 @@ class DataWarning(UserWarning):
 def gamma_delay(mean_days: float, sd_days: float, max_days: int | None = None, lag: int = 0) -> Tensor:
     """Discretized gamma delay pmf ``[D]`` over whole days ``0..D-1`` (optionally shifted by ``lag``)."""
     if mean_days <= 0 or sd_days <= 0:
-        raise StateError(f"gamma_delay: mean_days and sd_days must be > 0, got {mean_days}, {sd_days}")
+        raise ConfigError(f"gamma_delay: mean_days and sd_days must be > 0, got {mean_days}, {sd_days}")
     shape = (mean_days / sd_days) ** 2
     scale = sd_days**2 / mean_days
     D = int(max_days or math.ceil(mean_days + 6 * sd_days)) + 1
@@ -53,7 +53,7 @@ def gamma_delay(mean_days: float, sd_days: float, max_days: int | None = None, l
 def lag_delay(lag: int, pmf: Tensor | None = None) -> Tensor:
     """Pure lag of ``lag`` days (pmf ``[lag + 1]`` with mass at the end), or ``pmf`` shifted by it."""
     if lag < 0:
-        raise StateError(f"lag: expected >= 0 days, got {lag}")
+        raise ConfigError(f"lag: expected >= 0 days, got {lag}")
     base = torch.ones(1) if pmf is None else pmf.float()
     return torch.cat([torch.zeros(lag), base])
 
@@ -61,7 +61,7 @@ def lag_delay(lag: int, pmf: Tensor | None = None) -> Tensor:
 def convolve_delay(x: Tensor, pmf: Tensor) -> Tensor:
     """Causal convolution along time: ``y[t] = sum_k pmf[k] x[t - k]`` for ``x [T]`` or ``[T, G]``."""
     if pmf.dim() != 1:
-        raise StateError(f"delay pmf: expected 1-D, got shape {tuple(pmf.shape)}")
+        raise ConfigError(f"delay pmf: expected 1-D, got shape {tuple(pmf.shape)}")
     squeeze = x.dim() == 1
     xs = x.unsqueeze(1) if squeeze else x
     T, G = xs.shape
@@ -110,7 +110,7 @@ class Stream:
     def expected(self, params: Any, sim: Mapping[str, Tensor]) -> Tensor:
         """Expected reported counts ``[T, G]`` (or ``[T]``) from simulated observables."""
         if self.source not in sim:
-            raise StateError(f"stream {self.series!r}: observable {self.source!r} not simulated; have {sorted(sim)}")
+            raise ConfigError(f"stream {self.series!r}: observable {self.source!r} not simulated; have {sorted(sim)}")
         x = sim[self.source]
         if self.delay is not None:
             x = convolve_delay(x, self.delay)
@@ -153,11 +153,11 @@ class ObservationModel:
     def __init__(self, streams: Sequence[Stream], areas: Sequence[str] | None = None, *, total: str | None = None) -> None:
         names = [s.series for s in streams]
         if len(set(names)) != len(names):
-            raise StateError(f"streams: series names must be unique, got {names}")
+            raise ConfigError(f"streams: series names must be unique, got {names}")
         self.streams = {s.series: s for s in streams}
         self.areas = tuple(areas) if areas is not None else None
         if total is not None and self.areas is not None and total in self.areas:
-            raise StateError(f"total: {total!r} is also a simulated area {self.areas}; the total must be a separate label")
+            raise ConfigError(f"total: {total!r} is also a simulated area {self.areas}; the total must be a separate label")
         self.total = total
 
     def expected_daily(self, params: Any, sim: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -180,11 +180,11 @@ class ObservationModel:
                 else:
                     if self.areas is None:
                         if x.shape[-1] != 1:
-                            raise StateError(f"series {name!r}: area {a!r} requested but the model's areas are unnamed")
+                            raise ConfigError(f"series {name!r}: area {a!r} requested but the model's areas are unnamed")
                         cols.append(x[..., 0])
                     else:
                         if a not in self.areas:
-                            raise StateError(f"series {name!r}: area {a!r} not among the model's areas {self.areas}")
+                            raise ConfigError(f"series {name!r}: area {a!r} not among the model's areas {self.areas}")
                         cols.append(x[..., self.areas.index(a)])
             y = torch.stack(cols, -1)  # [..., T, A]
             agg = obs.agg.to(y.device, y.dtype) if obs.agg is not None else None
@@ -209,7 +209,7 @@ def align(frame: pd.DataFrame, dates: Sequence, *, series: Sequence[str] | None 
     """
     for col in ("date", "area", "series", "value"):
         if col not in frame.columns:
-            raise StateError(f"observed frame: missing column {col!r}; columns: {list(frame.columns)}")
+            raise DataError(f"observed frame: missing column {col!r}; columns: {list(frame.columns)}")
     df = frame[["date", "area", "series", "value"]].copy()
     df["date"] = pd.to_datetime(df["date"]).dt.normalize()
     df["value"] = pd.to_numeric(df["value"], errors="coerce").astype(float)
@@ -217,13 +217,13 @@ def align(frame: pd.DataFrame, dates: Sequence, *, series: Sequence[str] | None 
         df = df[df["date"] <= pd.Timestamp(end)]
     sim_dates = pd.DatetimeIndex(pd.to_datetime(list(dates))).normalize()
     if sim_dates.has_duplicates or not sim_dates.is_monotonic_increasing:
-        raise StateError("dates: expected strictly increasing simulation dates (one per step)")
+        raise DataError("dates: expected strictly increasing simulation dates (one per step)")
     series = tuple(series) if series is not None else tuple(sorted(df["series"].unique()))
     areas = tuple(areas) if areas is not None else tuple(sorted(df["area"].unique()))
     df = df[df["series"].isin(series) & df["area"].isin(areas)]
     dup = df.duplicated(["date", "area", "series"])
     if dup.any():
-        raise StateError(f"observed frame: {int(dup.sum())} duplicated (date, area, series) rows, e.g. "
+        raise DataError(f"observed frame: {int(dup.sum())} duplicated (date, area, series) rows, e.g. "
                          f"{df[dup].iloc[0][['date', 'area', 'series']].tolist()}")
     outside = ~df["date"].isin(sim_dates)
     if outside.any():

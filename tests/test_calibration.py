@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import calibration as cal
-from lpm import Fixed, Interval, Model, Params, ParamsLike, Positive, StateError, System
+from lpm import Fixed, Interval, Model, Params, ParamsLike, Positive, System
 from lpm.errors import ConfigError
 from conftest import DEVICE  # one source: the device fixture's value
 from substeps.epidemic import (Dwell, EpiState, EpiSystem, Progression, Transmission, epi_system, incidence, initial_state,
@@ -101,10 +101,10 @@ def test_align_weekly_citywide_and_bad_data_are_masked_with_counts() -> None:
     pred = om.predict(None, sim, obs2)["cases"]
     assert torch.allclose(pred[0], 0.5 * torch.stack([sim["infections"][:7, 0].sum(), sim["infections"][:7].sum()]))
     # no place is special to the library: without a named total, "NYC" is just an unknown area
-    with pytest.raises(StateError, match="area 'NYC' not among the model's areas"):
+    with pytest.raises(ConfigError, match="area 'NYC' not among the model's areas"):
         cal.ObservationModel([cal.Stream("cases", "infections", 0.5)], ("A", "B")).predict(
             None, sim, cal.Observed(wk.dates, ("A", "NYC"), wk.values, wk.mask, wk.freq, wk.agg))
-    with pytest.raises(StateError, match="total: 'A' is also a simulated area"):
+    with pytest.raises(ConfigError, match="total: 'A' is also a simulated area"):
         cal.ObservationModel([cal.Stream("cases", "infections", 0.5)], ("A", "B"), total="A")
 
 

@@ -76,9 +76,9 @@ import torch
 from torch import Tensor
 
 from lpm.kernels import counter_uniform, frontier_edges, mark_indices, push_compact, stage_mask, stream_key
-from lpm.errors import ConfigError
+from lpm.errors import ConfigError, ParamError
 from lpm.params import Params
-from lpm.state import StateError, lookup
+from lpm.state import lookup
 from lpm.substep import Substep
 from substeps.epidemic.disease import DiseaseModel, EpiState, EpiSystem
 from substeps.epidemic.fast import fused_progression, fused_transmission
@@ -353,7 +353,7 @@ class Transmission(Substep):
         iota, cdf = system.infectiousness, system.dwell_cdf
         beta = getattr(params, self.beta)
         if beta.numel() != 1:
-            raise StateError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
+            raise ParamError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
         clique = self._clique_code(system) if self._needs_grad(beta, state) else None
         # the compiled kernels have no clique sharing: under autograd with a clique layer the torch path runs
         fast = fused_transmission(self, params, system, state, t, rng) if clique is None else None  # the compiled twin of what follows
@@ -487,16 +487,16 @@ def initial_state(
     (:func:`~substeps.epidemic.disease.epi_system`).
     """
     if num_agents <= 0:
-        raise StateError(f"num_agents: expected > 0, got {num_agents}")
+        raise ConfigError(f"num_agents: expected > 0, got {num_agents}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     stage = torch.full((num_agents,), disease.code(disease.susceptible), dtype=torch.int8)
     if isinstance(initial_infected, Tensor):
         if initial_infected.shape != (num_agents,) or initial_infected.dtype != torch.bool:
-            raise StateError(f"initial_infected: expected a bool mask of shape ({num_agents},), got {initial_infected.dtype} {tuple(initial_infected.shape)}")
+            raise ConfigError(f"initial_infected: expected a bool mask of shape ({num_agents},), got {initial_infected.dtype} {tuple(initial_infected.shape)}")
         seeds = initial_infected.cpu().nonzero().squeeze(1)
     else:
         if not 0 <= int(initial_infected) <= num_agents:
-            raise StateError(f"initial_infected: expected 0..{num_agents}, got {initial_infected}")
+            raise ConfigError(f"initial_infected: expected 0..{num_agents}, got {initial_infected}")
         seeds = torch.randperm(num_agents, generator=g)[: int(initial_infected)]
     entry = disease.code(disease.entry)
     stage[seeds] = entry
@@ -506,7 +506,7 @@ def initial_state(
     entered = torch.full((num_agents,), -1, dtype=torch.int8)
     unknown = sorted(set(fields) - set(state_type.field_names()))
     if unknown:
-        raise StateError(f"initial_state: {state_type.__name__} has no field(s) {unknown} (constants such as the network "
+        raise ConfigError(f"initial_state: {state_type.__name__} has no field(s) {unknown} (constants such as the network "
                          "belong to the system: epi_system)")
     state = state_type(stage=stage, timer=timer, carrier=torch.ones(num_agents), entered=entered, **fields)
     return state.to(device)
