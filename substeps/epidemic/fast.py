@@ -246,7 +246,7 @@ def _kernels() -> dict[str, object]:
         @numba.njit(cache=True, error_model="numpy")
         def transmission_backward(grad, carrier, front, src_stage, src_load, cand, fc, hit, rowptr, dst, weight, layer,
                                   iota, scale, use_scale, susc, use_susc, bdt, presence, rec, hit_L, cbits, hbits,
-                                  gcar):  # pragma: no cover - compiled
+                                  hit_e, hit_a, memo, gcar):  # pragma: no cover - compiled
             """Gradient of one compiled transmission step: ``gcar`` (onto the input carrier) and d/d(beta dt).
 
             The same chain rule torch's autograd applies to the torch path (``carrier * q / sg(q)``
@@ -254,28 +254,49 @@ def _kernels() -> dict[str, object]:
             plus the presence coupling's per-edge credit (:func:`substeps.epidemic.dynamics._presence_delta`),
             recomputed from the frontier as the torch path's backward does. Each candidate's terms go
             to one 8-byte record ``rec[j] = (dL/dF, dL/dfactor)`` (infected ones also to a bitmask and
-            their hazard to ``hit_L``), so an edge costs a test of a cached candidate bitmask and at
-            most one random read but for the few infections; per-candidate transcendentals are
-            reused across candidates with the same force, a source's survival credit across its
-            edges with the same hazard."""
+            their hazard to ``hit_L``). The frontier's edges are swept in chunks as in the forward's
+            count: a read-only pass keeps the edges whose target's candidate bit (a cached bitmask)
+            is set, then only those read their target's record, prefetched well ahead; each source
+            sums its edges in CSR order, so the result does not depend on the chunking.
+            Per-candidate transcendentals are memoised by hazard (counted forces repeat a few
+            values), a source's survival credit across its edges with the same hazard."""
             nc = cand.shape[0]
+            nf = front.shape[0]
             gbdt = 0.0
             for k in range(gcar.shape[0]):
                 gcar[k] = grad[k]
-            last_lam = np.float32(-1)
-            e = L = q_s = np.float32(0)
+            # memo rows (lam, expm1(-lam), hazard, exp(-lam)), direct-mapped by the hazard's bits
+            mask = memo.shape[0] - 1
+            for x in range(memo.shape[0]):
+                memo[x, 0] = np.float32(-1)
+            fbits = np.empty(1, np.float32)
+            ubits = fbits.view(np.uint32)
+            rec_flat = rec.reshape(-1)  # prefetch takes one index
             for k in range(nc):
+                if k + 16 < nc:
+                    jj = cand[k + 16]
+                    prefetch(rec_flat, 2 * jj)
+                    prefetch(grad, jj)
+                    prefetch(carrier, jj)
                 j = cand[k]
                 cbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
                 f = fc[k]
                 lam1 = bdt * f
                 s_j = susc[j] if use_susc else np.float32(1)
                 lam = lam1 * s_j if use_susc else lam1
-                if lam != last_lam:
-                    last_lam = lam
+                fbits[0] = lam
+                ub = ubits[0]
+                slot = ((ub ^ (ub >> np.uint32(13))) * np.uint32(0x9E3779B1)) >> np.uint32(22)
+                slot = np.int64(slot) & mask
+                if memo[slot, 0] != lam:
                     e = np.expm1(-lam)
-                    L = -np.log1p(e)  # the hazard as the torch path's presence backward recomputes it
-                    q_s = np.exp(-lam)
+                    memo[slot, 0] = lam
+                    memo[slot, 1] = e
+                    memo[slot, 2] = -np.log1p(e)  # the hazard as the torch path's presence backward recomputes it
+                    memo[slot, 3] = np.exp(-lam)
+                e = memo[slot, 1]
+                L = memo[slot, 2]
+                q_s = memo[slot, 3]
                 g = grad[j] * carrier[j]
                 if hit[k]:
                     q = -e
@@ -289,20 +310,57 @@ def _kernels() -> dict[str, object]:
                 if hit[k]:
                     hbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
                     hit_L[j] = L
-            for a in range(front.shape[0]):
-                i = front[a]
-                io = iota[src_stage[a]]
-                wide = src_load.shape[1] > 1
-                lin = np.float32(0)  # sum over edges of dL/dF * weight (* scale), times iota below: torch's order
-                pres = np.float32(0)
-                last_h = np.float32(-1)
-                last_A = np.float32(-1)
-                eA = np.float32(0)
-                surv = np.float32(0)
-                for e_ in range(rowptr[i], rowptr[i + 1]):
+            wide = src_load.shape[1] > 1
+            cap = hit_e.shape[0]
+            # the current source's sums (carried across chunks: a hub's edges may span several)
+            cur = -1
+            lin = np.float32(0)  # sum over edges of dL/dF * weight (* scale), times iota at the flush: torch's order
+            pres = np.float32(0)
+            io = np.float32(0)
+            last_h = np.float32(-1)
+            last_A = np.float32(-1)
+            eA = np.float32(0)
+            surv = np.float32(0)
+            a = 0
+            e0 = rowptr[front[0]] if nf > 0 else 0
+            while a < nf:
+                # pass 1: edges into candidates (candidate bitmask only), sequential over the chunk's rows
+                h = 0
+                while a < nf:
+                    b = rowptr[front[a] + 1]
+                    stop = min(b, e0 + (cap - h))
+                    if a + 8 < nf:
+                        prefetch(dst, rowptr[front[a + 8]])
+                    for x in range(e0, stop):
+                        j = dst[x]
+                        hit_e[h] = x
+                        hit_a[h] = a
+                        h += (cbits[j >> 3] >> (j & 7)) & 1
+                    if stop < b:
+                        e0 = stop
+                        break
+                    a += 1
+                    if a < nf:
+                        e0 = rowptr[front[a]]
+                # pass 2: those edges' records, prefetched ahead; each source's sums in edge order
+                for q in range(h):
+                    if q + 16 < h:
+                        jj = dst[hit_e[q + 16]]
+                        prefetch(rec_flat, 2 * jj)
+                        if use_susc:
+                            prefetch(susc, jj)
+                    s = hit_a[q]
+                    if s != cur:
+                        if cur >= 0:
+                            gcar[front[cur]] += lin * io + pres
+                        cur = s
+                        io = iota[src_stage[s]]
+                        lin = np.float32(0)
+                        pres = np.float32(0)
+                        last_h = np.float32(-1)
+                        last_A = np.float32(-1)
+                    e_ = hit_e[q]
                     j = dst[e_]
-                    if not (cbits[j >> 3] >> (j & 7)) & 1:
-                        continue
                     gF = rec[j, 0]
                     if use_scale:
                         lin += gF * scale[layer[e_]] * weight[e_]
@@ -313,23 +371,24 @@ def _kernels() -> dict[str, object]:
                         he = bdt * weight[e_]
                         if use_susc:
                             he = he * susc[j]
-                        h = he * io
+                        hz = he * io
                         if use_scale:
-                            h = h * scale[layer[e_]]
-                        A = he * src_load[a, layer[e_] if wide else 0]
-                        if h != last_h or A != last_A:
-                            last_h = h
+                            hz = hz * scale[layer[e_]]
+                        A = he * src_load[s, layer[e_] if wide else 0]
+                        if hz != last_h or A != last_A:
+                            last_h = hz
                             last_A = A
                             eA = np.exp(A)
-                            surv = h - eA * np.expm1(h)
+                            surv = hz - eA * np.expm1(hz)
                         if (hbits[j >> 3] >> (j & 7)) & 1:
                             Lj = hit_L[j]
                             pL = max(-np.expm1(-Lj), tiny)
-                            d = eA * (np.float32(1) - (-np.expm1(-max(Lj - h, np.float32(0)))) / pL) - h * np.exp(-Lj) / pL
+                            d = eA * (np.float32(1) - (-np.expm1(-max(Lj - hz, np.float32(0)))) / pL) - hz * np.exp(-Lj) / pL
                         else:
                             d = surv
                         pres += d * rec[j, 1]
-                gcar[i] += lin * io + pres
+            if cur >= 0:
+                gcar[front[cur]] += lin * io + pres
             for k in range(nc):
                 cbits[cand[k] >> 3] = 0
                 hbits[cand[k] >> 3] = 0
@@ -568,12 +627,15 @@ def _record_space(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _backward_space(n: int) -> tuple[np.ndarray, ...]:
     """Per-agent candidate records ``[N, 2]`` and hazards ``[N]`` (float32), candidate and infection bitmasks
-    all 0 (the backward kernel clears the bits it sets; records are read only where a bit is set)."""
+    all 0 (the backward kernel clears the bits it sets; records are read only where a bit is set), the
+    edge-sweep buffers (edge, source) and the transcendental memo ``[1024, 4]``."""
     if n not in _BACK:
         if len(_BACK) > 4:
             _BACK.clear()
+        cap = min(n, 1 << 14) + 16
         _BACK[n] = (np.empty((n, 2), np.float32), np.empty(n, np.float32), np.zeros((n + 7) >> 3, np.uint8),
-                    np.zeros((n + 7) >> 3, np.uint8))
+                    np.zeros((n + 7) >> 3, np.uint8), np.empty(cap, np.int64),
+                    np.empty(cap, np.int32 if n < 2**31 else np.int64), np.empty((1024, 4), np.float32))
     return _BACK[n]
 
 
