@@ -114,21 +114,29 @@ def inverse_cdf(cdf, c, u):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
+def _bucket_starts(keys, n):  # pragma: no cover - compiled
+    """First pass of the two-level counting sorts: ``(shift, buckets, starts)`` for keys in ``[0, n)``
+    grouped into at most 1024 buckets of consecutive keys (few write streams in the scatter pass)."""
+    shift = 0
+    while (n - 1) >> shift >= 1024:
+        shift += 1
+    nb = ((n - 1) >> shift) + 1
+    bstart = np.zeros(nb + 1, np.int64)
+    for k in range(keys.shape[0]):
+        bstart[(keys[k] >> shift) + 1] += 1
+    for b in range(nb):
+        bstart[b + 1] += bstart[b]
+    return shift, nb, bstart
+
+
+@numba.njit(cache=True)
 def unique_pair_keys(lo, hi, n):  # pragma: no cover - compiled
     """Sorted distinct ``lo * n + hi`` (``torch.unique``'s result) by bucket sorts on ``lo``: O(pairs + n), no comparison sort.
 
     As in :func:`csr_by_source`, first into at most 1024 buckets of consecutive ``lo`` (few write
     streams), then each bucket by ``lo`` in cache, each ``lo``'s few ``hi`` by insertion sort."""
     m = lo.shape[0]
-    shift = 0
-    while (n - 1) >> shift >= 1024:
-        shift += 1
-    nb = ((n - 1) >> shift) + 1
-    bstart = np.zeros(nb + 1, np.int64)
-    for k in range(m):
-        bstart[(lo[k] >> shift) + 1] += 1
-    for b in range(nb):
-        bstart[b + 1] += bstart[b]
+    shift, nb, bstart = _bucket_starts(lo, n)
     fill = bstart[:-1].copy()
     t_lo = np.empty(m, np.int64)
     t_hi = np.empty(m, np.int64)
@@ -200,15 +208,7 @@ def csr_by_source(src, dst, weight, layer, n, out_src, out_dst):  # pragma: no c
     sources (few write streams), then each bucket by source, whose counters and output span stay
     in cache; one pass over 1e8 edges with random writes costs a cache and TLB miss per edge."""
     e = src.shape[0]
-    shift = 0
-    while (n - 1) >> shift >= 1024:
-        shift += 1
-    nb = ((n - 1) >> shift) + 1
-    bstart = np.zeros(nb + 1, np.int64)
-    for k in range(e):
-        bstart[(src[k] >> shift) + 1] += 1
-    for b in range(nb):
-        bstart[b + 1] += bstart[b]
+    shift, nb, bstart = _bucket_starts(src, n)
     fill = bstart[:-1].copy()
     t_src = np.empty(e, out_src.dtype)
     t_dst = np.empty(e, out_dst.dtype)

@@ -230,6 +230,10 @@ def test_config_holds_options_and_params_hold_values(cache, device: str):
         nyc.NYCConfig(disable=("lockdown",))
     with pytest.raises(ConfigError, match=r"days: expected > 0, got 0"):
         nyc.NYCConfig(days=0)
+    with pytest.raises(ConfigError, match=r"estimator: expected one of .*'presence'.* got 'exact'"):
+        nyc.NYCConfig(estimator="exact")
+    with pytest.raises(ConfigError, match=r"\['beta'\] are parameters: pass params=\{'beta': ...\}"):
+        nyc.build(nyc.NYCConfig(**BASE, days=5, cache_dir=cache, llm="off"), beta=0.3)
     with pytest.raises(ConfigError, match=r"build: unknown option\(s\) \['betta'\]"):
         nyc.build(nyc.NYCConfig(**BASE, days=5, cache_dir=cache, llm="off"), betta=0.3)
     with pytest.raises(ConfigError, match=r"build: expected an NYCConfig .* got float 0.01"):

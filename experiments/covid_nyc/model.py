@@ -24,6 +24,7 @@ from lpm.networks import household_cliques
 from lpm.population import Marginals, Population, marginal_errors, matrix_correlation, mixing_matrix, synthesize, unit_sbm
 from lpm.tensorfile import load_tensors, save_tensors
 from substeps.epidemic import initial_state
+from substeps.epidemic.dynamics import ESTIMATORS
 from substeps.epidemic.covid import (PARAM_DOCS, CovidState, CovidSystem, age_tables, covid_disease, covid_model,
                                      covid_params, covid_system)
 from llm_archetypes import ArchetypeDecision, Asker, Backend, Link
@@ -106,6 +107,8 @@ class NYCConfig:
             raise ConfigError(f"llm_mode: expected 'record' or 'replay', got {self.llm_mode!r}")
         if self.llm_fallback is not None and not 0.0 <= float(self.llm_fallback) <= 1.0:
             raise ConfigError(f"llm_fallback: expected P(yes) in [0, 1], got {self.llm_fallback!r}")
+        if self.estimator not in ESTIMATORS:  # before the population is built, not after
+            raise ConfigError(f"estimator: expected one of {ESTIMATORS}, got {self.estimator!r}")
 
     @property
     def areas(self) -> tuple[str, ...]:
