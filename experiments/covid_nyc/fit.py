@@ -198,6 +198,9 @@ class FitConfig:
     skill_growth: bool = True  # point = last observed week x exp(b_h x model log growth), b_h fitted on past forecasts
     skill_shrink: float = 12.0  # pseudo-points shrinking b_h to 0: b_h x n / (n + skill_shrink)
     shadow_anchor_range: tuple[float, float] = (0.2, 5.0)  # shadow level clamped to this x the pass's scale
+    # forecast
+    assimilate_grid: tuple[float, ...] = (-0.5, 0.0, 0.5)  # offsets on the last block's log multiplier tried first
+    assimilate_steps: int = 0  # secant refinements of the per-borough offset after the grid (one shadow run each)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -1109,7 +1112,7 @@ def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int]
 
 
 def assimilate_growth(p: Problem, ps: Problem, fp: WindowParams, state: Any, full: dict[str, Tensor], t_back: int,
-                      origin: int, grid: Sequence[float] = (-0.5, 0.0, 0.5)
+                      origin: int, grid: Sequence[float] = (-0.5, 0.0, 0.5), steps: int = 0
                       ) -> tuple[Tensor, Any, dict[str, Tensor], dict[str, Any]]:
     """Per-borough offset ``[A]`` on the log multiplier of ``[t_back, origin)`` matching the observed growth; state at ``origin``.
 
@@ -1117,6 +1120,8 @@ def assimilate_growth(p: Problem, ps: Problem, fp: WindowParams, state: Any, ful
     block once per offset of ``grid`` (all boroughs shifted alike, common random numbers);
     each borough's offset is the one whose simulated growth of expected cases, last week over
     the week before, equals the observed growth (linear interpolation, clipped to the grid).
+    ``steps`` secant refinements follow (one run each, all boroughs at once): the offset
+    moves by the remaining growth gap over the grid's local slope, within the grid's range.
     A final run with the per-borough offsets gives the state the forecast starts from. Reads
     observed cases of ``[origin - 14, origin)`` only. ``fp``'s committed table is restored.
     """
@@ -1148,10 +1153,21 @@ def assimilate_growth(p: Problem, ps: Problem, fp: WindowParams, state: Any, ful
     for a in range(A):
         g = np.maximum.accumulate(G[:, a])  # growth rises with the multiplier; flat pieces from noise
         delta[a] = float(np.interp(g_obs[a], g, np.asarray(grid, dtype=np.float64)))
+    grid_a = np.asarray(grid, dtype=np.float64)
+    # local slope of growth in the offset (from the grid, at least 0.2 per unit: noise can flatten it)
+    slope = np.maximum(np.diff(G, axis=0) / np.diff(grid_a)[:, None], 0.2)  # [K - 1, A]
+    g_now, st, h = run(torch.tensor(delta, dtype=torch.float32))
+    gaps = [np.abs(g_now - g_obs).tolist()]
+    for _ in range(int(steps)):
+        piece = np.clip(np.searchsorted(grid_a, delta) - 1, 0, len(grid_a) - 2)
+        step = (g_obs - g_now) / slope[piece, np.arange(A)]
+        delta = np.clip(delta + step, grid_a[0], grid_a[-1])
+        g_now, st, h = run(torch.tensor(delta, dtype=torch.float32))
+        gaps.append(np.abs(g_now - g_obs).tolist())
     d = torch.tensor(delta, dtype=torch.float32)
-    _, st, h = run(d)
     fp.committed.copy_(table0)
-    return d, st, h, {"grid_growth": G.tolist(), "observed_growth": g_obs.tolist(), "offset": delta.tolist()}
+    return d, st, h, {"grid_growth": G.tolist(), "observed_growth": g_obs.tolist(), "offset": delta.tolist(),
+                      "growth_gap": gaps}
 
 
 def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
@@ -1178,10 +1194,24 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
     forecast's own past errors. The raw trajectory forecast is kept as ``<series>_raw`` (its
     own past errors ``errors_raw``) and ``weekly_point_raw``.
     """
+    sim_out = simulate_forecast(p, origin, state, params, full, sc, dow, horizon, replicates=replicates, sim=sim,
+                                back=back)
+    return issue_forecast(p, sim_out, draws=draws, errors=errors, errors_raw=errors_raw, skill=skill)
+
+
+def simulate_forecast(p: Problem, origin: int, state: Any, params: WindowParams, full: dict[str, Tensor],
+                      sc: dict[str, Tensor], dow: Tensor, horizon: int, *, replicates: int | None = None,
+                      sim: Problem | None = None, back: tuple[int, Any, dict[str, Tensor]] | None = None
+                      ) -> dict[str, Any]:
+    """The simulation stage of :func:`forecast_from`: replicate expected counts ``mu {series: [R, H, A]}`` and the fit before.
+
+    Also returns ``fit_mu`` / ``fit_obs`` (expected and observed daily counts of the 28 days
+    before the origin, for the dispersion) and ``model0 {series: [A + 1]}``, the model's own
+    expected counts of the week before the origin at the forecast's observation level.
+    """
     cfg = p.cfg
     ps = sim or p  # the city the replicates run on (``state`` and ``full`` are its own)
     R = int(replicates or cfg.replicates)
-    n = int(draws or cfg.draws)
     H = int(min(horizon, len(p.dates) - origin))
     if H <= 0:
         raise ValueError(f"horizon: the problem's dates end at {p.dates[-1].date()}; nothing to forecast from day {origin}")
@@ -1206,7 +1236,8 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         # its simulated growth matches the observed one; the shifted multiplier is held in the forecast
         t_back, st_b, full_b = back
         st_b = st_b.replace(dose1_day=d1.to(st_b.device), dose2_day=d2.to(st_b.device))
-        delta, state, full, assim = assimilate_growth(p, ps, fp, st_b, full_b, t_back, origin)
+        delta, state, full, assim = assimilate_growth(p, ps, fp, st_b, full_b, t_back, origin,
+                                                      grid=cfg.assimilate_grid, steps=cfg.assimilate_steps)
         lm_future = lm_future + delta.to(lm_future.device)
         lm_now = lm_now.clone()
         lm_now[int(p.week[origin])] = lm_future[int(p.week[origin])]
@@ -1262,15 +1293,35 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
         for s in SERIES:
             mu = base[s][origin:T_end] * last[s] * (dow[origin:T_end, None] if s == "cases" else 1.0)
             out[s].append(mu)
+    t_lo = origin - min(28, sc["cases"].shape[0])
+    fit_mu, fit_obs, model0 = {}, {}, {}
+    for s in SERIES:
+        lvl = last[s] if sim is not None else sc[s][-(origin - t_lo):].cpu()
+        fm = (past[s][t_lo:origin] * lvl * (dow[t_lo:origin, None] if s == "cases" else 1.0)).numpy()
+        fit_mu[s], fit_obs[s] = fm, p.obs[s][t_lo:origin].copy()
+        m0 = (past[s][origin - 7:origin] * last[s] * (dow[origin - 7:origin, None] if s == "cases" else 1.0)).sum(0).numpy()
+        model0[s] = np.concatenate([m0, m0.sum(keepdims=True)])
+    return {"origin": origin, "horizon": H, "rw_sd": rw, "assimilation": assim, "seed": cfg.seed,
+            "mu": {s: torch.stack(out[s]) for s in SERIES}, "fit_mu": fit_mu, "fit_obs": fit_obs, "model0": model0}
+
+
+def issue_forecast(p: Problem, sim_out: dict[str, Any], *, draws: int | None = None,
+                   errors: dict[str, dict[int, np.ndarray]] | None = None,
+                   errors_raw: dict[str, dict[int, np.ndarray]] | None = None,
+                   skill: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
+    """The issue stage of :func:`forecast_from` (no simulation): points, skill calibration and predictive draws."""
+    cfg = p.cfg
+    origin, H, rw, assim = sim_out["origin"], sim_out["horizon"], sim_out["rw_sd"], sim_out["assimilation"]
+    n = int(draws or cfg.draws)
     res: dict[str, Any] = {"origin": origin, "horizon": H, "rw_sd": rw, "dispersion": {}, "weekly_point": {},
                            "weekly_point_raw": {}, "weekly_growth": {}, "level0": {}, "skill": {},
                            "n_errors": {}, "assimilation": assim}
-    t_lo = origin - min(28, sc["cases"].shape[0])
     Hw = (H + 6) // 7
     day_week = np.arange(H) // 7
     ge = np.random.default_rng(cfg.seed + 11 * origin)
     for s in SERIES:
-        mu = torch.stack(out[s])  # [R, H, A]
+        mu = sim_out["mu"][s]  # [R, H, A]
+        R = mu.shape[0]
         # the median is robust to a replicate whose random walk runs away; without the walk the mean has less noise
         point = (mu.median(0).values if cfg.forecast_rw else mu.mean(0)).numpy()
         point = np.concatenate([point, point.sum(-1, keepdims=True)], -1)  # [H, A + 1]
@@ -1289,9 +1340,7 @@ def forecast_from(p: Problem, origin: int, state: Any, params: WindowParams, ful
             # daily shape of the raw trajectory within each week, rescaled to the calibrated weekly total
             point = point_raw * (wp / np.maximum(wp_raw, 1e-9))[day_week]
         res["weekly_point"][s] = np.stack([point[7 * w:7 * w + 7].sum(0) for w in range(Hw)])
-        fit_mu = (past[s][t_lo:origin] * (last[s] if sim is not None else sc[s][-(origin - t_lo):].cpu())
-                  * (dow[t_lo:origin, None] if s == "cases" else 1.0)).numpy()
-        k = _fit_k(fit_mu, p.obs[s][t_lo:origin])
+        k = _fit_k(sim_out["fit_mu"][s], sim_out["fit_obs"][s])
         res["dispersion"][s] = k
         errs = (errors or {}).get(s, {})
         res["n_errors"][s] = {h: int(e.size) for h, e in errs.items()}
