@@ -280,6 +280,36 @@ def test_growth_skill_recovers_the_slope_from_weeks_before_the_origin() -> None:
     assert fit.growth_skill(p, fcs, 130, weeks=26, shrink=0.0) == sk
 
 
+def test_skill_scales_the_simulated_city_growth_over_the_model_own_last_week() -> None:
+    from dataclasses import replace
+
+    T, origin, H, A = 120, 100, 14, 5
+    p = _mini_problem(np.zeros(T))
+    y = np.full((T, A), 100.0)
+    y[origin - 7:origin] = [50.0, 100.0, 200.0, 100.0, 100.0]  # observed last week: 350..1400 a week
+    p.obs = {s: y.copy() for s in fit.SERIES}
+    p.obs_city = {s: y.sum(1) for s in fit.SERIES}
+    # the simulated boroughs grow at their own rates from a level unlike the observed one (model week 0: 7 x 10)
+    rate = np.array([0.3, -0.2, 0.0, 0.1, -0.1])
+    mu = torch.tensor(10.0 * np.exp(rate[None, :] * (np.arange(H)[:, None] // 7 + 1)))[None].repeat(2, 1, 1)
+    m0 = np.full(A, 70.0)
+    sim_out = {"origin": origin, "horizon": H, "rw_sd": 0.1, "assimilation": {}, "mu": {s: mu for s in fit.SERIES},
+               "fit_mu": {s: np.full((28, A), 100.0) for s in fit.SERIES}, "fit_obs": {s: y[origin - 28:origin]
+                                                                                        for s in fit.SERIES},
+               "model0": {s: np.append(m0, m0.sum()) for s in fit.SERIES}}
+    skill = {s: {1: 0.5, 2: 0.5} for s in fit.SERIES}
+    fc = fit.issue_forecast(p, sim_out, draws=3, skill=skill)
+    wk = 70.0 * np.exp(rate[None, :] * np.array([[1], [2]]))  # [2 weeks, A] simulated weekly totals
+    g_city = np.log1p(wk.sum(1)) - np.log1p(m0.sum())
+    y0 = np.append(y[origin - 7:origin].sum(0), y[origin - 7:origin].sum())
+    assert np.allclose(fc["weekly_growth"]["cases"], g_city[:, None].repeat(A + 1, 1))
+    assert np.allclose(np.log1p(fc["weekly_point"]["cases"]), np.log1p(y0)[None] + 0.5 * g_city[:, None])
+    # growth_pool 1: each borough's own simulated growth, still over the model's own week 0
+    p.cfg = replace(p.cfg, growth_pool=1.0)
+    own = fit.issue_forecast(p, sim_out, draws=3, skill=skill)["weekly_growth"]["cases"]
+    assert np.allclose(own[:, :A], np.log1p(wk) - np.log1p(70.0))
+
+
 def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     g = np.random.default_rng(0)
     e = {1: np.linspace(-0.2, 0.2, 30) + 0.5}  # biased by +0.5: centred before use
@@ -406,8 +436,11 @@ def test_skill_calibrated_point_is_the_last_week_times_the_scaled_model_growth()
     raw, y0, g = out[1.0]["weekly_point_raw"]["cases"], out[1.0]["level0"]["cases"], out[1.0]["weekly_growth"]["cases"]
     obs_all = np.concatenate([p.obs["cases"], p.obs_city["cases"][:, None]], 1)
     assert np.allclose(y0, obs_all[origin - 7:origin].sum(0))
-    assert np.allclose(g, np.log1p(raw) - np.log1p(y0))
-    assert np.allclose(out[1.0]["weekly_point"]["cases"], raw)  # b = 1: the raw trajectory
+    # the growth is the simulated city's over the model's own week before the origin, in every borough
+    g_city = np.log1p(raw[:, -1]) - np.log1p(out[1.0]["model0"]["cases"][-1])
+    assert np.allclose(g, g_city[:, None].repeat(g.shape[1], 1))
+    assert np.allclose(out[1.0]["model0"]["cases"][-1], out[1.0]["model0"]["cases"][:-1].sum())
+    assert np.allclose(np.log1p(out[1.0]["weekly_point"]["cases"]), np.log1p(y0) + g)  # b = 1: the model's growth
     assert np.allclose(out[0.0]["weekly_point"]["cases"], y0[None].repeat(2, 0))  # b = 0: no growth
     assert np.allclose(np.log1p(out[0.5]["weekly_point"]["cases"]), np.log1p(y0) + 0.5 * g)
     assert np.abs(g).max() > 0.05  # the test has growth to scale

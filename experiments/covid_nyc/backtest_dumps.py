@@ -42,7 +42,7 @@ def _sim_key(cfg: fit.FitConfig) -> str:
     """Hash of the options that change the simulation stage (cache key)."""
     keep = {k: v for k, v in asdict(cfg).items()
             if k in ("replicates", "anchor_days", "forecast_scale", "forecast_rw", "assimilate", "shadow_anchor_range",
-                     "assimilate_grid", "assimilate_steps", "seed", "scale")}
+                     "assimilate_grid", "assimilate_steps", "assimilate_shrink", "assimilate_city", "seed", "scale")}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
