@@ -92,8 +92,10 @@ def growth_table(p: fit.Problem, sims: dict[int, dict[str, Any]], fcs: dict[int,
                  origins: Sequence[int]) -> pd.DataFrame:
     """Correlation with the realised weekly log growth of weekly cases (boroughs + NYC) per horizon and definition.
 
-    ``raw``: model week h over the observed week 0 (the growth the skill fit uses); ``self``:
-    model week h over the model's own week 0; ``trend``: the log-linear baseline's growth.
+    ``raw``: model week h over the observed week 0 (the earlier definition); ``self``: model
+    week h over the model's own week 0, per borough; ``city``: the same for the boroughs' sum,
+    in every column (what the skill calibration scales with ``growth_pool`` 0); ``issued``:
+    the issued point over the observed week 0; ``trend``: the log-linear baseline's growth.
     """
     from calibration.backtest import baseline_point
 
@@ -101,7 +103,7 @@ def growth_table(p: fit.Problem, sims: dict[int, dict[str, Any]], fcs: dict[int,
     T0 = obs_all.shape[0]
     rows = []
     for h in (1, 2, 3, 4):
-        acc: dict[str, list[float]] = {"real": [], "raw": [], "self": [], "trend": [], "issued": []}
+        acc: dict[str, list[float]] = {"real": [], "raw": [], "self": [], "city": [], "trend": [], "issued": []}
         for o in origins:
             if o + 7 * h > T0 or o not in fcs:
                 continue
@@ -111,13 +113,15 @@ def growth_table(p: fit.Problem, sims: dict[int, dict[str, Any]], fcs: dict[int,
             wp = fc["weekly_point_raw"]["cases"][h - 1]
             acc["real"] += list(np.log1p(yh) - np.log1p(y0))
             acc["raw"] += list(np.log1p(wp) - np.log1p(y0))
-            acc["self"] += list(np.log1p(wp) - np.log1p(sm["model0"]["cases"]))
+            g_self = np.log1p(wp) - np.log1p(sm["model0"]["cases"])
+            acc["self"] += list(g_self)
+            acc["city"] += [float(g_self[-1])] * len(g_self)
             acc["issued"] += list(np.log1p(fc["weekly_point"]["cases"][h - 1]) - np.log1p(y0))
             hist_w, _ = fit._weekly(obs_all[:o], p.dates[:o])
             acc["trend"] += [float(np.log1p(baseline_point(hist_w[:, j], h, "trend")) - np.log1p(y0[j]))
                              for j in range(obs_all.shape[1])]
         r = np.asarray(acc["real"])
-        for k in ("raw", "self", "trend", "issued"):
+        for k in ("raw", "self", "city", "trend", "issued"):
             g = np.asarray(acc[k])
             rows.append({"horizon": h, "growth": k, "corr": float(np.corrcoef(g, r)[0, 1]) if len(r) > 2 else np.nan,
                          "slope": float((g * r).sum() / max((g * g).sum(), 1e-12)),

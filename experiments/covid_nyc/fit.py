@@ -68,8 +68,10 @@ committed parameters: at the fitted scale the city has a handful of infected age
 borough and week outside the waves, so the growth it implies at an origin is sampling noise.
 At each origin the shadow re-runs the last block with its log multiplier shifted by -0.5, 0,
 +0.5 (:func:`assimilate_growth`); per borough the shift whose simulated growth of expected
-cases (last week over the week before) matches the observed growth is interpolated and held
-over the horizon (data assimilation; observed days before the origin only). R replicate
+cases (last week over the week before) matches the observed growth is interpolated, halved
+(``assimilate_shrink``: a week's observed growth is partly reporting noise, holidays and the
+February 2021 snowstorm among it, and the matched shift amplifies it) and held over the
+horizon (data assimilation; observed days before the origin only). R replicate
 simulations from the resulting state, the last fitted week's log multiplier (plus the
 shift) held, variant share and vaccination extrapolated from data before the origin, the
 observation level of each borough anchored to its last ``anchor_days`` observed days over
@@ -101,6 +103,10 @@ has tens of reported-equivalent onsets a week outside the waves, and its assimil
 multiplier follows that noise. The boroughs' sum correlated 0.57/0.58/0.61/0.57 (sd 0.18 at
 one week), the trend baseline 0.32/0.42/0.43/0.36. The growth over the *observed* week (the
 earlier definition) also carried the clamped level anchor's error (0.20 at one week).
+Assimilation variants on the same dumps, issued this way (mean WIS of weekly cases at 1-4
+weeks; persistence 224/454/547/738): the matched shift 242/438/552/684, halved (shipped)
+228/433/532/688, grid +-0.25 237/443/536/691, grid +-1 with two secant steps (a closer match)
+230/448/546/713, one citywide shift 237/461/570/761, none 230/637/540/717.
 
 Ascertainment smoothness (``asc_rw_sd``, off by default): :func:`profile_scales` can tie each
 segment's log ascertainment to the previous one by a random-walk prior; measured with sd
@@ -211,7 +217,7 @@ class FitConfig:
     # forecast
     assimilate_grid: tuple[float, ...] = (-0.5, 0.0, 0.5)  # offsets on the last block's log multiplier tried first
     assimilate_steps: int = 0  # secant refinements of the per-borough offset after the grid (one shadow run each)
-    assimilate_shrink: float = 1.0  # the matched offset times this (< 1: the observed growth is partly noise)
+    assimilate_shrink: float = 0.5  # the matched offset times this (< 1: the observed growth is partly noise)
     assimilate_city: bool = False  # one offset for every borough, matching the growth of the boroughs' sum
     # weight of a borough's own simulated growth against the city's in the growth the skill calibration scales
     # (0: every borough takes the simulated citywide growth; 1: its own, which at the shadow scale is mostly noise)
