@@ -327,6 +327,9 @@ def test_error_draws_resample_centred_errors_and_widen_with_horizon() -> None:
     assert abs(float(d1[:, 5].std()) / float(d1[:, 0].std()) - 3.0) < 0.3
     d2 = fit._error_draws({1: e_area[:2]}, 1, (4000, 6), g)[:, 0]
     assert abs(float(d2[:, 5].std()) / float(d2[:, 0].std()) - 1.0) < 0.15
+    # pool: every area resamples the errors pooled over areas, however many of its own it has
+    d3 = fit._error_draws({1: e_area}, 1, (4000, 6), g, pool=True)[:, 0]
+    assert abs(float(d3[:, 5].std()) / float(d3[:, 0].std()) - 1.0) < 0.15
 
 
 def _asc_problem(scale: float, obs_cases: np.ndarray, sd: float = 0.15) -> object:

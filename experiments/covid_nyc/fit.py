@@ -92,8 +92,9 @@ trajectory; ``b_h = 0`` says the model's growth has had no skill so far). The ra
 forecast is kept (``forecast_raw.csv``; ``model_raw`` in the backtest). The predictive
 distribution resamples the issued forecast's own past log errors of weekly totals at each
 horizon (:func:`model_log_errors`: forecasts from every earlier block start since 2020-06-01
-whose target weeks are observed before the origin, the last ``error_weeks`` weeks), so
-interval widths are fitted on training residuals of the forecasts themselves.
+whose target weeks are observed before the origin, the last ``error_weeks`` weeks), pooled
+over the areas (``error_pool``), so interval widths are fitted on training residuals of the
+forecasts themselves.
 
 Why the growth is the city's, over the model's own week: measured on the backtest of the
 shipped fit (``python -m experiments.covid_nyc.backtest_dumps`` on a ``--dump-dir``), each
@@ -219,6 +220,9 @@ class FitConfig:
     assimilate_steps: int = 0  # secant refinements of the per-borough offset after the grid (one shadow run each)
     assimilate_shrink: float = 0.5  # the matched offset times this (< 1: the observed growth is partly noise)
     assimilate_city: bool = False  # one offset for every borough, matching the growth of the boroughs' sum
+    # intervals resample the past log errors pooled over the areas (6x the samples: a per-area 5% quantile
+    # of 26 errors rests on one or two); off: each area's own once it has MIN_ERRORS
+    error_pool: bool = True
     # weight of a borough's own simulated growth against the city's in the growth the skill calibration scales
     # (0: every borough takes the simulated citywide growth; 1: its own, which at the shadow scale is mostly noise)
     growth_pool: float = 0.0
@@ -1106,12 +1110,12 @@ def growth_skill(p: Problem, forecasts: dict[int, dict[str, Any]], origin: int, 
     return out
 
 
-def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int], g: np.random.Generator
-                 ) -> np.ndarray:
+def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int], g: np.random.Generator,
+                 pool: bool = False) -> np.ndarray:
     """Log multipliers ``[draws, weeks, columns]``: resampled centred past errors (``errs[h] [n, columns]``).
 
     Each column (area) uses its own errors at a horizon when it has :data:`MIN_ERRORS` of
-    them, else the errors pooled over columns when there are :data:`MODEL_MIN_ERRORS`, else
+    them and ``pool`` is off, else the errors pooled over columns when there are :data:`MODEL_MIN_ERRORS`, else
     a normal with sd 0.3 h^0.5 (the baselines' rule); beyond the last horizon with errors,
     that horizon's errors scaled by ``(h / h_last)^0.5``.
     """
@@ -1127,7 +1131,7 @@ def _error_draws(errs: dict[int, np.ndarray], weeks: int, shape: tuple[int, int]
         pooled = e.ravel() - np.median(e)
         for c in range(C):
             col = e[:, c % e.shape[1]]
-            own = col - np.median(col) if e.shape[1] == C and len(col) >= MIN_ERRORS else pooled
+            own = col - np.median(col) if not pool and e.shape[1] == C and len(col) >= MIN_ERRORS else pooled
             out[:, h - 1, c] = g.choice(own, size=D) * math.sqrt(h / hk)
     return out
 
@@ -1383,7 +1387,7 @@ def issue_forecast(p: Problem, sim_out: dict[str, Any], *, draws: int | None = N
                 res[key] = res[s]
                 continue
             if any(e.size >= MODEL_MIN_ERRORS for e in ee.values()):
-                e = _error_draws(ee, Hw, (R * n, pt.shape[1]), ge)  # [D, Hw, A + 1]
+                e = _error_draws(ee, Hw, (R * n, pt.shape[1]), ge, pool=cfg.error_pool)  # [D, Hw, A + 1]
                 res[key] = pt[None] * np.exp(e[:, day_week])
             else:
                 if y_nb is None:
