@@ -104,10 +104,12 @@ has tens of reported-equivalent onsets a week outside the waves, and its assimil
 multiplier follows that noise. The boroughs' sum correlated 0.57/0.58/0.61/0.57 (sd 0.18 at
 one week), the trend baseline 0.32/0.42/0.43/0.36. The growth over the *observed* week (the
 earlier definition) also carried the clamped level anchor's error (0.20 at one week).
-Assimilation variants on the same dumps, issued this way (mean WIS of weekly cases at 1-4
-weeks; persistence 224/454/547/738): the matched shift 242/438/552/684, halved (shipped)
-228/433/532/688, grid +-0.25 237/443/536/691, grid +-1 with two secant steps (a closer match)
-230/448/546/713, one citywide shift 237/461/570/761, none 230/637/540/717.
+Assimilation variants on the same dumps, issued this way with per-area intervals (mean WIS
+of weekly cases at 1-4 weeks; persistence 224/454/547/738): the matched shift
+242/438/552/684, halved (the default) 228/433/532/688, grid +-0.25 237/443/536/691, grid +-1
+with two secant steps (a closer match) 230/448/546/713, one citywide shift 237/461/570/761,
+none 230/637/540/717; halved with intervals pooled over the areas (``error_pool``, the
+default) 222/433/517/688.
 
 Ascertainment smoothness (``asc_rw_sd``, off by default): :func:`profile_scales` can tie each
 segment's log ascertainment to the previous one by a random-walk prior; measured with sd
