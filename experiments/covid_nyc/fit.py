@@ -198,6 +198,19 @@ class FitConfig:
     skill_growth: bool = True  # point = last observed week x exp(b_h x model log growth), b_h fitted on past forecasts
     skill_shrink: float = 12.0  # pseudo-points shrinking b_h to 0: b_h x n / (n + skill_shrink)
     shadow_anchor_range: tuple[float, float] = (0.2, 5.0)  # shadow level clamped to this x the pass's scale
+    # the fit's loss is on the mean expected series of this many simulations from the committed state (the
+    # pass's own stream and fit_replicates - 1 others): one realisation's noise is no longer fitted by the multipliers
+    fit_replicates: int = 2
+    # week-to-week sd of the log multiplier where the policy covariates change (PAUSE, reopening, schools):
+    # the random walk (rw_sd) would smear a lockdown's step over weeks and overshoot after it
+    policy_jump_sd: float = 1.5
+    # prior sd of the first wave's log hospital scale around 0 (the literature's age-specific IHR, the agents'
+    # tables at scale 1): with the serosurvey it pins the level of the simulated epidemic (0: no such prior)
+    hosp_lit_sd: float = 0.25
+    # fresh random streams at every iteration (stochastic gradients of the expected loss) and the
+    # average of the last ``average_last`` share of the iterates kept; False: fixed streams, best iterate
+    fresh_streams: bool = True
+    average_last: float = 0.4
 
 
 # ------------------------------------------------------------------------------------- data
@@ -770,7 +783,9 @@ def _hosp_scale_prior(p: Problem, base: dict[str, Tensor], t0: int, t1: int, ref
     in the level of the simulated epidemic: a fit could explain the same hospitalisations by
     infecting twice the city at half the scale. The hospitalisation ratio of an infection of
     a given age changes slowly, so each segment's log scale is tied to the previous one (sd
-    ``hosp_rw_sd``) and to the first wave's, which the serosurvey pins (sd ``hosp_anchor_sd``).
+    ``hosp_rw_sd``) and to the first wave's, which the serosurvey pins (sd ``hosp_anchor_sd``);
+    in the first wave (no anchor yet) each segment's is tied to 0, the literature's age-specific
+    IHR the agents use (sd ``hosp_lit_sd``): the serosurvey is one day, the admissions are weeks.
     Expected counts carry the gradient, so the prior moves the simulated level, not the scale.
     """
     cfg = p.cfg
@@ -791,7 +806,27 @@ def _hosp_scale_prior(p: Problem, base: dict[str, Tensor], t0: int, t1: int, ref
     if ref.get("anchor") is not None:
         for v in logs:
             pen = pen + 0.5 * ((v - math.log(ref["anchor"])) / cfg.hosp_anchor_sd) ** 2
+    elif cfg.hosp_lit_sd > 0:
+        for v in logs:
+            pen = pen + 0.5 * (v / cfg.hosp_lit_sd) ** 2
     return pen
+
+
+POLICY_FEATURES = ("pause", "reopening", "school")
+
+
+def _step_sd(p: Problem, params: WindowParams, w0: int, w1: int) -> Tensor:
+    """Prior sd ``[w1 - w0 - 1, 1]`` of the change of the log multiplier from week ``w`` to ``w + 1`` in ``[w0, w1)``.
+
+    ``rw_sd`` where no policy changes; where the weekly policy covariates (PAUSE, reopening
+    phase, schools) move by ``j`` in all, ``sqrt(rw_sd^2 + (policy_jump_sd j)^2)``: a lockdown is a
+    step, not a drift.
+    """
+    cfg = p.cfg
+    cols = [p.feature_names.index(n) for n in POLICY_FEATURES]
+    pol = params.x[w0:w1, 0][:, cols].double()  # the policy features are the same in every borough
+    jump = pol.diff(dim=0).abs().sum(-1, keepdim=True)
+    return torch.sqrt(cfg.rw_sd ** 2 + (cfg.policy_jump_sd * jump) ** 2).to(params.x.dtype)
 
 
 def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: dict[str, Tensor], t0: int, t1: int,
@@ -812,8 +847,9 @@ def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: d
     lm = params.net(params.x[w0:w1]) + params.delta[w0:w1]  # [nw, A]
     terms["ridge"] = (0.5 * (params.delta[w0:w1] / cfg.delta_sd) ** 2).sum()
     prev = params.committed[w0 - 1] if w0 > 0 else None
-    chain = lm if prev is None or not bool(torch.isfinite(prev).all()) else torch.cat([prev.view(1, -1), lm])
-    terms["random_walk"] = (0.5 * (chain.diff(dim=0) / cfg.rw_sd) ** 2).sum()
+    has_prev = prev is not None and bool(torch.isfinite(prev).all())
+    chain = torch.cat([prev.view(1, -1), lm]) if has_prev else lm
+    terms["random_walk"] = (0.5 * (chain.diff(dim=0) / _step_sd(p, params, w0 - 1 if has_prev else w0, w1)) ** 2).sum()
     ts = int((pd.Timestamp(SERO["date"]) - p.dates[0]).days)
     if t0 <= ts < t1:
         share = full["adult_infections"][: ts + 1].sum() / p.adults
@@ -832,6 +868,20 @@ def _run(p: Problem, params: WindowParams, state: Any, rng: dict[str, Tensor], t
     with torch.set_grad_enabled(grad):
         sim, st = cal.rollout(p.model, params, p.system0, state, t1 - t0, start=t0, grad=grad, streams=streams)
     return sim, st, streams.get_state()
+
+
+def _run_mean(p: Problem, params: WindowParams, state: Any, reps: Sequence[dict[str, Tensor]], t0: int, t1: int,
+              grad: bool) -> dict[str, Tensor]:
+    """Observables of ``[t0, t1)`` averaged over simulations from ``state``, one per stream state in ``reps``.
+
+    The mean of a few replicates estimates the expected series given the committed state, so
+    the loss's optimum no longer sits on one realisation's noise (a handful of infected agents
+    per borough and week outside the waves).
+    """
+    sims = [_run(p, params, state, r, t0, t1, grad)[0] for r in reps]
+    if len(sims) == 1:
+        return sims[0]
+    return {k: torch.stack([s[k] for s in sims]).mean(0) for k in sims[0]}
 
 
 def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28, progress: bool = True,
@@ -912,8 +962,19 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         iters = cfg.iters_first if first else cfg.iters
         best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
         losses = []
+        R = max(1, cfg.fit_replicates)
+        # the extra replicates' streams: fixed within the window (common random numbers across its iterations)
+        reps = [rng] + [Streams(cfg.seed + 7919 * r + 104729 * (t0 + 1), names, state.device).get_state()
+                        for r in range(1, R)]
+        n_avg = max(1, int(round(cfg.average_last * iters))) if cfg.fresh_streams else 0
+        avg: dict[str, Tensor] = {}
         for it in range(iters):
-            sim, _, _ = _run(p, params, state, rng, t0, t1, grad=True)
+            if cfg.fresh_streams:
+                # new streams every iteration: stochastic gradients of the expected loss, so the
+                # parameters cannot settle on what suits a few fixed realisations
+                reps = [Streams(cfg.seed + 7919 * r + 104729 * (t0 + 1) + 15485863 * (it + 1), names,
+                                state.device).get_state() for r in range(R)]
+            sim = _run_mean(p, params, state, reps, t0, t1, grad=True)
             loss, terms = _objective(p, params, hist, sim, t0, t1, dow, ref)
             opt_net.zero_grad()
             opt_seed.zero_grad()
@@ -925,24 +986,35 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
                 if not gnorm > 0:
                     raise RuntimeError(f"window {p.dates[t0].date()}..{p.dates[t1 - 1].date()}: the loss is flat "
                                        f"(gradient norm {gnorm}); refusing to train on it")
-            losses.append(float(loss))
-            if float(loss) < best_loss:
-                best_loss, best = float(loss), _snapshot(params)
+            losses.append(float(loss.detach()))
+            if losses[-1] < best_loss:
+                best_loss, best = losses[-1], _snapshot(params)
             opt_net.step()
             if first:
                 opt_seed.step()
+            if it >= iters - n_avg:  # Polyak average of the last iterates (fresh streams)
+                for k, v in params.named_parameters():  # parameters only: the buffers (committed table) stay exact
+                    v = v.detach().double()
+                    avg[k] = avg[k] + v / n_avg if k in avg else v / n_avg
             if progress:
                 frac = (done_days + (t1 - t0) * (it + 1) / iters) / total_days
                 el = time.perf_counter() - t_start
                 print(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  window {p.dates[t0].date()}..{p.dates[t1 - 1].date()}"
-                      f"  iter {it + 1}/{iters}  loss {float(loss):.3f}  {el / 60:.1f} min", end="", flush=True)
-        # the last iterate is evaluated too, then the best is kept
-        sim, _, _ = _run(p, params, state, rng, t0, t1, grad=False)
-        with torch.no_grad():
-            loss, _ = _objective(p, params, hist, sim, t0, t1, dow, ref)
-        if float(loss) < best_loss:
-            best_loss, best = float(loss), _snapshot(params)
-        params.load_state_dict(best)
+                      f"  iter {it + 1}/{iters}  loss {losses[-1]:.3f}  {el / 60:.1f} min", end="", flush=True)
+        if cfg.fresh_streams:
+            # the losses of different streams are not comparable: keep the average of the last iterates
+            params.load_state_dict({k: avg[k].to(v.dtype) if k in avg else v for k, v in _snapshot(params).items()})
+            with torch.no_grad():
+                best_loss = float(_objective(p, params, hist, _run_mean(p, params, state, [rng], t0, t1, grad=False),
+                                             t0, t1, dow, ref)[0])
+        else:
+            # the last iterate is evaluated too, then the best is kept
+            sim = _run_mean(p, params, state, reps, t0, t1, grad=False)
+            with torch.no_grad():
+                loss, _ = _objective(p, params, hist, sim, t0, t1, dow, ref)
+            if float(loss) < best_loss:
+                best_loss, best = float(loss), _snapshot(params)
+            params.load_state_dict(best)
         done_days += t1 - t0
         # final run of the window with the kept parameters: commit block i, keep the state at its end
         commit_to = t1 if (j == K - 1) else tm
