@@ -911,7 +911,8 @@ def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: d
         share = full["adult_infections"][: ts + 1].sum() / p.adults
         terms["serosurvey"] = 0.5 * ((share - SERO["value"]) / cfg.sero_sd) ** 2
     terms["hosp_scale"] = _hosp_scale_prior(p, base, t0, t1, ref or {})
-    terms["asc_step"] = _asc_step_prior(p, base, dow, t0, t1, (ref or {}).get("asc"))
+    if cfg.asc_step_sd > 0:
+        terms["asc_step"] = _asc_step_prior(p, base, dow, t0, t1, (ref or {}).get("asc"))
     ever = full["infections"][:t1].sum() / float(p.population.num_agents)
     terms["ever_infected"] = 0.5 * (torch.relu(ever - cfg.infected_cap) / cfg.infected_sd) ** 2
     loss = sum(terms.values()) / n
