@@ -161,9 +161,10 @@ SYNTHETIC_OPTIONS = dict(fit_replicates=2, fresh_streams=True, policy_jump_sd=1.
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured 8-16% per borough (11% citywide) weekly transmission, ascertainment "
-                   "1-21%, share infected -10% with SYNTHETIC_OPTIONS; 14-21%, 2-19%, -3% with pause_init 1.0; the "
-                   "last two weeks committed by the first window overshoot (implied R 1.2-1.6x); see fit.py Options")
+@pytest.mark.xfail(strict=False, reason="with SYNTHETIC_OPTIONS, two runs (the fit is not bit-reproducible): weekly "
+                   "transmission 8-21% per borough and 11-14% citywide, ascertainment 1-54%, share infected -10/-20%; "
+                   "the level is weakly pinned and the last two weeks committed by the first window overshoot "
+                   "(implied R 1.2-1.6x); see fit.py Options")
 def test_synthetic_truth_is_recovered(monkeypatch) -> None:
     """A synthetic city with known weekly transmission and ascertainment: the fit recovers both within 15%.
 
