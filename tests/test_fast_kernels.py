@@ -353,8 +353,12 @@ def test_masked_sum_equals_torch_where_sum_and_keeps_gradients() -> None:
     with compiled_kernels(False):
         assert torch.equal(masked_sum(codes, 2, vals), ref)
     w = vals.clone().requires_grad_(True)
-    masked_sum(codes, 2, w).backward()
-    assert torch.equal(w.grad, (codes == 2).float())
+    (3 * masked_sum(codes, 2, w)).backward()
+    assert torch.equal(w.grad, 3 * (codes == 2).float())
+    y = masked_sum(codes, 2, w)
+    codes[0] = 5  # the codes a gradient needs, changed in place: autograd says so instead of a wrong gradient
+    with pytest.raises(RuntimeError):
+        y.backward()
 
 
 def test_network_validation_is_cached_but_sees_in_place_changes() -> None:
@@ -369,6 +373,11 @@ def test_network_validation_is_cached_but_sees_in_place_changes() -> None:
         net.validate({"N": n + 1})
     net.edge_index[1, 3] = n + 7  # in place: the version changes, so the range check runs again
     with pytest.raises(StateError, match="edge_index"):
+        net.validate()
+    net = Network.from_layers({"r": erdos_renyi(n, 6.0, seed=1)}, n)
+    net.validate()
+    net.weight[5] = float("nan")  # in place: the finiteness check runs again
+    with pytest.raises(StateError, match="weight"):
         net.validate()
 
 

@@ -544,8 +544,21 @@ def _kernels() -> dict[str, object]:
                 entered_out[i] = new
                 timer_out[i] = inverse_cdf(cdf, new, ud)
 
+        @numba.njit(cache=True)
+        def accumulate_load(load, front, factor, out, src_load):  # pragma: no cover - compiled
+            """``out = load`` plus ``factor`` at the frontier's rows (one float32 add each, as ``index_put`` of
+            ``load[idx] + factor`` makes), and the frontier's rows before the add into ``src_load``."""
+            out[:] = load
+            for k in range(front.shape[0]):
+                i = front[k]
+                for c in range(load.shape[1]):
+                    v = load[i, c]
+                    src_load[k, c] = v
+                    out[i, c] = v + factor[k, c]
+
         _KERNELS.update(transmission=transmission, transmission_backward=transmission_backward,
-                        progression=progression, frontier_bits=frontier_bits, count_bits=count_bits)
+                        progression=progression, frontier_bits=frontier_bits, count_bits=count_bits,
+                        accumulate_load=accumulate_load)
     return _KERNELS
 
 
@@ -689,32 +702,47 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
         _np(cf) if cf is not None else empty2, cf is not None, scale_np, scale is not None, susc_np, susc is not None,
         bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), cdf_np, k1, k2, force, cand, front,
         infectious, hits, sbits, grad, f_out, hit_out, ej, ecnt)
-    extra = {}
+    extra: dict[str, Tensor] = {}
     carrier = state.carrier
     if grad:
-        idx = torch.from_numpy(front[:nf].copy())
-        presence = sub.estimator != "linear"
-        src_load = np.zeros((nf, 1), np.float32)
-        if presence:
-            load = state.source_load
-            if load is None:
-                load = torch.zeros((n, sub._load_width(system)), dtype=torch.float32)
-            src_load = load.index_select(0, idx).numpy()
-            # the torch path's own accumulation (same operations, so the same bits)
-            extra["source_load"] = sub._accumulate_load(system, state, load, iota, idx)
-        listed = ne >= 0
-        saved = _StepRecord(
-            front=idx.numpy(), src_stage=state.stage.numpy()[idx.numpy()], cand=cand[:nc].copy(), fc=f_out[:nc].copy(),
-            hit=hit_out[:nc].copy(), src_load=src_load, ej=ej[:ne].copy() if listed else _NO_EDGES,
-            ecnt=ecnt[:nf].copy() if listed else _NO_EDGES, w_const=w_const,
-            net=net, iota=_np(iota), scale=scale_np, use_scale=scale is not None, susc=susc_np,
-            use_susc=susc is not None, bdt=bdt, dt=float(d.dt), presence=presence)
+        saved = _step_record(sub, system, state, iota, front[:nf], cand[:nc], f_out[:nc], hit_out[:nc],
+                             ej[:ne] if ne >= 0 else None, ecnt[:nf], extra, w_const, scale_np, scale is not None,
+                             susc_np, susc is not None, bdt)
         carrier = _CompiledTransmission.apply(state.carrier, beta, saved)
     return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered, entered_step=_step_tensor(t))
 
 
+def _step_record(sub: "Transmission", system: "EpiSystem", state: "EpiState", iota: Tensor, front: np.ndarray,
+                 cand: np.ndarray, fc: np.ndarray, hit: np.ndarray, ej: np.ndarray | None, ecnt: np.ndarray,
+                 extra: dict[str, Tensor], w_const: float | None, scale: np.ndarray, use_scale: bool, susc: np.ndarray,
+                 use_susc: bool, bdt: np.float32) -> "_StepRecord":
+    """What the step's backward needs, copied out of the kernel's buffers; the presence estimator's source load into ``extra``."""
+    n = state.stage.numel()
+    front = front.copy()
+    presence = sub.estimator != "linear"
+    src_load = np.zeros((front.shape[0], 1), np.float32)
+    if presence:
+        load = state.source_load
+        if load is None:
+            load = torch.zeros((n, sub._load_width(system)), dtype=torch.float32)
+        # the torch path's accumulation (load[idx] + the source factor: the same float32 adds, so the same bits),
+        # in one compiled pass instead of gathers and an index_put on an [N, K] tensor
+        factor = sub._source_factor(state, iota, torch.from_numpy(front)).contiguous().numpy()
+        out = torch.empty((n, load.shape[1]), dtype=torch.float32)
+        src_load = np.empty((front.shape[0], load.shape[1]), np.float32)
+        _kernels()["accumulate_load"](load.detach().to(_F32).contiguous().numpy(), front, factor, out.numpy(), src_load)
+        extra["source_load"] = out
+    listed = ej is not None
+    return _StepRecord(
+        front=front, src_stage=state.stage.numpy()[front], cand=cand.copy(), fc=fc.copy(),
+        hit=hit.copy(), src_load=src_load, ej=ej.copy() if listed else _NO_EDGES,
+        ecnt=ecnt.copy() if listed else _NO_EDGES, w_const=w_const,
+        net=system.network, iota=_np(iota), scale=scale, use_scale=use_scale, susc=susc,
+        use_susc=use_susc, bdt=bdt, dt=float(sub.disease.dt), presence=presence)
+
+
 class _StepRecord:
-    """What one compiled transmission step keeps for its backward: O(frontier + candidates), no per-edge array."""
+    """What one compiled transmission step keeps for its backward: O(frontier + candidates + the edges into candidates)."""
 
     def __init__(self, **fields: object) -> None:
         self.__dict__.update(fields)
@@ -762,11 +790,11 @@ class _CompiledTransmission(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, carrier: Tensor, beta: Tensor, rec: _StepRecord) -> Tensor:  # type: ignore[override]
-        """The carrier times ``q / sg(q) (+ 0)`` at the candidates: exactly its value."""
+        """The carrier times ``q / sg(q) (+ 0)`` at the candidates: exactly its value (a view, not a copy)."""
         ctx.rec = rec
         ctx.beta_shape = beta.shape
         ctx.save_for_backward(carrier)
-        return carrier.clone()
+        return carrier.view_as(carrier)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
