@@ -399,3 +399,23 @@ def test_frontier_sweep_equals_numpy(n: int) -> None:
     k = _kernels()["frontier_bits"](st, infectious, np.uint8(0), front, sbits)
     assert np.array_equal(front[:k], np.flatnonzero((st == 1) | (st == 2)))
     assert np.array_equal(np.unpackbits(sbits, bitorder="little")[:n], (st == 0).astype(np.uint8))
+
+
+def test_params_value_cache_sees_every_change() -> None:
+    """A constrained parameter read without a graph is cached, but never stale: an in-place change of the raw
+    tensor (an optimizer step) or of a returned value is seen, and under autograd every read is a fresh node."""
+    params = Params(beta=Positive(0.03))
+    with torch.no_grad():
+        a, b = params.beta, params.beta
+        assert a is b and abs(float(a) - 0.03) < 1e-7
+        a.mul_(2)  # a caller writing into the value it read
+        assert abs(float(params.beta) - 0.03) < 1e-7
+        params.raw_beta.add_(1.0)  # an optimizer's in-place step
+        assert abs(float(params.beta) - float(torch.nn.functional.softplus(params.raw_beta))) < 1e-7
+        params.to(torch.float64)  # the parameter's data swapped in place
+        assert params.beta.dtype == torch.float64
+    x, y = params.beta, params.beta
+    assert x is not y and x.grad_fn is not None
+    (x * 2).backward()
+    (y * 3).backward()  # a second backward through its own node
+    assert params.raw_beta.grad is not None
