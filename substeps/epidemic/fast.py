@@ -140,8 +140,10 @@ def _kernels() -> dict[str, object]:
                 while k < nf:
                     b = rowptr[front[k] + 1]
                     stop = min(b, e + (cap - h))  # each edge keeps at most one entry: never past the buffer
-                    if k + 8 < nf:  # the edge block a few sources ahead: one cache miss per source hidden
-                        prefetch(dst, rowptr[front[k + 8]])
+                    if k + 16 < nf:  # the edge block of a source well ahead (both ends: a row may straddle two lines)
+                        ahead = front[k + 16]
+                        prefetch(dst, rowptr[ahead])
+                        prefetch(dst, rowptr[ahead + 1] - 1)
                     h0 = h
                     for x in range(e, stop):
                         j = dst[x]
@@ -159,8 +161,8 @@ def _kernels() -> dict[str, object]:
                     ej[r: r + h] = hits[:h]
                     r += h
                 for q in range(h):
-                    if q + 32 < h:  # random writes into the stage bytes: ask for them well ahead
-                        prefetch(st, hits[q + 32])
+                    if q + 64 < h:  # random writes into the stage bytes: ask for them well ahead
+                        prefetch(st, hits[q + 64])
                     j = hits[q]
                     s = st[j]
                     # branch-free: a first visit lists the target and marks it, a later one counts (first and
