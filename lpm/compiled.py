@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 
 from lpm.kernels import _MASK32, _MUL1, _MUL2_SIGNED
 
-__all__ = ["uniform", "uniforms", "inverse_cdf", "prefetch", "unique_pair_keys", "stable_source_order", "csr_by_source", "pair_edges", "undirected_from_keys", "masked_sum"]
+__all__ = ["uniform", "uniforms", "inverse_cdf", "prefetch", "unique_pair_keys", "stable_source_order", "csr_by_source", "pair_edges", "undirected_from_keys", "masked_sum", "masked_fill"]
 
 @intrinsic
 def _llvm_prefetch(typingctx, arr, idx):  # pragma: no cover - compiled
@@ -288,3 +288,11 @@ def masked_sum(codes, code, values):  # pragma: no cover - compiled
     for i in range(codes.shape[0]):
         acc += np.float64(values[i]) if codes[i] == code else 0.0
     return acc
+
+
+@numba.njit(cache=True)
+def masked_fill(codes, code, value, out):  # pragma: no cover - compiled
+    """``out = value`` where ``codes == code``, else 0 (one branch-free pass)."""
+    zero = np.float32(0)
+    for i in range(codes.shape[0]):
+        out[i] = value if codes[i] == code else zero

@@ -13,6 +13,7 @@ import contextlib
 import os
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -279,16 +280,42 @@ def compiled_kernels(enabled: bool) -> Iterator[None]:
 
 
 def masked_sum(codes: Tensor, code: int, values: Tensor) -> Tensor:
-    """``torch.where(codes == code, values, 0).sum()``; one compiled pass on CPU when nothing needs a gradient.
+    """``torch.where(codes == code, values, 0).sum()``; one compiled pass on CPU (also under autograd).
 
     An observable such as incidence is a full-N pass every step: at N = 1e5 the torch version
     (a comparison, a where, a zeros tensor and a sum) costs as much as a step's transmission kernel.
     The compiled sum accumulates in float64: on carriers (each exactly 1) both give the exact count.
+    Under autograd the gradient (``grad`` where ``codes == code``, else 0) is one compiled pass too.
     """
     if (codes.device.type == "cpu" and codes.dim() == 1 and values.shape == codes.shape and values.dtype == torch.float32
-            and not (torch.is_grad_enabled() and values.requires_grad) and codes.is_contiguous() and values.is_contiguous()
+            and codes.is_contiguous() and values.is_contiguous()
             and codes.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) and compiled_available()):
+        if torch.is_grad_enabled() and values.requires_grad:
+            return _MaskedSum.apply(codes, int(code), values)
         from lpm.compiled import masked_sum as compiled_sum
 
         return torch.tensor(compiled_sum(codes.numpy(), int(code), values.detach().numpy()), dtype=values.dtype)
     return torch.where(codes == code, values, torch.zeros_like(values)).sum()
+
+
+class _MaskedSum(torch.autograd.Function):
+    """:func:`masked_sum` under autograd: the compiled sum forward, the masked gradient in one compiled pass."""
+
+    @staticmethod
+    def forward(ctx, codes: Tensor, code: int, values: Tensor) -> Tensor:  # type: ignore[override]
+        """The compiled masked sum (``codes`` kept by reference: an in-place change later is an autograd error)."""
+        from lpm.compiled import masked_sum as compiled_sum
+
+        ctx.save_for_backward(codes)
+        ctx.code = code
+        return torch.tensor(compiled_sum(codes.numpy(), code, values.detach().numpy()), dtype=values.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        """``grad`` where ``codes == code``, else 0."""
+        from lpm.compiled import masked_fill
+
+        (codes,) = ctx.saved_tensors
+        out = torch.empty(codes.shape, dtype=torch.float32)
+        masked_fill(codes.numpy(), ctx.code, np.float32(grad.detach().to(torch.float32).item()), out.numpy())
+        return None, None, out.to(grad.dtype)

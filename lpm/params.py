@@ -176,7 +176,20 @@ class Params(nn.Module):
         if specs is not None and name in specs:
             spec = specs[name]
             if spec.trainable:
-                return spec.from_raw(self._parameters["raw_" + name])
+                raw = self._parameters["raw_" + name]
+                if torch.is_grad_enabled() and raw.requires_grad:
+                    return spec.from_raw(raw)  # a fresh graph node per read: one run's backward must not free another's
+                # without a graph the value is cached (each step reads it): per raw tensor, storage (``.to`` swaps
+                # a parameter's data in place) and version, and only while the cached tensor itself is unmodified
+                # (an in-place write to a returned value is seen)
+                cache = self.__dict__.setdefault("_value_cache", {})
+                hit = cache.get(name)
+                key = (raw._version, raw.data_ptr(), raw.dtype, raw.device)
+                if hit is not None and hit[0] is raw and hit[1] == key and hit[3] == hit[2]._version:
+                    return hit[2]
+                value = spec.from_raw(raw)
+                cache[name] = (raw, key, value, value._version)
+                return value
             return self._buffers["fixed_" + name]
         return super().__getattr__(name)
 

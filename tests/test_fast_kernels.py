@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from lpm import Interval, Model, Network, Params, Positive
 from lpm.kernels import _hash_uniform_py, compiled_available, compiled_kernels, counter_uniform, stream_key
@@ -201,8 +202,15 @@ def test_contact_count_sweep_matches_a_dense_count(buffer: int) -> None:
         expected = np.bincount(dst[(stage[src] == 1) & (stage[dst] == 0)], minlength=n)
         st = stage.copy()
         cand = np.empty(n, np.int32)
-        nc, over = k["count_bits"](st, rowptr, dst, front, nf, np.uint8(0), cand, np.empty(buffer, np.int32), sbits)
+        ej, ecnt = np.empty(dst.shape[0], np.int32), np.empty(n, np.int32)
+        nc, over, ne = k["count_bits"](st, rowptr, dst, front, nf, np.uint8(0), cand, np.empty(buffer, np.int32), sbits,
+                                       True, ej, ecnt)
         assert over == hub_susceptible == bool(expected.max() > 128)
+        # the listing for the backward: each frontier source's edges into susceptible targets, in CSR order
+        rows = [dst[rowptr[i]: rowptr[i + 1]] for i in front[:nf]]
+        listed = [row[stage[row] == 0] for row in rows]
+        assert np.array_equal(ecnt[:nf], [len(x) for x in listed])
+        assert ne == sum(len(x) for x in listed) and np.array_equal(ej[:ne], np.concatenate(listed))
         if not over:
             assert sorted(cand[:nc]) == list(np.flatnonzero(expected))
             assert np.array_equal(st[cand[:nc]].astype(np.int64) - 127, expected[cand[:nc]])
@@ -263,8 +271,9 @@ def test_compiled_backward_carrier_gradient_equals_torch() -> None:
 @needs_numba
 @pytest.mark.parametrize("estimator", ["presence", "linear"])
 def test_compiled_backward_edge_chunks_do_not_change_the_gradient(estimator: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backward sweeps the frontier's edges in chunks of its hit buffer; with a buffer of a few
-    edges (sources split across chunks) the carrier and beta gradients are the same bits."""
+    """Without the forward's list of edges into candidates the backward sweeps the frontier's edges in
+    chunks of its hit buffer; with a buffer of a few edges (sources split across chunks) the carrier and
+    beta gradients are the same bits, and those of the listed path to float32 rounding."""
     from substeps.epidemic import fast
 
     n = 1200
@@ -272,22 +281,32 @@ def test_compiled_backward_edge_chunks_do_not_change_the_gradient(estimator: str
     net = Network.from_layers({"community": erdos_renyi(n, 8.0, seed=6)}, n, coalesce=False)
     system, base = epi_system(d, network=net), initial_state(d, n, 30, seed=3)
     model = Model([Transmission(d, estimator=estimator), Progression(d)], {"incidence": incidence(d)}, state_type=EpiState)
+
+    def gradients() -> tuple[Tensor, ...]:
+        carrier = torch.ones(n, requires_grad=True)
+        params = Params(beta=Positive(0.05))
+        r = _run(model, params, (system, base.replace(carrier=carrier)), 25, True, grad=True)
+        return torch.autograd.grad(r.observables["incidence"].sum(), [carrier, *params.parameters()])
+
+    listed = gradients()  # the backward reads the forward's list of edges into candidates
+    records = fast._record_space
+    # from here on the forward lists no edges: the backward sweeps the frontier's edges itself
+    monkeypatch.setattr(fast, "_record_space", lambda m, e: records(m, e)[:2] + (fast._NO_EDGES, fast._NO_EDGES))
     space = fast._backward_space
 
     def small(m: int) -> tuple[np.ndarray, ...]:
-        rec, hit_l, cbits, hbits, _, _, memo = space(m)
-        return rec, hit_l, cbits, hbits, np.empty(3, np.int64), np.empty(3, np.int32), memo
+        rec, hrec, acc, cbits, hit_j, _, hit_s, memo = space(m)
+        return rec, hrec, acc, cbits, hit_j[:3], np.empty(3, np.int64), hit_s[:3], memo
 
     grads = []
     for tiny_chunks in (False, True):
         if tiny_chunks:
             monkeypatch.setattr(fast, "_backward_space", small)
-        carrier = torch.ones(n, requires_grad=True)
-        params = Params(beta=Positive(0.05))
-        r = _run(model, params, (system, base.replace(carrier=carrier)), 25, True, grad=True)
-        grads.append(torch.autograd.grad(r.observables["incidence"].sum(), [carrier, *params.parameters()]))
+        grads.append(gradients())
     assert float(grads[0][0].abs().sum()) > 0
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert torch.allclose(listed[0], grads[0][0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(listed[1], grads[0][1], rtol=1e-6)
 
 
 @needs_numba
@@ -334,8 +353,12 @@ def test_masked_sum_equals_torch_where_sum_and_keeps_gradients() -> None:
     with compiled_kernels(False):
         assert torch.equal(masked_sum(codes, 2, vals), ref)
     w = vals.clone().requires_grad_(True)
-    masked_sum(codes, 2, w).backward()
-    assert torch.equal(w.grad, (codes == 2).float())
+    (3 * masked_sum(codes, 2, w)).backward()
+    assert torch.equal(w.grad, 3 * (codes == 2).float())
+    y = masked_sum(codes, 2, w)
+    codes[0] = 5  # the codes a gradient needs, changed in place: autograd says so instead of a wrong gradient
+    with pytest.raises(RuntimeError):
+        y.backward()
 
 
 def test_network_validation_is_cached_but_sees_in_place_changes() -> None:
@@ -350,6 +373,11 @@ def test_network_validation_is_cached_but_sees_in_place_changes() -> None:
         net.validate({"N": n + 1})
     net.edge_index[1, 3] = n + 7  # in place: the version changes, so the range check runs again
     with pytest.raises(StateError, match="edge_index"):
+        net.validate()
+    net = Network.from_layers({"r": erdos_renyi(n, 6.0, seed=1)}, n)
+    net.validate()
+    net.weight[5] = float("nan")  # in place: the finiteness check runs again
+    with pytest.raises(StateError, match="weight"):
         net.validate()
 
 
@@ -371,3 +399,23 @@ def test_frontier_sweep_equals_numpy(n: int) -> None:
     k = _kernels()["frontier_bits"](st, infectious, np.uint8(0), front, sbits)
     assert np.array_equal(front[:k], np.flatnonzero((st == 1) | (st == 2)))
     assert np.array_equal(np.unpackbits(sbits, bitorder="little")[:n], (st == 0).astype(np.uint8))
+
+
+def test_params_value_cache_sees_every_change() -> None:
+    """A constrained parameter read without a graph is cached, but never stale: an in-place change of the raw
+    tensor (an optimizer step) or of a returned value is seen, and under autograd every read is a fresh node."""
+    params = Params(beta=Positive(0.03))
+    with torch.no_grad():
+        a, b = params.beta, params.beta
+        assert a is b and abs(float(a) - 0.03) < 1e-7
+        a.mul_(2)  # a caller writing into the value it read
+        assert abs(float(params.beta) - 0.03) < 1e-7
+        params.raw_beta.add_(1.0)  # an optimizer's in-place step
+        assert abs(float(params.beta) - float(torch.nn.functional.softplus(params.raw_beta))) < 1e-7
+        params.to(torch.float64)  # the parameter's data swapped in place
+        assert params.beta.dtype == torch.float64
+    x, y = params.beta, params.beta
+    assert x is not y and x.grad_fn is not None
+    (x * 2).backward()
+    (y * 3).backward()  # a second backward through its own node
+    assert params.raw_beta.grad is not None

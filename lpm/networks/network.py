@@ -9,6 +9,7 @@ of *active* sources (the infectious frontier) and scale each layer per step with
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -105,16 +106,22 @@ class Network(Struct):
 
     def validate(self, dims: dict[str, int] | None = None, prefix: str = "") -> dict[str, int]:
         """Check shapes and that every edge id lies in ``[0, num_nodes)``."""
-        dims = super().validate({} if dims is None else dims, prefix)
+        dims = {} if dims is None else dims
         tensors = (self.edge_index, self.weight, self.layer, self.rowptr)
         key = (tuple(t._version for t in tensors), self.num_nodes, len(self.layer_names))
         hit = _CHECKED.get(id(self))
         if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], tensors)):
             # the same tensors, unmodified, passed the O(E) checks below before (every simulate validates:
-            # at N = 1e5 this saved a tenth of a 50-day run)
+            # at N = 1e5 this saved a tenth of a 50-day run); shapes and dtypes are checked again (the
+            # dimensions bind to the other fields'), the weights' finiteness (an O(E) pass) is not
+            for f in dataclasses.fields(self):
+                if "shape" in f.metadata:
+                    dims = check_tensor(f"{prefix}{f.name}", getattr(self, f.name), f.metadata["shape"],
+                                        f.metadata["dtypes"], dims, finite=False)
             if "N" in dims and dims["N"] != self.num_nodes:
                 raise StateError(f"{prefix}num_nodes: expected N = {dims['N']} agents, network has {self.num_nodes}")
             return dims
+        dims = super().validate(dims, prefix)
         if self.rowptr.numel() != self.num_nodes + 1:
             raise StateError(f"{prefix}rowptr: expected {self.num_nodes + 1} entries, got {self.rowptr.numel()}")
         if "N" in dims and dims["N"] != self.num_nodes:

@@ -46,6 +46,7 @@ def _kernels() -> dict[str, object]:
         from lpm.compiled import inverse_cdf, prefetch, uniform
 
         tiny = np.float32(1e-30)
+        nan = np.float32(np.nan)
 
         marked = np.int8(-128)  # a susceptible target in the candidate list (never a stage code)
         umarked = np.uint8(128)  # the same byte seen as uint8: 128 + (infectious contacts - 1) while counting
@@ -114,55 +115,71 @@ def _kernels() -> dict[str, object]:
             return k
 
         @numba.njit(cache=True, error_model="numpy")
-        def count_bits(st, rowptr, dst, front, nf, s_code, cand, hits, sbits):  # pragma: no cover - compiled
+        def count_bits(st, rowptr, dst, front, nf, s_code, cand, hits, sbits, erec, ej, ecnt):  # pragma: no cover - compiled
             """Count the infectious contacts of susceptible targets in their stage byte (uint8: 128 = one, 255 = 128).
 
             Per chunk of sources, a read-only sweep over their edges keeps the targets whose susceptible
             bit is set (a cached bitmask, not the stage bytes), then only those bytes are written; the
             other edges (to infectious or recovered agents) cost no random access to the stage array.
-            Returns (candidates, overflow): on overflow a target met more than 128 sources and its byte
-            wrapped; the caller then restores every candidate and runs the force pass."""
+            Returns (candidates, overflow, recorded edges): on overflow a target met more than 128 sources
+            and its byte wrapped; the caller then restores every candidate and runs the force pass. With
+            ``erec`` the edges into candidates are also listed for the compiled backward, which then need
+            not sweep the frontier's edges again: their targets in order into ``ej``, their number per
+            source into ``ecnt`` (``ej`` holds every frontier edge at most: the network's edge count)."""
             nc = 0
             over = False
             cap = hits.shape[0]
             k = 0
+            r = 0
+            if erec:
+                for q in range(nf):
+                    ecnt[q] = 0
             e = rowptr[front[0]] if nf > 0 else 0
             while k < nf:
                 h = 0
                 while k < nf:
                     b = rowptr[front[k] + 1]
                     stop = min(b, e + (cap - h))  # each edge keeps at most one entry: never past the buffer
-                    if k + 8 < nf:  # the edge block a few sources ahead: one cache miss per source hidden
-                        prefetch(dst, rowptr[front[k + 8]])
+                    if k + 16 < nf:  # the edge block of a source well ahead (both ends: a row may straddle two lines)
+                        ahead = front[k + 16]
+                        prefetch(dst, rowptr[ahead])
+                        prefetch(dst, rowptr[ahead + 1] - 1)
+                    h0 = h
                     for x in range(e, stop):
                         j = dst[x]
                         hits[h] = j
                         h += (sbits[j >> 3] >> (j & 7)) & 1
+                    if erec:
+                        ecnt[k] += h - h0
                     if stop < b:
                         e = stop
                         break
                     k += 1
                     if k < nf:
                         e = rowptr[front[k]]
+                if erec:
+                    ej[r: r + h] = hits[:h]
+                    r += h
                 for q in range(h):
-                    if q + 32 < h:  # random writes into the stage bytes: ask for them well ahead
-                        prefetch(st, hits[q + 32])
+                    if q + 64 < h:  # random writes into the stage bytes: ask for them well ahead
+                        prefetch(st, hits[q + 64])
                     j = hits[q]
                     s = st[j]
-                    if s == s_code:
-                        st[j] = umarked
-                        cand[nc] = j
-                        nc += 1
-                    else:
-                        over |= s == np.uint8(255)
-                        st[j] = s + np.uint8(1)
-            return nc, over
+                    # branch-free: a first visit lists the target and marks it, a later one counts (first and
+                    # later visits interleave unpredictably, a branch here mispredicts about a third of the time)
+                    first = s == s_code
+                    cand[nc] = j
+                    nc += first
+                    over |= s == np.uint8(255)
+                    st[j] = umarked if first else s + np.uint8(1)
+            return nc, over, r
 
         @numba.njit(cache=True, error_model="numpy")
         def transmission(stage, timer, entered, carrier, rowptr, dst, weight, uniform_w, w0, layer, iota,
                           cf, use_cf, scale, use_scale, susc, use_susc, bdt, s_code, entry, cdf, k1, k2,
-                          force, cand, front, infectious, hits, sbits, record, f_out, hit_out):  # pragma: no cover - compiled
-            """One transmission step in place on ``stage``/``timer``/``entered``; returns the number of infections.
+                          force, cand, front, infectious, hits, sbits, record, f_out, hit_out, ej, ecnt):  # pragma: no cover - compiled
+            """One transmission step in place on ``stage``/``timer``/``entered``: ``(infections, frontier, candidates,
+            listed edges)`` (the last -1 unless the candidates' edges were listed into ``ej``/``ecnt``).
 
             Uniform pushes (one weight, no layer scale or contact factor, equal ``iota * carrier`` on
             every source) count contacts per target and rebuild the force as the same sequential
@@ -182,12 +199,19 @@ def _kernels() -> dict[str, object]:
                         counted = False
                         break
             nc = 0
+            ne = -1  # edges into candidates listed for the backward (-1: none listed)
             if counted:
-                nc, over = count_bits(st, rowptr, dst, front, nf, us, cand, hits, sbits)
+                # the backward's fast path (one weight, no susceptibility) reads the listed edges; ej holds
+                # every edge of the network or nothing (no listing)
+                erec = record and not use_susc and ej.shape[0] == dst.shape[0]
+                nc, over, ne = count_bits(st, rowptr, dst, front, nf, us, cand, hits, sbits, erec, ej, ecnt)
+                if not erec:
+                    ne = -1
                 if over:
                     for k in range(nc):
                         st[cand[k]] = us
                     counted = False
+                    ne = -1
             if not counted:
                 nc = force_pass(stage, carrier, rowptr, dst, weight, layer, iota, cf, use_cf, scale, use_scale,
                                 s_code, force, cand, front, nf)
@@ -209,14 +233,18 @@ def _kernels() -> dict[str, object]:
                     cand[nc] = i
                     nc += st[i] >= umarked
             events = 0
+            if counted:
+                # the same sequential float32 sums as index_add makes, for every count a byte can hold
+                sums = np.empty(129, np.float32)
+                sums[0] = np.float32(0)
+                for c in range(1, 129):
+                    sums[c] = sums[c - 1] + c0
             for k in range(nc):
                 if k + 16 < nc:
                     prefetch(st, cand[k + 16])
                 j = cand[k]
                 if counted:
-                    f = np.float32(0)
-                    for _ in range(np.int32(st[j]) - 127):  # the same sequential float32 sum as index_add
-                        f += c0
+                    f = sums[np.int32(st[j]) - 127]
                 else:
                     f = force[j]
                     force[j] = 0
@@ -241,61 +269,89 @@ def _kernels() -> dict[str, object]:
                     # pending (negative) timer: the dwell starts at the next progression (the torch path's convention)
                     timer[j] = -inverse_cdf(cdf, entry, u / max(p, tiny))
                     events += 1
-            return events, nf, nc
+            return events, nf, nc, ne
+
+        @numba.njit(inline="always")
+        def _pair_slot(fbits, ubits, x, y, mask):  # pragma: no cover - compiled
+            """Direct-mapped memo slot of a pair of float32 values (their bits hashed)."""
+            fbits[0] = x
+            ub = ubits[0]
+            fbits[0] = y
+            ub = ub ^ (ubits[0] * np.uint32(0x85EBCA6B))
+            return np.int64(((ub ^ (ub >> np.uint32(13))) * np.uint32(0x9E3779B1)) >> np.uint32(22)) & mask
+
+        @numba.njit(inline="always")
+        def _infection_credit(eA, hz, L, pL, eL):  # pragma: no cover - compiled
+            """Presence credit of an infection step: ``e^A (1 - (1 - e^-(L - h)) / (1 - e^-L)) - h e^-L / (1 - e^-L)``."""
+            return eA * (np.float32(1) - (-np.expm1(-max(L - hz, np.float32(0)))) / pL) - hz * eL / pL
 
         @numba.njit(cache=True, error_model="numpy")
         def transmission_backward(grad, carrier, front, src_stage, src_load, cand, fc, hit, rowptr, dst, weight, layer,
-                                  iota, scale, use_scale, susc, use_susc, bdt, presence, rec, hit_L, cbits, hbits,
-                                  hit_e, hit_a, memo, gcar):  # pragma: no cover - compiled
+                                  iota, scale, use_scale, susc, use_susc, bdt, presence, w_const, w0, ej, ecnt,
+                                  rec, hrec, acc, cbits, hit_j, hit_x, hit_s, memo, gcar):  # pragma: no cover - compiled
             """Gradient of one compiled transmission step: ``gcar`` (onto the input carrier) and d/d(beta dt).
 
             The same chain rule torch's autograd applies to the torch path (``carrier * q / sg(q)``
             at the candidates, ``lambda = beta dt F susc``, ``F`` summed over the frontier's edges),
             plus the presence coupling's per-edge credit (:func:`substeps.epidemic.dynamics._presence_delta`),
-            recomputed from the frontier as the torch path's backward does. Each candidate's terms go
-            to one 8-byte record ``rec[j] = (dL/dF, dL/dfactor)`` (infected ones also to a bitmask and
-            their hazard to ``hit_L``). The frontier's edges are swept in chunks as in the forward's
-            count: a read-only pass keeps the edges whose target's candidate bit (a cached bitmask)
-            is set, then only those read their target's record, prefetched well ahead; each source
-            sums its edges in CSR order, so the result does not depend on the chunking.
-            Per-candidate transcendentals are memoised by hazard (counted forces repeat a few
-            values), a source's survival credit across its edges with the same hazard."""
+            recomputed from the frontier as the torch path's backward does.
+
+            First each candidate's terms go to a record read by its edges: an infected candidate's
+            holds NaN, which the edge sweep tests instead of a bitmask, and its terms go to ``hrec``
+            (``g``, its hazard ``L``, ``1 - e^-L``, ``e^-L``, ``dL/dF``). On the *plain* path (one
+            weight, no layer scale, no susceptibility, one load column) a survivor's ``dL/dF`` is
+            ``-g beta dt``, so its record is ``g`` alone (4 bytes) and a source needs one sum over its
+            surviving contacts, times a coefficient memoised per (hazard, load); the general path
+            keeps ``(dL/dF, g)`` and the per-edge terms. Then the edges into candidates: the
+            forward's own list of them (``ej``, ``ecnt``) when it made one, else a chunked sweep over
+            the frontier's edges that keeps those whose target's candidate bit (a cached bitmask) is
+            set; each record is prefetched well ahead and each source sums its edges in CSR order,
+            so the result does not depend on the chunking. Per-candidate transcendentals are
+            memoised by hazard (counted forces repeat a few values)."""
             nc = cand.shape[0]
             nf = front.shape[0]
             gbdt = 0.0
             for k in range(gcar.shape[0]):
                 gcar[k] = grad[k]
-            # memo rows (lam, expm1(-lam), hazard, exp(-lam)), direct-mapped by the hazard's bits
+            wide = src_load.shape[1] > 1
+            plain = w_const and not use_scale and not use_susc and not wide
+            listed = plain and ecnt.shape[0] == nf and nf > 0
+            # memo columns: 0-5 by the candidate's hazard (lam, expm1(-lam), L, exp(-lam), 1 - e^-L, e^-L),
+            # 6-8 by a source's (load, hazard) pair (A, h, its survival coefficient)
             mask = memo.shape[0] - 1
             for x in range(memo.shape[0]):
                 memo[x, 0] = np.float32(-1)
+                memo[x, 6] = np.float32(-1)
             fbits = np.empty(1, np.float32)
             ubits = fbits.view(np.uint32)
-            rec_flat = rec.reshape(-1)  # prefetch takes one index
+            rec_flat = rec.reshape(-1)  # prefetch takes one index; the plain path's records are its first N entries
+            stride = 1 if plain else 2
             for k in range(nc):
                 if k + 16 < nc:
                     jj = cand[k + 16]
-                    prefetch(rec_flat, 2 * jj)
+                    prefetch(rec_flat, stride * jj)
                     prefetch(grad, jj)
                     prefetch(carrier, jj)
                 j = cand[k]
-                cbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
+                if not listed:
+                    cbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
                 f = fc[k]
                 lam1 = bdt * f
                 s_j = susc[j] if use_susc else np.float32(1)
                 lam = lam1 * s_j if use_susc else lam1
                 fbits[0] = lam
                 ub = ubits[0]
-                slot = ((ub ^ (ub >> np.uint32(13))) * np.uint32(0x9E3779B1)) >> np.uint32(22)
-                slot = np.int64(slot) & mask
+                slot = np.int64(((ub ^ (ub >> np.uint32(13))) * np.uint32(0x9E3779B1)) >> np.uint32(22)) & mask
                 if memo[slot, 0] != lam:
                     e = np.expm1(-lam)
                     memo[slot, 0] = lam
                     memo[slot, 1] = e
-                    memo[slot, 2] = -np.log1p(e)  # the hazard as the torch path's presence backward recomputes it
+                    L = -np.log1p(e)  # the hazard as the torch path's presence backward recomputes it
+                    memo[slot, 2] = L
                     memo[slot, 3] = np.exp(-lam)
+                    memo[slot, 4] = max(-np.expm1(-L), tiny)
+                    memo[slot, 5] = np.exp(-L)
                 e = memo[slot, 1]
-                L = memo[slot, 2]
                 q_s = memo[slot, 3]
                 g = grad[j] * carrier[j]
                 if hit[k]:
@@ -305,93 +361,149 @@ def _kernels() -> dict[str, object]:
                     glam = -(g / max(q_s, tiny) * q_s)
                 glam1 = glam * s_j if use_susc else glam
                 gbdt += np.float64(glam1) * np.float64(f)
-                rec[j, 0] = glam1 * bdt
-                rec[j, 1] = g
                 if hit[k]:
-                    hbits[j >> 3] |= np.uint8(1) << np.uint8(j & 7)
-                    hit_L[j] = L
-            wide = src_load.shape[1] > 1
-            cap = hit_e.shape[0]
-            # the current source's sums (carried across chunks: a hub's edges may span several)
-            cur = -1
-            lin = np.float32(0)  # sum over edges of dL/dF * weight (* scale), times iota at the flush: torch's order
-            pres = np.float32(0)
-            io = np.float32(0)
-            last_h = np.float32(-1)
-            last_A = np.float32(-1)
-            eA = np.float32(0)
-            surv = np.float32(0)
-            a = 0
-            e0 = rowptr[front[0]] if nf > 0 else 0
-            while a < nf:
-                # pass 1: edges into candidates (candidate bitmask only), sequential over the chunk's rows
-                h = 0
-                while a < nf:
-                    b = rowptr[front[a] + 1]
-                    stop = min(b, e0 + (cap - h))
-                    if a + 8 < nf:
-                        prefetch(dst, rowptr[front[a + 8]])
-                    for x in range(e0, stop):
-                        j = dst[x]
-                        hit_e[h] = x
-                        hit_a[h] = a
-                        h += (cbits[j >> 3] >> (j & 7)) & 1
-                    if stop < b:
-                        e0 = stop
-                        break
-                    a += 1
-                    if a < nf:
-                        e0 = rowptr[front[a]]
-                # pass 2: those edges' records, prefetched ahead; each source's sums in edge order
-                for q in range(h):
-                    if q + 16 < h:
-                        jj = dst[hit_e[q + 16]]
-                        prefetch(rec_flat, 2 * jj)
-                        if use_susc:
-                            prefetch(susc, jj)
-                    s = hit_a[q]
-                    if s != cur:
-                        if cur >= 0:
-                            gcar[front[cur]] += lin * io + pres
-                        cur = s
-                        io = iota[src_stage[s]]
-                        lin = np.float32(0)
-                        pres = np.float32(0)
-                        last_h = np.float32(-1)
-                        last_A = np.float32(-1)
-                    e_ = hit_e[q]
-                    j = dst[e_]
-                    gF = rec[j, 0]
-                    if use_scale:
-                        lin += gF * scale[layer[e_]] * weight[e_]
-                    else:
-                        lin += gF * weight[e_]
-                    if presence:
-                        # hazard = edge part x source part; A = edge part x the source's accumulated load
-                        he = bdt * weight[e_]
-                        if use_susc:
-                            he = he * susc[j]
-                        hz = he * io
-                        if use_scale:
-                            hz = hz * scale[layer[e_]]
-                        A = he * src_load[s, layer[e_] if wide else 0]
-                        if hz != last_h or A != last_A:
-                            last_h = hz
-                            last_A = A
-                            eA = np.exp(A)
-                            surv = hz - eA * np.expm1(hz)
-                        if (hbits[j >> 3] >> (j & 7)) & 1:
-                            Lj = hit_L[j]
-                            pL = max(-np.expm1(-Lj), tiny)
-                            d = eA * (np.float32(1) - (-np.expm1(-max(Lj - hz, np.float32(0)))) / pL) - hz * np.exp(-Lj) / pL
+                    hrec[j, 0] = g
+                    hrec[j, 1] = memo[slot, 2]
+                    hrec[j, 2] = memo[slot, 4]
+                    hrec[j, 3] = memo[slot, 5]
+                    hrec[j, 4] = glam1 * bdt
+                    g = nan  # the record's mark of an infection
+                elif g != g:
+                    hrec[j, 1] = np.float32(-1)  # a survivor whose g is NaN: the NaN is the sum's, not a mark
+                if plain:
+                    rec_flat[j] = g
+                else:
+                    rec[j, 0] = glam1 * bdt
+                    rec[j, 1] = g
+            for s in range(nf):
+                acc[s, 0] = np.float32(0)
+                acc[s, 1] = np.float32(0)
+                acc[s, 2] = np.float32(0)
+            if listed:
+                # the forward's list: each source's edges into candidates, in CSR order; survivors' g summed
+                # (acc 0), an infection's dL/dF (acc 1) and presence credit times g (acc 2)
+                ne = ej.shape[0]
+                r = 0
+                hz = np.float32(0)
+                for s in range(nf):
+                    t1 = np.float32(0)
+                    t2 = np.float32(0)
+                    t3 = np.float32(0)
+                    for x in range(r, r + ecnt[s]):
+                        if x + 64 < ne:
+                            prefetch(rec_flat, ej[x + 64])
+                        j = ej[x]
+                        v = rec_flat[j]
+                        if v == v:
+                            t1 += v
+                        elif hrec[j, 1] < 0:
+                            t1 += v
                         else:
-                            d = surv
-                        pres += d * rec[j, 1]
-            if cur >= 0:
-                gcar[front[cur]] += lin * io + pres
-            for k in range(nc):
-                cbits[cand[k] >> 3] = 0
-                hbits[cand[k] >> 3] = 0
+                            t2 += hrec[j, 4]
+                            if presence:
+                                hz = bdt * w0 * iota[src_stage[s]]
+                                eA = np.exp(bdt * w0 * src_load[s, 0])
+                                t3 += _infection_credit(eA, hz, hrec[j, 1], hrec[j, 2], hrec[j, 3]) * hrec[j, 0]
+                    r += ecnt[s]
+                    acc[s, 0] = t1
+                    acc[s, 1] = t2
+                    acc[s, 2] = t3
+            else:
+                cap = hit_j.shape[0]
+                last_h = np.float32(-1)
+                last_A = np.float32(-1)
+                eA = np.float32(0)
+                surv = np.float32(0)
+                a = 0
+                e0 = rowptr[front[0]] if nf > 0 else 0
+                while a < nf:
+                    # pass 1: edges into candidates (candidate bitmask only), sequential over the chunk's rows
+                    h = 0
+                    while a < nf:
+                        b = rowptr[front[a] + 1]
+                        stop = min(b, e0 + (cap - h))
+                        if a + 8 < nf:
+                            prefetch(dst, rowptr[front[a + 8]])
+                        for x in range(e0, stop):
+                            j = dst[x]
+                            hit_j[h] = j
+                            hit_x[h] = x
+                            hit_s[h] = a
+                            h += (cbits[j >> 3] >> (j & 7)) & 1
+                        if stop < b:
+                            e0 = stop
+                            break
+                        a += 1
+                        if a < nf:
+                            e0 = rowptr[front[a]]
+                    # pass 2: those edges' records, prefetched ahead; each source's sums in edge order
+                    for q in range(h):
+                        if q + 32 < h:
+                            jj = hit_j[q + 32]
+                            prefetch(rec_flat, stride * jj)
+                            if use_susc:
+                                prefetch(susc, jj)
+                        s = hit_s[q]
+                        j = hit_j[q]
+                        if plain:
+                            v = rec_flat[j]
+                            if v == v:
+                                acc[s, 0] += v
+                            elif hrec[j, 1] < 0:
+                                acc[s, 0] += v
+                            else:
+                                acc[s, 1] += hrec[j, 4]
+                                if presence:
+                                    hz = bdt * w0 * iota[src_stage[s]]
+                                    eA = np.exp(bdt * w0 * src_load[s, 0])
+                                    acc[s, 2] += _infection_credit(eA, hz, hrec[j, 1], hrec[j, 2], hrec[j, 3]) * hrec[j, 0]
+                            continue
+                        e_ = hit_x[q]
+                        gF = rec[j, 0]
+                        if use_scale:
+                            acc[s, 0] += gF * scale[layer[e_]] * weight[e_]
+                        else:
+                            acc[s, 0] += gF * weight[e_]
+                        if presence:
+                            # hazard = edge part x source part; A = edge part x the source's accumulated load
+                            he = bdt * weight[e_]
+                            if use_susc:
+                                he = he * susc[j]
+                            hz = he * iota[src_stage[s]]
+                            if use_scale:
+                                hz = hz * scale[layer[e_]]
+                            A = he * src_load[s, layer[e_] if wide else 0]
+                            if hz != last_h or A != last_A:
+                                last_h = hz
+                                last_A = A
+                                eA = np.exp(A)
+                                surv = hz - eA * np.expm1(hz)
+                            v = rec[j, 1]
+                            if v == v or hrec[j, 1] < 0:
+                                acc[s, 1] += surv * v
+                            else:
+                                acc[s, 1] += _infection_credit(eA, hz, hrec[j, 1], hrec[j, 2], hrec[j, 3]) * hrec[j, 0]
+                for k in range(nc):
+                    cbits[cand[k] >> 3] = 0
+            # each source's sums into its carrier's gradient
+            for s in range(nf):
+                io = iota[src_stage[s]]
+                if not plain:
+                    gcar[front[s]] += acc[s, 0] * io + acc[s, 1]
+                    continue
+                hz = bdt * w0 * io
+                if presence:
+                    # a survivor's linear and presence terms together: -h g + (h - e^A expm1(h)) g = -e^A expm1(h) g
+                    A = bdt * w0 * src_load[s, 0]
+                    slot = _pair_slot(fbits, ubits, A, hz, mask)
+                    if memo[slot, 6] != A or memo[slot, 7] != hz:
+                        memo[slot, 6] = A
+                        memo[slot, 7] = hz
+                        memo[slot, 8] = -np.exp(A) * np.expm1(hz)
+                    coef = memo[slot, 8]
+                else:
+                    coef = -hz
+                gcar[front[s]] += acc[s, 0] * coef + acc[s, 1] * (w0 * io) + acc[s, 2]
             return gbdt
 
         @numba.njit(cache=True, error_model="numpy")
@@ -438,8 +550,21 @@ def _kernels() -> dict[str, object]:
                 entered_out[i] = new
                 timer_out[i] = inverse_cdf(cdf, new, ud)
 
+        @numba.njit(cache=True)
+        def accumulate_load(load, front, factor, out, src_load):  # pragma: no cover - compiled
+            """``out = load`` plus ``factor`` at the frontier's rows (one float32 add each, as ``index_put`` of
+            ``load[idx] + factor`` makes), and the frontier's rows before the add into ``src_load``."""
+            out[:] = load
+            for k in range(front.shape[0]):
+                i = front[k]
+                for c in range(load.shape[1]):
+                    v = load[i, c]
+                    src_load[k, c] = v
+                    out[i, c] = v + factor[k, c]
+
         _KERNELS.update(transmission=transmission, transmission_backward=transmission_backward,
-                        progression=progression, frontier_bits=frontier_bits, count_bits=count_bits)
+                        progression=progression, frontier_bits=frontier_bits, count_bits=count_bits,
+                        accumulate_load=accumulate_load)
     return _KERNELS
 
 
@@ -574,68 +699,91 @@ def fused_transmission(sub: "Transmission", params: "Params", system: "EpiSystem
     k1, k2 = stream_key(rng, t)
     force, cand, front, hits, sbits = _workspace(n)
     empty2, empty1, empty_u8 = _EMPTY
-    f_out, hit_out = _record_space(n) if grad else (empty1, empty_u8)
+    f_out, hit_out, ej, ecnt = _record_space(n, dst_np.shape[0]) if grad else (empty1, empty_u8, _NO_EDGES, _NO_EDGES)
     scale_np = _np(scale) if scale is not None else empty1
     susc_np = _np(susc) if susc is not None else empty1
-    _, nf, nc = _kernels()["transmission"](
+    _, nf, nc, ne = _kernels()["transmission"](
         stage.numpy(), timer.numpy(), entered.numpy(), _np(state.carrier), rowptr_np, dst_np,
         weight_np, w_const is not None, np.float32(w_const or 0.0), layer_np, iota_np,
         _np(cf) if cf is not None else empty2, cf is not None, scale_np, scale is not None, susc_np, susc is not None,
         bdt, np.int8(d.code(d.susceptible)), np.int8(d.code(d.entry)), cdf_np, k1, k2, force, cand, front,
-        infectious, hits, sbits, grad, f_out, hit_out)
-    extra = {}
+        infectious, hits, sbits, grad, f_out, hit_out, ej, ecnt)
+    extra: dict[str, Tensor] = {}
     carrier = state.carrier
     if grad:
-        idx = torch.from_numpy(front[:nf].copy())
-        presence = sub.estimator != "linear"
-        src_load = np.zeros((nf, 1), np.float32)
-        if presence:
-            load = state.source_load
-            if load is None:
-                load = torch.zeros((n, sub._load_width(system)), dtype=torch.float32)
-            src_load = load.index_select(0, idx).numpy()
-            # the torch path's own accumulation (same operations, so the same bits)
-            extra["source_load"] = sub._accumulate_load(system, state, load, iota, idx)
-        saved = _StepRecord(
-            front=idx.numpy(), src_stage=state.stage.numpy()[idx.numpy()], cand=cand[:nc].copy(), fc=f_out[:nc].copy(),
-            hit=hit_out[:nc].copy(), src_load=src_load,
-            net=net, iota=_np(iota), scale=scale_np, use_scale=scale is not None, susc=susc_np,
-            use_susc=susc is not None, bdt=bdt, dt=float(d.dt), presence=presence)
+        saved = _step_record(sub, system, state, iota, front[:nf], cand[:nc], f_out[:nc], hit_out[:nc],
+                             ej[:ne] if ne >= 0 else None, ecnt[:nf], extra, w_const, scale_np, scale is not None,
+                             susc_np, susc is not None, bdt)
         carrier = _CompiledTransmission.apply(state.carrier, beta, saved)
     return state.replace(**extra, stage=stage, timer=timer, carrier=carrier, entered=entered, entered_step=_step_tensor(t))
 
 
+def _step_record(sub: "Transmission", system: "EpiSystem", state: "EpiState", iota: Tensor, front: np.ndarray,
+                 cand: np.ndarray, fc: np.ndarray, hit: np.ndarray, ej: np.ndarray | None, ecnt: np.ndarray,
+                 extra: dict[str, Tensor], w_const: float | None, scale: np.ndarray, use_scale: bool, susc: np.ndarray,
+                 use_susc: bool, bdt: np.float32) -> "_StepRecord":
+    """What the step's backward needs, copied out of the kernel's buffers; the presence estimator's source load into ``extra``."""
+    n = state.stage.numel()
+    front = front.copy()
+    presence = sub.estimator != "linear"
+    src_load = np.zeros((front.shape[0], 1), np.float32)
+    if presence:
+        load = state.source_load
+        if load is None:
+            load = torch.zeros((n, sub._load_width(system)), dtype=torch.float32)
+        # the torch path's accumulation (load[idx] + the source factor: the same float32 adds, so the same bits),
+        # in one compiled pass instead of gathers and an index_put on an [N, K] tensor
+        factor = sub._source_factor(state, iota, torch.from_numpy(front)).contiguous().numpy()
+        out = torch.empty((n, load.shape[1]), dtype=torch.float32)
+        src_load = np.empty((front.shape[0], load.shape[1]), np.float32)
+        _kernels()["accumulate_load"](load.detach().to(_F32).contiguous().numpy(), front, factor, out.numpy(), src_load)
+        extra["source_load"] = out
+    listed = ej is not None
+    return _StepRecord(
+        front=front, src_stage=state.stage.numpy()[front], cand=cand.copy(), fc=fc.copy(),
+        hit=hit.copy(), src_load=src_load, ej=ej.copy() if listed else _NO_EDGES,
+        ecnt=ecnt.copy() if listed else _NO_EDGES, w_const=w_const,
+        net=system.network, iota=_np(iota), scale=scale, use_scale=use_scale, susc=susc,
+        use_susc=use_susc, bdt=bdt, dt=float(sub.disease.dt), presence=presence)
+
+
 class _StepRecord:
-    """What one compiled transmission step keeps for its backward: O(frontier + candidates), no per-edge array."""
+    """What one compiled transmission step keeps for its backward: O(frontier + candidates + the edges into candidates)."""
 
     def __init__(self, **fields: object) -> None:
         self.__dict__.update(fields)
 
 
-_RECORD: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_RECORD: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 _BACK: dict[int, tuple[np.ndarray, ...]] = {}
+_NO_EDGES = np.zeros(0, np.int32)
 
 
-def _record_space(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-candidate force ``[N] float32`` and outcome ``[N] uint8`` buffers (copied out after each step)."""
-    if n not in _RECORD:
+def _record_space(n: int, edges: int) -> tuple[np.ndarray, ...]:
+    """Per-candidate force ``[N] float32`` and outcome ``[N] uint8``, the listed edges' targets ``[E]`` and
+    their count per frontier source ``[N] int32`` (copied out after each step)."""
+    key = (n, edges)
+    if key not in _RECORD:
         if len(_RECORD) > 4:
             _RECORD.clear()
-        _RECORD[n] = (np.empty(n, np.float32), np.empty(n, np.uint8))
-    return _RECORD[n]
+        index = np.int32 if n < 2**31 else np.int64
+        _RECORD[key] = (np.empty(n, np.float32), np.empty(n, np.uint8), np.empty(edges, index), np.empty(n, np.int32))
+    return _RECORD[key]
 
 
 def _backward_space(n: int) -> tuple[np.ndarray, ...]:
-    """Per-agent candidate records ``[N, 2]`` and hazards ``[N]`` (float32), candidate and infection bitmasks
-    all 0 (the backward kernel clears the bits it sets; records are read only where a bit is set), the
-    edge-sweep buffers (edge, source) and the transcendental memo ``[1024, 4]``."""
+    """The backward kernel's buffers: candidate records ``[N, 2]``, infected candidates' records ``[N, 5]``,
+    per-source sums ``[N, 3]`` (float32), the candidate bitmask all 0 (the kernel clears the bits it sets;
+    records are read only where one is set or listed), the edge-sweep buffers (target, edge, source) and
+    the transcendental memo ``[1024, 9]``."""
     if n not in _BACK:
         if len(_BACK) > 4:
             _BACK.clear()
         cap = min(n, 1 << 14) + 16
-        _BACK[n] = (np.empty((n, 2), np.float32), np.empty(n, np.float32), np.zeros((n + 7) >> 3, np.uint8),
-                    np.zeros((n + 7) >> 3, np.uint8), np.empty(cap, np.int64),
-                    np.empty(cap, np.int32 if n < 2**31 else np.int64), np.empty((1024, 4), np.float32))
+        index = np.int32 if n < 2**31 else np.int64
+        _BACK[n] = (np.empty((n, 2), np.float32), np.empty((n, 5), np.float32), np.empty((n, 3), np.float32),
+                    np.zeros((n + 7) >> 3, np.uint8), np.empty(cap, index), np.empty(cap, np.int64), np.empty(cap, index),
+                    np.empty((1024, 9), np.float32))
     return _BACK[n]
 
 
@@ -648,11 +796,11 @@ class _CompiledTransmission(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, carrier: Tensor, beta: Tensor, rec: _StepRecord) -> Tensor:  # type: ignore[override]
-        """The carrier times ``q / sg(q) (+ 0)`` at the candidates: exactly its value."""
+        """The carrier times ``q / sg(q) (+ 0)`` at the candidates: exactly its value (a view, not a copy)."""
         ctx.rec = rec
         ctx.beta_shape = beta.shape
         ctx.save_for_backward(carrier)
-        return carrier.clone()
+        return carrier.view_as(carrier)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -665,7 +813,8 @@ class _CompiledTransmission(torch.autograd.Function):
         gbdt = _kernels()["transmission_backward"](
             g.numpy(), _np(carrier), r.front, r.src_stage, r.src_load, r.cand, r.fc, r.hit, _np(net.rowptr),
             _np(net.edge_index[1]), _np(net.weight), _np(net.layer), r.iota, r.scale, r.use_scale, r.susc, r.use_susc,
-            r.bdt, r.presence, *_backward_space(carrier.numel()), gcar.numpy())
+            r.bdt, r.presence, r.w_const is not None, np.float32(r.w_const or 0.0), r.ej, r.ecnt,
+            *_backward_space(carrier.numel()), gcar.numpy())
         gbeta = torch.full(ctx.beta_shape, gbdt * r.dt, dtype=grad.dtype) if ctx.needs_input_grad[1] else None
         return gcar, gbeta, None
 
