@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from benchmarks.cases import SavedBytes
+from substeps.epidemic.dynamics import ESTIMATORS
 
 HORIZONS = (8, 30, 60, 150)
 
@@ -80,8 +82,14 @@ def _epi_case(name: str, n: int, kind: str, beta: float, horizons: tuple[int, ..
                                       {"incidence": incidence(disease)}, state_type=EpiState, dt=disease.dt)
         return models[estimator]
 
-    def run(theta: float, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
-        params = Params(beta=Positive(theta))
+    def run(theta: float | Tensor, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
+        if isinstance(theta, Tensor):
+            # a forward-mode dual number (the perturbation estimator): read in place of the constrained beta
+            from lpm.perturbation import with_value
+
+            params = with_value(Params(beta=Positive(float(fwAD.unpack_dual(theta).primal))), "beta", theta)
+        else:
+            params = Params(beta=Positive(theta))
         res = model(estimator).simulate(params, system, state, T, seed=seed, grad=grad, progress=False)
         cum = res["incidence"].cumsum(0)
         out = torch.stack([cum[h - 1] for h in horizons])
@@ -118,11 +126,14 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
     base = p.params.delta.detach().clone()
     del p.params.delta  # replaced per run by a tensor that carries theta's gradient
 
-    def run(theta: float, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
+    def run(theta: float | Tensor, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
         tr = next(s for s in p.model.substeps if s.name == "transmission")
-        tr.estimator = estimator
-        raw = torch.tensor(math.log(math.expm1(theta)), dtype=torch.float64, requires_grad=grad)
-        log_m = torch.log(_constrained(raw)).to(torch.float32)
+        tr.estimator = estimator if estimator in ESTIMATORS else "presence"
+        if isinstance(theta, Tensor):  # a forward-mode dual number (the perturbation estimator)
+            raw, log_m = None, torch.log(theta).to(torch.float32)
+        else:
+            raw = torch.tensor(math.log(math.expm1(theta)), dtype=torch.float64, requires_grad=grad)
+            log_m = torch.log(_constrained(raw)).to(torch.float32)
         delta = base.clone()
         delta = torch.cat([delta[:wk], (delta[wk] + log_m).unsqueeze(0), delta[wk + 1:]])
         p.params.delta = delta
@@ -190,9 +201,31 @@ def finite_differences(case: Case, seeds: int, rel_step: float, richardson: bool
     return (4 * central(h) - central(2 * h)) / 3
 
 
-def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor | None = None, richardson: bool = False) -> list[dict]:
-    """Autograd and CRN finite differences over ``seeds`` seeds for every horizon of ``case`` (``fd``: reuse these)."""
+def perturbation_grads(case: Case, seeds: int, alternatives: int = 1) -> tuple[Tensor, list[float], list[float]]:
+    """Smoothed-perturbation derivatives ``[seeds, H]`` (:mod:`lpm.perturbation`), wall seconds and flip weights ``W`` per seed."""
+    from lpm.perturbation import directional_derivative
+
+    grads = torch.zeros(seeds, len(case.horizons), dtype=torch.float64)
+    wall, weights = [], []
+    for s in range(seeds):
+        t0 = time.perf_counter()
+        est = directional_derivative(lambda th: case.run(th, 1000 + s, False, "perturbation")[0], case.theta,
+                                     alternatives=alternatives, seed=1000 + s)
+        grads[s] = est.derivative
+        wall.append(time.perf_counter() - t0)
+        weights.append(est.weight)
+    return grads, wall, weights
+
+
+def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor | None = None, richardson: bool = False,
+            alternatives: int = 1) -> list[dict]:
+    """Autograd (or the perturbation estimator) and CRN finite differences over ``seeds`` seeds for every horizon of ``case`` (``fd``: reuse these)."""
     H = len(case.horizons)
+    if estimator == "perturbation":
+        grads, wall, weights = perturbation_grads(case, seeds, alternatives)
+        # forward mode keeps no tape: what stays alive is the run's own state, as in a forward pass
+        return _rows(case, f"perturbation x{alternatives}" if alternatives > 1 else estimator, seeds, rel_step, grads, wall, 0,
+                     fd, richardson, extra={"alternatives": alternatives, "flip_weight": statistics.median(weights)})
     grads = torch.zeros(seeds, H, dtype=torch.float64)
     wall = []
     for s in range(seeds):
@@ -209,20 +242,26 @@ def measure(case: Case, estimator: str, seeds: int, rel_step: float, fd: Tensor 
         out, _ = case.run(case.theta, 1000, True, estimator)
     retained = saved.total + record_bytes(out)
     del out
+    return _rows(case, estimator, seeds, rel_step, grads, wall, retained, fd, richardson)
+
+
+def _rows(case: Case, estimator: str, seeds: int, rel_step: float, grads: Tensor, wall: list[float], retained: int,
+          fd: Tensor | None, richardson: bool, extra: dict | None = None) -> list[dict]:
+    """The table's rows: estimates ``grads [seeds, H]`` against finite differences (computed here when ``fd`` is None)."""
     days = max(case.horizons)
     if fd is None:
         fd = finite_differences(case, seeds, rel_step, richardson)
     rows = []
     for k, hz in enumerate(case.horizons):
         ag, f = grads[:, k], fd[:, k]
-        a_m, a_se = float(ag.mean()), float(ag.std() / math.sqrt(seeds))
-        f_m, f_se = float(f.mean()), float(f.std() / math.sqrt(seeds))
+        a_m, a_se = float(ag.mean()), float(ag.std() / math.sqrt(ag.numel()))
+        f_m, f_se = float(f.mean()), float(f.std() / math.sqrt(f.numel()))
         ratio = a_m / f_m if f_m != 0 else float("nan")
-        rows.append(dict(case=case.name, estimator=estimator, horizon=case.lags[k] if case.lags else hz, outcome_end_day=hz, target=case.target, seeds=seeds, rel_step=rel_step, richardson=richardson,
+        rows.append(dict(case=case.name, estimator=estimator, horizon=case.lags[k] if case.lags else hz, outcome_end_day=hz, target=case.target, seeds=seeds, fd_seeds=int(f.numel()), rel_step=rel_step, richardson=richardson,
                          autograd=a_m, autograd_se=a_se, fd=f_m, fd_se=f_se,
                          ratio=ratio, ratio_se=abs(ratio) * math.sqrt((a_se / a_m) ** 2 + (f_se / f_m) ** 2) if a_m and f_m else float("nan"),
                          var_per_sim=float(ag.var()), wall_s=statistics.median(wall),
-                         bytes_per_agent_day=retained / (case.agents * days)))
+                         bytes_per_agent_day=retained / (case.agents * days), **(extra or {})))
     return rows
 
 
@@ -311,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default="well-mixed,er,household")
     ap.add_argument("--estimators", default="presence,linear")
     ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--fd-seeds", type=int, default=None, help="seed pairs of the finite differences (default: --seeds)")
+    ap.add_argument("--alternatives", type=int, default=1, help="perturbation estimator: flipped runs per primal run")
     ap.add_argument("--rel-step", type=float, default=0.05)
     ap.add_argument("--richardson", action="store_true", help="finite differences at steps h and 2h, extrapolated to h -> 0 (cancels curvature)")
     ap.add_argument("--quick", action="store_true", help="small populations, horizons up to 60 days, 8 seeds")
@@ -340,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(_line(r))
     for case in cases(a.cases.split(","), a.quick) if not a.from_json else []:
-        fd = finite_differences(case, seeds, a.rel_step, a.richardson)
+        fd = finite_differences(case, a.fd_seeds or seeds, a.rel_step, a.richardson)
         for est in a.estimators.split(","):
-            for r in measure(case, est, seeds, a.rel_step, fd, a.richardson):
+            for r in measure(case, est, seeds, a.rel_step, fd, a.richardson, a.alternatives):
                 rows.append(r)
                 print(_line(r), flush=True)
     if a.json:

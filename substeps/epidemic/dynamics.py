@@ -75,6 +75,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm import perturbation
 from lpm.kernels import counter_uniform, frontier_edges, mark_indices, push_compact, stage_mask, stream_key
 from lpm.errors import ConfigError, ParamError
 from lpm.params import Params
@@ -356,7 +357,8 @@ class Transmission(Substep):
             raise ParamError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
         clique = self._clique_code(system) if self._needs_grad(beta, state) else None
         # the compiled kernels have no clique sharing: under autograd with a clique layer the torch path runs
-        fast = fused_transmission(self, params, system, state, t, rng) if clique is None else None  # the compiled twin of what follows
+        tracked = perturbation.active() is not None  # smoothed-perturbation pass (lpm.perturbation): torch path
+        fast = fused_transmission(self, params, system, state, t, rng) if clique is None and not tracked else None  # the compiled twin of what follows
         if fast is not None:
             return fast
         idx = stage_mask(stage, self._infectious_codes).nonzero().squeeze(1) if self.network else None
@@ -374,10 +376,13 @@ class Transmission(Substep):
         p = -em
         u_c = counter_uniform(stream_key(rng, t), cand)
         hit = u_c < p
+        # a perturbation pass may flip an event; the dwell then takes the event's conditional uniform
+        drawn = perturbation.bernoulli(self.name, t, cand, p, u_c) if tracked else None
+        hit = drawn[0] if drawn is not None else hit
         ev = cand[hit]
         entry = d.code(d.entry)
         entry_t = torch.tensor(entry, dtype=stage.dtype, device=stage.device)
-        u_dwell = u_c[hit] / p.detach()[hit].clamp_min(_TINY)
+        u_dwell = drawn[1][hit] if drawn is not None else u_c[hit] / p.detach()[hit].clamp_min(_TINY)
         # pending (negative) timer: the dwell starts counting at the next progression, whatever the order
         timer = -_draw_dwell(cdf, torch.full((ev.numel(),), entry, dtype=stage.dtype, device=stage.device), u_dwell)
         carrier = state.carrier
