@@ -24,9 +24,10 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -36,6 +37,7 @@ from benchmarks.cases import SavedBytes
 from substeps.epidemic.dynamics import ESTIMATORS
 
 HORIZONS = (8, 30, 60, 150)
+PROGRESS = False  # --progress: per-seed estimates on stderr (partial results of long runs)
 
 
 @dataclass
@@ -137,6 +139,7 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
         delta = base.clone()
         delta = torch.cat([delta[:wk], (delta[wk] + log_m).unsqueeze(0), delta[wk + 1:]])
         p.params.delta = delta
+        _dual_week(p.params, "delta", delta, wk)
         with torch.set_grad_enabled(grad):
             from calibration import rollout
 
@@ -151,6 +154,97 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
                     f"d onsets(week ending H days after week j starts) / d contact multiplier(week j of 2020-{day})", tuple(horizons))
     return Case(f"NYC {scale} ({p.population.num_agents // 1000}k), j={day}", p.population.num_agents, 1.0, run, horizons,
                 f"d onsets(week ending H) / d contact multiplier(week of 2020-{day})")
+
+
+def _dual_week(params: Any, name: str, table: Tensor, wk: int) -> None:
+    """Where ``table`` (``params.<name>``, ``[W, A]``) is a dual number, let only week ``wk`` read it.
+
+    The other weeks read its primal values (bit for bit the same numbers), so the substeps of
+    every other week run without dual numbers and the transmission steps there on the compiled
+    kernels. Without a tangent the patch is removed: the other estimators run the class's method.
+    """
+    params.__dict__.pop("log_contact", None)
+    tangent = fwAD.unpack_dual(table).tangent
+    if tangent is None:
+        return
+    plain = fwAD.unpack_dual(table).primal
+    cls = type(params)
+
+    def log_contact(t: int) -> Tensor:
+        w = int(params.week[min(t, params.week.shape[0] - 1)])
+        setattr(params, name, table if w == wk else plain)
+        return cls.log_contact(params, t)
+
+    params.__dict__["log_contact"] = log_contact
+
+
+def _nyc_fit_case(horizons: tuple[int, ...], week_day: int = 218) -> Case:
+    """The shipped calibrated NYC city (``data/covid_nyc_fit/fit.json``: scale 0.004, its committed weekly
+    contact multipliers, seeding and variant factor, as :func:`experiments.covid_nyc.fit.replay` sets them):
+    d (onsets in the week ending H days after week j starts) / d (contact multiplier of week j).
+
+    Week j is Mon 2020-10-05 .. Sun 10-11 by default (day 218), the start of the second wave: the
+    prior city has no transmission left 150 days after March, the calibrated one has (the outcome
+    weeks run to 2021-03-04). Only ``theta`` moves: the committed multiplier of week j is multiplied
+    by it for every borough; the per-block hospital and death scales are left at 1 (onsets do not read them).
+    """
+    import json
+
+    import pandas as pd
+
+    from experiments.covid_nyc import fit as nf
+    from lpm.rng import Streams
+
+    blob = json.loads(nf.FIT_FILE.read_text())
+    c = blob["config"]
+    cfg = nf.FitConfig(**{**c, "vaccine_efficacy": tuple(c["vaccine_efficacy"]), "asc_bounds": tuple(c.get("asc_bounds", nf.FitConfig.asc_bounds))})
+    p = nf.make_problem(cfg)
+    wk_start = week_day - int(p.dates[0].day_of_week + week_day) % 7
+    ends = tuple(wk_start + h for h in horizons)
+    T = max(ends)
+    if T > len(p.dates):
+        raise SystemExit(f"nyc-fit: horizon ends on day {T}, after the fit's last day {len(p.dates)}")
+    lm = torch.tensor([[float("nan") if v is None else v for v in row] for row in blob["log_contact"]])
+    n = min(lm.shape[0], p.params.committed.shape[0])
+    base = p.params.committed.clone()
+    base[:n] = lm[:n]
+    with torch.no_grad():
+        p.params.log_seed.copy_(torch.tensor(blob["log_seed"]))
+        vf = torch.tensor(blob["variant_factor"])
+        p.params.variant[: vf.numel()] = vf
+    wk = int(p.week[week_day])
+    names = [s.name for s in p.model.substeps]
+    prefix: dict = {}
+
+    def run(theta: float | Tensor, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
+        from calibration import rollout
+
+        tr = next(s for s in p.model.substeps if s.name == "transmission")
+        tr.estimator = estimator if estimator in ESTIMATORS else "presence"
+        if isinstance(theta, Tensor):  # a forward-mode dual number (the perturbation estimator)
+            raw, log_m = None, torch.log(theta).to(torch.float32)
+        else:
+            raw = torch.tensor(math.log(math.expm1(theta)), dtype=torch.float64, requires_grad=grad)
+            log_m = torch.log(_constrained(raw)).to(torch.float32)
+        if prefix.get("seed") != seed:
+            # the days before week j do not depend on theta: run them once per seed, continue from the saved state
+            p.params.committed = base
+            streams = Streams(seed, names, p.state0.device)
+            with torch.no_grad():
+                _, st = rollout(p.model, p.params, p.system0, p.state0, wk_start, grad=False, streams=streams)
+            prefix.update(seed=seed, state=st, rng=streams.get_state())
+        streams = Streams(seed, names, p.state0.device)
+        streams.set_state(prefix["rng"])
+        p.params.committed = torch.cat([base[:wk], (base[wk] + log_m).unsqueeze(0), base[wk + 1:]])
+        _dual_week(p.params, "committed", p.params.committed, wk)
+        with torch.set_grad_enabled(grad):
+            sim, _ = rollout(p.model, p.params, p.system0, prefix["state"], T - wk_start, start=wk_start, grad=grad, streams=streams)
+        onsets = sim["testable"].sum(1)
+        return torch.stack([onsets[h - 7 - wk_start:h - wk_start].sum() for h in ends]), (raw if grad else None)
+
+    day = (p.dates[0] + pd.Timedelta(days=week_day)).strftime("%Y-%m-%d")
+    return Case(f"NYC fit {cfg.scale} ({p.population.num_agents // 1000}k), j={day[5:]}", p.population.num_agents, 1.0, run, ends,
+                f"d onsets(week ending H days after week j starts) / d contact multiplier(week j of {day}), calibrated city", tuple(horizons))
 
 
 _RECORD_FIELDS = ("front", "src_stage", "cand", "fc", "hit", "src_load")
@@ -193,6 +287,8 @@ def finite_differences(case: Case, seeds: int, rel_step: float, richardson: bool
                 up, _ = case.run(case.theta + h, 1000 + s, False, "presence")
                 dn, _ = case.run(case.theta - h, 1000 + s, False, "presence")
                 fd[s] = (up - dn).double() / (2 * h)
+                if PROGRESS:
+                    print(f"fd h={h:g} seed {1000 + s}: {fd[s].tolist()}", file=sys.stderr, flush=True)
         return fd
 
     h = rel_step * case.theta
@@ -214,6 +310,8 @@ def perturbation_grads(case: Case, seeds: int, alternatives: int = 1) -> tuple[T
         grads[s] = est.derivative
         wall.append(time.perf_counter() - t0)
         weights.append(est.weight)
+        if PROGRESS:
+            print(f"perturbation seed {1000 + s}: {grads[s].tolist()} W {est.weight:.4g} {wall[-1]:.1f} s", file=sys.stderr, flush=True)
     return grads, wall, weights
 
 
@@ -333,13 +431,16 @@ def cases(names: list[str], quick: bool) -> list[Case]:
             # all inside the first wave (22 and 52 are the weeks ending on days 30 and 60 of earlier runs);
             # 150 days after it the model city has no transmission (see benchmarks/results/cpu.md, section gradients)
             out.append(_nyc_case((8, 22, 30, 52, 60), lags=True))
+        elif name == "nyc-fit":
+            # the calibrated city (shipped fit): transmission left 150 days after the perturbed week
+            out.append(_nyc_fit_case(HORIZONS))
         elif name == "nyc-short":
             # 8 days from 2020-03-01: no onsets yet at this scale (both sides are exactly 0); the week
             # right after the perturbed one (days 14-20) is the shortest non-trivial horizon
             out.append(_nyc_case((8,), week_day=0))
             out.append(_nyc_case((21,)))
         else:
-            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household, nyc, nyc-lag, nyc-short")
+            raise SystemExit(f"--cases: unknown case {name!r}; expected well-mixed, er, household, nyc, nyc-lag, nyc-fit, nyc-short")
     return out
 
 
@@ -356,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--richardson", action="store_true", help="finite differences at steps h and 2h, extrapolated to h -> 0 (cancels curvature)")
     ap.add_argument("--quick", action="store_true", help="small populations, horizons up to 60 days, 8 seeds")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--progress", action="store_true", help="print every seed's estimates to stderr")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--memory", default=None, help="comma-separated N: bytes retained per agent-day on the SEIR and shared SIR workloads, then exit")
     ap.add_argument("--memory-days", type=int, default=50, help="days simulated by --memory")
@@ -363,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", default=None, help="comma-separated JSON files of earlier runs: print (and --markdown) their rows, run nothing")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    global PROGRESS
+    PROGRESS = a.progress
     seeds = 8 if a.quick and a.seeds == 16 else a.seeds
     if a.memory:
         mem = [r for n in a.memory.split(",") for r in memory(int(float(n)), a.estimators.split(","), a.memory_days)]

@@ -18,7 +18,10 @@ pruned alternative:
 * the estimate is ``tangent(f) + W * (f(alternative) - f(primal))``, unbiased for every
   output at once; ``alternatives=K`` keeps ``K`` independent reservoirs and averages.
 
-A substep opts in by routing its Bernoulli draws through :func:`bernoulli`. What follows
+A substep opts in by asking :func:`tracks` whether a pass tracks its step (on the primal run:
+where its probabilities carry a non-zero tangent; on an alternative: at the flip) and then
+routing its Bernoulli draws through :func:`bernoulli` on its torch path; untracked steps may
+run compiled kernels, which reproduce the torch path's draws bit for bit. What follows
 an event (a dwell drawn from the same uniform) must use the *conditional* uniform that
 :func:`bernoulli` returns: ``u / p`` for an event that happened, ``(u - p) / (1 - p)`` for
 one forced by a flip, both uniform and independent of the event, so flipping an event
@@ -27,7 +30,8 @@ never moves the draws that follow it.
 When to use: few parameter directions (one forward-mode run per direction), long horizons
 (no backward tape: memory is that of a forward run), and models where the pathwise and
 score-function approximations are biased (interacting infectors). Cost: the primal run
-with dual numbers (~1.3-2x a forward run) plus one forward run per alternative. Its
+with dual numbers (torch path wherever the parameter acts) plus one forward run per
+alternative. Its
 variance grows with ``W`` (the expected number of events the parameter moves per unit),
 so it is noisiest for parameters that touch many events at once.
 """
@@ -46,7 +50,7 @@ from torch import Tensor, nn
 from lpm.errors import ConfigError
 
 __all__ = ["Flip", "Perturbation", "PerturbationEstimate", "active", "bernoulli", "directional_derivative",
-           "simulate_derivative", "with_value"]
+           "simulate_derivative", "tracks", "with_value"]
 
 _TINY = 1e-30
 
@@ -107,10 +111,10 @@ class Perturbation:
             return hit, v
         f = self.flip
         if f is None or (f.site, f.step, f.call) != key:
-            if not self.applied and key in self.hits and self.hits[key] != int(hit.sum()):
-                raise RuntimeError(f"perturbation: the alternative diverged from the primal run before its flip at {key} "
-                                   f"({int(hit.sum())} events, primal {self.hits[key]}): the run is not reproducible for a fixed seed")
             return hit, v
+        if key in self.hits and self.hits[key] != int(hit.sum()):
+            raise RuntimeError(f"perturbation: the alternative diverged from the primal run before its flip at {key} "
+                               f"({int(hit.sum())} events, primal {self.hits[key]}): the run is not reproducible for a fixed seed")
         at = (index.to(torch.int64) == f.agent).nonzero().squeeze(1)
         if at.numel() != 1:
             raise RuntimeError(f"perturbation: agent {f.agent} is not a candidate of {site!r} at step {t} in the alternative run")
@@ -133,6 +137,18 @@ class Perturbation:
             self.kept[k] = Flip(site, t, call, int(index[j]), bool(up[j]))
 
 
+    def tracks(self, site: str, t: int, inputs: tuple[Tensor | None, ...]) -> bool:
+        """Whether a site's draws at step ``t`` go through :meth:`draw`: on the primal run where a probability
+        input has a non-zero tangent, on an alternative at its flip (elsewhere the compiled kernels may run)."""
+        if self.mode == "alternative":
+            return self.flip is not None and (self.flip.site, self.flip.step) == (site, int(t))
+        for x in inputs:
+            tan = fwAD.unpack_dual(x).tangent if isinstance(x, Tensor) else None
+            if tan is not None and bool((tan != 0).any()):
+                return True
+        return False
+
+
 _ACTIVE: list[Perturbation] = []
 
 
@@ -143,15 +159,22 @@ def active() -> Perturbation | None:
 
 @contextlib.contextmanager
 def _running(pert: Perturbation) -> Iterator[Perturbation]:
-    from lpm.kernels import compiled_kernels
-
     _ACTIVE.append(pert)
     try:
-        # the compiled kernels draw outside torch: tracked substeps run their torch path
-        with compiled_kernels(False):
-            yield pert
+        yield pert
     finally:
         _ACTIVE.pop()
+
+
+def tracks(site: str, t: int, *inputs: Tensor | None) -> bool:
+    """Whether the running perturbation pass tracks site ``site``'s draws at step ``t`` (False outside a pass).
+
+    ``inputs``: the tensors the draws' probabilities are a smooth function of. A tracked site must
+    draw through :func:`bernoulli` on its torch path; an untracked one may run compiled kernels
+    (they reproduce the torch path's draws exactly, so the alternative stays coupled).
+    """
+    pert = active()
+    return pert is not None and pert.tracks(site, t, inputs)
 
 
 def bernoulli(site: str, t: int, index: Tensor, p: Tensor, u: Tensor) -> tuple[Tensor, Tensor] | None:
