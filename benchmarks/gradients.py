@@ -1,6 +1,6 @@
 """Gradient estimators against finite differences, per case and horizon.
 
-``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc,nyc-lag,nyc-short] [--estimators presence,edge-presence,linear]``
+``python -m benchmarks.gradients [--quick] [--cases well-mixed,er,household,nyc,nyc-lag,nyc-fit,nyc-short] [--estimators presence,edge-presence,linear,perturbation]``
 
 For each case (an SEIR with gamma latent 3 +- 1.5 and infectious 5 +- 2 days, 1% seeded, on
 a well-mixed population, an Erdős–Rényi network of mean degree 10, or households (cliques
@@ -10,6 +10,12 @@ to ``beta``. The NYC cases (``nyc``, ``nyc-short``) differentiate the calibrated
 symptomatic onsets with respect to one week's contact multiplier (see :func:`_nyc_case`; ``nyc-lag``
 counts each horizon from the start of the perturbed week);
 there a 10% step with ``--richardson`` removes the finite difference's curvature bias.
+``nyc-fit`` is the shipped calibrated city (:func:`_nyc_fit_case`: scale 0.004, week j of
+2020-10-05, horizons 8-150 days; the prior city has no transmission 150 days after March).
+``--estimators perturbation`` is the smoothed-perturbation estimator of :mod:`lpm.perturbation`
+(forward mode: one primal run with dual numbers plus ``--alternatives`` flipped runs per seed,
+no backward; its "autograd" column is that estimate, its bytes retained 0). ``--fd-seeds`` sets
+the finite differences' seed pairs apart from the estimators' seeds.
 ``--memory 1e5,1e6`` measures the bytes retained on the SEIR and shared SIR workloads. Printed
 per row: the autograd estimate (mean ± s.e. over seeds), the central finite difference with
 common random numbers (mean ± s.e. over seed pairs), their ratio, the variance of one
@@ -477,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(mem, f, indent=1)
         return 0
     rows = []
-    hdr = f"{'case':<28}{'estimator':<10}{'H':>4} {'autograd':>19} {'finite diff':>19} {'ratio':>12} {'var/sim':>10} {'wall s':>7} {'B/agent-day':>11}"
+    hdr = f"{'case':<28}{'estimator':<16}{'H':>4} {'autograd':>19} {'finite diff':>19} {'ratio':>12} {'var/sim':>10} {'wall s':>7} {'B/agent-day':>11}"
     print(hdr)
     print("-" * len(hdr))
     if a.from_json:
@@ -502,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _line(r: dict) -> str:
-    return (f"{r['case'][:27]:<28}{r['estimator']:<10}{r['horizon']:>4} {r['autograd']:>10.4g} ± {r['autograd_se']:<7.2g}"
+    return (f"{r['case'][:27]:<28}{r['estimator']:<16}{r['horizon']:>4} {r['autograd']:>10.4g} ± {r['autograd_se']:<7.2g}"
             f"{r['fd']:>10.4g} ± {r['fd_se']:<7.2g}{r['ratio']:>6.3f} ± {r['ratio_se']:<5.3f}"
             f"{r['var_per_sim']:>10.3g} {r['wall_s']:>7.2f} {r['bytes_per_agent_day']:>11.1f}")
 
