@@ -62,8 +62,9 @@ candidate's flip weight (``p' / (1 - p)`` or ``|p'| / p``, ``p'`` from the dual 
 primal run and forces the kept flip on the alternative; a forced infection draws its dwell from
 ``(u - p) / (1 - p)``, the uniform left over by the non-event. Progression's dwells and branches
 and the NYC model's importation and testing draws do not depend on contact multipliers or
-``beta``, so this is the only tracked draw (their probabilities carry no tangent). Measured on
-NYC where the carriers are 0.72-0.85 at 30-60 days: ``benchmarks/results/cpu.md``, section gradients. The full score
+``beta``, so this is the only tracked draw (their probabilities carry no tangent). On NYC, where
+the carriers are 0.80-0.89 of finite differences at 22-60 days after a perturbed week of
+contacts, it gives 0.96-1.16: ``benchmarks/results/gradients_perturbation.md``. The full score
 function (``f - b`` times every agent's path score) is unbiased but its variance grows
 with the number of events (it sums N x T scores); the pruned single-alternative
 (StochasticAD-style) estimator needs a coupled perturbed rollout per derivative. The
