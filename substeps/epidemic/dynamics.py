@@ -53,7 +53,18 @@ each agent's score to its infectors'. Three couplings (``Transmission(estimator=
   of ``1 - R`` and underestimates gradients that compound over generations (0.75-0.8 at
   30-60 days on network SEIRs, 0.78 on the tree).
 
-All three are identical for well-mixed transmission (no per-contact terms). The full score
+All three are identical for well-mixed transmission (no per-contact terms).
+
+The unbiased alternative is forward mode, outside autograd: :mod:`lpm.perturbation`
+(smoothed perturbation, the StochasticAD approach). In its passes this substep runs its torch
+path and draws its infections through :func:`lpm.perturbation.bernoulli`, which records each
+candidate's flip weight (``p' / (1 - p)`` or ``|p'| / p``, ``p'`` from the dual numbers) on the
+primal run and forces the kept flip on the alternative; a forced infection draws its dwell from
+``(u - p) / (1 - p)``, the uniform left over by the non-event. Progression's dwells and branches
+and the NYC model's importation and testing draws do not depend on contact multipliers or
+``beta``, so this is the only tracked draw (their probabilities carry no tangent). On NYC, where
+the carriers are 0.80-0.89 of finite differences at 22-60 days after a perturbed week of
+contacts, it gives 0.96-1.16: ``benchmarks/results/gradients_perturbation.md``. The full score
 function (``f - b`` times every agent's path score) is unbiased but its variance grows
 with the number of events (it sums N x T scores); the pruned single-alternative
 (StochasticAD-style) estimator needs a coupled perturbed rollout per derivative. The
@@ -75,6 +86,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpm import perturbation
 from lpm.kernels import counter_uniform, frontier_edges, mark_indices, push_compact, stage_mask, stream_key
 from lpm.errors import ConfigError, ParamError
 from lpm.params import Params
@@ -273,6 +285,13 @@ class Transmission(Substep):
         xs += [state.susceptibility] if self.use_susceptibility else []
         return any(x is not None and x.requires_grad for x in xs)
 
+    def _hazard_inputs(self, system: EpiSystem, state: EpiState) -> list[Tensor]:
+        """The tensors besides ``beta`` that this step's infection probabilities are a smooth function of."""
+        xs = [state.contact_factor] if self.use_contact_factor else []
+        xs += [state.layer_scale] if self.use_layer_scale else []
+        xs += [state.susceptibility] if self.use_susceptibility else []
+        return xs + ([] if self.network else [lookup(system, state, "mixing")])
+
     def _clique_code(self, system: EpiSystem) -> Tensor | None:
         """``[K] bool``: the layers of ``clique_layer`` when the presence estimator runs on a network that has one, else None."""
         if self.estimator != "presence" or not self.network or not self.clique_layer:
@@ -356,7 +375,9 @@ class Transmission(Substep):
             raise ParamError(f"parameter {self.beta}: expected a scalar, got shape {tuple(beta.shape)}")
         clique = self._clique_code(system) if self._needs_grad(beta, state) else None
         # the compiled kernels have no clique sharing: under autograd with a clique layer the torch path runs
-        fast = fused_transmission(self, params, system, state, t, rng) if clique is None else None  # the compiled twin of what follows
+        # a smoothed-perturbation pass (lpm.perturbation) tracks this step's draws on the torch path
+        tracked = perturbation.tracks(self.name, t, beta, *self._hazard_inputs(system, state))
+        fast = fused_transmission(self, params, system, state, t, rng) if clique is None and not tracked else None  # the compiled twin of what follows
         if fast is not None:
             return fast
         idx = stage_mask(stage, self._infectious_codes).nonzero().squeeze(1) if self.network else None
@@ -374,10 +395,13 @@ class Transmission(Substep):
         p = -em
         u_c = counter_uniform(stream_key(rng, t), cand)
         hit = u_c < p
+        # a perturbation pass may flip an event; the dwell then takes the event's conditional uniform
+        drawn = perturbation.bernoulli(self.name, t, cand, p, u_c) if tracked else None
+        hit = drawn[0] if drawn is not None else hit
         ev = cand[hit]
         entry = d.code(d.entry)
         entry_t = torch.tensor(entry, dtype=stage.dtype, device=stage.device)
-        u_dwell = u_c[hit] / p.detach()[hit].clamp_min(_TINY)
+        u_dwell = drawn[1][hit] if drawn is not None else u_c[hit] / p.detach()[hit].clamp_min(_TINY)
         # pending (negative) timer: the dwell starts counting at the next progression, whatever the order
         timer = -_draw_dwell(cdf, torch.full((ev.numel(),), entry, dtype=stage.dtype, device=stage.device), u_dwell)
         carrier = state.carrier
