@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
@@ -255,9 +256,6 @@ def _nyc_fit_case(horizons: tuple[int, ...], week_day: int = 218) -> Case:
                 f"d onsets(week ending H days after week j starts) / d contact multiplier(week j of {day}), calibrated city", tuple(horizons))
 
 
-_RECORD_FIELDS = ("front", "src_stage", "cand", "fc", "hit", "src_load")
-
-
 def record_bytes(*outputs: Tensor) -> int:
     """Bytes the compiled transmission steps keep outside autograd's saved tensors (their per-step
     numpy records, :class:`substeps.epidemic.fast._StepRecord`), found by walking the graph of ``outputs``."""
@@ -271,7 +269,9 @@ def record_bytes(*outputs: Tensor) -> int:
         seen.add(id(node))
         rec = getattr(node, "rec", None)
         if rec is not None:
-            total += sum(int(getattr(rec, k).nbytes) for k in _RECORD_FIELDS if hasattr(rec, k))
+            # every array the record owns (frontier, candidates, their edge lists, ...); the network and the
+            # tables it points to are the system's, shared by every step
+            total += sum(int(v.nbytes) for k, v in vars(rec).items() if isinstance(v, np.ndarray) and k != "iota")
         stack.extend(f for f, _ in node.next_functions if f is not None)
     return total
 

@@ -64,7 +64,7 @@ primal run and forces the kept flip on the alternative; a forced infection draws
 and the NYC model's importation and testing draws do not depend on contact multipliers or
 ``beta``, so this is the only tracked draw (their probabilities carry no tangent). On NYC, where
 the carriers are 0.80-0.89 of finite differences at 22-60 days after a perturbed week of
-contacts, it gives 0.96-1.16: ``benchmarks/results/gradients_perturbation.md``. The full score
+contacts, it gives 0.96-1.16: ``benchmarks/results/cpu.md``, section ``gradients_perturbation``. The full score
 function (``f - b`` times every agent's path score) is unbiased but its variance grows
 with the number of events (it sums N x T scores); the pruned single-alternative
 (StochasticAD-style) estimator needs a coupled perturbed rollout per derivative. The
