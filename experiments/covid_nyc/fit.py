@@ -127,6 +127,21 @@ diverged after iteration 27 (loss 7 -> 82) and the average of the last 16 iterat
 diverged stretch: 1.7% of adults infected by the serosurvey date, cases at 0.50 of observed.
 So they stay off until the first window is stabilised (a smaller step or an average that
 drops diverged iterates).
+The committed realisation itself is a large error: from the same fitted state and parameters,
+eight streams gave 15-28% of adults infected by the survey date (truth 18%) and first-window
+losses 5.5-13.2 (the pass's own stream the worst). ``commit_candidates`` commits the lowest-loss
+of N realisations (a one-step particle filter; replay() then no longer reproduces the pass)
+and ``avg_lr_factor`` shrinks the steps over the averaged iterates. Measured one run each
+(SYNTHETIC_OPTIONS plus iters_first 60, iters 28, avg_lr_factor 0.3): with N = 16 the share
+infected was 0.195 (truth 0.183), transmission 5.5-16% per borough (8.9% citywide),
+ascertainment 2-33%; with N = 32 0.187, 5.7-18% (9.0%), 2-34%: Manhattan's May weeks
+(implied R 1.2-1.35x) and Staten Island's ascertainment (a few simulated onsets a week) still
+miss (a repeat with N = 32: 0.222, 9-20% (11.6%), 7-44%). With R = 4 and N = 16 (the test's
+options): 0.217, transmission 7.2-12.3% per borough (7.7% citywide), ascertainment 3-54%
+(Staten Island 0.055 against 0.12; the other boroughs 3-19%). Without the candidates
+(R = 2, iters_first 60, avg_lr_factor 0.3): share 0.145, transmission 6.7-14% (8.3%),
+ascertainment up to 65%. The level (share infected, so ascertainment) still moves by 20%
+from run to run: the early epidemic of a 0.002 city (a few dozen seeds) is one draw.
 
 Ascertainment smoothness (``asc_rw_sd``, off by default): :func:`profile_scales` can tie each
 segment's log ascertainment to the previous one by a random-walk prior; measured with sd
