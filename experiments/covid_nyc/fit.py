@@ -137,8 +137,9 @@ infected was 0.195 (truth 0.183), transmission 5.5-16% per borough (8.9% citywid
 ascertainment 2-33%; with N = 32 0.187, 5.7-18% (9.0%), 2-34%: Manhattan's May weeks
 (implied R 1.2-1.35x) and Staten Island's ascertainment (a few simulated onsets a week) still
 miss (a repeat with N = 32: 0.222, 9-20% (11.6%), 7-44%). With R = 4 and N = 16 (the test's
-options): 0.217, transmission 7.2-12.3% per borough (7.7% citywide), ascertainment 3-54%
-(Staten Island 0.055 against 0.12; the other boroughs 3-19%). Without the candidates
+options), two runs: 0.217 / 0.218, transmission 7.2-12.3% / 7.6-18% per borough (7.7% / 12.4%
+citywide; Manhattan's May weeks 1.2-1.4x in the second), ascertainment 3-54% / 5-26% (Staten
+Island 0.055 / 0.089 against 0.12). Without the candidates
 (R = 2, iters_first 60, avg_lr_factor 0.3): share 0.145, transmission 6.7-14% (8.3%),
 ascertainment up to 65%. The level (share infected, so ascertainment) still moves by 20%
 from run to run: the early epidemic of a 0.002 city (a few dozen seeds) is one draw.
