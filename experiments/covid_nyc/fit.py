@@ -127,6 +127,22 @@ diverged after iteration 27 (loss 7 -> 82) and the average of the last 16 iterat
 diverged stretch: 1.7% of adults infected by the serosurvey date, cases at 0.50 of observed.
 So they stay off until the first window is stabilised (a smaller step or an average that
 drops diverged iterates).
+The committed realisation itself is a large error: from the same fitted state and parameters,
+eight streams gave 15-28% of adults infected by the survey date (truth 18%) and first-window
+losses 5.5-13.2 (the pass's own stream the worst). ``commit_candidates`` commits the lowest-loss
+of N realisations (a one-step particle filter; replay() then no longer reproduces the pass)
+and ``avg_lr_factor`` shrinks the steps over the averaged iterates. Measured one run each
+(SYNTHETIC_OPTIONS plus iters_first 60, iters 28, avg_lr_factor 0.3): with N = 16 the share
+infected was 0.195 (truth 0.183), transmission 5.5-16% per borough (8.9% citywide),
+ascertainment 2-33%; with N = 32 0.187, 5.7-18% (9.0%), 2-34%: Manhattan's May weeks
+(implied R 1.2-1.35x) and Staten Island's ascertainment (a few simulated onsets a week) still
+miss (a repeat with N = 32: 0.222, 9-20% (11.6%), 7-44%). With R = 4 and N = 16 (the test's
+options), two runs: 0.217 / 0.218, transmission 7.2-12.3% / 7.6-18% per borough (7.7% / 12.4%
+citywide; Manhattan's May weeks 1.2-1.4x in the second), ascertainment 3-54% / 5-26% (Staten
+Island 0.055 / 0.089 against 0.12). Without the candidates
+(R = 2, iters_first 60, avg_lr_factor 0.3): share 0.145, transmission 6.7-14% (8.3%),
+ascertainment up to 65%. The level (share infected, so ascertainment) still moves by 20%
+from run to run: the early epidemic of a 0.002 city (a few dozen seeds) is one draw.
 
 Ascertainment smoothness (``asc_rw_sd``, off by default): :func:`profile_scales` can tie each
 segment's log ascertainment to the previous one by a random-walk prior; measured with sd
@@ -253,6 +269,12 @@ class FitConfig:
     # (expected onsets carry the gradient; the ratio is still profiled); 0.3 gave a worse level on the synthetic city
     asc_step_sd: float = 0.0
     asc_step_from: str = "2020-03-23"  # segments before: too few simulated onsets, testing just starting
+    # the committed run of a window: the realisation (of this many streams from the committed state: the pass's own
+    # and commit_candidates - 1 others) with the lowest loss over the window, a one-step particle filter, so the
+    # committed level is not one draw's luck (1: the pass's own stream; > 1: replay() no longer reproduces it)
+    commit_candidates: int = 1
+    # the learning rates times this over the averaged iterates (fresh streams): the average of smaller steps
+    avg_lr_factor: float = 1.0
     # forecast
     assimilate_grid: tuple[float, ...] = (-0.5, 0.0, 0.5)  # offsets on the last block's log multiplier tried first
     assimilate_steps: int = 0  # secant refinements of the per-borough offset after the grid (one shadow run each)
@@ -1062,6 +1084,10 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
                 # parameters cannot settle on what suits a few fixed realisations
                 reps = [Streams(cfg.seed + 7919 * r + 104729 * (t0 + 1) + 15485863 * (it + 1), names,
                                 state.device).get_state() for r in range(R)]
+            if cfg.fresh_streams and it == iters - n_avg and cfg.avg_lr_factor != 1.0:
+                for o in (opt_net, opt_seed):
+                    for g in o.param_groups:
+                        g["lr"] = g["lr"] * cfg.avg_lr_factor
             sim = _run_mean(p, params, state, reps, t0, t1, grad=True)
             loss, terms = _objective(p, params, hist, sim, t0, t1, dow, ref)
             opt_net.zero_grad()
@@ -1089,6 +1115,10 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
                 el = time.perf_counter() - t_start
                 print(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  window {p.dates[t0].date()}..{p.dates[t1 - 1].date()}"
                       f"  iter {it + 1}/{iters}  loss {losses[-1]:.3f}  {el / 60:.1f} min", end="", flush=True)
+        if cfg.avg_lr_factor != 1.0:  # the next window starts from the configured rates
+            for o, lrs in ((opt_net, (cfg.lr, cfg.delta_lr)), (opt_seed, (cfg.seed_lr,))):
+                for g, lr0 in zip(o.param_groups, lrs):
+                    g["lr"] = lr0
         if cfg.fresh_streams:
             # the losses of different streams are not comparable: keep the average of the last iterates
             params.load_state_dict({k: avg[k].to(v.dtype) if k in avg else v for k, v in _snapshot(params).items()})
@@ -1112,9 +1142,19 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
             lm = params.weekly().detach()
             # the final run reads the committed table, so a replay reproduces it bit for bit
             params.committed[wk_all] = lm[wk_all]
-            sim_a, st_mid, rng_mid = _run(p, params, state, rng, t0, tm, grad=False) if tm > t0 else ({}, state, rng)
-            sim_b, st_end, rng_end = _run(p, params, st_mid, rng_mid, tm, t1, grad=False)
-            sim = {k: torch.cat([sim_a[k], sim_b[k]]) if sim_a else sim_b[k] for k in sim_b}
+            cands = [rng] + [Streams(cfg.seed + 31 + 7919 * c + 104729 * (t0 + 1), names, state.device).get_state()
+                             for c in range(1, max(1, cfg.commit_candidates))]
+            best_c = None
+            for r0 in cands:
+                sim_a, st_mid, rng_mid = _run(p, params, state, r0, t0, tm, grad=False) if tm > t0 else ({}, state, r0)
+                sim_b, st_end, rng_end = _run(p, params, st_mid, rng_mid, tm, t1, grad=False)
+                sim = {k: torch.cat([sim_a[k], sim_b[k]]) if sim_a else sim_b[k] for k in sim_b}
+                if len(cands) > 1:
+                    c_loss = float(_objective(p, params, hist, sim, t0, t1, dow, ref)[0])
+                    if best_c is None or c_loss < best_c[0]:
+                        best_c = (c_loss, sim, st_mid, rng_mid, st_end, rng_end)
+            if best_c is not None:
+                _, sim, st_mid, rng_mid, st_end, rng_end = best_c
             full = _cat_hist(hist, sim, t0)
             base = base_series(p, full)
             sc = profile_scales(p, base, dow, t0, t1, ref.get("asc"))
