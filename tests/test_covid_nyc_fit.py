@@ -166,8 +166,8 @@ SYNTHETIC_OPTIONS = dict(fit_replicates=4, fresh_streams=True, policy_jump_sd=1.
                    "share infected +7% / +10% / +17%, weekly transmission worst borough 11% / 18% / 12% (citywide "
                    "7% / 8% / 9%), ascertainment worst 39% / 34% / 26% (Staten Island 39% / 34%, Manhattan 26%); "
                    "with commit_candidates 32 share +29% / +31%, ascertainment 29% / 31% (Manhattan); at 0.006 share "
-                   "+22%, transmission 9% (6% citywide), ascertainment 27%; at 0.002 share +19%, Staten Island ascertainment 26-54%; the "
-                   "committed level is one draw of the early epidemic; see fit.py Options")
+                   "+22%, transmission 9% (6% citywide), ascertainment 27%; at 0.002 share +19%, Staten Island "
+                   "ascertainment 26-54%; the committed level is one draw of the early epidemic; see fit.py Options")
 def test_synthetic_truth_is_recovered(monkeypatch) -> None:
     """A synthetic city with known weekly transmission and ascertainment: the fit recovers both within 15%.
 
