@@ -140,11 +140,7 @@ def _nyc_case(horizons: tuple[int, ...], scale: float = 0.01, week_day: int = 14
     def run(theta: float | Tensor, seed: int, grad: bool, estimator: str) -> tuple[Tensor, Tensor | None]:
         tr = next(s for s in p.model.substeps if s.name == "transmission")
         tr.estimator = estimator if estimator in ESTIMATORS else "presence"
-        if isinstance(theta, Tensor):  # a forward-mode dual number (the perturbation estimator)
-            raw, log_m = None, torch.log(theta).to(torch.float32)
-        else:
-            raw = torch.tensor(math.log(math.expm1(theta)), dtype=torch.float64, requires_grad=grad)
-            log_m = torch.log(_constrained(raw)).to(torch.float32)
+        raw, log_m = _log_multiplier(theta, grad)
         delta = base.clone()
         delta = torch.cat([delta[:wk], (delta[wk] + log_m).unsqueeze(0), delta[wk + 1:]])
         p.params.delta = delta
@@ -230,11 +226,7 @@ def _nyc_fit_case(horizons: tuple[int, ...], week_day: int = 218) -> Case:
 
         tr = next(s for s in p.model.substeps if s.name == "transmission")
         tr.estimator = estimator if estimator in ESTIMATORS else "presence"
-        if isinstance(theta, Tensor):  # a forward-mode dual number (the perturbation estimator)
-            raw, log_m = None, torch.log(theta).to(torch.float32)
-        else:
-            raw = torch.tensor(math.log(math.expm1(theta)), dtype=torch.float64, requires_grad=grad)
-            log_m = torch.log(_constrained(raw)).to(torch.float32)
+        raw, log_m = _log_multiplier(theta, grad)
         if prefix.get("seed") != seed:
             # the days before week j do not depend on theta: run them once per seed, continue from the saved state
             p.params.committed = base
@@ -274,6 +266,14 @@ def record_bytes(*outputs: Tensor) -> int:
             total += sum(int(v.nbytes) for k, v in vars(rec).items() if isinstance(v, np.ndarray) and k != "iota")
         stack.extend(f for f, _ in node.next_functions if f is not None)
     return total
+
+
+def _log_multiplier(theta: float | Tensor, grad: bool) -> tuple[Tensor | None, Tensor]:
+    """The raw parameter (None for a forward-mode dual ``theta``) and the log multiplier ``log theta`` it gives."""
+    if isinstance(theta, Tensor):  # a forward-mode dual number (the perturbation estimator)
+        return None, torch.log(theta).to(torch.float32)
+    raw = torch.tensor(math.log(math.expm1(theta)), dtype=torch.float64, requires_grad=grad)
+    return raw, torch.log(_constrained(raw)).to(torch.float32)
 
 
 def _constrained(raw: Tensor) -> Tensor:

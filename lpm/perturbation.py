@@ -212,7 +212,13 @@ def directional_derivative(run: Callable[[Tensor], Any], theta: Tensor | float, 
     if alternatives < 1:
         raise ConfigError(f"alternatives: expected >= 1, got {alternatives}")
     theta = torch.as_tensor(theta, dtype=torch.float32)
-    direction = torch.as_tensor(direction, dtype=theta.dtype).expand_as(theta)
+    direction = torch.as_tensor(direction, dtype=theta.dtype)
+    if direction.dim() > theta.dim() or any(d not in (1, t) for d, t in zip(direction.shape[::-1], theta.shape[::-1])):
+        raise ConfigError(f"direction: expected a scalar or shape {tuple(theta.shape)} (theta's), got {tuple(direction.shape)}")
+    direction = direction.expand_as(theta)
+    for name, x in (("theta", theta), ("direction", direction)):
+        if not bool(torch.isfinite(x).all()):
+            raise ConfigError(f"{name}: expected finite values, got {x.tolist()}")
     g = torch.Generator().manual_seed(int(seed))
     primal = Perturbation("primal", alternatives=alternatives, generator=g)
     with torch.no_grad(), fwAD.dual_level(), _running(primal):
@@ -270,6 +276,8 @@ def simulate_derivative(model: Any, params: nn.Module, system: Any, state: Any, 
     ``derivative[name]`` is ``d E[observable] / d param`` by smoothed perturbation (see the module
     docstring); ``seed`` seeds the simulation (the flip choice uses ``seed`` too, on its own generator).
     """
+    if steps < 1:
+        raise ConfigError(f"steps: expected >= 1, got {steps}")
     theta = getattr(params, param).detach()
 
     def run(value: Tensor) -> dict[str, Tensor]:

@@ -139,3 +139,23 @@ def test_cliques_outside_household_layer_perturbation_exact() -> None:
     assert se / exact < 0.2, (se, exact)
     # presence's 0.65 is outside this band
     assert abs(mean / exact - 1) < 0.25, (mean, se, exact, presence)
+
+
+def test_bad_input_names_the_field() -> None:
+    """Wrong shapes, NaN and a non-positive count are refused with the field's name."""
+    from lpm.errors import ConfigError
+    from lpm.perturbation import directional_derivative
+
+    def run(theta: torch.Tensor) -> torch.Tensor:
+        return theta * 2.0
+
+    with pytest.raises(ConfigError, match="direction"):
+        directional_derivative(run, torch.ones(3), torch.ones(2))
+    with pytest.raises(ConfigError, match="theta"):
+        directional_derivative(run, float("nan"))
+    with pytest.raises(ConfigError, match="direction"):
+        directional_derivative(run, 1.0, float("inf"))
+    with pytest.raises(ConfigError, match="alternatives"):
+        directional_derivative(run, 1.0, alternatives=0)
+    est = directional_derivative(run, torch.ones(3), 1.0)
+    assert torch.allclose(est.derivative, torch.full((3,), 2.0, dtype=torch.float64))
