@@ -132,8 +132,10 @@ class Perturbation:
             return
         self.weight += step_w
         keep = torch.rand(self.alternatives, generator=self.generator, dtype=torch.float64) < step_w / self.weight
-        for k in keep.nonzero().squeeze(1).tolist():
-            j = int(torch.multinomial(w.float().cpu(), 1, generator=self.generator))
+        chosen = keep.nonzero().squeeze(1).tolist()
+        w_cpu = w.float().cpu() if chosen else None  # one copy for every reservoir that takes this step
+        for k in chosen:
+            j = int(torch.multinomial(w_cpu, 1, generator=self.generator))
             self.kept[k] = Flip(site, t, call, int(index[j]), bool(up[j]))
 
 
