@@ -11,13 +11,15 @@ from lpm.params import Fixed, Interval, ParamError, Params, ParamsLike, ParamSpe
 from lpm.recording import Checkpoint, ProgressBar, TrajectoryRecorder
 from lpm.results import Results
 from lpm.rng import Streams, derive_seed
-from lpm.state import CodeBook, State, StateError, Struct, System, check_tensor, lookup, static_field, tensor_field
+from lpm.state import (CodeBook, State, StateError, Struct, System, check_tensor, lookup, splice, static_field,
+                       tensor_field)
 from lpm.substep import FunctionSubstep, Substep, substep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "State", "System", "Struct", "tensor_field", "static_field", "CodeBook", "StateError", "check_tensor", "lookup",
+    "splice",
     "Params", "ParamsLike", "ParamSpec", "ParamError", "Positive", "Interval", "Real", "Fixed",
     "Substep", "substep", "FunctionSubstep",
     "Model", "Observable", "Hook", "Run", "ModelError", "DataflowError", "Results",

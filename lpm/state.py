@@ -38,6 +38,7 @@ __all__ = [
     "StateError",
     "check_tensor",
     "lookup",
+    "splice",
 ]
 
 
@@ -282,3 +283,52 @@ class CodeBook:
     def dtype(self) -> torch.dtype:
         """Smallest integer dtype that holds every code."""
         return torch.int8 if len(self.labels) <= 127 else torch.int16 if len(self.labels) <= 32767 else torch.int32
+
+
+def splice(states: Sequence[Struct], choice: Tensor, group: Tensor, group_dim: str | None = None) -> Struct:
+    """One state from several runs: each group of agents (and its ``group_dim`` slots) from the run ``choice`` names.
+
+    ``states``: runs of the same model from the same start (the particles); ``choice [G]``:
+    the run each group is taken from; ``group [N]``: each agent's group. A field whose shape
+    starts with ``"N"`` is taken per agent, a field with the symbol ``group_dim`` per slot of
+    that dimension; every other field must be equal in all runs (else the error names it):
+    a block particle filter resamples each region's agents from its own best particle.
+    """
+    if not states:
+        raise StateError("splice: states: expected at least one state, got none")
+    first = states[0]
+    if any(type(s) is not type(first) for s in states):
+        raise StateError(f"splice: states: expected one type, got {sorted({type(s).__name__ for s in states})}")
+    choice = torch.as_tensor(choice).long().to(group.device)
+    if choice.dim() != 1 or bool((choice < 0).any()) or bool((choice >= len(states)).any()):
+        raise StateError(f"splice: choice: expected a 1-d index into {len(states)} states, got {choice.tolist()}")
+    group = group.long()
+    if group.numel() and int(group.max()) >= choice.numel():
+        raise StateError(f"splice: group: expected group ids < {choice.numel()} (len(choice)), got {int(group.max())}")
+    owner = choice[group]  # [N] the run each agent comes from
+    picked = [int(c) for c in torch.unique(choice)]
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(first):
+        if f.metadata.get("static"):
+            continue
+        vals = [getattr(s, f.name) for s in states]
+        if all(v is None for v in vals):
+            continue
+        if any(not isinstance(v, Tensor) for v in vals):
+            raise StateError(f"splice: {f.name}: expected a tensor in every state (or None in all)")
+        shape = tuple(f.metadata.get("shape", ()))
+        if shape[:1] == ("N",):
+            out = vals[picked[0]].clone()
+            for c in picked[1:]:
+                m = owner == c
+                out[m] = vals[c][m]
+        elif group_dim is not None and group_dim in shape:
+            d = shape.index(group_dim)
+            out = torch.stack([vals[int(c)].select(d, g) for g, c in enumerate(choice.tolist())], dim=d)
+        else:
+            if any(not torch.equal(vals[0], v) for v in vals[1:]):
+                raise StateError(f"splice: {f.name}: shape {shape} is neither per agent nor per {group_dim!r} "
+                                 "and differs between the states")
+            out = vals[0]
+        changes[f.name] = out
+    return dataclasses.replace(first, **changes)

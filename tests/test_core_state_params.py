@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lpm.errors import ConfigError, ParamError
-from lpm import CodeBook, Fixed, Interval, Params, Positive, Real, State, StateError, tensor_field
+from lpm import CodeBook, Fixed, Interval, Params, Positive, Real, State, StateError, splice, tensor_field
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,43 @@ def test_freeze_holds_a_parameter_and_unfreeze_releases_it() -> None:
         p.freeze("gamma")
     with pytest.raises(ParamError, match="needs parameter 'nope'"):
         p.freeze("nope")
+
+
+@dataclass(frozen=True)
+class Regional(State):
+    stage: torch.Tensor = tensor_field(("N",), torch.int8, "stage code")
+    load: torch.Tensor = tensor_field(("N", 2), torch.float32, "per-agent, per-layer load")
+    recent: torch.Tensor = tensor_field(("W", "A"), torch.float32, "counts per day and region")
+    step: torch.Tensor = tensor_field((), torch.int64, "the step")
+    note: torch.Tensor | None = tensor_field(("K",), torch.float32, "per-archetype value", optional=True)
+
+
+def _regional(k: int, n: int = 6, regions: int = 3) -> Regional:
+    return Regional(torch.full((n,), k, dtype=torch.int8), torch.full((n, 2), float(k)),
+                    torch.full((4, regions), 10.0 * k), torch.tensor(7))
+
+
+def test_splice_takes_each_region_from_its_chosen_run() -> None:
+    group = torch.tensor([0, 1, 2, 0, 1, 2])
+    runs = [_regional(k) for k in range(4)]
+    out = splice(runs, torch.tensor([3, 0, 2]), group, "A")
+    assert out.stage.tolist() == [3, 0, 2, 3, 0, 2]
+    assert out.load[:, 1].tolist() == [3.0, 0.0, 2.0, 3.0, 0.0, 2.0]
+    assert out.recent[0].tolist() == [30.0, 0.0, 20.0] and int(out.step) == 7 and out.note is None
+    same = splice(runs, torch.tensor([1, 1, 1]), group, "A")  # one run for every region: that run, unchanged
+    for name, v in runs[1].items():
+        assert v is None or torch.equal(getattr(same, name), v)
+    assert runs[0].stage.tolist() == [0] * 6  # the inputs are not written
+
+
+def test_splice_refuses_runs_that_disagree_outside_the_regions() -> None:
+    group = torch.tensor([0, 1, 0, 1, 0, 1])
+    a, b = _regional(0, regions=2), _regional(1, regions=2).replace(step=torch.tensor(8))
+    with pytest.raises(StateError, match="step"):
+        splice([a, b], torch.tensor([0, 1]), group, "A")
+    with pytest.raises(StateError, match="recent"):  # without the region symbol, a per-region field must agree
+        splice([a, b.replace(step=torch.tensor(7))], torch.tensor([0, 1]), group)
+    with pytest.raises(StateError, match="choice"):
+        splice([a, a], torch.tensor([0, 2]), group, "A")
+    with pytest.raises(StateError, match="group"):
+        splice([a, a], torch.tensor([0]), group, "A")

@@ -129,20 +129,22 @@ So they stay off until the first window is stabilised (a smaller step or an aver
 drops diverged iterates).
 The committed realisation itself is a large error: from the same fitted state and parameters,
 eight streams gave 15-28% of adults infected by the survey date (truth 18%) and first-window
-losses 5.5-13.2 (the pass's own stream the worst). ``commit_candidates`` commits the lowest-loss
-of N realisations (a one-step particle filter; replay() then no longer reproduces the pass)
-and ``avg_lr_factor`` shrinks the steps over the averaged iterates. Measured one run each
-(SYNTHETIC_OPTIONS plus iters_first 60, iters 28, avg_lr_factor 0.3): with N = 16 the share
-infected was 0.195 (truth 0.183), transmission 5.5-16% per borough (8.9% citywide),
-ascertainment 2-33%; with N = 32 0.187, 5.7-18% (9.0%), 2-34%: Manhattan's May weeks
-(implied R 1.2-1.35x) and Staten Island's ascertainment (a few simulated onsets a week) still
-miss (a repeat with N = 32: 0.222, 9-20% (11.6%), 7-44%). With R = 4 and N = 16 (the test's
-options), two runs: 0.217 / 0.218, transmission 7.2-12.3% / 7.6-18% per borough (7.7% / 12.4%
-citywide; Manhattan's May weeks 1.2-1.4x in the second), ascertainment 3-54% / 5-26% (Staten
-Island 0.055 / 0.089 against 0.12). Without the candidates
-(R = 2, iters_first 60, avg_lr_factor 0.3): share 0.145, transmission 6.7-14% (8.3%),
-ascertainment up to 65%. The level (share infected, so ascertainment) still moves by 20%
-from run to run: the early epidemic of a 0.002 city (a few dozen seeds) is one draw.
+losses 5.5-13.2 (the pass's own stream the worst). Committing the lowest citywide loss of N
+realisations (N = 16, scale 0.004, the test's other options) left the share 7-17% high and some
+borough's ascertainment 26-39% off (N = 32: share +29-31%): the loss favours the larger
+epidemics, whose series are smoother, and one citywide draw cannot be right in five boroughs.
+
+Block particle filter (``commit_candidates`` N > 1, :func:`area_scores`): the window's N
+realisations all run from the committed state; each borough's agents (:func:`lpm.splice`) and
+series come from the realisation whose level fits that borough's admissions and deaths over
+the window, against the citywide scales of the realisations' mean (the level the fitted
+parameters imply). The choices are in the fit record, so :func:`replay` reproduces the pass.
+Measured at scale 0.004 (seed 3, the test's options): N = 16 with a daily likelihood per
+borough, share 0.194 (truth 0.177), ascertainment up to 21% off; with the level score, share
+0.180 / 0.195 (truth 0.177 / 0.187, seeds 3 / 5), ascertainment within 4-20% / 0-8%; in the
+test's run share 0.177 (0.177), transmission 8-12% per borough (7.8% citywide), ascertainment
+3-11%; N = 32: share 0.173 (0.177), ascertainment 0-7%, at no measurable cost (a forward run
+per candidate against 28-60 gradient iterations).
 
 Ascertainment smoothness (``asc_rw_sd``, off by default): :func:`profile_scales` can tie each
 segment's log ascertainment to the previous one by a random-walk prior; measured with sd
@@ -169,7 +171,7 @@ from torch import Tensor, nn
 import calibration as cal
 from calibration.backtest import LEVELS, MIN_ERRORS, baseline_quantiles, score_table, summarize_scores
 from experiments import covid_nyc as nyc
-from lpm import Model, Observable, tensor_field
+from lpm import Model, Observable, splice, tensor_field
 from lpm.cli import add_output_args, date_arg, device_arg, positive_float, positive_int
 from lpm.errors import ConfigError
 from lpm.outputs import OutputDir
@@ -269,9 +271,9 @@ class FitConfig:
     # (expected onsets carry the gradient; the ratio is still profiled); 0.3 gave a worse level on the synthetic city
     asc_step_sd: float = 0.0
     asc_step_from: str = "2020-03-23"  # segments before: too few simulated onsets, testing just starting
-    # the committed run of a window: the realisation (of this many streams from the committed state: the pass's own
-    # and commit_candidates - 1 others) with the lowest loss over the window, a one-step particle filter, so the
-    # committed level is not one draw's luck (1: the pass's own stream; > 1: replay() no longer reproduces it)
+    # realisations run from the committed state at the end of each window (the pass's own stream and
+    # commit_candidates - 1 others); each borough commits the one whose level fits its admissions and deaths best
+    # (a block particle filter, area_scores), so the committed level is not one draw's luck (1: the pass's own)
     commit_candidates: int = 1
     # the learning rates times this over the averaged iterates (fresh streams): the average of smaller steps
     avg_lr_factor: float = 1.0
@@ -644,7 +646,7 @@ def _observables(disease: Any, areas: Sequence[str], tables: dict[str, Tensor], 
 
     def adults(y: Any, s: FitState) -> Tensor:
         v = torch.where((s.entered == E) & adult.to(s.carrier.device)[y.age.long()], s.carrier, torch.zeros_like(s.carrier))
-        return v.sum().view(1)
+        return v.new_zeros(A).index_add(0, y.area.long(), v)
 
     r = ("entered", "carrier", "area", "age")
     return {
@@ -654,7 +656,7 @@ def _observables(disease: Any, areas: Sequence[str], tables: dict[str, Tensor], 
         "death_risk": Observable(by_area(Is, p_d), labels=tuple(areas), reads=r, doc="onsets x P(death | onset)"),
         "hospitalizations": Observable(by_area(H), labels=tuple(areas), reads=r, doc="agents entering H"),
         "deaths": Observable(by_area(D), labels=tuple(areas), reads=r, doc="agents entering D"),
-        "adult_infections": Observable(adults, labels=("NYC",), reads=r, doc="new infections among adults (20+)"),
+        "adult_infections": Observable(adults, labels=tuple(areas), reads=r, doc="new infections among adults (20+)"),
     }
 
 
@@ -971,6 +973,36 @@ def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: d
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
+def area_scores(p: Problem, hist: dict[str, Tensor], sims: Sequence[dict[str, Tensor]], t0: int, t1: int,
+                dow: Tensor) -> Tensor:
+    """Level misfit ``[C, A]`` of each borough in ``[t0, t1)`` under each of C realisations (lower is better).
+
+    Per borough, the squared log ratio of expected to observed admissions and deaths over the
+    window, each over its sampling variance ``1/observed + 1/simulated agents``. The expected
+    counts use the citywide scales profiled on the *mean* of the realisations (the level the
+    fitted parameters imply), so a realisation whose luck made a borough's epidemic 20% larger
+    scores worse. Only the level: a daily likelihood (cases' shape included) preferred the
+    larger realisations, whose series are smoother, and committed +10-20% in every borough.
+    """
+    bases = [base_series(p, _cat_hist(hist, sim, t0)) for sim in sims]
+    mean = {s: torch.stack([b[s] for b in bases]).mean(0) for s in SERIES}
+    ref = profile_scales(p, mean, dow, t0, t1)
+    out = torch.zeros(len(sims), len(p.areas), dtype=torch.float64)
+    for s in ("hospitalizations", "deaths"):
+        o = torch.tensor(p.obs[s][t0:t1]).sum(0).double()
+        for c, b in enumerate(bases):
+            e = (b[s][t0:t1] * ref[s]).sum(0)
+            var = 1.0 / (o + 1.0) + 1.0 / (e * p.scale + 1.0)
+            out[c] += 0.5 * (torch.log(e + 0.5) - torch.log(o + 0.5)) ** 2 / var
+    return out
+
+
+def _candidate_streams(p: Problem, t0: int, n: int, device: Any) -> list[dict[str, Tensor]]:
+    """The stream states of a window's committed candidates 1..n-1 (candidate 0 is the pass's own stream)."""
+    names = [s.name for s in p.model.substeps]
+    return [Streams(p.cfg.seed + 31 + 7919 * c + 104729 * (t0 + 1), names, device).get_state() for c in range(1, n)]
+
+
 def _run(p: Problem, params: WindowParams, state: Any, rng: dict[str, Tensor], t0: int, t1: int, grad: bool
          ) -> tuple[dict[str, Tensor], Any, dict[str, Tensor]]:
     streams = Streams(p.cfg.seed, [s.name for s in p.model.substeps], state.device)
@@ -1142,19 +1174,27 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
             lm = params.weekly().detach()
             # the final run reads the committed table, so a replay reproduces it bit for bit
             params.committed[wk_all] = lm[wk_all]
-            cands = [rng] + [Streams(cfg.seed + 31 + 7919 * c + 104729 * (t0 + 1), names, state.device).get_state()
-                             for c in range(1, max(1, cfg.commit_candidates))]
-            best_c = None
+            cands = [rng] + _candidate_streams(p, t0, max(1, cfg.commit_candidates), state.device)
+            runs = []
             for r0 in cands:
                 sim_a, st_mid, rng_mid = _run(p, params, state, r0, t0, tm, grad=False) if tm > t0 else ({}, state, r0)
                 sim_b, st_end, rng_end = _run(p, params, st_mid, rng_mid, tm, t1, grad=False)
                 sim = {k: torch.cat([sim_a[k], sim_b[k]]) if sim_a else sim_b[k] for k in sim_b}
-                if len(cands) > 1:
-                    c_loss = float(_objective(p, params, hist, sim, t0, t1, dow, ref)[0])
-                    if best_c is None or c_loss < best_c[0]:
-                        best_c = (c_loss, sim, st_mid, rng_mid, st_end, rng_end)
-            if best_c is not None:
-                _, sim, st_mid, rng_mid, st_end, rng_end = best_c
+                runs.append((sim, st_mid, rng_mid, st_end, rng_end))
+            choice, keep = [0] * A, 0
+            if len(runs) > 1:
+                # a block particle filter: each borough's agents and series from the realisation whose
+                # level fits that borough's admissions and deaths best (one citywide draw left some
+                # borough 20-40% off, and the lowest citywide loss favoured the larger epidemics)
+                choice = area_scores(p, hist, [r[0] for r in runs], t0, t1, dow).argmin(0).tolist()
+                area = p.system0.area
+                sim = {k: torch.stack([runs[c][0][k][:, a] for a, c in enumerate(choice)], dim=1) for k in runs[0][0]}
+                st_mid = splice([r[1] for r in runs], torch.tensor(choice), area, "A")
+                st_end = splice([r[3] for r in runs], torch.tensor(choice), area, "A")
+                keep = max(set(choice), key=choice.count)  # the streams carried on: any run's will do
+                rng_mid, rng_end = runs[keep][2], runs[keep][4]
+            else:
+                sim, st_mid, rng_mid, st_end, rng_end = runs[0]
             full = _cat_hist(hist, sim, t0)
             base = base_series(p, full)
             sc = profile_scales(p, base, dow, t0, t1, ref.get("asc"))
@@ -1171,7 +1211,8 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         ds_i = float(sc["deaths"][tm - t0 - 1 if tm > t0 else 0, 0])
         cur_abm = (hs_i, ds_i / hs_i)
         rec.windows.append({"start": str(p.dates[t0].date()), "end": str(p.dates[t1 - 1].date()), "iters": iters,
-                            "first": info0, "best_loss": best_loss, "losses": losses,
+                            "first": info0, "best_loss": best_loss, "losses": losses, "candidates": len(cands),
+                            "realisation": choice, "streams_from": keep,
                             "seconds": time.perf_counter() - tw})
         if shadow is not None:
             # the shadow city follows the committed block with the committed parameters (no fitting)
@@ -1604,7 +1645,7 @@ def insample_metrics(p: Problem, rec: FitRecord) -> dict[str, Any]:
         sim, obs = float(fit[s].sum()), float(p.obs_city[s][:T0].sum())
         out["totals"][s] = {"fitted": sim, "observed_citywide": obs, "observed_sum_of_boroughs": float(p.obs[s][:T0].sum()),
                             "ratio_to_citywide": sim / max(obs, 1.0)}
-    cum_adult = np.cumsum(rec.hist["adult_infections"].numpy()[:, 0]) / p.adults
+    cum_adult = np.cumsum(rec.hist["adult_infections"].numpy().sum(1)) / p.adults
     cum_all = np.cumsum(rec.hist["infections"].numpy().sum(1)) / float(p.population.num_agents)
     def at(d: str, c: np.ndarray) -> float | None:
         t = int((pd.Timestamp(d) - p.dates[0]).days)
@@ -1790,16 +1831,40 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
     A = len(p.areas)
     hist = {k: [] for k in p.model.observables}
     state = p.state0
-    streams = Streams(cfg.seed, [s.name for s in p.model.substeps], state.device)
+    rng = Streams(cfg.seed, [s.name for s in p.model.substeps], state.device).get_state()
     scales = {s: torch.zeros(T0, A, dtype=torch.float64) for s in SERIES}
-    for b, (t0, t1) in enumerate(p.blocks):
+    windows = blob.get("windows", [])
+    K = len(p.blocks)
+    b = 0
+    while b < K:
+        # the last window committed its two blocks (sequential_fit), each candidate continuing its own run
+        pieces = [p.blocks[b], p.blocks[b + 1]] if b == K - 2 else [p.blocks[b]]
+        t0, t1 = pieces[0][0], pieces[-1][1]
+        win = windows[b] if b < len(windows) else {}
         info = blob["blocks"][b]
         params.ihr_scale.fill_(info["agent_ihr_scale"])
         params.ifr_scale.fill_(info["agent_ifr_scale"])
+        n = int(win.get("candidates", 1))
+        cands = [rng] + _candidate_streams(p, t0, n, state.device)
+        runs = []
         with torch.no_grad():
-            sim, state = cal.rollout(p.model, params, p.system0, state, t1 - t0, start=t0, grad=False, streams=streams)
+            for r0 in cands:
+                parts, st, r = [], state, r0
+                for a_, b_ in pieces:
+                    sim_k, st, r = _run(p, params, st, r, a_, b_, grad=False)
+                    parts.append(sim_k)
+                runs.append(({k: torch.cat([q[k] for q in parts]) for k in parts[0]}, st, r))
+        if n > 1:  # the block particle filter's choice, as the fit made it
+            choice = torch.tensor(win["realisation"])
+            sim = {k: torch.stack([runs[c][0][k][:, a] for a, c in enumerate(win["realisation"])], dim=1)
+                   for k in runs[0][0]}
+            state = splice([r[1] for r in runs], choice, p.system0.area, "A")
+            rng = runs[int(win["streams_from"])][2]
+        else:
+            sim, state, rng = runs[0]
         for k in hist:
             hist[k].append(sim[k].double())
+        b += 2 if b == K - 2 else 1
         if progress:
             print(f"\rreplay {p.dates[t1 - 1].date()}", end="", flush=True)
     if progress:
@@ -1912,6 +1977,9 @@ def calibrate(argv: Sequence[str]) -> int:
                     help="prior sd of the 14-day change of log ascertainment (0: each segment profiled alone)")
     ap.add_argument("--fit-replicates", type=positive_int, default=d.fit_replicates,
                     help="simulations whose mean expected series the fitting loss compares with the data")
+    ap.add_argument("--commit-candidates", type=positive_int, default=d.commit_candidates,
+                    help="realisations per window; each borough commits the one whose level fits its admissions and "
+                         "deaths best (a block particle filter; 1: the pass's own)")
     ap.add_argument("--forecast-scale", type=float, default=d.forecast_scale,
                     help="agents per resident of the shadow city the forecasts run from (0: the fitted city itself)")
     ap.add_argument("--dump-dir", default=None, help="also save every forecast origin's states and parameters there")
@@ -1940,7 +2008,7 @@ def calibrate(argv: Sequence[str]) -> int:
     cfg = replace(d, train_end=a.train_end, start=a.start, scale=a.scale, seed=a.seed, iters=a.iters,
                   iters_first=a.iters_first, replicates=a.replicates, draws=a.draws, device=a.device,
                   anchor_days=a.anchor_days, forecast_scale=a.forecast_scale, asc_rw_sd=a.asc_rw_sd,
-                  fit_replicates=a.fit_replicates)
+                  fit_replicates=a.fit_replicates, commit_candidates=a.commit_candidates)
     if a.forecast_scale < 0:
         ap.error(f"--forecast-scale: expected >= 0, got {a.forecast_scale}")
     od = OutputDir(a.out, CALIBRATE_FILES, overwrite=a.overwrite)
