@@ -303,8 +303,16 @@ def splice(states: Sequence[Struct], choice: Tensor, group: Tensor, group_dim: s
     if choice.dim() != 1 or bool((choice < 0).any()) or bool((choice >= len(states)).any()):
         raise StateError(f"splice: choice: expected a 1-d index into {len(states)} states, got {choice.tolist()}")
     group = group.long()
-    if group.numel() and int(group.max()) >= choice.numel():
-        raise StateError(f"splice: group: expected group ids < {choice.numel()} (len(choice)), got {int(group.max())}")
+    if group.dim() != 1:
+        raise StateError(f"splice: group: expected a 1-d tensor of group ids, got shape {tuple(group.shape)}")
+    if group.numel() and (int(group.min()) < 0 or int(group.max()) >= choice.numel()):
+        raise StateError(f"splice: group: expected group ids in 0..{choice.numel() - 1} (len(choice)), "
+                         f"got {int(group.min())}..{int(group.max())}")
+    for f in dataclasses.fields(first):
+        v = getattr(first, f.name)
+        if tuple(f.metadata.get("shape", ()))[:1] == ("N",) and isinstance(v, Tensor) and v.shape[0] != group.numel():
+            raise StateError(f"splice: group: expected one group id per agent ({v.shape[0]}, from {f.name}), "
+                             f"got {group.numel()}")
     owner = choice[group]  # [N] the run each agent comes from
     picked = [int(c) for c in torch.unique(choice)]
     changes: dict[str, Any] = {}

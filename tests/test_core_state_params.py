@@ -161,3 +161,5 @@ def test_splice_refuses_runs_that_disagree_outside_the_regions() -> None:
         splice([a, a], torch.tensor([0, 2]), group, "A")
     with pytest.raises(StateError, match="group"):
         splice([a, a], torch.tensor([0]), group, "A")
+    with pytest.raises(StateError, match="one group id per agent"):
+        splice([a, a], torch.tensor([0, 1]), group[:4], "A")

@@ -104,6 +104,10 @@ def test_forecast_reads_nothing_after_train_end(tmp_path, monkeypatch, candidate
         windows = json.loads((tmp_path / "a" / "fit.json").read_text())["windows"]
         assert all(w["candidates"] == candidates for w in windows)
         assert any(len(set(w["realisation"])) > 1 for w in windows), windows
+        blob = json.loads((tmp_path / "a" / "fit.json").read_text())
+        blob["windows"][0]["realisation"] = blob["windows"][0]["realisation"][:-1]  # a borough short
+        with pytest.raises(ValueError, match=r"windows\[0\].*realisation"):
+            fit.replay(blob, progress=False)
     # lpm run covid-nyc replays the fit record (the block filter's choices too): the same committed history, exactly
     assert nyc.run(["--fit", str(tmp_path / "a" / "fit.json"), "--out", str(tmp_path / "run")]) == 0
     daily = pd.read_csv(tmp_path / "run" / "daily.csv")
@@ -588,6 +592,14 @@ def test_block_filter_pays_the_serosurvey_where_the_window_holds_it(monkeypatch)
     chosen = fit.choose_realisations(p, hist, sims, t0, t1, dow)
     assert sorted(chosen) == [0, 0, 1], chosen
     assert fit.choose_realisations(p, hist, sims, 64, 90, dow) == [0, 0, 0]  # no survey in this window
+
+
+def test_fit_refuses_fewer_than_one_candidate_or_replicate() -> None:
+    from types import SimpleNamespace
+
+    for name in ("commit_candidates", "fit_replicates"):
+        with pytest.raises(fit.ConfigError, match=f"FitConfig.{name}"):
+            fit.sequential_fit(SimpleNamespace(cfg=fit.FitConfig(**{name: 0})), progress=False)
 
 
 def test_block_filter_scores_each_borough_by_its_own_level() -> None:

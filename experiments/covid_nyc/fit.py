@@ -978,7 +978,7 @@ def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: d
     has_prev = prev is not None and bool(torch.isfinite(prev).all())
     chain = torch.cat([prev.view(1, -1), lm]) if has_prev else lm
     terms["random_walk"] = (0.5 * (chain.diff(dim=0) / _step_sd(p, params, w0 - 1 if has_prev else w0, w1)) ** 2).sum()
-    ts = int((pd.Timestamp(SERO["date"]) - p.dates[0]).days)
+    ts = _sero_day(p)
     if t0 <= ts < t1:
         share = full["adult_infections"][: ts + 1].sum() / p.adults
         terms["serosurvey"] = 0.5 * ((share - SERO["value"]) / cfg.sero_sd) ** 2
@@ -989,6 +989,16 @@ def _objective(p: Problem, params: WindowParams, hist: dict[str, Tensor], sim: d
     terms["ever_infected"] = 0.5 * (torch.relu(ever - cfg.infected_cap) / cfg.infected_sd) ** 2
     loss = sum(terms.values()) / n
     return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _sero_day(p: Problem) -> int:
+    """Day index of the serosurvey's reference date."""
+    return int((pd.Timestamp(SERO["date"]) - p.dates[0]).days)
+
+
+def _splice_series(sims: Sequence[dict[str, Tensor]], choice: Sequence[int]) -> dict[str, Tensor]:
+    """Per-area observables ``[T, A]``: area ``a``'s column from realisation ``choice[a]``."""
+    return {k: torch.stack([sims[c][k][:, a] for a, c in enumerate(choice)], dim=1) for k in sims[0]}
 
 
 def area_scores(p: Problem, hist: dict[str, Tensor], sims: Sequence[dict[str, Tensor]], t0: int, t1: int,
@@ -1026,7 +1036,7 @@ def choose_realisations(p: Problem, hist: dict[str, Tensor], sims: Sequence[dict
     """
     scores = area_scores(p, hist, sims, t0, t1, dow)
     choice = scores.argmin(0)
-    ts = int((pd.Timestamp(SERO["date"]) - p.dates[0]).days)
+    ts = _sero_day(p)
     if not t0 <= ts < t1:
         return choice.tolist()
     before = float(hist["adult_infections"][:t0].sum())
@@ -1082,6 +1092,9 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
     write each origin's states, histories, parameters and scales there (``origin_<t>.pt``).
     """
     cfg = p.cfg
+    for name in ("fit_replicates", "commit_candidates"):
+        if int(getattr(cfg, name)) < 1:
+            raise ConfigError(f"FitConfig.{name}: expected >= 1, got {getattr(cfg, name)}")
     params = p.params
     model = p.model
     t_start = time.perf_counter()
@@ -1147,7 +1160,7 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
         iters = cfg.iters_first if first else cfg.iters
         best, best_loss, info0, tw = None, math.inf, {}, time.perf_counter()
         losses = []
-        R = max(1, cfg.fit_replicates)
+        R = cfg.fit_replicates
         # the extra replicates' streams: fixed within the window (common random numbers across its iterations)
         reps = [rng] + [Streams(cfg.seed + 7919 * r + 104729 * (t0 + 1), names, state.device).get_state()
                         for r in range(1, R)]
@@ -1217,7 +1230,7 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
             lm = params.weekly().detach()
             # the final run reads the committed table, so a replay reproduces it bit for bit
             params.committed[wk_all] = lm[wk_all]
-            cands = [rng] + _candidate_streams(p, t0, max(1, cfg.commit_candidates), state.device)
+            cands = [rng] + _candidate_streams(p, t0, cfg.commit_candidates, state.device)
             runs = []
             for r0 in cands:
                 sim_a, st_mid, rng_mid = _run(p, params, state, r0, t0, tm, grad=False) if tm > t0 else ({}, state, r0)
@@ -1230,10 +1243,9 @@ def sequential_fit(p: Problem, *, origins: Sequence[int] = (), horizon: int = 28
                 # level fits that borough's admissions and deaths best (one citywide draw left some
                 # borough 20-40% off, and the lowest citywide loss favoured the larger epidemics)
                 choice = choose_realisations(p, hist, [r[0] for r in runs], t0, t1, dow)
-                area = p.system0.area
-                sim = {k: torch.stack([runs[c][0][k][:, a] for a, c in enumerate(choice)], dim=1) for k in runs[0][0]}
-                st_mid = splice([r[1] for r in runs], torch.tensor(choice), area, "A")
-                st_end = splice([r[3] for r in runs], torch.tensor(choice), area, "A")
+                sim = _splice_series([r[0] for r in runs], choice)
+                st_mid = splice([r[1] for r in runs], torch.tensor(choice), p.system0.area, "A")
+                st_end = splice([r[3] for r in runs], torch.tensor(choice), p.system0.area, "A")
                 keep = max(set(choice), key=choice.count)  # the streams carried on: any run's will do
                 rng_mid, rng_end = runs[keep][2], runs[keep][4]
             else:
@@ -1898,11 +1910,14 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
                     parts.append(sim_k)
                 runs.append(({k: torch.cat([q[k] for q in parts]) for k in parts[0]}, st, r))
         if n > 1:  # the block particle filter's choice, as the fit made it
-            choice = torch.tensor(win["realisation"])
-            sim = {k: torch.stack([runs[c][0][k][:, a] for a, c in enumerate(win["realisation"])], dim=1)
-                   for k in runs[0][0]}
-            state = splice([r[1] for r in runs], choice, p.system0.area, "A")
-            rng = runs[int(win["streams_from"])][2]
+            choice, keep = win.get("realisation"), win.get("streams_from")
+            if (not isinstance(choice, list) or len(choice) != A or not isinstance(keep, int)
+                    or not all(isinstance(c, int) and 0 <= c < n for c in [*choice, keep])):
+                raise ValueError(f"fit record: windows[{b}]: expected 'realisation' ({A} indices) and 'streams_from' "
+                                 f"in 0..{n - 1} (candidates {n}), got {choice!r} and {keep!r}")
+            sim = _splice_series([r[0] for r in runs], choice)
+            state = splice([r[1] for r in runs], torch.tensor(choice), p.system0.area, "A")
+            rng = runs[keep][2]
         else:
             sim, state, rng = runs[0]
         for k in hist:
