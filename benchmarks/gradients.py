@@ -193,30 +193,18 @@ def _nyc_fit_case(horizons: tuple[int, ...], week_day: int = 218) -> Case:
     weeks run to 2021-03-04). Only ``theta`` moves: the committed multiplier of week j is multiplied
     by it for every borough; the per-block hospital and death scales are left at 1 (onsets do not read them).
     """
-    import json
-
     import pandas as pd
 
     from experiments.covid_nyc import fit as nf
     from lpm.rng import Streams
 
-    blob = json.loads(nf.FIT_FILE.read_text())
-    c = blob["config"]
-    cfg = nf.FitConfig(**{**c, "vaccine_efficacy": tuple(c["vaccine_efficacy"]), "asc_bounds": tuple(c.get("asc_bounds", nf.FitConfig.asc_bounds))})
-    p = nf.make_problem(cfg)
+    p = nf.load_fit(json.loads(nf.FIT_FILE.read_text()))
     wk_start = week_day - int(p.dates[0].day_of_week + week_day) % 7
     ends = tuple(wk_start + h for h in horizons)
     T = max(ends)
     if T > len(p.dates):
         raise SystemExit(f"nyc-fit: horizon ends on day {T}, after the fit's last day {len(p.dates)}")
-    lm = torch.tensor([[float("nan") if v is None else v for v in row] for row in blob["log_contact"]])
-    n = min(lm.shape[0], p.params.committed.shape[0])
     base = p.params.committed.clone()
-    base[:n] = lm[:n]
-    with torch.no_grad():
-        p.params.log_seed.copy_(torch.tensor(blob["log_seed"]))
-        vf = torch.tensor(blob["variant_factor"])
-        p.params.variant[: vf.numel()] = vf
     wk = int(p.week[week_day])
     names = [s.name for s in p.model.substeps]
     prefix: dict = {}

@@ -179,6 +179,8 @@ class Params(nn.Module):
                 raw = self._parameters["raw_" + name]
                 if torch.is_grad_enabled() and raw.requires_grad:
                     return spec.from_raw(raw)  # a fresh graph node per read: one run's backward must not free another's
+                if torch.is_inference_mode_enabled():
+                    return spec.from_raw(raw)  # inference tensors carry no version counter to key a cache on
                 # without a graph the value is cached (each step reads it): per raw tensor, storage (``.to`` swaps
                 # a parameter's data in place) and version, and only while the cached tensor itself is unmodified
                 # (an in-place write to a returned value is seen)

@@ -39,7 +39,6 @@ so it is noisiest for parameters that touch many events at once.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -83,6 +82,8 @@ class Perturbation:
     def __post_init__(self) -> None:
         if self.mode not in ("primal", "alternative"):
             raise ConfigError(f"Perturbation.mode: expected 'primal' or 'alternative', got {self.mode!r}")
+        if self.alternatives < 1:
+            raise ConfigError(f"Perturbation.alternatives: expected >= 1, got {self.alternatives}")
         if not self.kept:
             self.kept = [None] * self.alternatives
 
@@ -98,9 +99,16 @@ class Perturbation:
         ``v`` is the event's conditional uniform: ``u / p`` where it happened, ``(u - p) / (1 - p)``
         where it did not (or where an alternative forced it), independent of the event.
         """
-        call = self._call_id(site, t)
         pd = fwAD.unpack_dual(p)
         p0 = pd.primal.detach()
+        for name, x in (("index", index), ("u", u)):
+            if x.shape != p0.shape:
+                raise ConfigError(f"perturbation draw at {site!r}, step {t}: {name}: expected shape {tuple(p0.shape)} "
+                                  f"(that of p), got {tuple(x.shape)}")
+        if p0.numel() and not bool(((p0 >= 0) & (p0 <= 1)).all()):  # NaN fails too: it would drop the step's weight
+            raise ConfigError(f"perturbation draw at {site!r}, step {t}: p: expected probabilities in [0, 1], "
+                              f"got min {float(p0.min())}, max {float(p0.max())}, {int(torch.isnan(p0).sum())} NaN")
+        call = self._call_id(site, t)
         hit = u < p0
         v = torch.where(hit, u / p0.clamp_min(_TINY), (u - p0) / (1 - p0).clamp_min(_TINY)).clamp(0, 1)
         key = (site, int(t), call)
@@ -265,9 +273,25 @@ class _WithValue(nn.Module):
             return getattr(self.__dict__["_modules"]["base"], name)
 
 
+def _current(params: nn.Module, name: str, owner: str) -> Tensor:
+    """The (constrained) parameter ``name`` of ``params``; an error naming it and its user if it does not exist."""
+    require = getattr(params, "require", None)
+    try:
+        if callable(require):
+            require(name, owner=owner)  # lpm.Params: its own error, listing the parameters
+        return getattr(params, name)
+    except AttributeError:
+        raise ConfigError(f"{owner}: param: {name!r} is not a parameter of {type(params).__name__}") from None
+
+
 def with_value(params: nn.Module, name: str, value: Tensor) -> nn.Module:
     """A view of ``params`` whose (constrained) parameter ``name`` reads ``value``."""
-    getattr(params, name)  # raises naming the parameter if it does not exist
+    cur = _current(params, name, "with_value")
+    v = fwAD.unpack_dual(value).primal if isinstance(value, Tensor) else value
+    if not isinstance(v, Tensor) or v.shape != torch.as_tensor(cur).shape or not bool(torch.isfinite(v).all()):
+        got = f"shape {tuple(v.shape)}, finite {bool(torch.isfinite(v).all())}" if isinstance(v, Tensor) else repr(v)
+        raise ConfigError(f"with_value: value of {name!r}: expected a finite tensor of shape "
+                          f"{tuple(torch.as_tensor(cur).shape)}, got {got}")
     return _WithValue(params, name, value)
 
 
@@ -280,7 +304,7 @@ def simulate_derivative(model: Any, params: nn.Module, system: Any, state: Any, 
     """
     if steps < 1:
         raise ConfigError(f"steps: expected >= 1, got {steps}")
-    theta = getattr(params, param).detach()
+    theta = _current(params, param, "simulate_derivative").detach()
 
     def run(value: Tensor) -> dict[str, Tensor]:
         res = model.simulate(with_value(params, param, value), system, state, steps, seed=seed, progress=False)

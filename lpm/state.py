@@ -167,8 +167,8 @@ class Struct:
                 return v.device
         return torch.device("cpu")
 
-    def validate(self, dims: dict[str, int] | None = None, prefix: str = "") -> dict[str, int]:
-        """Check every declared field's shape, dtype and finiteness; raise naming the field."""
+    def validate(self, dims: dict[str, int] | None = None, prefix: str = "", *, finite: bool = True) -> dict[str, int]:
+        """Check every declared field's shape, dtype and (unless ``finite`` is False) finiteness; raise naming it."""
         dims = {} if dims is None else dims
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -180,10 +180,10 @@ class Struct:
                     continue
                 raise StateError(f"{name}: required field is None")
             if isinstance(value, Struct):
-                dims = value.validate(dims, prefix=f"{name}.")
+                dims = value.validate(dims, prefix=f"{name}.", finite=finite)
                 continue
             if "shape" in f.metadata:
-                dims = check_tensor(name, value, f.metadata["shape"], f.metadata["dtypes"], dims)
+                dims = check_tensor(name, value, f.metadata["shape"], f.metadata["dtypes"], dims, finite=finite)
         return dims
 
     def flat_tensors(self, prefix: str = "") -> dict[str, Tensor]:

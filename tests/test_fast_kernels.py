@@ -405,6 +405,8 @@ def test_params_value_cache_sees_every_change() -> None:
     """A constrained parameter read without a graph is cached, but never stale: an in-place change of the raw
     tensor (an optimizer step) or of a returned value is seen, and under autograd every read is a fresh node."""
     params = Params(beta=Positive(0.03))
+    with torch.inference_mode():  # no version counter there: read, never cached
+        assert abs(float(params.beta) - 0.03) < 1e-7
     with torch.no_grad():
         a, b = params.beta, params.beta
         assert a is b and abs(float(a) - 0.03) < 1e-7

@@ -159,3 +159,24 @@ def test_bad_input_names_the_field() -> None:
         directional_derivative(run, 1.0, alternatives=0)
     est = directional_derivative(run, torch.ones(3), 1.0)
     assert torch.allclose(est.derivative, torch.full((3,), 2.0, dtype=torch.float64))
+    from lpm.perturbation import Perturbation, with_value
+
+    with pytest.raises(ConfigError, match="alternatives"):
+        Perturbation("primal", alternatives=0)
+    pert = Perturbation("primal")
+    idx, u = torch.arange(3), torch.full((3,), 0.5)
+    with pytest.raises(ConfigError, match="index"):
+        pert.draw("s", 0, torch.arange(2), torch.full((3,), 0.1), u)
+    with pytest.raises(ConfigError, match="u: expected shape"):
+        pert.draw("s", 0, idx, torch.full((3,), 0.1), u[:2])
+    with pytest.raises(ConfigError, match="p: expected probabilities"):  # a NaN would silently drop the step's weight
+        pert.draw("s", 0, idx, torch.tensor([0.1, float("nan"), 0.2]), u)
+    params = torch.nn.Module()
+    params.beta = torch.tensor(0.3)
+    with pytest.raises(ConfigError, match="gamma"):
+        with_value(params, "gamma", torch.tensor(0.3))
+    with pytest.raises(ConfigError, match="value of 'beta'"):
+        with_value(params, "beta", torch.tensor(float("nan")))
+    with pytest.raises(ConfigError, match="value of 'beta'"):
+        with_value(params, "beta", torch.ones(2))
+    assert float(with_value(params, "beta", torch.tensor(0.5)).beta) == 0.5

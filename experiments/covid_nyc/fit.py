@@ -1867,9 +1867,9 @@ def record_json(p: Problem, rec: FitRecord, command: str, metrics: dict[str, Any
             "seconds": rec.seconds, "metrics": metrics}
 
 
-def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None = None, cache_dir: str | None = None,
-           progress: bool = True) -> tuple[Problem, FitRecord]:
-    """Re-simulate a shipped fit block by block (same scale and seed: the fit's committed history, bit for bit)."""
+def load_fit(blob: dict[str, Any], *, scale: float | None = None, seed: int | None = None,
+             cache_dir: str | None = None) -> Problem:
+    """The problem of a fit record with its committed multipliers, seeding and variant factor loaded."""
     cfg = FitConfig(**{**blob["config"], "vaccine_efficacy": tuple(blob["config"]["vaccine_efficacy"]),
                        "asc_bounds": tuple(blob["config"].get("asc_bounds", FitConfig.asc_bounds)),
                        **({"scale": scale} if scale is not None else {}), **({"seed": seed} if seed is not None else {})})
@@ -1879,10 +1879,19 @@ def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None
     params = p.params
     lm = torch.tensor([[float("nan") if v is None else v for v in row] for row in blob["log_contact"]])
     n = min(lm.shape[0], params.committed.shape[0])  # the fit's problem may have had forecast weeks beyond
-    params.committed[:n] = lm[:n]
-    params.log_seed.data.copy_(torch.tensor(blob["log_seed"]))
+    with torch.no_grad():
+        params.committed[:n] = lm[:n]
+        params.log_seed.copy_(torch.tensor(blob["log_seed"]))
+        params.variant[: p.blocks[-1][1]] = torch.tensor(blob["variant_factor"])
+    return p
+
+
+def replay(blob: dict[str, Any], *, scale: float | None = None, seed: int | None = None, cache_dir: str | None = None,
+           progress: bool = True) -> tuple[Problem, FitRecord]:
+    """Re-simulate a shipped fit block by block (same scale and seed: the fit's committed history, bit for bit)."""
+    p = load_fit(blob, scale=scale, seed=seed, cache_dir=cache_dir)
+    cfg, params = p.cfg, p.params
     T0 = p.blocks[-1][1]
-    params.variant[:T0] = torch.tensor(blob["variant_factor"])
     A = len(p.areas)
     hist = {k: [] for k in p.model.observables}
     state = p.state0

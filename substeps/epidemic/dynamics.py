@@ -376,7 +376,8 @@ class Transmission(Substep):
         clique = self._clique_code(system) if self._needs_grad(beta, state) else None
         # the compiled kernels have no clique sharing: under autograd with a clique layer the torch path runs
         # a smoothed-perturbation pass (lpm.perturbation) tracks this step's draws on the torch path
-        tracked = perturbation.tracks(self.name, t, beta, *self._hazard_inputs(system, state))
+        tracked = perturbation.active() is not None and perturbation.tracks(self.name, t, beta,
+                                                                             *self._hazard_inputs(system, state))
         fast = fused_transmission(self, params, system, state, t, rng) if clique is None and not tracked else None  # the compiled twin of what follows
         if fast is not None:
             return fast
