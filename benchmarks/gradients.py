@@ -232,7 +232,7 @@ def _nyc_fit_case(horizons: tuple[int, ...], week_day: int = 218) -> Case:
         return torch.stack([onsets[h - 7 - wk_start:h - wk_start].sum() for h in ends]), (raw if grad else None)
 
     day = (p.dates[0] + pd.Timedelta(days=week_day)).strftime("%Y-%m-%d")
-    return Case(f"NYC fit {cfg.scale} ({p.population.num_agents // 1000}k), j={day[5:]}", p.population.num_agents, 1.0, run, ends,
+    return Case(f"NYC fit {p.cfg.scale} ({p.population.num_agents // 1000}k), j={day[5:]}", p.population.num_agents, 1.0, run, ends,
                 f"d onsets(week ending H days after week j starts) / d contact multiplier(week j of {day}), calibrated city", tuple(horizons))
 
 
